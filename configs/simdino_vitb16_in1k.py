@@ -1,0 +1,54 @@
+r"""SimDINO ViT-B/16 on ImageNet-1k, 100 epochs: the official SimDINO v1 recipe (REFERENCE.md 1.4).
+
+Command (TFDS ArrayRecord data prepared with `tfds build imagenet2012 --file_format=array_record
+--manual_dir=...`; see README "Data"):
+
+  python -m simdino_jax.train --config=configs/simdino_vitb16_in1k.py --workdir=gs://BUCKET/simdino_vitb16
+
+Runtime: ~470 GFLOP per image (2x224 + 10x96 student fwd+bwd, teacher fwd) x 1.28M x 100 epochs = 6e19 FLOP,
+i.e. roughly 47 h on one H200 at 45% MFU, ~6 h on 8 (estimate, not measured).
+Expected result (paper / official README): k-NN 74.9, linear 77.3 top-1 on ImageNet-1k val.
+
+The official run used 8 GPUs x 64 images with per-device covariances normalised by the global batch
+(reduce_cov=0, eps=0.05). Its exact objective is loss.groups=8 with eps = sqrt(8 * 0.05); gamma = 1/256 + 1/512.
+For the maintainers' recommended global covariance (reduce_cov=1, which does not depend on the device count):
+  --config.loss.groups=1 --config.loss.eps=0.2236
+Paper Table 4 lists clip 0.3 and lr 0.002; the official code (whose run produced the numbers) uses per-tensor
+clipping at 3.0 and 5e-4 x B/256 = 1e-3, which is what this config uses.
+"""
+
+import math
+
+from simdino_jax import defaults
+
+
+def get_config(arg=None):
+  del arg
+  c = defaults.base_config()
+  c.method = "simdino"
+  c.batch_size = 512
+  c.total_epochs = 100
+  c.warmup_epochs = 10
+  c.log_every = 100
+  c.checkpoint_every = 2500
+  c.eval_every = 25000
+  c.data.source = "tfds:imagenet2012"
+  c.data.num_global, c.data.num_local = 2, 10
+  c.data.global_size, c.data.local_size = 224, 96
+  c.data.global_scale, c.data.local_scale = (0.4, 1.0), (0.05, 0.4)
+  c.data.num_workers = 16
+  c.model.variant = "B/16"
+  c.model.drop_path_rate = 0.1
+  c.model.dtype = "bfloat16"
+  c.head.hidden_dim, c.head.out_dim, c.head.num_layers = 2048, 256, 3
+  c.loss.groups = 8
+  c.loss.eps = math.sqrt(8 * 0.05)
+  c.loss.gamma_rule = "official"
+  c.loss.exclude_same_view = True
+  c.loss.expansion = "mean"
+  c.optim.lr, c.optim.lr_scaling, c.optim.min_lr = 5e-4, "linear_256", 1e-6
+  c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
+  c.optim.clip_grad, c.optim.clip_mode = 3.0, "per_tensor"
+  c.teacher.momentum, c.teacher.momentum_end = 0.996, 1.0
+  c.eval.batch_size = 1024
+  return c

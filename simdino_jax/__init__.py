@@ -1,0 +1,1 @@
+"""SimDINO / SimDINOv2 and the DINO family in JAX/Flax."""

@@ -1,0 +1,179 @@
+"""grain input pipelines: multi-crop training stream and deterministic eval.
+
+Training (``train_iterator``), a ``grain.MapDataset``:
+
+  source -> global shuffle (seeded) -> repeat forever -> MultiCrop random map
+         -> shard slice [shard_index::shard_count] -> batch (drop remainder)
+         -> skip ``start_step`` batches -> iterator (optionally mp_prefetch)
+
+* Shuffle comes before repeat: grain's ``ShuffleMapDataset`` reshuffles each
+  epoch with ``seed + epoch``, so element indices ``[e*N, (e+1)*N)`` are one
+  permutation of the source (each example once per epoch, a different order per
+  epoch).
+* The augmentation RNG is seeded by grain from ``(aug_seed, index)`` where
+  ``index`` is the position in the *global* (unsharded) stream, because the
+  random map sits before the shard slice. Hence shards never reuse each other's
+  augmentation draws, and the union of all shards' batches does not depend on
+  ``shard_count``. (Slicing a MapDataset is lazy, so each process only computes
+  its own elements.)
+* Everything is index-addressed, so the output depends only on ``seed`` (and the
+  shard), not on ``num_workers``/threads, and ``start_step`` is an O(1) skip.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import grain
+import numpy as np
+from PIL import Image
+
+from simdino_jax.data import augment
+from simdino_jax.data.multicrop import MultiCrop, MultiCropConfig
+
+
+def _derive_seed(seed: int, stream: int) -> int:
+  return int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # grain's worker processes read absl flags; an unparsed FlagValues raises
+  # UnparsedFlagAccessError there (PITFALLS.md). Marking them parsed is a no-op
+  # when the program already ran absl.app.run.
+  try:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
+                  shard_index: int = 0, shard_count: int = 1,
+                  start_step: int = 0) -> grain.MapDataset:
+  """The (infinite) batched training ``MapDataset``; see module doc."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got "
+                     f"{shard_index}, {shard_count}.")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  if len(source) == 0:
+    raise ValueError("empty data source.")
+  ds = grain.MapDataset.source(source)
+  ds = ds.shuffle(seed=_derive_seed(seed, 0))
+  ds = ds.repeat()  # infinite; reseeds the shuffle each epoch
+  ds = ds.random_map(MultiCrop(cfg), seed=_derive_seed(seed, 1))
+  if shard_count > 1:
+    ds = ds[shard_index::shard_count]
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if start_step:
+    ds = ds[start_step:]
+  return ds
+
+
+def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
+                   num_workers: int = 0, shard_index: int = 0,
+                   shard_count: int = 1, start_step: int = 0,
+                   num_threads: int = 2, prefetch_batches: int = 4):
+  """Infinite iterator of multi-crop batches (dicts of numpy arrays).
+
+  Yields ``{"global": (b, Mg, Hg, Wg, 3) float32, "local": (b, Ml, Hl, Wl, 3)
+  float32, "label": (b,) int32}`` with ``b = batch_size`` (per process).
+
+  Args:
+    source: a random-access source (e.g. ``ArraySource``).
+    cfg: multi-crop recipe.
+    batch_size: per-process batch size.
+    seed: pipeline seed (shuffle and augmentation seeds are derived from it).
+    num_workers: grain ``mp_prefetch`` worker processes; 0 = in-process.
+      The output does not depend on it. With workers, call ``.close()`` on the
+      returned iterator when done; the main program needs an
+      ``if __name__ == "__main__"`` guard.
+    shard_index, shard_count: this process's shard of the element stream.
+    start_step: number of batches to skip (O(1)), to resume a run.
+    num_threads: grain read threads per process (each computes whole batches).
+    prefetch_batches: batches buffered per process (bounded to save memory).
+
+  Returns:
+    A grain ``DatasetIterator`` (supports ``next``, ``close``, ``get_state``).
+  """
+  ds = train_dataset(source, cfg, batch_size=batch_size, seed=seed,
+                     shard_index=shard_index, shard_count=shard_count,
+                     start_step=start_step)
+  num_threads = max(0, int(num_threads))
+  read = grain.ReadOptions(num_threads=num_threads,
+                           prefetch_buffer_size=max(prefetch_batches, num_threads))
+  it_ds = ds.to_iter_dataset(read_options=read)
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=1))
+  return iter(it_ds)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_transform(image: np.ndarray, image_size: int) -> np.ndarray:
+  """Deterministic eval view: resize + centre crop + normalise (float32).
+
+  As DINO's ``Resize(256, bicubic) + CenterCrop(224)``, scaled: the shorter side
+  is resized to ``round(image_size * 256 / 224)``; images whose shorter side is
+  ``<= image_size`` are instead resized (shorter side) to ``image_size``, so
+  small images (e.g. 32x32 digits at image_size 32) are not cropped.
+  """
+  pil = Image.fromarray(augment.to_uint8(image))
+  w, h = pil.size
+  short, long_ = min(w, h), max(w, h)
+  target = image_size if short <= image_size else int(round(image_size * 256 / 224))
+  new_long = int(target * long_ / short)  # torchvision truncates the long side
+  new_w, new_h = (target, new_long) if w <= h else (new_long, target)
+  if (new_w, new_h) != (w, h):
+    pil = pil.resize((new_w, new_h), Image.BICUBIC)
+  top = int(round((new_h - image_size) / 2.0))
+  left = int(round((new_w - image_size) / 2.0))
+  pil = pil.crop((left, top, left + image_size, top + image_size))
+  return augment.normalize(np.asarray(pil))
+
+
+def eval_num_batches(num_examples: int, batch_size: int,
+                     shard_count: int = 1) -> int:
+  """Batches per shard; the same for every shard."""
+  per_shard = math.ceil(num_examples / shard_count)
+  return math.ceil(per_shard / batch_size)
+
+
+def eval_batches(source, *, image_size: int, batch_size: int,
+                 shard_index: int = 0, shard_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Deterministic, unaugmented batches covering every example exactly once.
+
+  Shard ``k`` takes examples ``k, k + shard_count, ...``. Every shard yields
+  ``eval_num_batches(len(source), batch_size, shard_count)`` batches (so that
+  multi-host collectives line up); missing slots are padded with zeros, label
+  ``-1`` and ``valid=False``.
+
+  Yields:
+    ``{"image": (batch_size, S, S, 3) float32, "label": (batch_size,) int32,
+    "valid": (batch_size,) bool}``.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got "
+                     f"{shard_index}, {shard_count}.")
+  indices = np.arange(shard_index, len(source), shard_count)
+  n_batches = eval_num_batches(len(source), batch_size, shard_count)
+  for b in range(n_batches):
+    image = np.zeros((batch_size, image_size, image_size, 3), np.float32)
+    label = np.full((batch_size,), -1, np.int32)
+    valid = np.zeros((batch_size,), bool)
+    for slot, idx in enumerate(indices[b * batch_size:(b + 1) * batch_size]):
+      ex = source[int(idx)]
+      image[slot] = eval_transform(ex["image"], image_size)
+      label[slot] = ex["label"]
+      valid[slot] = True
+    yield {"image": image, "label": label, "valid": valid}
+

@@ -1,0 +1,170 @@
+"""The config schema with defaults, and its validation.
+
+``base_config()`` holds every field a recipe may set, with the official SimDINO v1 ViT-B/16 ImageNet-1k values
+(REFERENCE.md 1.4) as defaults; the files in ``configs/`` start from it and override. ``validate`` refuses an
+invalid config with the field's name before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message starts with the offending ``config.FIELD``."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "simdino"
+  c.seed = 0
+  c.batch_size = 512  # global, over all devices and processes
+  # Durations: steps win when > 0, else epochs x (train examples // batch_size).
+  c.total_steps = 0
+  c.total_epochs = 100
+  c.warmup_steps = 0
+  c.warmup_epochs = 10
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.eval_every = 0  # 0: evaluate at the end of training only
+  c.mesh = [("data", -1)]  # axis sizes; -1 takes all remaining devices
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds:imagenet2012"
+  c.data.num_global = 2
+  c.data.num_local = 10
+  c.data.global_size = 224
+  c.data.local_size = 96
+  c.data.global_scale = (0.4, 1.0)
+  c.data.local_scale = (0.05, 0.4)
+  c.data.num_workers = 0  # grain worker processes; 0 = in the training process
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B/16"  # mu, Ti, S, B, L, g  /  patch size
+  c.model.embed_dim = 0  # > 0 overrides the variant's width (likewise depth, num_heads)
+  c.model.depth = 0
+  c.model.num_heads = 0
+  c.model.img_size = 224  # size the stored positional embedding is made for; other sizes interpolate it
+  c.model.num_registers = 0
+  c.model.layerscale = 0.0  # 0 = no LayerScale; else its init (0.1 SimDINOv2, 1e-5 DINOv2)
+  c.model.drop_path_rate = 0.1
+  c.model.drop_path_uniform = False  # False: linear over depth (DINO v1); True: every block (DINOv2)
+  c.model.token_init = "dino"  # "dino": cls trunc-normal 0.02; "dinov2": normal 1e-6
+  c.model.interpolate_offset = 0.1
+  c.model.interpolate_antialias = False
+  c.model.dtype = "float32"  # compute dtype of the network; params, loss and optimizer stay float32
+
+  c.head = ml_collections.ConfigDict()
+  c.head.hidden_dim = 2048
+  c.head.out_dim = 256
+  c.head.num_layers = 3
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.eps = math.sqrt(0.05)  # paper convention; official eps 0.05 = this squared
+  c.loss.gamma_rule = "official"  # official: 1/p + 1/B; paper: Remark C.3; fixed: loss.gamma
+  c.loss.gamma = 0.0
+  c.loss.exclude_same_view = True  # official; the paper's eq. (22) keeps the same-view pairs
+  c.loss.expansion = "mean"  # official expa_type=1; "student" is the paper's
+  c.loss.groups = 1  # 1: one covariance over the global batch (official reduce_cov=1)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4  # per 256 images (lr_scaling linear_256)
+  c.optim.lr_scaling = "linear_256"
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_from_min_lr = False
+  c.optim.weight_decay = 0.04
+  c.optim.weight_decay_end = 0.4
+  c.optim.clip_grad = 3.0
+  c.optim.clip_mode = "per_tensor"
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.adam_eps = 1e-8
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.momentum = 0.996
+  c.teacher.momentum_end = 1.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.knn_k = 20
+  c.eval.knn_temperature = 0.07
+  c.eval.batch_size = 256
+  c.eval.image_size = 0  # 0: the global crop size
+  return c
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1) -> None:
+  """Raise ConfigError naming the field for anything that would fail (or silently misbehave) later."""
+  from simdino_jax import methods  # local: keep this module importable without the model code
+  from simdino_jax.models.vit import parse_variant
+
+  _require(config.method in methods.METHODS, "method",
+           f"unknown method {config.method!r}; choose one of {sorted(methods.METHODS)}")
+  _require(config.batch_size > 0, "batch_size", f"must be positive, got {config.batch_size}")
+  _require(config.batch_size % num_devices == 0, "batch_size",
+           f"{config.batch_size} is not divisible by the {num_devices} devices")
+  _require(config.batch_size % num_processes == 0, "batch_size",
+           f"{config.batch_size} is not divisible by the {num_processes} processes")
+  _require(config.total_steps > 0 or config.total_epochs > 0, "total_steps",
+           "set total_steps or total_epochs to a positive value")
+  _require(config.log_every > 0, "log_every", f"must be positive, got {config.log_every}")
+  _require(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
+
+  sizes = [size for _, size in config.mesh]
+  _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
+           f"axis sizes must be positive with at most one -1, got {config.mesh}")
+  fixed = math.prod(s for s in sizes if s > 0)
+  _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
+           f"{config.mesh} does not fit {num_devices} devices")
+
+  try:
+    variant = parse_variant(config.model.variant)
+  except ValueError as e:
+    raise ConfigError(f"config.model.variant: {e}") from None
+  patch = variant["patch_size"]
+  d = config.data
+  for field in ("global_size", "local_size"):
+    size = d[field]
+    _require(size > 0 and size % patch == 0, f"data.{field}",
+             f"{size} is not a positive multiple of the patch size {patch} (model.variant={config.model.variant!r})")
+  _require(d.num_global in (1, 2), "data.num_global",
+           f"the DINO recipe defines one or two global crops, got {d.num_global}")
+  _require(d.num_local >= 0, "data.num_local", f"must be >= 0, got {d.num_local}")
+  for field in ("global_scale", "local_scale"):
+    lo, hi = d[field]
+    _require(0 < lo <= hi <= 1, f"data.{field}", f"need 0 < min <= max <= 1, got {d[field]}")
+  _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+           f"must be float32, bfloat16 or float16, got {config.model.dtype!r}")
+  _require(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate",
+           f"must be in [0, 1), got {config.model.drop_path_rate}")
+  _require(config.model.token_init in ("dino", "dinov2"), "model.token_init",
+           f"must be 'dino' or 'dinov2', got {config.model.token_init!r}")
+  _require(config.head.out_dim > 0 and config.head.hidden_dim > 0 and config.head.num_layers >= 1, "head",
+           "out_dim, hidden_dim must be positive and num_layers >= 1")
+
+  loss = config.loss
+  _require(loss.eps > 0, "loss.eps", f"must be positive, got {loss.eps}")
+  _require(loss.gamma_rule in methods.GAMMA_RULES, "loss.gamma_rule",
+           f"must be one of {methods.GAMMA_RULES}, got {loss.gamma_rule!r}")
+  _require(loss.expansion in ("student", "mean"), "loss.expansion",
+           f"must be 'student' or 'mean', got {loss.expansion!r}")
+  _require(loss.groups >= 1 and config.batch_size % loss.groups == 0, "loss.groups",
+           f"{loss.groups} must be >= 1 and divide batch_size={config.batch_size}")
+  _require(not loss.exclude_same_view or d.num_global + d.num_local > 1, "loss.exclude_same_view",
+           "needs at least two student views")
+
+  o = config.optim
+  _require(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "lr and min_lr must be >= 0")
+  _require(o.lr_scaling in ("linear_256", "sqrt_1024", "none"), "optim.lr_scaling",
+           f"must be linear_256, sqrt_1024 or none, got {o.lr_scaling!r}")
+  _require(o.clip_mode in ("per_tensor", "global"), "optim.clip_mode",
+           f"must be 'per_tensor' or 'global', got {o.clip_mode!r}")
+  _require(0.0 <= config.teacher.momentum <= 1.0 and 0.0 <= config.teacher.momentum_end <= 1.0,
+           "teacher.momentum", "momentum and momentum_end must be in [0, 1]")

@@ -1,0 +1,79 @@
+"""SimDINO loss (Wu et al. 2025, eq. (22)): multi-view alignment minus gamma times the coding rate.
+
+    L = 1/(2 B M Mg) sum_b sum_{i<Mg} sum_{j<M} ||t_bi - s_bj||^2  -  gamma/Mg sum_i R_eps(Z_s[:, i])
+
+The appendix prints "+ gamma R" by mistake; eq. (8) and Algorithm 1 subtract (the coding rate is maximised).
+Teacher features are targets: no gradient flows into them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from simdino_jax.losses.coding_rate import coding_rate
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_EXPANSIONS = ("student", "mean")
+
+
+def _alignment(student: jax.Array, teacher: jax.Array, exclude_same_view: bool) -> jax.Array:
+  """Mean over (image, teacher view i, student view j) pairs of 1/2 ||t_i - s_j||^2.
+
+  Reduces over the batch and both view axes. With exclude_same_view the Mg pairs j == i are left out and the
+  mean is over Mg (M - 1) pairs per image, as in the official code (divisor 2V - 2 for Mg = 2).
+  """
+  b, m, _ = student.shape
+  mg = teacher.shape[1]
+  # ||t - s||^2 = |t|^2 + |s|^2 - 2 <t, s>; (B, Mg, M) cross terms in one matmul.
+  cross = jnp.einsum("bid,bjd->bij", teacher, student, precision=_HIGHEST)
+  sq_t = jnp.sum(teacher * teacher, axis=-1)[:, :, None]
+  sq_s = jnp.sum(student * student, axis=-1)[:, None, :]
+  dist = 0.5 * (sq_t + sq_s - 2.0 * cross)
+  if exclude_same_view:
+    keep = 1.0 - jnp.eye(mg, m, dtype=dist.dtype)  # teacher view i is student view i for i < Mg
+    return jnp.sum(dist * keep) / (b * mg * (m - 1))
+  return jnp.mean(dist)
+
+
+def simdino_loss(student: jax.Array, teacher: jax.Array, *, eps: float, gamma: float,
+                 exclude_same_view: bool = False, expansion: str = "student",
+                 groups: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SimDINO objective on head outputs.
+
+  Args:
+    student: (B, M, d) l2-normalised student features, the Mg global views first then the local views.
+    teacher: (B, Mg, d) l2-normalised teacher features of the global views (treated as constants).
+    eps: coding-rate precision (paper convention; official eps = eps**2).
+    gamma: weight of the coding rate.
+    exclude_same_view: drop the pairs where student view j is teacher view i (official code).
+    expansion: "student" takes R of the student global features (paper); "mean" takes R of
+      (student_global + teacher_global) / 2 (official ``expa_type=1``; the student gets half the gradient).
+    groups: per-group covariances for R (see ``coding_rate``); 1 = one covariance over the whole batch.
+
+  Returns:
+    (loss, metrics) with metrics "align" (the alignment term) and "rate" (mean R over global views).
+  """
+  if student.ndim != 3 or teacher.ndim != 3:
+    raise ValueError(f"simdino_loss expects student (B, M, d) and teacher (B, Mg, d), got {student.shape} "
+                     f"and {teacher.shape}")
+  b, m, d = student.shape
+  mg = teacher.shape[1]
+  if teacher.shape[0] != b or teacher.shape[2] != d or mg > m:
+    raise ValueError(f"simdino_loss: teacher {teacher.shape} does not match student {student.shape} "
+                     "(need the same batch and dim, and at most as many teacher views as student views)")
+  if expansion not in _EXPANSIONS:
+    raise ValueError(f"simdino_loss: expansion must be one of {_EXPANSIONS}, got {expansion!r}")
+  student = student.astype(jnp.float32)
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+
+  align = _alignment(student, teacher, exclude_same_view)
+
+  expand = student[:, :mg]
+  if expansion == "mean":
+    expand = 0.5 * (expand + teacher)
+  # One 2-D decomposition per global view (never a batched one: see coding_rate).
+  rate = jnp.mean(jnp.stack([coding_rate(expand[:, i], eps, groups=groups) for i in range(mg)]))
+
+  loss = align - gamma * rate
+  return loss, {"align": align, "rate": rate}

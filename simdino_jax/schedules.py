@@ -1,0 +1,46 @@
+"""Schedules as jittable functions of the step (lr, weight decay, teacher momentum).
+
+They follow the official DINO ``cosine_scheduler``: a linear warm-up over W steps, then a half cosine from
+the base value to the final value over the remaining T - W steps. The step is a traced int; the functions
+return float32 scalars so they can be logged as metrics and fed to optax.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                  warmup_init: float = 0.0) -> Schedule:
+  """Linear warm-up warmup_init -> base over warmup_steps, then cosine base -> final until total_steps.
+
+  DINO / DINOv2 warm up from 0; SimDINOv2 from min_lr (``warmup_init``). Past total_steps it stays at final.
+  """
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be positive, got {total_steps}")
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps})")
+  decay_steps = total_steps - warmup_steps
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    # np.linspace(warmup_init, base, W) as in the official scheduler: step W-1 already reaches base.
+    warm = warmup_init + (base - warmup_init) * step / max(warmup_steps - 1, 1)
+    t = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    cos = final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * t))
+    return jnp.where(step < warmup_steps, warm, cos).astype(jnp.float32)
+
+  return schedule
+
+
+def cosine(base: float, final: float, total_steps: int) -> Schedule:
+  """Half cosine from base (step 0) to final (step total_steps): weight decay 0.04 -> 0.4, momentum m0 -> 1."""
+  return warmup_cosine(base, final, total_steps, warmup_steps=0)
+
+
+def constant(value: float) -> Schedule:
+  return lambda step: jnp.full((), value, jnp.float32)

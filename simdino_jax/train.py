@@ -1,0 +1,20 @@
+"""Entry point: python -m simdino_jax.train --config=configs/demo.py --workdir=/tmp/demo [--config.FIELD=VALUE]"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:ARG]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, eval/ and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from simdino_jax import trainer  # after flag parsing: grain workers need parsed absl flags
+
+  trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,401 @@
+"""Tests for simdino_jax.data (sources, augmentations, multi-crop, pipelines)."""
+
+import colorsys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from simdino_jax.data import augment
+from simdino_jax.data.multicrop import MultiCrop, MultiCropConfig
+from simdino_jax.data.pipeline import (eval_batches, eval_num_batches,
+                                       eval_transform, train_dataset,
+                                       train_iterator)
+from simdino_jax.data.sources import (ArraySource, digits_split_indices,
+                                      load_source)
+
+SMALL = MultiCropConfig(global_size=16, local_size=8, num_local=3)
+
+
+def _tiny_source(n=20, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  return ArraySource(images, np.arange(n, dtype=np.int32), name="tiny")
+
+
+def _binomial_ok(count, n, p, z=5.0):
+  sd = np.sqrt(n * p * (1 - p))
+  return abs(count - n * p) <= z * sd + 1e-9
+
+
+# ----------------------------------------------------------------------------
+# Sources
+
+
+def test_digits_split_sizes_disjoint_and_deterministic():
+  tr, te = load_source("digits", "train"), load_source("digits", "test")
+  assert len(tr) + len(te) == 1797
+  assert len(tr) == 1438
+  itr, ite = digits_split_indices("train"), digits_split_indices("test")
+  assert not set(itr) & set(ite)
+  assert sorted(np.concatenate([itr, ite])) == list(range(1797))
+  np.testing.assert_array_equal(itr, digits_split_indices("train"))
+  assert tr.images.dtype == np.uint8 and tr.images.shape[1:] == (32, 32, 3)
+  assert tr.labels.dtype == np.int32 and set(tr.labels) == set(range(10))
+  assert tr.num_classes == 10 and te.num_classes == 10
+  assert tr.images.max() > 200  # scaled to 0..255, not 0..16
+  ex = tr[3]
+  assert ex["image"].shape == (32, 32, 3) and ex["label"].dtype == np.int32
+  np.testing.assert_array_equal(ex["image"][..., 0], ex["image"][..., 2])
+  np.testing.assert_array_equal(load_source("digits", "train").images, tr.images)
+  with pytest.raises(ValueError, match="train"):
+    load_source("digits", "validation")
+
+
+def test_npz_round_trip_rgb_grey_float(tmp_path):
+  rng = np.random.default_rng(1)
+  rgb = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+  grey = rng.integers(0, 256, (4, 6, 6), dtype=np.uint8)
+  fl = rng.random((3, 5, 5, 1)).astype(np.float32)
+  path = tmp_path / "d.npz"
+  np.savez(path, train_images=rgb, train_labels=np.array([0, 3, 1, 2, 3]),
+           test_images=grey, val_images=fl, val_labels=np.array([1, 1, 0]))
+  tr = load_source(f"npz:{path}", "train")
+  np.testing.assert_array_equal(tr.images, rgb)
+  np.testing.assert_array_equal(tr.labels, [0, 3, 1, 2, 3])
+  assert tr.labels.dtype == np.int32 and tr.num_classes == 4
+  te = load_source(f"npz:{path}", "test")
+  assert te.images.shape == (4, 6, 6, 3)
+  np.testing.assert_array_equal(te.images[..., 1], grey)
+  np.testing.assert_array_equal(te.labels, -1)
+  assert te.num_classes == 0
+  va = load_source(f"npz:{path}", "val")
+  np.testing.assert_array_equal(
+      va.images[..., 2], np.rint(fl[..., 0] * 255).astype(np.uint8))
+  assert va.images.dtype == np.uint8
+
+
+def test_npz_errors_name_file_key_and_expectation(tmp_path):
+  path = tmp_path / "d.npz"
+  np.savez(path, train_images=np.zeros((2, 4, 4, 3), np.int64),
+           other_images=np.zeros((2, 4, 4, 3), np.uint8),
+           hot_images=np.full((2, 4, 4), 2.0))
+  with pytest.raises(ValueError) as e:
+    load_source(f"npz:{path}", "test")
+  msg = str(e.value)
+  assert "test_images" in msg and "other_images" in msg and "train_images" in msg
+  with pytest.raises(ValueError) as e:
+    load_source(f"npz:{path}", "train")
+  msg = str(e.value)
+  assert str(path) in msg and "train_images" in msg and "int64" in msg
+  assert "uint8" in msg
+  with pytest.raises(ValueError, match="hot_images"):
+    load_source(f"npz:{path}", "hot")  # float outside [0, 1]
+  with pytest.raises(FileNotFoundError, match="nope.npz"):
+    load_source(f"npz:{tmp_path / 'nope.npz'}", "train")
+
+
+def test_unknown_spec_lists_supported_forms():
+  with pytest.raises(ValueError) as e:
+    load_source("imagenet", "train")
+  msg = str(e.value)
+  for s in ("imagenet", '"digits"', "npz:PATH", "folder:", "tfds:", "later"):
+    assert s in msg
+
+
+# ----------------------------------------------------------------------------
+# Augmentations
+
+
+def test_rrc_params_area_and_ratio_statistics():
+  rng = np.random.default_rng(0)
+  h, w, scale = 600, 800, (0.2, 0.6)
+  boxes = np.array([augment.rrc_params(h, w, rng, scale) for _ in range(2000)])
+  top, left, ch, cw = boxes.T
+  assert np.all(top >= 0) and np.all(left >= 0)
+  assert np.all(top + ch <= h) and np.all(left + cw <= w)
+  frac = ch * cw / (h * w)
+  assert frac.min() >= scale[0] * 0.98 and frac.max() <= scale[1] * 1.02
+  assert abs(frac.mean() - 0.4) < 0.01
+  r = cw / ch
+  assert r.min() >= 0.74 and r.max() <= 1.35
+  # log-uniform aspect: log-ratio mean ~ 0
+  assert abs(np.log(r).mean()) < 0.02
+  # Offsets cover the full range (uniform placement).
+  assert top.min() == 0 or left.min() == 0
+
+
+def test_rrc_fallback_is_centre_crop_with_clamped_ratio():
+  rng = np.random.default_rng(0)
+  # A 10x1000 strip cannot fit an area >= 0.9 at ratio <= 4/3: always fallback.
+  for _ in range(5):
+    assert augment.rrc_params(10, 1000, rng, (0.9, 1.0)) == (0, 493, 10, 13)
+  out = augment.random_resized_crop(
+      np.zeros((10, 1000, 3), np.uint8), rng, 12, (0.9, 1.0))
+  assert out.shape == (12, 12, 3) and out.dtype == np.uint8
+
+
+def test_resized_crop_matches_pil_crop_then_bicubic_resize():
+  img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+  box = (3, 7, 20, 30)
+  want = np.asarray(Image.fromarray(img).crop((7, 3, 37, 23)).resize(
+      (16, 16), Image.BICUBIC))
+  np.testing.assert_array_equal(augment.apply_resized_crop(img, box, 16), want)
+
+
+def test_color_jitter_factor_one_hue_zero_is_identity():
+  img = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+  rng = np.random.default_rng(0)
+  out = augment.color_jitter(img, rng, 0.0, 0.0, 0.0, 0.0)
+  np.testing.assert_array_equal(out, img)
+  assert out.dtype == np.uint8
+
+
+def test_color_jitter_ops_and_parameter_ranges():
+  rng = np.random.default_rng(0)
+  ps = [augment.color_jitter_params(rng, 0.4, 0.4, 0.2, 0.1) for _ in range(500)]
+  b = np.array([p.brightness for p in ps])
+  s = np.array([p.saturation for p in ps])
+  h = np.array([p.hue for p in ps])
+  assert b.min() >= 0.6 and b.max() <= 1.4 and s.min() >= 0.8 and s.max() <= 1.2
+  assert h.min() >= -0.1 and h.max() <= 0.1 and h.min() < -0.08
+  assert len({p.order for p in ps}) == 24  # all permutations occur
+  img = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  x = img.astype(np.float32)
+  p = augment.JitterParams((0, 1, 2, 3), 1.3, 1.0, 1.0, 0.0)
+  np.testing.assert_array_equal(augment.apply_color_jitter(img, p),
+                                np.clip(np.rint(x * 1.3), 0, 255))
+  p = augment.JitterParams((1, 0, 2, 3), 1.0, 0.0, 1.0, 0.0)  # contrast 0 -> mean
+  out = augment.apply_color_jitter(img, p)
+  assert np.ptp(out) == 0
+  p = augment.JitterParams((2, 0, 1, 3), 1.0, 1.0, 0.0, 0.0)  # saturation 0 -> grey
+  out = augment.apply_color_jitter(img, p).astype(int)
+  assert np.abs(out - augment.to_grayscale(img).astype(int)).max() <= 1
+
+
+def test_hsv_conversion_and_hue_shift_match_colorsys():
+  rgb = np.random.default_rng(2).random((50, 3)).astype(np.float32)
+  rgb[0] = (0.5, 0.5, 0.5)  # achromatic
+  hsv = augment.rgb_to_hsv(rgb)
+  want = np.array([colorsys.rgb_to_hsv(*px) for px in rgb])
+  np.testing.assert_allclose(hsv, want, atol=1e-5)
+  np.testing.assert_allclose(augment.hsv_to_rgb(hsv), rgb, atol=1e-5)
+  img = np.random.default_rng(3).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+  out = augment.apply_color_jitter(
+      img, augment.JitterParams((3, 0, 1, 2), 1.0, 1.0, 1.0, 0.25))
+  want = []
+  for px in img.reshape(-1, 3) / 255.0:
+    hh, ss, vv = colorsys.rgb_to_hsv(*px)
+    want.append(colorsys.hsv_to_rgb((hh + 0.25) % 1.0, ss, vv))
+  want = np.rint(np.array(want) * 255).reshape(img.shape)
+  assert np.abs(out.astype(int) - want).max() <= 1
+
+
+def test_grayscale_equal_channels_and_pil_luma():
+  img = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+  g = augment.to_grayscale(img)
+  assert g.shape == img.shape and g.dtype == np.uint8
+  np.testing.assert_array_equal(g[..., 0], g[..., 1])
+  np.testing.assert_array_equal(g[..., 0], g[..., 2])
+  np.testing.assert_array_equal(g[..., 0], np.asarray(Image.fromarray(img).convert("L")))
+
+
+def test_solarize_inverts_at_and_above_threshold():
+  x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  out = augment.solarize(x)
+  v = np.arange(256)
+  np.testing.assert_array_equal(out[..., 0].ravel(), np.where(v >= 128, 255 - v, v))
+
+
+def test_gaussian_blur_reduces_variance_and_matches_pil():
+  img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  out = augment.gaussian_blur(img, np.random.default_rng(0), sigma=(1.5, 2.0))
+  assert out.shape == img.shape and out.dtype == np.uint8
+  assert out.astype(float).var() < 0.5 * img.astype(float).var()
+  want = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(1.0)))
+  np.testing.assert_array_equal(augment.apply_gaussian_blur(img, 1.0), want)
+
+
+def test_normalize_imagenet_stats():
+  x = np.array([[[0, 255, 128]]], np.uint8)
+  out = augment.normalize(x)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(
+      out[0, 0], [(0 - .485) / .229, (1 - .456) / .224, (128 / 255 - .406) / .225],
+      rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Multi-crop
+
+
+@pytest.mark.parametrize("num_local", [3, 0])
+def test_multicrop_shapes_dtypes_and_value_range(num_local):
+  cfg = MultiCropConfig(global_size=16, local_size=8, num_local=num_local)
+  src = load_source("digits", "train")
+  out = MultiCrop(cfg).random_map(src[0], np.random.default_rng(0))
+  assert out["global"].shape == (2, 16, 16, 3) and out["global"].dtype == np.float32
+  assert out["local"].shape == (num_local, 8, 8, 3) and out["local"].dtype == np.float32
+  assert out["label"].dtype == np.int32 and out["label"].shape == ()
+  assert out["label"] == src[0]["label"]
+  lo, hi = augment.normalized_bounds()
+  for v in (out["global"], out["local"]):
+    assert np.all(v >= lo - 1e-5) and np.all(v <= hi + 1e-5)
+  assert np.isfinite(out["global"]).all()
+
+
+def test_multicrop_random_map_is_a_function_of_the_rng():
+  mc = MultiCrop(SMALL)
+  ex = _tiny_source()[1]
+  a = mc.random_map(ex, np.random.default_rng(5))
+  b = mc.random_map(ex, np.random.default_rng(5))
+  c = mc.random_map(ex, np.random.default_rng(6))
+  np.testing.assert_array_equal(a["global"], b["global"])
+  np.testing.assert_array_equal(a["local"], b["local"])
+  assert not np.array_equal(a["global"], c["global"])
+  assert not np.array_equal(a["global"][0], a["global"][1])  # independent crops
+
+
+def test_multicrop_per_op_application_rates():
+  cfg = MultiCropConfig(num_local=4)
+  mc = MultiCrop(cfg)
+  rng = np.random.default_rng(0)
+  n = 1500
+  draws = [mc.sample_params(rng, 64, 64) for _ in range(n)]
+  g1 = [d[0] for d in draws]
+  g2 = [d[1] for d in draws]
+  loc = [p for d in draws for p in d[2:]]
+  allc = [p for d in draws for p in d]
+  assert all(p.kind == "local" and p.size == 96 for p in loc)
+  assert all(p.size == 224 for p in g1 + g2)
+  cnt = lambda ps, f: sum(bool(f(p)) for p in ps)
+  assert _binomial_ok(cnt(allc, lambda p: p.flip), len(allc), 0.5)
+  assert _binomial_ok(cnt(allc, lambda p: p.jitter is not None), len(allc), 0.8)
+  assert _binomial_ok(cnt(allc, lambda p: p.grayscale), len(allc), 0.2)
+  assert cnt(g1, lambda p: p.blur_radius is not None) == n  # p = 1.0
+  assert _binomial_ok(cnt(g2, lambda p: p.blur_radius is not None), n, 0.1)
+  assert _binomial_ok(cnt(loc, lambda p: p.blur_radius is not None), len(loc), 0.5)
+  assert _binomial_ok(cnt(g2, lambda p: p.solarize), n, 0.2)
+  assert cnt(g1 + loc, lambda p: p.solarize) == 0
+  radii = [p.blur_radius for p in g1]
+  assert min(radii) >= 0.1 and max(radii) <= 2.0
+  # Crop scales: global area fraction in (0.4, 1), local in (0.05, 0.4).
+  fr = lambda p: p.box[2] * p.box[3] / 64**2
+  assert min(map(fr, g1)) >= 0.4 * 0.9 and max(map(fr, loc)) <= 0.4 * 1.1
+
+
+def test_multicrop_config_validation():
+  with pytest.raises(ValueError):
+    MultiCropConfig(num_global=3)
+  with pytest.raises(ValueError):
+    MultiCropConfig(num_local=-1)
+
+
+# ----------------------------------------------------------------------------
+# Training pipeline
+
+
+def _take(it, k):
+  return [next(it) for _ in range(k)]
+
+
+def _assert_batches_equal(a, b):
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_train_iterator_shapes_and_seed_determinism():
+  src = _tiny_source()
+  mk = lambda seed: train_iterator(src, SMALL, batch_size=4, seed=seed)
+  a, b, c = _take(mk(0), 3), _take(mk(0), 3), _take(mk(1), 3)
+  assert a[0]["global"].shape == (4, 2, 16, 16, 3)
+  assert a[0]["local"].shape == (4, 3, 8, 8, 3)
+  assert a[0]["label"].shape == (4,) and a[0]["label"].dtype == np.int32
+  assert a[0]["global"].dtype == np.float32
+  _assert_batches_equal(a, b)
+  assert not np.array_equal(a[0]["global"], c[0]["global"])
+  assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
+
+
+def test_train_iterator_same_output_with_worker_processes():
+  src = _tiny_source(n=12, size=8)
+  cfg = MultiCropConfig(global_size=8, local_size=4, num_local=1)
+  a = _take(train_iterator(src, cfg, batch_size=3, seed=7), 4)
+  it = train_iterator(src, cfg, batch_size=3, seed=7, num_workers=2)
+  try:
+    b = [{k: np.array(v) for k, v in x.items()} for x in _take(it, 4)]
+  finally:
+    it.close()
+  _assert_batches_equal(a, b)
+
+
+def test_each_epoch_is_a_permutation_in_a_new_order():
+  n, bs = 20, 5
+  ds = train_dataset(_tiny_source(n), SMALL, batch_size=bs, seed=3)
+  per_epoch = n // bs
+  labels = [ds[i]["label"] for i in range(3 * per_epoch)]
+  epochs = [np.concatenate(labels[e * per_epoch:(e + 1) * per_epoch])
+            for e in range(3)]
+  for e in epochs:
+    assert sorted(e) == list(range(n))
+  assert not np.array_equal(epochs[0], epochs[1])
+  assert not np.array_equal(epochs[1], epochs[2])
+  assert not np.array_equal(epochs[0], np.arange(n))
+
+
+def test_shards_partition_the_stream():
+  n, bs = 20, 5
+  src = _tiny_source(n)
+  shards = [train_dataset(src, SMALL, batch_size=bs, seed=3, shard_index=k,
+                          shard_count=2) for k in range(2)]
+  seen = np.concatenate([shards[k][i]["label"] for k in range(2) for i in range(2)])
+  assert sorted(seen) == list(range(n))
+  full = train_dataset(src, SMALL, batch_size=2 * bs, seed=3)
+  # Element j of shard k is element k + 2j of the unsharded stream, same views.
+  np.testing.assert_array_equal(shards[1][0]["global"][0], full[0]["global"][1])
+
+
+def test_start_step_skips_to_the_same_batch():
+  src = _tiny_source()
+  a = _take(train_iterator(src, SMALL, batch_size=4, seed=0), 6)
+  b = _take(train_iterator(src, SMALL, batch_size=4, seed=0, start_step=4), 2)
+  _assert_batches_equal(a[4:], b)
+
+
+# ----------------------------------------------------------------------------
+# Eval pipeline
+
+
+@pytest.mark.parametrize("shard_count", [1, 2])
+def test_eval_batches_cover_every_example_once_with_padding(shard_count):
+  n, bs = 23, 5
+  src = _tiny_source(n, size=8)
+  seen, counts = [], []
+  for k in range(shard_count):
+    batches = list(eval_batches(src, image_size=8, batch_size=bs,
+                                shard_index=k, shard_count=shard_count))
+    counts.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (bs, 8, 8, 3) and b["image"].dtype == np.float32
+      assert b["label"].shape == (bs,) and b["valid"].dtype == np.bool_
+      np.testing.assert_array_equal(b["label"] >= 0, b["valid"])
+      assert np.all(b["image"][~b["valid"]] == 0)
+      seen.extend(b["label"][b["valid"]])
+  assert sorted(seen) == list(range(n))
+  assert counts == [eval_num_batches(n, bs, shard_count)] * shard_count
+  # Images are unaugmented: same size -> exactly normalize(image).
+  b0 = next(iter(eval_batches(src, image_size=8, batch_size=bs)))
+  np.testing.assert_array_equal(b0["image"][0], augment.normalize(src[0]["image"]))
+
+
+def test_eval_transform_resize_and_centre_crop():
+  img = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+  out = eval_transform(img, 32)  # shorter side 48 -> 37, crop 32
+  assert out.shape == (32, 32, 3) and out.dtype == np.float32
+  pil = Image.fromarray(img).resize((49, 37), Image.BICUBIC)
+  want = augment.normalize(np.asarray(pil.crop((8, 2, 40, 34))))
+  np.testing.assert_array_equal(out, want)
+  small = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  assert eval_transform(small, 16).shape == (16, 16, 3)  # tiny -> upsample

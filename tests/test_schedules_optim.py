@@ -1,0 +1,92 @@
+"""Schedules against the official DINO cosine_scheduler (NumPy), weight-decay mask, clipping, lr scaling."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from simdino_jax import defaults, optim, schedules
+
+
+def official_cosine_scheduler(base, final, total, warmup, start_warmup=0.0):
+  """The official DINO utils.cosine_scheduler, per iteration, written in NumPy."""
+  warm = np.linspace(start_warmup, base, warmup) if warmup > 0 else np.array([])
+  iters = np.arange(total - warmup)
+  sched = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+  return np.concatenate((warm, sched))
+
+
+@pytest.mark.parametrize("warmup,init", [(0, 0.0), (10, 0.0), (10, 1e-6)])
+def test_warmup_cosine_matches_official_scheduler(warmup, init):
+  total = 57
+  fn = jax.jit(schedules.warmup_cosine(1e-3, 1e-6, total, warmup, warmup_init=init))
+  got = np.array([fn(i) for i in range(total)])
+  np.testing.assert_allclose(got, official_cosine_scheduler(1e-3, 1e-6, total, warmup, init), rtol=1e-5,
+                             atol=1e-10)
+
+
+def test_momentum_and_weight_decay_schedules():
+  m = schedules.cosine(0.996, 1.0, 100)
+  np.testing.assert_allclose(m(0), 0.996, rtol=1e-7)
+  # REFERENCE.md 7: m(it) = 1 - 1/2 (1 - m0)(1 + cos(pi it / T))
+  for it in (1, 37, 99):
+    np.testing.assert_allclose(m(it), 1 - 0.5 * 0.004 * (1 + np.cos(np.pi * it / 100)), rtol=1e-6)
+  wd = schedules.cosine(0.04, 0.4, 100)
+  np.testing.assert_allclose([wd(0), wd(50)], [0.04, 0.22], rtol=1e-5)
+
+
+def test_schedule_rejects_bad_warmup():
+  with pytest.raises(ValueError, match="warmup_steps"):
+    schedules.warmup_cosine(1.0, 0.0, 10, 10)
+
+
+def test_weight_decay_mask_skips_biases_norms_layerscale_only():
+  params = {
+      "cls_token": jnp.zeros((1, 1, 4)), "pos_embed": jnp.zeros((1, 5, 4)), "mask_token": jnp.zeros((1, 4)),
+      "patch_embed": {"kernel": jnp.zeros((2, 2, 3, 4)), "bias": jnp.zeros((4,))},
+      "blocks": {"0": {"norm1": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+                       "attn": {"qkv": {"kernel": jnp.zeros((4, 12)), "bias": jnp.zeros(12)}},
+                       "ls1": {"gamma": jnp.ones(4)}}},
+  }
+  mask = optim.weight_decay_mask(params)
+  assert mask["cls_token"] and mask["pos_embed"] and mask["mask_token"]
+  assert mask["patch_embed"]["kernel"] and mask["blocks"]["0"]["attn"]["qkv"]["kernel"]
+  assert not mask["patch_embed"]["bias"] and not mask["blocks"]["0"]["attn"]["qkv"]["bias"]
+  assert not mask["blocks"]["0"]["norm1"]["scale"] and not mask["blocks"]["0"]["norm1"]["bias"]
+  assert not mask["blocks"]["0"]["ls1"]["gamma"]
+
+
+def test_clip_per_tensor_clips_each_leaf_independently():
+  grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}  # norms 5 and 0.5
+  out, _ = optim.clip_per_tensor(1.0).update(grads, optax.EmptyState())
+  np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-5)
+  np.testing.assert_allclose(out["b"], [0.3, 0.4], rtol=1e-6)  # below the threshold: untouched
+
+
+def _optim_cfg(**kw):
+  c = defaults.base_config().optim
+  c.update(kw)
+  return c
+
+
+def test_lr_scaling_rules():
+  for rule, want in [("linear_256", 5e-4 * 512 / 256), ("sqrt_1024", 5e-4 * (512 / 1024)**0.5), ("none", 5e-4)]:
+    fn = optim.lr_schedule(_optim_cfg(lr_scaling=rule), 512, 100, 10)
+    np.testing.assert_allclose(fn(9), want, rtol=1e-6)  # end of warm-up = peak
+  with pytest.raises(ValueError, match="lr_scaling"):
+    optim.lr_schedule(_optim_cfg(lr_scaling="cubic"), 512, 100, 10)
+
+
+def test_adamw_update_matches_hand_computation_with_decay_mask():
+  # One AdamW step from zero moments: update = -lr (g/(|g|+eps) + wd p) on decayed leaves, -lr sign(g) else.
+  cfg = _optim_cfg(clip_grad=0.0)
+  params = {"w": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
+  grads = {"w": jnp.array([[0.1, 0.2]]), "bias": jnp.array([-0.3])}
+  lr, wd = schedules.constant(0.01), schedules.constant(0.1)
+  tx = optim.make_optimizer(cfg, params, lr, wd)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.01 * (np.sign([[0.1, 0.2]]) + 0.1 * np.array([[1.0, -2.0]])),
+                             rtol=1e-5)
+  np.testing.assert_allclose(updates["bias"], [0.01], rtol=1e-5)
