@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.global_scale = (0.4, 1.0)
   c.data.local_scale = (0.05, 0.4)
   c.data.num_workers = 0  # grain worker processes; 0 = in the training process
+  # Photometric recipe (REFERENCE.md 6). blur_sigma is an absolute PIL radius in pixels, tuned for 224px crops.
+  c.data.augment = ml_collections.ConfigDict(dict(
+      flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2,
+      blur_p=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0), solarize_p=0.2))
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"  # mu, Ti, S, B, L, g  /  patch size

@@ -17,4 +17,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from simdino_jax import tcmalloc
+
+  tcmalloc.maybe_reexec("simdino_jax.train")
   app.run(main)

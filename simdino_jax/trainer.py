@@ -63,7 +63,8 @@ def multicrop_config(config) -> MultiCropConfig:
   d = config.data
   return MultiCropConfig(global_size=d.global_size, local_size=d.local_size, num_global=d.num_global,
                          num_local=d.num_local, global_scale=tuple(d.global_scale),
-                         local_scale=tuple(d.local_scale))
+                         local_scale=tuple(d.local_scale),
+                         **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.augment.items()})
 
 
 def create_network(config, method: methods.Method, seed: int) -> Network:

@@ -438,7 +438,8 @@ def test_drop_path_draws_independently_per_block_and_branch():
 
 def test_gelu_is_exact_erf_not_tanh():
     x = jnp.linspace(-6.0, 6.0, 1001)
-    np.testing.assert_allclose(vit.gelu_exact(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-7)
+    # PyTorch's 1 + erf form loses ~1e-7 absolute to cancellation in the far negative tail vs jax's erfc form.
+    np.testing.assert_allclose(vit.gelu_exact(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
     assert float(jnp.abs(vit.gelu_exact(x) - jax.nn.gelu(x, approximate=True)).max()) > 1e-4
 
 
