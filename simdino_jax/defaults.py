@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 0
   c.warmup_epochs = 10
   c.log_every = 50
-  c.checkpoint_every = 1000
+  c.checkpoint_every = 1000  # steps between checkpoints (DIR/checkpoints/); 0: only the one at the end
+  c.checkpoint_keep = 3  # newest checkpoints kept on disk (older ones are deleted)
   c.eval_every = 0  # 0: evaluate at the end of training only
   c.mesh = [("data", -1)]  # axis sizes; -1 takes all remaining devices
 
@@ -119,6 +120,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
            "set total_steps or total_epochs to a positive value")
   _require(config.log_every > 0, "log_every", f"must be positive, got {config.log_every}")
   _require(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
+  _require(config.checkpoint_keep >= 1, "checkpoint_keep", f"must be >= 1, got {config.checkpoint_keep}")
 
   sizes = [size for _, size in config.mesh]
   _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",

@@ -1,10 +1,18 @@
-"""The training loop: config -> mesh, data, state -> jitted steps with logging -> k-NN evaluation.
+"""The training loop: config -> mesh, data, state (fresh or resumed) -> jitted steps with logging and
+checkpoints -> k-NN evaluation.
 
 One readable loop; everything numerical lives in ``step.py`` (the pure step), ``methods.py`` (the loss) and
-``optim.py`` / ``schedules.py``. Files written under the workdir (process 0 only):
-  config.json      the resolved config
-  metrics.jsonl    one JSON object per logged step
-  eval/knn.json    k-NN accuracy of the teacher backbone at the end, and of the same network at init
+``optim.py`` / ``schedules.py``. Files written under the workdir (process 0 only, but for checkpoint arrays):
+  config.json        the resolved config
+  metrics.jsonl      one JSON object per logged step
+  checkpoints/<N>/   the TrainState after N steps (orbax; every ``checkpoint_every`` steps and at the end)
+  eval/knn_init.json k-NN accuracy of the network at initialisation (computed once, read back on resume)
+  eval/knn.json      k-NN accuracy of the teacher backbone at the end, and of the same network at init
+
+Resume: if ``checkpoints/`` holds a checkpoint, the run continues from the newest usable one; the data stream
+is a pure function of (seed, step) and so is the step's randomness, so an interrupted-then-resumed run ends
+with the same parameters as an uninterrupted one. SIGTERM (single host) or a multi-host preemption notice
+saves a checkpoint at the next step boundary and returns cleanly.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Iterator
@@ -24,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from simdino_jax import defaults, methods, optim, schedules, sharding
+from simdino_jax import checkpointing, defaults, methods, optim, schedules, sharding
 from simdino_jax.data import pipeline
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.sources import load_source
@@ -35,7 +44,40 @@ from simdino_jax.step import make_feature_fn, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/inf loss; the message names the step."""
+  """Training produced a NaN/inf loss; the message names the step and the last checkpoint."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag (``signal_name``) the loop reads at step boundaries, while in the ``with`` block.
+
+  Single host only (``enabled``): multi-host runs leave SIGTERM to JAX's preemption service
+  (``Checkpointer.reached_preemption``), which installs its own handler and agrees on one step for all hosts.
+  """
+
+  def __init__(self, enabled: bool = True):
+    self.enabled = enabled
+    self.signal_name = None
+    self._previous = None
+
+  def __enter__(self) -> "_StopRequest":
+    if self.enabled:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: no handler, SIGTERM keeps its default action
+        self._previous = None
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signal_name = signal.Signals(signum).name  # no I/O here: the handler may interrupt a print
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass
@@ -103,7 +145,7 @@ class Trainer:
                               out_shardings=self.batch_sharding)
 
   # -- state ------------------------------------------------------------------------------------------
-  def init_state(self) -> TrainState:
+  def _init_fn(self):
     config = self.config
 
     def init():
@@ -112,9 +154,31 @@ class Trainer:
                         opt_state=self.tx.init(params), loss_state=self.method.init_loss_state(config),
                         rng=jax.random.key_data(jax.random.key(config.seed + 1)))
 
-    abstract_state = jax.eval_shape(init)
-    self.state_sharding = jax.tree_util.tree_map(lambda _: self.replicated, abstract_state)
-    return jax.jit(init, out_shardings=self.state_sharding)()
+    return init
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes, dtypes and shardings (no FLOPs): the target a checkpoint is restored onto."""
+    abstract = jax.eval_shape(self._init_fn())
+    self.state_sharding = jax.tree_util.tree_map(lambda _: self.replicated, abstract)
+    return checkpointing.abstract_target(abstract, self.state_sharding)
+
+  def init_state(self) -> TrainState:
+    """The state at initialisation; a pure function of ``config.seed``."""
+    self.abstract_state()
+    return jax.jit(self._init_fn(), out_shardings=self.state_sharding)()
+
+  def checkpointer(self) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                      max_to_keep=self.config.checkpoint_keep)
+
+  def restore_or_init(self, ckpt: checkpointing.Checkpointer) -> tuple[TrainState, int]:
+    """(state, step): the newest usable checkpoint's, else the initial state and 0."""
+    restored = ckpt.restore_latest(self.abstract_state(), config=checkpointing.config_dict(self.config))
+    if restored is None:
+      return self.init_state(), 0
+    state, step = restored
+    self.log(f"resumed from step {step} ({ckpt.path(step)})")
+    return state, step
 
   def compiled_step(self):
     step = make_train_step(self.graphdef, self.loss_fn, self.tx, lr_fn=self.lr_fn, wd_fn=self.wd_fn,
@@ -128,8 +192,12 @@ class Trainer:
                                  batch_size=config.batch_size // jax.process_count(), seed=config.seed,
                                  num_workers=config.data.num_workers, shard_index=jax.process_index(),
                                  shard_count=jax.process_count(), start_step=start_step)
-    for batch in it:
-      yield sharding.to_global({"global": batch["global"], "local": batch["local"]}, self.batch_sharding)
+    try:
+      for batch in it:
+        yield sharding.to_global({"global": batch["global"], "local": batch["local"]}, self.batch_sharding)
+    finally:
+      if hasattr(it, "close"):
+        it.close()  # grain worker processes, when data.num_workers > 0
 
   # -- evaluation -------------------------------------------------------------------------------------
   def features(self, params, source) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +228,12 @@ class Trainer:
 
   # -- the loop ---------------------------------------------------------------------------------------
   def run(self) -> dict:
+    """Train (resuming from ``workdir/checkpoints`` if it holds a checkpoint), then evaluate.
+
+    Returns the k-NN summary written to ``eval/knn.json``; or, when stopped by SIGTERM or a preemption notice,
+    ``{"stopped": reason, "step": N, "checkpoint": path}`` after saving that checkpoint (no evaluation).
+    Raises NonFiniteLossError naming the step and the last checkpoint.
+    """
     config, d = self.config, self.durations
     if self.is_main:
       os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
@@ -169,39 +243,17 @@ class Trainer:
              f"({jax.devices()[0].platform}) batch={config.batch_size} steps={d.total_steps} "
              f"(warm-up {d.warmup_steps}, {d.steps_per_epoch} steps/epoch) workdir={self.workdir}")
 
-    state = self.init_state()
-    test_source = load_source(config.data.source, "test")
-    init_knn = self.knn_eval(state.teacher, self.train_source, test_source)
-    self.log(f"k-NN at init: top-1 {init_knn['top1']:.2f}%")
-
-    train_step = self.compiled_step()
-    batches = self.train_batches(start_step=0)
-    metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-    metrics_file = open(metrics_path, "a") if self.is_main else None
-    pending = None  # (step, metrics) of the previous step: checked one step late to keep dispatch async
-    t_last, step_last = time.time(), 0
-    try:
-      for step in range(d.total_steps):
-        state, metrics = train_step(state, next(batches))
-        if pending is not None:
-          self.check_finite(*pending)
-        pending = (step + 1, metrics)
-        if (step + 1) % config.log_every == 0 or step + 1 == d.total_steps:
-          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          self.check_finite(step + 1, values)
-          now = time.time()
-          steps_per_sec = (step + 1 - step_last) / max(now - t_last, 1e-9)
-          t_last, step_last = now, step + 1
-          record = dict(step=step + 1, **values, steps_per_sec=steps_per_sec,
-                        images_per_sec=steps_per_sec * config.batch_size)
-          if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-          self.progress(record, d.total_steps)
-      self.check_finite(*pending)
-    finally:
-      if metrics_file:
-        metrics_file.close()
+    # From here on SIGTERM (single host) means: save at the next step boundary and return.
+    with _StopRequest(enabled=jax.process_count() == 1) as stop_request, self.checkpointer() as ckpt:
+      state, start = self.restore_or_init(ckpt)
+      test_source = load_source(config.data.source, "test")
+      init_knn = self.init_knn(state if start == 0 else None, test_source)
+      self.log(f"k-NN at init: top-1 {init_knn['top1']:.2f}%")
+      state, stopped = self.train_loop(state, start, ckpt, stop_request)
+      ckpt.wait()  # the final checkpoint is committed before the evaluation
+    self.state = state
+    if stopped is not None:
+      return stopped
 
     final_knn = self.knn_eval(state.teacher, self.train_source, test_source)
     result = {
@@ -217,7 +269,116 @@ class Trainer:
     self.log(f"k-NN (k={result['k']}, T={result['temperature']}) top-1 {result['accuracy']:.2f}% "
              f"vs {result['accuracy_at_init']:.2f}% at init ({result['accuracy'] - result['accuracy_at_init']:+.2f})"
              f" -> {os.path.join(self.workdir, 'eval', 'knn.json')}")
-    self.state = state
+    return result
+
+  def train_loop(self, state: TrainState, start: int, ckpt: checkpointing.Checkpointer,
+                 stop_request: _StopRequest):
+    """Steps ``start`` .. total_steps with logging and checkpoints; returns (state, None | stop summary)."""
+    config, d = self.config, self.durations
+    config_json = checkpointing.config_dict(config)
+    train_step = self.compiled_step()
+    batches = self.train_batches(start_step=start)
+    metrics_file = self.open_metrics(start) if self.is_main else None
+    pending = None  # (step, metrics) of the previous step: checked one step late to keep dispatch async
+    t_last, step_last = time.time(), start
+    try:
+      for step in range(start, d.total_steps):
+        state, metrics = train_step(state, next(batches))
+        if pending is not None:
+          self.check_finite(*pending)
+        done = step + 1
+        pending = (done, metrics)
+        if done % config.log_every == 0 or done == d.total_steps:
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          self.check_finite(done, values)
+          now = time.time()
+          steps_per_sec = (done - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, done
+          record = dict(step=done, **values, steps_per_sec=steps_per_sec,
+                        images_per_sec=steps_per_sec * config.batch_size)
+          if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+          self.progress(record, d.total_steps)
+        # Stop requests: SIGTERM on a single host, the preemption service's agreed step on a pod.
+        reason = stop_request.signal_name
+        if ckpt.reached_preemption(done):
+          reason = reason or "preemption notice"
+        periodic = config.checkpoint_every > 0 and done % config.checkpoint_every == 0
+        if periodic or reason or done == d.total_steps:
+          self.check_finite(*pending)  # never checkpoint the state of a step whose loss is not finite
+          pending = None
+          ckpt.save(done, state, config_json)  # async: the next step runs while it is written
+        if reason and done < d.total_steps:
+          ckpt.wait()
+          self.log(f"{reason}: stopped at step {done}/{d.total_steps}, checkpoint {ckpt.path(done)}; "
+                   "re-run the same command to resume")
+          return state, {"stopped": reason, "step": done, "checkpoint": ckpt.path(done)}
+      if pending is not None:
+        self.check_finite(*pending)
+    except NonFiniteLossError as e:
+      raise self.non_finite_error(e, state, ckpt, config_json) from None
+    finally:
+      batches.close()
+      if metrics_file:
+        metrics_file.close()
+    return state, None
+
+  def non_finite_error(self, error: NonFiniteLossError, state: TrainState, ckpt: checkpointing.Checkpointer,
+                       config_json: dict) -> NonFiniteLossError:
+    """The error to raise, after checkpointing the last good state when it is the state before the bad step.
+
+    The step refuses a non-finite update, so the state is the last good one; but the loss is checked one step
+    late, and if the step after the bad one was finite, the state has moved on from it with the wrong batch:
+    then it is not a state of this run and only the earlier checkpoints are named.
+    """
+    good = int(state.step)
+    if good == error.step - 1 and good > 0:
+      ckpt.save(good, state, config_json)
+    ckpt.wait()
+    latest = ckpt.latest_step()
+    if latest is None:
+      where = "No checkpoint was saved."
+    else:
+      where = f"Last checkpoint: {ckpt.path(latest)} (step {latest})."
+    return NonFiniteLossError(f"{error} {where}", error.step)
+
+  def open_metrics(self, start: int):
+    """metrics.jsonl for appending, first dropping records after ``start`` (steps that will be logged again)."""
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            if json.loads(line)["step"] <= start:
+              kept.append(line if line.endswith("\n") else line + "\n")
+          except (ValueError, KeyError, TypeError):  # e.g. a line cut short when the process was killed
+            pass
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+  def init_knn(self, state: TrainState | None, test_source) -> dict:
+    """k-NN of the network at initialisation: evaluated once (from ``state``, the initial state, on a fresh start)
+    and stored in eval/knn_init.json; a resumed run (``state`` None) reads it back, re-initialising only if the file
+    is missing."""
+    path = os.path.join(self.workdir, "eval", "knn_init.json")
+    if state is None:
+      stored = None
+      if self.is_main and os.path.exists(path):
+        with open(path) as f:
+          stored = json.load(f)
+      # Every process must agree on whether to evaluate (the evaluation is collective).
+      found = bool(multihost_utils.broadcast_one_to_all(np.int32(stored is not None)))
+      if found:
+        return stored if self.is_main else {"top1": float("nan"), "top5": float("nan")}
+      state = self.init_state()  # a pure function of the seed: the same network as at the first start
+    result = self.knn_eval(state.teacher, self.train_source, test_source)
+    if self.is_main:
+      with open(path, "w") as f:
+        json.dump(result, f, indent=2)
     return result
 
   # -- helpers ----------------------------------------------------------------------------------------
@@ -227,7 +388,7 @@ class Trainer:
       raise NonFiniteLossError(
           f"non-finite loss ({loss}) at step {step}; the update of that step was not applied. "
           f"Metrics so far: {os.path.join(self.workdir, 'metrics.jsonl')}. Try a lower optim.lr, "
-          "a smaller loss.eps, or model.dtype=float32.")
+          "a smaller loss.eps, or model.dtype=float32.", step)
 
   def log(self, msg: str) -> None:
     if self.is_main:

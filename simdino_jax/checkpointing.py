@@ -1,0 +1,240 @@
+"""Checkpoints of the whole TrainState under ``DIR/checkpoints/`` (orbax), resumable past unusable ones.
+
+A thin wrapper around ``orbax.checkpoint.CheckpointManager``. Each checkpoint is one step directory:
+
+  DIR/checkpoints/<step>/state/     the TrainState (step, student, teacher, opt_state, loss_state, rng) as a
+                                    standard pytree (OCDBT array store; every process writes its own shards)
+  DIR/checkpoints/<step>/config/    the resolved config, JSON (written by process 0 only)
+  DIR/checkpoints/<step>/commit_success.txt   orbax's commit marker, written last
+
+Saves are asynchronous: ``save`` returns once the arrays are copied off the device, so the next step can run
+(and donate the state's buffers) while the files are written; ``wait`` blocks until they are committed. An
+interrupted save leaves only a ``<step>.orbax-checkpoint-tmp-*`` directory, which orbax ignores and removes.
+
+``restore_latest`` restores into an abstract target whose leaves carry the *current* shardings, so a checkpoint
+written on N devices restores onto M devices. A checkpoint that cannot be read (no commit marker, a missing
+metadata or array file, a truncated file) is reported with a warning and moved aside to
+``<step>.unusable-<time>`` (kept for inspection; a resumed run will write that step again), and the previous
+one is tried; if none is usable, ``restore_latest`` returns None and training starts from scratch.
+
+The data stream is a pure function of (seed, step) (``pipeline.train_iterator(start_step=...)``) and the step's
+randomness is ``fold_in(state.rng, state.step)``, so the restored state alone resumes the run exactly: no data
+iterator state is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into the step directory as the last act of a save
+_ITEMS = ("state", "config")
+
+
+def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
+  """``jax.ShapeDtypeStruct`` leaves of ``abstract_tree`` (e.g. from ``jax.eval_shape``) with ``shardings``.
+
+  ``shardings`` is one ``jax.sharding.Sharding`` for every leaf, or a pytree of them matching the tree.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree_util.tree_map(lambda _: shardings, abstract_tree)
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_tree, shardings)
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint directory holds checkpoints of a run with a different config."""
+
+
+class Checkpointer:
+  """Saves and restores TrainStates in ``directory`` (``DIR/checkpoints``), keeping the newest ``max_to_keep``.
+
+  Every process must construct it and call ``save`` / ``restore_latest`` / ``wait`` at the same points
+  (orbax synchronises the processes there); only process 0 writes non-array files.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
+        enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  # -- queries -------------------------------------------------------------------------------------------
+  def path(self, step: int) -> str:
+    """The directory of the checkpoint of ``step`` (whether or not it exists)."""
+    return str(self.directory / str(step))
+
+  def all_steps(self) -> list[int]:
+    """Steps of the checkpoints on disk (committed or not; see ``restore_latest``), ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when the multi-host preemption service has announced a preemption at ``step`` (TPU pods).
+
+    Must be called by every process at every step. Always False on a single host without the service.
+    """
+    return self._manager.reached_preemption(step)
+
+  # -- save ----------------------------------------------------------------------------------------------
+  def save(self, step: int, state: Any, config: dict | None = None) -> bool:
+    """Start an asynchronous save of ``state`` (and the ``config`` dict as JSON) as checkpoint ``step``.
+
+    Waits for the previous save first. Returns False (and saves nothing) when a checkpoint of ``step`` or a
+    later one already exists, e.g. at the end of a run that resumed from its final checkpoint.
+    """
+    latest = self.latest_step()
+    if latest is not None and latest >= step:
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config or {}))
+    # force: orbax's own policy may skip a step while the previous save is in flight; we decide when to save.
+    return self._manager.save(step, args=args, force=True)
+
+  def wait(self) -> None:
+    """Block until every started save is committed (call before exiting or reading the files)."""
+    self._manager.wait_until_finished()
+
+  # -- restore -------------------------------------------------------------------------------------------
+  def restore(self, step: int, target: Any) -> Any:
+    """The state of checkpoint ``step``, placed as ``target``'s ``ShapeDtypeStruct`` leaves say. Raises on failure."""
+    missing = [name for name in (COMMIT_MARKER, "state") if not (self.directory / str(step) / name).exists()]
+    if missing:
+      raise FileNotFoundError(f"{self.path(step)} has no {' or '.join(missing)} (the save did not complete)")
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    state = restored["state"]
+    saved_step = getattr(state, "step", None)
+    if saved_step is not None and int(np.asarray(jax.device_get(saved_step))) != step:
+      raise ValueError(f"{self.path(step)} holds the state of step {int(saved_step)}, not {step}")
+    return state
+
+  def restore_config(self, step: int) -> dict:
+    """The config dict stored with checkpoint ``step``."""
+    return dict(self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+  def restore_latest(self, target: Any, config: dict | None = None) -> tuple[Any, int] | None:
+    """(state, step) of the newest usable checkpoint, restored onto ``target``'s shardings; None if none.
+
+    An unusable checkpoint is reported with a warning, moved aside and the previous one tried. With ``config``
+    (the run's config dict), a checkpoint that fails to restore and was written with a different config is
+    not taken for a corrupt one: CheckpointMismatchError names the differing fields and nothing is moved. A
+    checkpoint that restores despite config differences is used, with a warning listing them.
+    """
+    for step in reversed(self.all_steps()):
+      error = None
+      try:
+        state = self.restore(step, target)
+      except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint: try the previous one)
+        error = e
+        _quiet_closed_loop_callbacks()
+      # Every process must agree, or they would restore different steps (and hang in the next collective).
+      ok = _all_processes_ok(error is None)
+      diff = self._config_diff(step, config) if config is not None else []
+      if ok:
+        if diff:
+          log.warning("resuming from %s, written with a different config: %s", self.path(step), "; ".join(diff))
+        return state, step
+      reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another process"
+      if diff:
+        raise CheckpointMismatchError(
+            f"{self.path(step)} does not fit this run's config (it was written with {'; '.join(diff)}) and "
+            f"restoring it failed ({_first_line(reason)}). Use another --workdir, or move {self.directory} "
+            "away to start from scratch.")
+      aside = self._move_aside(step)
+      log.warning("checkpoint %s is unusable (%s); moved it to %s and falling back to the previous checkpoint",
+                  self.path(step), _first_line(reason), aside)
+    if self.all_steps() or any(self.directory.glob("*.unusable-*")):
+      log.warning("no usable checkpoint in %s; starting from scratch", self.directory)
+    return None
+
+  def _config_diff(self, step: int, config: dict) -> list[str]:
+    """'field: checkpoint value -> run value' for each config field that differs (empty if unreadable)."""
+    try:
+      stored = self.restore_config(step)
+    except Exception:  # pylint: disable=broad-except  (no readable config: nothing to compare)
+      return []
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in _flat_diff(stored, config)]
+
+  def _move_aside(self, step: int) -> str:
+    src = self.directory / str(step)
+    dst = self.directory / f"{step}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0 and src.exists():
+      src.rename(dst)
+    multihost_utils.sync_global_devices(f"simdino_jax checkpoint moved aside {step}")
+    self._manager.reload()  # forget the step, so that it can be written again
+    return str(dst)
+
+  def close(self) -> None:
+    """Wait for pending saves and release orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drop the 'Event loop is closed' errors of a failed restore's orphaned reads (stderr noise, not a failure).
+
+  When one array of a checkpoint cannot be read, orbax closes its event loop while tensorstore still completes
+  the other reads; each completion then reports an unraisable RuntimeError, hundreds of tracebacks in all.
+  Every other unraisable error still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_simdino_quiet", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._simdino_quiet = True
+  sys.unraisablehook = hook
+
+
+def _flat_diff(a: Any, b: Any, prefix: str = "config") -> list[tuple[str, Any, Any]]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+      out += _flat_diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}")
+    return out
+  return [] if a == b else [(prefix, a, b)]
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+  line = text.strip().splitlines()[0] if text.strip() else text
+  return line if len(line) <= limit else line[:limit] + "..."
+
+
+def config_dict(config) -> dict:
+  """A JSON-able dict of an ``ml_collections.ConfigDict`` (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
