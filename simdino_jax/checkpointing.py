@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -75,6 +76,7 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
         enable_async_checkpointing=async_save,
     )
+    _quiet_orbax_info_logs()
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   # -- queries -------------------------------------------------------------------------------------------
@@ -173,11 +175,15 @@ class Checkpointer:
       stored = self.restore_config(step)
     except Exception:  # pylint: disable=broad-except  (no readable config: nothing to compare)
       return []
-    return [f"{k}: {a!r} -> {b!r}" for k, a, b in _flat_diff(stored, config)]
+    diff = [f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in _flat_diff(stored, config)]
+    return diff if len(diff) <= 12 else diff[:12] + [f"... ({len(diff) - 12} more)"]
 
   def _move_aside(self, step: int) -> str:
     src = self.directory / str(step)
-    dst = self.directory / f"{step}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dst, n = self.directory / f"{step}.unusable-{stamp}", 1
+    while dst.exists():  # the same step moved aside twice within a second
+      dst, n = self.directory / f"{step}.unusable-{stamp}-{n}", n + 1
     if jax.process_index() == 0 and src.exists():
       src.rename(dst)
     multihost_utils.sync_global_devices(f"simdino_jax checkpoint moved aside {step}")
@@ -195,24 +201,54 @@ class Checkpointer:
     self.close()
 
 
-def _quiet_closed_loop_callbacks() -> None:
-  """Drop the 'Event loop is closed' errors of a failed restore's orphaned reads (stderr noise, not a failure).
+class _OrbaxInfoFilter(logging.Filter):
+  """Drops orbax's INFO records (about 50 per save) unless absl's verbosity asks for more (--verbosity=1)."""
 
-  When one array of a checkpoint cannot be read, orbax closes its event loop while tensorstore still completes
-  the other reads; each completion then reports an unraisable RuntimeError, hundreds of tracebacks in all.
-  Every other unraisable error still reaches the previous hook.
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    return absl_logging.get_verbosity() > absl_logging.INFO
+
+
+def _quiet_orbax_info_logs() -> None:
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl.logging, i.e. this logger
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxInfoFilter())
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Silence the stderr noise of a failed restore's orphaned reads (the failure itself is reported once).
+
+  When one array of a checkpoint cannot be read, orbax abandons the other reads: their coroutines are dropped
+  and tensorstore's completions hit a closed event loop, each printing a traceback ("Event loop is closed",
+  "Exception ignored in: <coroutine ...>"), hundreds in all. Every other unraisable error reaches the previous
+  hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_simdino_quiet", False):
     return
 
   def hook(unraisable):
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    exc, obj = unraisable.exc_value, unraisable.object
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    code = getattr(obj, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
       return
     previous(unraisable)
 
   hook._simdino_quiet = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+
+
+class _AbandonedReadFilter(logging.Filter):
+  """asyncio's 'Future exception was never retrieved' reports of a failed restore's abandoned reads."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    abandoned = message.startswith(("Future exception was never retrieved", "Task exception was never retrieved"))
+    return not (abandoned and ("tensorstore" in message or "orbax" in message))
 
 
 def _flat_diff(a: Any, b: Any, prefix: str = "config") -> list[tuple[str, Any, Any]]:
@@ -222,6 +258,11 @@ def _flat_diff(a: Any, b: Any, prefix: str = "config") -> list[tuple[str, Any, A
       out += _flat_diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}")
     return out
   return [] if a == b else [(prefix, a, b)]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _all_processes_ok(ok: bool) -> bool:

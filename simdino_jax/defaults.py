@@ -65,6 +65,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.hidden_dim = 2048
   c.head.out_dim = 256
   c.head.num_layers = 3
+  # DINO family: weight-normalised prototype layer after the (l2-normalised) bottleneck of size out_dim.
+  c.head.num_prototypes = 65536
+  c.head.norm_last_layer = True  # DINO: g frozen at 1 (unit prototypes); False for DINOv2 / vMF
+  c.head.separate_patch_head = False  # masked methods: own head for patch tokens (DINOv2 ibot.separate_head)
+  c.head.patch_num_prototypes = 0  # 0: same as num_prototypes
+
+  # Block masks for the student's global crops (SimDINOv2, DINOv2/iBOT, iBOT-vMF).
+  c.masking = ml_collections.ConfigDict()
+  c.masking.probability = 0.5  # fraction of global crops masked
+  c.masking.ratio = (0.1, 0.5)  # masked-patch ratios spread over this range
+
+  # DINO-family losses.
+  c.dino = ml_collections.ConfigDict()
+  c.dino.student_temp = 0.1
+  c.dino.teacher_temp = 0.07
+  c.dino.warmup_teacher_temp = 0.04
+  c.dino.warmup_teacher_temp_epochs = 30
+  c.dino.center_momentum = 0.9
+  c.dino.centering = "centering"  # or "sinkhorn_knopp" (DINOv2 ViT-L/g)
+  c.dino.ibot_weight = 1.0
+  c.dino.koleo_weight = 0.0  # DINOv2: 0.1
+
+  c.vmf = ml_collections.ConfigDict()
+  c.vmf.terms = 1  # terms of the Bessel uniform asymptotic expansion (1 = the DINO-vMF paper)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.eps = math.sqrt(0.05)  # paper convention; official eps 0.05 = this squared
@@ -73,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.exclude_same_view = True  # official; the paper's eq. (22) keeps the same-view pairs
   c.loss.expansion = "mean"  # official expa_type=1; "student" is the paper's
   c.loss.groups = 1  # 1: one covariance over the global batch (official reduce_cov=1)
+  c.loss.regularizer = "coding_rate"  # Table 5 ablations: infonce, uniformity, barlow (weight reg_weight)
+  c.loss.reg_weight = 1.0
+  c.loss.patch_weighting = "paper"  # SimDINOv2: "paper" eq. (42) or "official" (cls + patch, no 1/2)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4  # per 256 images (lr_scaling linear_256)
@@ -82,7 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.04
   c.optim.weight_decay_end = 0.4
   c.optim.clip_grad = 3.0
-  c.optim.clip_mode = "per_tensor"
+  c.optim.clip_mode = "per_tensor"  # per_tensor (DINO v1), global, per_module (DINOv2: backbone / head separately)
+  c.optim.layer_decay = 1.0  # DINOv2: 0.9 (lr x decay^(depth + 1 - layer id))
+  c.optim.patch_embed_lr_mult = 1.0  # DINOv2: 0.2
+  c.optim.freeze_last_layer_epochs = 0.0  # DINO: 1 (prototype layer not updated during the first epoch)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.adam_eps = 1e-8
@@ -90,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.momentum = 0.996
   c.teacher.momentum_end = 1.0
+  c.teacher.self_distillation = True  # False: the teacher is the current student at every step (paper's ablation)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn_k = 20
@@ -166,11 +197,35 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
   _require(not loss.exclude_same_view or d.num_global + d.num_local > 1, "loss.exclude_same_view",
            "needs at least two student views")
 
+  _require(loss.regularizer in methods.REGULARIZERS, "loss.regularizer",
+           f"must be one of {methods.REGULARIZERS}, got {loss.regularizer!r}")
+  _require(loss.regularizer == "coding_rate" or config.method == "simdino", "loss.regularizer",
+           "the Table 5 regularizers replace the coding rate of method 'simdino' only")
+  _require(loss.patch_weighting in ("paper", "official"), "loss.patch_weighting",
+           f"must be 'paper' or 'official', got {loss.patch_weighting!r}")
+  method = methods.get_method(config.method)
+  if method.uses_masks:
+    lo, hi = config.masking.ratio
+    _require(0 < lo <= hi < 1, "masking.ratio", f"need 0 < min <= max < 1, got {config.masking.ratio}")
+    _require(0 < config.masking.probability <= 1, "masking.probability",
+             f"must be in (0, 1], got {config.masking.probability}")
+  if method.prototypes:
+    _require(config.head.num_prototypes > 0, "head.num_prototypes", "must be positive")
+    _require(config.dino.centering in ("centering", "sinkhorn_knopp"), "dino.centering",
+             f"must be 'centering' or 'sinkhorn_knopp', got {config.dino.centering!r}")
+    _require(config.dino.centering == "centering" or config.method in ("dino", "dinov2"), "dino.centering",
+             "the vMF methods use probability-space centering only")
+    _require(not config.method.endswith("vmf") or not config.head.norm_last_layer, "head.norm_last_layer",
+             "DINO-vMF / iBOT-vMF need unnormalised prototypes: set head.norm_last_layer=False")
+    _require(1 <= config.vmf.terms <= 5, "vmf.terms", f"must be in 1..5, got {config.vmf.terms}")
+
   o = config.optim
   _require(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "lr and min_lr must be >= 0")
   _require(o.lr_scaling in ("linear_256", "sqrt_1024", "none"), "optim.lr_scaling",
            f"must be linear_256, sqrt_1024 or none, got {o.lr_scaling!r}")
-  _require(o.clip_mode in ("per_tensor", "global"), "optim.clip_mode",
-           f"must be 'per_tensor' or 'global', got {o.clip_mode!r}")
+  _require(o.clip_mode in ("per_tensor", "global", "per_module"), "optim.clip_mode",
+           f"must be 'per_tensor', 'global' or 'per_module', got {o.clip_mode!r}")
+  _require(0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0, "optim.layer_decay",
+           "layer_decay must be in (0, 1] and patch_embed_lr_mult positive")
   _require(0.0 <= config.teacher.momentum <= 1.0 and 0.0 <= config.teacher.momentum_end <= 1.0,
            "teacher.momentum", "momentum and momentum_end must be in [0, 1]")

@@ -10,7 +10,7 @@ This is AdamW as in PyTorch (decay multiplied by the learning rate), with the DI
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import optax
 from simdino_jax import schedules
 from simdino_jax.tree import map_with_name
 
-CLIP_MODES = ("per_tensor", "global")
+CLIP_MODES = ("per_tensor", "global", "per_module")
 
 
 def decays(name: str, leaf: Any) -> bool:
@@ -70,15 +70,21 @@ def wd_schedule(optim_cfg, total_steps: int) -> schedules.Schedule:
   return schedules.cosine(optim_cfg.weight_decay, optim_cfg.weight_decay_end, total_steps)
 
 
-def make_optimizer(optim_cfg, params: Any, lr: schedules.Schedule,
-                   wd: schedules.Schedule) -> optax.GradientTransformation:
-  """AdamW with clipping, scheduled weight decay on the masked leaves and the scheduled learning rate."""
+def make_optimizer(optim_cfg, params: Any, lr: schedules.Schedule, wd: schedules.Schedule, *,
+                   lr_mults: Any = None, freezes: tuple = ()) -> optax.GradientTransformation:
+  """AdamW with clipping, scheduled weight decay on the masked leaves and the scheduled learning rate.
+
+  lr_mults: optional tree of per-leaf lr multipliers (layer-wise decay, patch-embed multiplier).
+  freezes: (mask_tree, until_step) pairs whose leaves get no update while the step is < until_step.
+  """
   parts = []
   if optim_cfg.clip_grad > 0:
     if optim_cfg.clip_mode == "per_tensor":
       parts.append(clip_per_tensor(optim_cfg.clip_grad))
     elif optim_cfg.clip_mode == "global":
       parts.append(optax.clip_by_global_norm(optim_cfg.clip_grad))
+    elif optim_cfg.clip_mode == "per_module":
+      parts.append(clip_per_module(optim_cfg.clip_grad))
     else:
       raise ValueError(f"config.optim.clip_mode must be one of {CLIP_MODES}, got {optim_cfg.clip_mode!r}")
   parts += [
@@ -86,4 +92,79 @@ def make_optimizer(optim_cfg, params: Any, lr: schedules.Schedule,
       optax.add_decayed_weights(wd, mask=weight_decay_mask(params)),
       optax.scale_by_learning_rate(lr),
   ]
+  if lr_mults is not None:
+    parts.append(scale_by_tree(lr_mults))
+  parts += [freeze(mask, until) for mask, until in freezes]
   return optax.chain(*parts)
+
+
+def layer_id(name: str, depth: int) -> int:
+  """DINOv2 layer id: 0 for the patch embedding and the tokens, i+1 for block i, depth+1 for the rest."""
+  parts = name.split("/")
+  if parts[0] == "backbone":
+    if parts[1] in ("patch_embed", "pos_embed", "cls_token", "register_tokens", "mask_token"):
+      return 0
+    if parts[1] == "blocks":
+      return int(parts[2]) + 1
+  return depth + 1
+
+
+def lr_multipliers(params: Any, *, depth: int, layer_decay: float = 1.0, patch_embed_mult: float = 1.0) -> Any:
+  """Per-leaf lr multipliers: layer_decay^(depth + 1 - layer_id), times patch_embed_mult on the patch embedding.
+
+  Applied to the whole update (Adam step and weight decay), as a PyTorch param group's lr is.
+  """
+
+  def mult(name, _):
+    m = layer_decay ** (depth + 1 - layer_id(name, depth))
+    if name.startswith("backbone/patch_embed/"):
+      m *= patch_embed_mult
+    return float(m)
+
+  return map_with_name(mult, params)
+
+
+def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiply each update leaf by a constant from a tree of the same structure."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, multipliers), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_per_module(max_norm: float) -> optax.GradientTransformation:
+  """Clip the global norm within each top-level submodule (backbone, head, ...) separately (DINOv2, FSDP-wise)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    out = {}
+    for key, sub in updates.items():
+      norm = optax.global_norm(sub)
+      factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+      out[key] = jax.tree_util.tree_map(lambda g: (g * factor).astype(g.dtype), sub)
+    return type(updates)(out) if not isinstance(updates, dict) else out, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class FreezeState(NamedTuple):
+  count: jax.Array
+
+
+def freeze(mask: Any, until_step: int) -> optax.GradientTransformation:
+  """Zero the updates of the masked leaves while the update count is < until_step (DINO: the last layer during
+  the first epoch; until_step < 0 freezes them for good, e.g. the weight-norm g with norm_last_layer)."""
+
+  def init_fn(params):
+    del params
+    return FreezeState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    frozen = jnp.asarray(True) if until_step < 0 else state.count < until_step
+    updates = jax.tree_util.tree_map(lambda u, m: jnp.where(frozen, jnp.zeros_like(u), u) if m else u, updates, mask)
+    return updates, FreezeState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

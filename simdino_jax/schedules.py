@@ -44,3 +44,17 @@ def cosine(base: float, final: float, total_steps: int) -> Schedule:
 
 def constant(value: float) -> Schedule:
   return lambda step: jnp.full((), value, jnp.float32)
+
+
+def teacher_temperature(warmup_temp: float, temp: float, warmup_epochs: int, steps_per_epoch: int) -> Schedule:
+  """DINO's teacher temperature, indexed by EPOCH: linspace(warmup_temp, temp, warmup_epochs), then constant."""
+
+  def schedule(step):
+    epoch = jnp.asarray(step, jnp.float32) // max(steps_per_epoch, 1)
+    if warmup_epochs <= 1:
+      return jnp.where(epoch < warmup_epochs, warmup_temp, temp).astype(jnp.float32)
+    frac = jnp.clip(epoch / (warmup_epochs - 1), 0.0, 1.0)
+    warm = warmup_temp + (temp - warmup_temp) * frac
+    return jnp.where(epoch < warmup_epochs, warm, temp).astype(jnp.float32)
+
+  return schedule

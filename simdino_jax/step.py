@@ -27,12 +27,26 @@ def _unfold_views(x: jax.Array, batch: int) -> jax.Array:
   return x.reshape((batch, x.shape[0] // batch) + x.shape[1:])
 
 
-def forward(network, batch: dict, *, key: jax.Array | None, student: bool,
-            masks: jax.Array | None = None) -> dict:
-  """Backbone + head on the crops of a batch; returns {"cls": (B, views, d)} in global-then-local view order.
+def masked_positions(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """Static-size gather of each crop's masked patch positions.
 
-  The teacher (student=False) sees only the global crops; the student also the local crops. Each resolution
-  is one backbone call (two static shapes: one compilation).
+  mask (B, Mg, N) bool -> (indices (B, Mg, size) int32, valid (B, Mg, size) bool): the masked positions first (in
+  order), padded with unmasked ones marked invalid. ``size`` bounds the masked count of any crop (the block-mask
+  generator never exceeds N * max ratio), so nothing is lost; per-crop gathers keep the batch axis local.
+  """
+  order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True)[..., :size].astype(jnp.int32)
+  return order, jnp.take_along_axis(mask, order, axis=-1)
+
+
+def forward(network, batch: dict, *, key: jax.Array | None, student: bool, masks: jax.Array | None = None,
+            positions: jax.Array | None = None) -> dict:
+  """Backbone + head on the crops of a batch (views in global-then-local order, batch axis first).
+
+  Returns {"cls": head(cls tokens) (B, views, ...), "backbone_cls": (B, Mg, D) global-crop cls tokens} and, when
+  ``positions`` (B, Mg, U) is given, "patch": head(patch tokens at those positions) (B, Mg, U, ...). Head outputs
+  are arrays or dicts of arrays (DINO heads: "z", "logits"); "prototype_norms" is added for prototype heads.
+  The teacher (student=False) sees only the global crops, unmasked; the student also the local crops, with the
+  global crops' masked patches replaced by the mask token. One backbone call per resolution: two static shapes.
   """
   glob = batch["global"]
   b, mg = glob.shape[:2]
@@ -40,11 +54,37 @@ def forward(network, batch: dict, *, key: jax.Array | None, student: bool,
   if key is not None:
     key_g, key_l = jax.random.split(key)
   flat_masks = None if masks is None else _fold_views(masks)
-  cls = [_unfold_views(network.backbone(_fold_views(glob), masks=flat_masks, key=key_g)["cls"], b)]
+  out_g = network.backbone(_fold_views(glob), masks=flat_masks, key=key_g)
+  cls = [_unfold_views(out_g["cls"], b)]
   if student and batch["local"].shape[1] > 0:
     cls.append(_unfold_views(network.backbone(_fold_views(batch["local"]), key=key_l)["cls"], b))
   cls = jnp.concatenate(cls, axis=1) if len(cls) > 1 else cls[0]
-  return {"cls": network.head(cls)}
+  out = {"cls": network.head(cls), "backbone_cls": cls[:, :mg]}
+  if positions is not None:
+    patch = _unfold_views(out_g["patch"], b)  # (B, Mg, N, D)
+    patch = jnp.take_along_axis(patch, positions[..., None], axis=2)  # (B, Mg, U, D)
+    patch_head = network.patch_head if network.patch_head is not None else network.head
+    out["patch"] = patch_head(patch)
+  if hasattr(network.head, "prototype_norms"):
+    out["prototype_norms"] = network.head.prototype_norms()
+    if network.patch_head is not None:
+      out["patch_prototype_norms"] = network.patch_head.prototype_norms()
+  return out
+
+
+def collapse_monitors(features: jax.Array) -> dict:
+  """Feature std across the batch and effective rank (exp entropy of the normalised singular values) of
+  l2-normalised features (B, D); 0 std / rank 1 means collapse. Reduces over the batch (one 2-D eigvalsh)."""
+  f = features.astype(jnp.float32)
+  f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+  std = jnp.mean(jnp.std(f, axis=0))
+  c = f - f.mean(axis=0)
+  gram = jnp.matmul(c, c.T, precision=jax.lax.Precision.HIGHEST) if c.shape[0] <= c.shape[1] else \
+      jnp.matmul(c.T, c, precision=jax.lax.Precision.HIGHEST)
+  ev = jnp.clip(jnp.linalg.eigvalsh(gram), 0.0, None)
+  p = ev / jnp.maximum(jnp.sum(ev), 1e-12)
+  rank = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0)))
+  return {"feature_std": std, "effective_rank": rank}
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -52,7 +92,7 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation, *,
-                    lr_fn: Callable, wd_fn: Callable, momentum_fn: Callable) -> Callable:
+                    lr_fn: Callable, wd_fn: Callable, momentum_fn: Callable, mask_positions: int = 0) -> Callable:
   """Build the pure step.
 
   Args:
@@ -60,18 +100,27 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     loss_fn: the method's loss(student_out, teacher_out, loss_state, step) -> (loss, metrics, loss_state).
     tx: the student's optax transformation.
     lr_fn, wd_fn: schedules, only evaluated for logging (tx carries its own copies).
-    momentum_fn: teacher EMA momentum m(step); teacher <- m teacher + (1 - m) student after the update.
+    momentum_fn: teacher EMA momentum m(step); teacher <- m teacher + (1 - m) student after the update
+      (a constant 0 is training without self-distillation: the teacher is the current student).
+    mask_positions: > 0 for masked-patch methods: the static number of patch positions gathered per global crop
+      (the batch then carries "mask" (B, Mg, N)).
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
+    masks = positions = None
+    if mask_positions:
+      masks = batch["mask"]
+      positions, valid = masked_positions(masks, mask_positions)
 
     teacher_net = nnx.merge(graphdef, state.teacher)
-    teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False))
+    teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, positions=positions))
 
     def objective(params):
       student_net = nnx.merge(graphdef, params)
-      student_out = forward(student_net, batch, key=key, student=True, masks=batch.get("mask"))
+      student_out = forward(student_net, batch, key=key, student=True, masks=masks, positions=positions)
+      if mask_positions:
+        student_out["patch_mask"] = valid
       loss, metrics, loss_state = loss_fn(student_out, teacher_out, state.loss_state, state.step)
       return loss, (metrics, loss_state)
 
@@ -88,7 +137,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     finite = jnp.isfinite(loss)
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = dict(metrics, loss=loss, lr=lr_fn(state.step), wd=wd_fn(state.step), momentum=momentum,
-                   grad_norm=global_norm(grads))
+                   grad_norm=global_norm(grads), **collapse_monitors(teacher_out["backbone_cls"][:, 0]))
     return new_state, metrics
 
   return train_step

@@ -39,6 +39,8 @@ from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.sources import load_source
 from simdino_jax.evals import knn
 from simdino_jax.models.network import Network, build_backbone
+from simdino_jax.models.vit import parse_variant
+from simdino_jax.tree import map_with_name
 from simdino_jax.state import TrainState
 from simdino_jax.step import make_feature_fn, make_train_step
 
@@ -73,6 +75,10 @@ class _StopRequest:
 
   def _handle(self, signum, frame) -> None:
     del frame
+    if self.signal_name is not None:  # a second SIGTERM: terminate now (e.g. a step that hangs)
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
     self.signal_name = signal.Signals(signum).name  # no I/O here: the handler may interrupt a print
 
   def __exit__(self, *exc) -> None:
@@ -113,7 +119,32 @@ def create_network(config, method: methods.Method, seed: int) -> Network:
   rngs = nnx.Rngs(params=seed)
   backbone = build_backbone(config.model, rngs=rngs)
   head = method.build_head(config, backbone.embed_dim, rngs)
-  return Network(backbone, head)
+  patch_head = methods.build_patch_head(config, backbone.embed_dim, rngs) if methods.patch_head_needed(config) \
+      else None
+  return Network(backbone, head, patch_head)
+
+
+def make_optimizer(config, params, lr_fn, wd_fn, steps_per_epoch: int):
+  """The student's optax chain: AdamW + the method's extras (layer-wise lr decay, prototype-layer freezing)."""
+  o = config.optim
+  lr_mults = None
+  if o.layer_decay < 1.0 or o.patch_embed_lr_mult != 1.0:
+    lr_mults = optim.lr_multipliers(params, depth=build_depth(config), layer_decay=o.layer_decay,
+                                    patch_embed_mult=o.patch_embed_lr_mult)
+  freezes = []
+  if methods.get_method(config.method).prototypes:
+    def prototype_mask(leaf_name):
+      return map_with_name(lambda name, _: "last_layer/" in name and name.endswith(leaf_name), params)
+    if config.head.norm_last_layer:  # unit prototypes: g stays 1 for good
+      freezes.append((prototype_mask("weight_g"), -1))
+    freeze_steps = int(round(o.freeze_last_layer_epochs * steps_per_epoch))
+    if freeze_steps > 0:
+      freezes.append((map_with_name(lambda name, _: "last_layer/" in name, params), freeze_steps))
+  return optim.make_optimizer(o, params, lr_fn, wd_fn, lr_mults=lr_mults, freezes=tuple(freezes))
+
+
+def build_depth(config) -> int:
+  return config.model.depth or parse_variant(config.model.variant)["depth"]
 
 
 class Trainer:
@@ -134,13 +165,16 @@ class Trainer:
     d = self.durations
     self.lr_fn = optim.lr_schedule(config.optim, config.batch_size, d.total_steps, d.warmup_steps)
     self.wd_fn = optim.wd_schedule(config.optim, d.total_steps)
-    self.momentum_fn = schedules.cosine(config.teacher.momentum, config.teacher.momentum_end, d.total_steps)
+    if config.teacher.self_distillation:
+      self.momentum_fn = schedules.cosine(config.teacher.momentum, config.teacher.momentum_end, d.total_steps)
+    else:  # the paper's ablation: the teacher is the current student (m = 0) at every step
+      self.momentum_fn = schedules.constant(0.0)
 
     # Shapes first (no FLOPs), then the state is created directly with its sharding.
     abstract = nnx.eval_shape(lambda: create_network(config, self.method, config.seed))
     self.graphdef, abstract_params = nnx.split(abstract)
-    self.tx = optim.make_optimizer(config.optim, abstract_params, self.lr_fn, self.wd_fn)
-    self.loss_fn = self.method.make_loss(config)
+    self.tx = make_optimizer(config, abstract_params, self.lr_fn, self.wd_fn, d.steps_per_epoch)
+    self.loss_fn = self.method.make_loss(config, d.steps_per_epoch)
     self.feature_fn = jax.jit(make_feature_fn(self.graphdef), in_shardings=(self.replicated, self.batch_sharding),
                               out_shardings=self.batch_sharding)
 
@@ -182,19 +216,26 @@ class Trainer:
 
   def compiled_step(self):
     step = make_train_step(self.graphdef, self.loss_fn, self.tx, lr_fn=self.lr_fn, wd_fn=self.wd_fn,
-                           momentum_fn=self.momentum_fn)
+                           momentum_fn=self.momentum_fn, mask_positions=methods.mask_positions(self.config))
+    if not hasattr(self, "state_sharding"):
+      self.abstract_state()
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     config = self.config
+    masked = self.method.uses_masks
     it = pipeline.train_iterator(self.train_source, multicrop_config(config),
                                  batch_size=config.batch_size // jax.process_count(), seed=config.seed,
                                  num_workers=config.data.num_workers, shard_index=jax.process_index(),
-                                 shard_count=jax.process_count(), start_step=start_step)
+                                 shard_count=jax.process_count(), start_step=start_step,
+                                 mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
+                                 mask_probability=config.masking.probability,
+                                 mask_ratio=tuple(config.masking.ratio))
+    keys = ("global", "local", "mask") if masked else ("global", "local")
     try:
       for batch in it:
-        yield sharding.to_global({"global": batch["global"], "local": batch["local"]}, self.batch_sharding)
+        yield sharding.to_global({k: batch[k] for k in keys}, self.batch_sharding)
     finally:
       if hasattr(it, "close"):
         it.close()  # grain worker processes, when data.num_workers > 0
@@ -397,10 +438,14 @@ class Trainer:
   def progress(self, record: dict, total: int) -> None:
     step = record["step"]
     eta = (total - step) / max(record["steps_per_sec"], 1e-9)
-    terms = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "align", "rate") if k in record)
+    terms = " ".join(f"{k} {record[k]:.4g}" for k in _PROGRESS_KEYS if k in record)
     self.log(f"step {step}/{total} ({100 * step / total:.0f}%) | {terms} | lr {record['lr']:.3g} "
              f"m {record['momentum']:.4f} | {record['steps_per_sec']:.2f} steps/s "
              f"{record['images_per_sec']:.0f} img/s | ETA {_hms(eta)}")
+
+
+_PROGRESS_KEYS = ("loss", "align", "patch_align", "rate", "regularizer", "ce", "ibot_ce", "koleo", "teacher_entropy",
+                  "prototypes_used", "feature_std", "effective_rank")
 
 
 def _hms(seconds: float) -> str:

@@ -315,6 +315,7 @@ def test_train_iterator_shapes_and_seed_determinism():
   assert a[0]["label"].shape == (4,) and a[0]["label"].dtype == np.int32
   assert a[0]["global"].dtype == np.float32
   _assert_batches_equal(a, b)
+  assert "mask" not in a[0]  # mask_patch_size = 0 (default): no masks
   assert not np.array_equal(a[0]["global"], c[0]["global"])
   assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
 
@@ -322,12 +323,15 @@ def test_train_iterator_shapes_and_seed_determinism():
 def test_train_iterator_same_output_with_worker_processes():
   src = _tiny_source(n=12, size=8)
   cfg = MultiCropConfig(global_size=8, local_size=4, num_local=1)
-  a = _take(train_iterator(src, cfg, batch_size=3, seed=7), 4)
-  it = train_iterator(src, cfg, batch_size=3, seed=7, num_workers=2)
+  # With DINOv2 masks (patch 2 -> a 4x4 grid), drawn per batch after batching.
+  kw = dict(batch_size=3, seed=7, mask_patch_size=2)
+  a = _take(train_iterator(src, cfg, **kw), 4)
+  it = train_iterator(src, cfg, num_workers=2, **kw)
   try:
     b = [{k: np.array(v) for k, v in x.items()} for x in _take(it, 4)]
   finally:
     it.close()
+  assert a[0]["mask"].shape == (3, 2, 16)
   _assert_batches_equal(a, b)
 
 
@@ -357,10 +361,13 @@ def test_shards_partition_the_stream():
   np.testing.assert_array_equal(shards[1][0]["global"][0], full[0]["global"][1])
 
 
-def test_start_step_skips_to_the_same_batch():
+@pytest.mark.parametrize("mask_patch_size", [0, 4])
+def test_start_step_skips_to_the_same_batch(mask_patch_size):
   src = _tiny_source()
-  a = _take(train_iterator(src, SMALL, batch_size=4, seed=0), 6)
-  b = _take(train_iterator(src, SMALL, batch_size=4, seed=0, start_step=4), 2)
+  kw = dict(batch_size=4, seed=0, mask_patch_size=mask_patch_size)
+  a = _take(train_iterator(src, SMALL, **kw), 6)
+  b = _take(train_iterator(src, SMALL, start_step=4, **kw), 2)
+  assert ("mask" in b[0]) == bool(mask_patch_size)
   _assert_batches_equal(a[4:], b)
 
 

@@ -4,7 +4,8 @@ Training (``train_iterator``), a ``grain.MapDataset``:
 
   source -> global shuffle (seeded) -> repeat forever -> MultiCrop random map
          -> shard slice [shard_index::shard_count] -> batch (drop remainder)
-         -> skip ``start_step`` batches -> iterator (optionally mp_prefetch)
+         -> [BatchMasks random map] -> skip ``start_step`` batches
+         -> iterator (optionally mp_prefetch)
 
 * Shuffle comes before repeat: grain's ``ShuffleMapDataset`` reshuffles each
   epoch with ``seed + epoch``, so element indices ``[e*N, (e+1)*N)`` are one
@@ -16,6 +17,12 @@ Training (``train_iterator``), a ``grain.MapDataset``:
   augmentation draws, and the union of all shards' batches does not depend on
   ``shard_count``. (Slicing a MapDataset is lazy, so each process only computes
   its own elements.)
+* Masks (``mask_patch_size > 0``, DINOv2 / iBOT, see
+  :mod:`simdino_jax.data.masking`) are drawn per *batch*, after batching, as
+  in the official collate: their RNG is seeded from ``(mask seed, batch
+  index)`` where the mask seed is derived from ``(seed, shard_index)``, so
+  shards draw independent masks and a ``start_step`` skip (which comes after)
+  reproduces them exactly.
 * Everything is index-addressed, so the output depends only on ``seed`` (and the
   shard), not on ``num_workers``/threads, and ``start_step`` is an O(1) skip.
 """
@@ -30,11 +37,13 @@ import numpy as np
 from PIL import Image
 
 from simdino_jax.data import augment
+from simdino_jax.data.masking import BatchMasks
 from simdino_jax.data.multicrop import MultiCrop, MultiCropConfig
 
 
-def _derive_seed(seed: int, stream: int) -> int:
-  return int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
+def _derive_seed(seed: int, *stream: int) -> int:
+  return int(np.random.SeedSequence(
+      [int(seed), *map(int, stream)]).generate_state(1)[0])
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -51,8 +60,12 @@ def _ensure_absl_flags_parsed() -> None:
 
 def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1,
-                  start_step: int = 0) -> grain.MapDataset:
-  """The (infinite) batched training ``MapDataset``; see module doc."""
+                  start_step: int = 0, mask_patch_size: int = 0,
+                  mask_probability: float = 0.5,
+                  mask_ratio: tuple[float, float] = (0.1, 0.5)
+                  ) -> grain.MapDataset:
+  """The (infinite) batched training ``MapDataset``; see module doc and
+  :func:`train_iterator` for the arguments."""
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   if not 0 <= shard_index < shard_count:
@@ -62,6 +75,14 @@ def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   if len(source) == 0:
     raise ValueError("empty data source.")
+  if mask_patch_size < 0:
+    raise ValueError(
+        f"mask_patch_size must be >= 0 (0 = no masks), got {mask_patch_size}.")
+  masks = None
+  if mask_patch_size:
+    masks = BatchMasks(mask_patch_size, mask_probability=mask_probability,
+                       ratio_min_max=mask_ratio)
+    masks.grid(cfg.global_size, cfg.global_size)  # fails early if too small
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=_derive_seed(seed, 0))
   ds = ds.repeat()  # infinite; reseeds the shuffle each epoch
@@ -69,6 +90,9 @@ def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
   ds = ds.batch(batch_size, drop_remainder=True)
+  if masks is not None:
+    # Before the start_step slice: batch k's masks depend on (seed, shard, k).
+    ds = ds.random_map(masks, seed=_derive_seed(seed, 2, shard_index))
   if start_step:
     ds = ds[start_step:]
   return ds
@@ -77,11 +101,15 @@ def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
 def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
                    num_workers: int = 0, shard_index: int = 0,
                    shard_count: int = 1, start_step: int = 0,
+                   mask_patch_size: int = 0, mask_probability: float = 0.5,
+                   mask_ratio: tuple[float, float] = (0.1, 0.5),
                    num_threads: int = 2, prefetch_batches: int = 4):
   """Infinite iterator of multi-crop batches (dicts of numpy arrays).
 
   Yields ``{"global": (b, Mg, Hg, Wg, 3) float32, "local": (b, Ml, Hl, Wl, 3)
-  float32, "label": (b,) int32}`` with ``b = batch_size`` (per process).
+  float32, "label": (b,) int32}`` with ``b = batch_size`` (per process), plus
+  ``"mask": (b, Mg, N) bool`` when ``mask_patch_size > 0``, ``N =
+  (Hg // mask_patch_size) * (Wg // mask_patch_size)``.
 
   Args:
     source: a random-access source (e.g. ``ArraySource``).
@@ -94,6 +122,13 @@ def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
       ``if __name__ == "__main__"`` guard.
     shard_index, shard_count: this process's shard of the element stream.
     start_step: number of batches to skip (O(1)), to resume a run.
+    mask_patch_size: ViT patch size for DINOv2/iBOT block masks of the global
+      crops; 0 = no ``"mask"``.
+    mask_probability: fraction of a batch's ``b * Mg`` global crops that are
+      masked (DINOv2 ``ibot.mask_sample_probability``, 0.5).
+    mask_ratio: range of masked fractions (DINOv2
+      ``ibot.mask_ratio_min_max``, (0.1, 0.5)), split into equal bins over the
+      masked crops of a batch.
     num_threads: grain read threads per process (each computes whole batches).
     prefetch_batches: batches buffered per process (bounded to save memory).
 
@@ -102,7 +137,8 @@ def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
   """
   ds = train_dataset(source, cfg, batch_size=batch_size, seed=seed,
                      shard_index=shard_index, shard_count=shard_count,
-                     start_step=start_step)
+                     start_step=start_step, mask_patch_size=mask_patch_size,
+                     mask_probability=mask_probability, mask_ratio=mask_ratio)
   num_threads = max(0, int(num_threads))
   read = grain.ReadOptions(num_threads=num_threads,
                            prefetch_buffer_size=max(prefetch_batches, num_threads))

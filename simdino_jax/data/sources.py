@@ -1,4 +1,4 @@
-"""In-memory image data sources for grain.
+"""Image data sources for grain (in-memory arrays and lazily decoded folders).
 
 A source is a grain ``RandomAccessDataSource`` (``__len__`` and ``__getitem__``)
 returning ``{"image": (H, W, 3) uint8, "label": int32 scalar}``.
@@ -15,12 +15,21 @@ Supported specs (``load_source(spec, split)``):
   ``"<split>_labels"``. Images may be uint8 ``(N, H, W, 3)``, grey ``(N, H, W)``
   or ``(N, H, W, 1)`` (replicated to RGB), or floating point in ``[0, 1]``
   (scaled by 255 and rounded).
+* ``"folder:PATH"``: an image-folder tree ``<root>/<split>/<class>/<image>``
+  (see :func:`load_folder`), either a directory or an uncompressed ``.tar``
+  holding that tree, possibly under one top-level directory. Images are decoded
+  lazily, on access, by a :class:`FolderSource`.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
+import posixpath
+import tarfile
+import threading
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -28,9 +37,10 @@ from PIL import Image
 DIGITS_SIZE = 32
 DIGITS_TRAIN_FRACTION = 0.8
 _SUPPORTED = (
-    '"digits" (scikit-learn handwritten digits, upsampled to 32x32 RGB) and '
+    '"digits" (scikit-learn handwritten digits, upsampled to 32x32 RGB), '
     '"npz:PATH" (a .npz file with "<split>_images" and optional '
-    '"<split>_labels"); "folder:PATH" and "tfds:NAME" are planned in a later '
+    '"<split>_labels") and "folder:PATH" (a directory or uncompressed .tar '
+    'with <split>/<class>/<image> files); "tfds:NAME" is planned in a later '
     "issue and not supported yet"
 )
 
@@ -84,12 +94,19 @@ class ArraySource:
             f"num_classes={self.num_classes})")
 
 
-def load_source(spec: str, split: str) -> ArraySource:
-  """Returns the ``ArraySource`` for ``spec`` (see module doc) and ``split``."""
+def load_source(spec: str, split: str):
+  """Returns the source for ``spec`` (see module doc) and ``split``.
+
+  An ``ArraySource`` for ``"digits"`` and ``"npz:"``, a :class:`FolderSource`
+  for ``"folder:"``; both have ``__len__``, ``__getitem__``, ``labels``,
+  ``num_classes`` and ``name``.
+  """
   if spec == "digits":
     return _load_digits(split)
   if spec.startswith("npz:"):
     return _load_npz(spec[len("npz:"):], split)
+  if spec.startswith("folder:"):
+    return load_folder(spec[len("folder:"):], split)
   raise ValueError(f"Unknown data source spec {spec!r}. Supported: {_SUPPORTED}.")
 
 
@@ -175,3 +192,455 @@ def _npz_images_to_uint8_rgb(x: np.ndarray, path: str, key: str) -> np.ndarray:
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   return np.ascontiguousarray(x)
+
+
+# ----------------------------------------------------------------------------
+# folder: a <root>/<split>/<class>/<image> tree, in a directory or a .tar
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched case-insensitively
+_KNOWN_SPLITS = ("train", "test", "val")
+_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz",
+                     b"(\xb5/\xfd": "zstd"}
+_MAX_LISTED = 20  # entries quoted in error messages
+
+_lock = threading.Lock()  # counters, warnings and lazy file opening
+_skipped_total = 0
+
+
+class CorruptImageWarning(UserWarning):
+  """An image file could not be decoded; another example was returned."""
+
+
+def num_skipped() -> int:
+  """Undecodable images passed over by all folder sources in this process.
+
+  Counts per process: with grain worker processes (``num_workers > 0``) the
+  decoding, and hence the count, happens in the workers.
+  """
+  return _skipped_total
+
+
+def split_dir_candidates(split: str) -> tuple[str, ...]:
+  """Directory names accepted for ``split``, in order of preference.
+
+  ``"test"`` is read from ``test/`` or, when there is none, ``val/``;
+  ``"val"`` from ``val/`` or else ``test/``; any other split from the
+  directory of the same name.
+  """
+  if split == "test":
+    return ("test", "val")
+  if split == "val":
+    return ("val", "test")
+  return (split,)
+
+
+def _is_image_name(name: str) -> bool:
+  return (not name.startswith(".")
+          and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _listing(names) -> str:
+  names = sorted(names)
+  more = len(names) - _MAX_LISTED
+  shown = names[:_MAX_LISTED] + ([f"... ({more} more)"] if more > 0 else [])
+  return "[" + ", ".join(shown) + "]" if names else "nothing"
+
+
+def _contents(dirs, files) -> str:
+  parts = [f"{what} {_listing(names)}"
+           for what, names in (("directories", dirs), ("files", files)) if names]
+  return " and ".join(parts) or "nothing"
+
+
+class FolderSource:
+  """Random-access source over an image-folder tree, decoded on access.
+
+  ``source[i]`` reads file ``i`` and decodes it with PIL (``.convert("RGB")``,
+  so greyscale, CMYK, palette and RGBA images come out as RGB; no EXIF
+  rotation, like torchvision's ``ImageFolder``). Files are ordered by class,
+  then by path.
+
+  An undecodable file (corrupt, truncated, unreadable) does not raise: it is
+  replaced by the next decodable example (``i + 1, i + 2, ...`` cyclically, so
+  the replacement is deterministic) together with that example's label; a
+  :class:`CorruptImageWarning` naming the file is issued once per file and
+  process, and every pass over a bad file adds 1 to ``skipped`` and to the
+  module-wide :func:`num_skipped`. Both counters are per process (they restart
+  at 0 in unpickled copies, e.g. grain workers). ``labels[i]`` is file ``i``'s
+  own label.
+
+  Attributes:
+    labels: ``(N,)`` int32 class indices (read-only).
+    num_classes: number of classes (``len(class_names)``).
+    class_names: sorted class directory names; label = index in this tuple.
+    name: e.g. ``"folder:/data/imagenette/val"`` (the split directory used).
+    path: the directory or tar file given.
+    split_dir: path of the split directory used, relative to ``path``.
+    skipped: undecodable files passed over by this object in this process.
+  """
+
+  def __init__(self, path: str, split_dir: str, class_names, files: np.ndarray,
+               labels: np.ndarray):
+    labels = np.asarray(labels, np.int32).view()
+    labels.flags.writeable = False
+    if labels.shape != (len(files),):
+      raise ValueError(f"{len(files)} files but labels {labels.shape}.")
+    self.path = path
+    self.split_dir = split_dir
+    self.class_names = tuple(class_names)
+    self.num_classes = len(self.class_names)
+    self.labels = labels
+    self.name = f"folder:{path}/{split_dir}"
+    # "S" array of UTF-8 paths (compact when pickled); undecodable bytes in
+    # file names survive as surrogate escapes, as in os.fsencode on Linux.
+    self._files = files
+    self._reset_process_state()
+
+  def _reset_process_state(self) -> None:
+    self.skipped = 0
+    self._bad = set()
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    for k in ("skipped", "_bad"):
+      state.pop(k, None)
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._reset_process_state()
+
+  def num_skipped(self) -> int:
+    """``skipped``: undecodable files passed over by this object (process)."""
+    return self.skipped
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}(name={self.name!r}, n={len(self)}, "
+            f"num_classes={self.num_classes})")
+
+  def file_name(self, index: int) -> str:
+    """File ``index``: its path relative to the split directory, or for a tar
+    its member name."""
+    return self._files[int(index)].decode("utf-8", "surrogateescape")
+
+  def image_path(self, index: int) -> str:
+    """Where file ``index`` lives, for messages."""
+    return os.path.join(self.path, self.split_dir, self.file_name(index))
+
+  def read_bytes(self, index: int) -> bytes:
+    """The encoded bytes of file ``index``."""
+    with open(self.image_path(index), "rb") as f:
+      return f.read()
+
+  def decode(self, index: int) -> np.ndarray:
+    """File ``index`` as ``(H, W, 3)`` uint8; raises if it cannot be decoded."""
+    with Image.open(io.BytesIO(self.read_bytes(index))) as im:
+      rgb = im.convert("RGB")  # forces the full decode
+    image = np.asarray(rgb)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+      raise ValueError(f"decoded to {image.dtype} {image.shape}")
+    return image
+
+  def _skip(self, index: int, error: Exception | None) -> None:
+    global _skipped_total
+    with _lock:
+      self.skipped += 1
+      _skipped_total += 1
+      first = error is not None and index not in self._bad
+      self._bad.add(index)
+    if first:
+      warnings.warn(
+          f"{self.name}: cannot decode {self.image_path(index)} "
+          f"({type(error).__name__}: {error}); returning the next decodable "
+          "example instead (counted in FolderSource.skipped and "
+          "sources.num_skipped()).", CorruptImageWarning, stacklevel=3)
+
+  def __getitem__(self, index) -> dict:
+    n = len(self)
+    index = int(index)
+    if not -n <= index < n:
+      raise IndexError(f"{self.name}: index {index} out of range for {n} files.")
+    for k in range(n):
+      j = (index + k) % n
+      if j in self._bad:
+        self._skip(j, None)
+        continue
+      try:
+        image = self.decode(j)
+      except Exception as e:  # pylint: disable=broad-except
+        self._skip(j, e)
+        continue
+      return {"image": image, "label": self.labels[j]}
+    raise RuntimeError(f"{self.name}: none of the {n} image files decodes.")
+
+
+class TarFolderSource(FolderSource):
+  """A :class:`FolderSource` reading members of an uncompressed tar file.
+
+  The member offsets are indexed once (and cached in memory per tar file);
+  bytes are read with ``os.pread`` on a file descriptor opened lazily per
+  process (so the source pickles to grain worker processes, which reopen it).
+  """
+
+  def __init__(self, path, split_dir, class_names, files, labels,
+               offsets: np.ndarray, sizes: np.ndarray):
+    super().__init__(path, split_dir, class_names, files, labels)
+    self._offsets = np.asarray(offsets, np.int64)
+    self._sizes = np.asarray(sizes, np.int64)
+    self._fd = None
+    self._fd_pid = None
+
+  def __getstate__(self):
+    state = super().__getstate__()
+    state["_fd"] = state["_fd_pid"] = None
+    return state
+
+  def image_path(self, index: int) -> str:
+    return f"{self.path}:{self.file_name(index)}"
+
+  def _descriptor(self) -> int:
+    pid = os.getpid()
+    if self._fd is None or self._fd_pid != pid:
+      with _lock:
+        if self._fd is None or self._fd_pid != pid:
+          # After a fork the inherited descriptor stays open and unused here.
+          self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+          self._fd_pid = pid
+    return self._fd
+
+  def read_bytes(self, index: int) -> bytes:
+    fd = self._descriptor()
+    offset, size = int(self._offsets[index]), int(self._sizes[index])
+    chunks, got = [], 0
+    while got < size:
+      if hasattr(os, "pread"):
+        chunk = os.pread(fd, size - got, offset + got)
+      else:  # pragma: no cover (Windows)
+        with _lock:
+          os.lseek(fd, offset + got, os.SEEK_SET)
+          chunk = os.read(fd, size - got)
+      if not chunk:
+        raise OSError(f"tar member ends early: {got} of {size} bytes.")
+      chunks.append(chunk)
+      got += len(chunk)
+    return b"".join(chunks)
+
+  def close(self) -> None:
+    """Closes this process's file descriptor (reopened on the next read)."""
+    fd, self._fd = self._fd, None
+    if fd is not None and self._fd_pid == os.getpid():
+      try:
+        os.close(fd)
+      except OSError:  # pragma: no cover
+        pass
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  # pragma: no cover
+      pass
+
+
+def load_folder(path: str, split: str) -> FolderSource:
+  """The ``split`` of an image-folder tree, as a lazily decoded source.
+
+  ``path`` is a directory or an uncompressed ``.tar`` file containing
+  ``<root>/<split>/<class>/<image>`` where ``<root>`` is ``path`` itself (the
+  tar's top level) or, when that has no ``train``/``test``/``val`` directory,
+  its only subdirectory (e.g. ``imagenette224-mini/train/...``).
+
+  * Split directory: see :func:`split_dir_candidates`; in particular
+    ``split="test"`` reads ``test/`` if it exists, else ``val/``.
+  * Classes: the sorted union of the class directory names of all
+    ``train``/``test``/``val`` split directories present (so labels agree
+    between splits); label = index in that list.
+  * Images: files with extension ``.jpg``, ``.jpeg`` or ``.png`` (any case)
+    anywhere below a class directory; names starting with ``"."`` are ignored.
+
+  Raises:
+    FileNotFoundError: ``path`` or the split directory does not exist (the
+      message lists what does).
+    ValueError: the split has no images, or the tar is compressed.
+  """
+  if not path:
+    raise ValueError('folder spec must be "folder:PATH", got an empty path.')
+  if os.path.isdir(path):
+    return _load_folder_dir(path, split)
+  if os.path.isfile(path):
+    return _load_folder_tar(path, split)
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(parent):
+    where = f"{parent!r} contains {_listing(os.listdir(parent))}"
+  else:
+    where = f"its parent directory {parent!r} does not exist either"
+  raise FileNotFoundError(
+      f"folder data source: {path!r} does not exist; {where}.")
+
+
+def _choose_split(path: str, split: str, children) -> tuple[str, str, list[str]]:
+  """Finds ``(root, split_dir, class_names)`` given ``children(rel) -> (dirs,
+  files)`` of the tree (``rel`` is "" or a "/"-joined relative path)."""
+  dirs, files = children("")
+  root = ""
+  wanted = set(_KNOWN_SPLITS) | set(split_dir_candidates(split))
+  if not wanted & set(dirs):
+    visible = [d for d in dirs if not d.startswith(".")]
+    if len(visible) == 1:
+      root = visible[0]
+      dirs, files = children(root)
+  cands = split_dir_candidates(split)
+  found = [c for c in cands if c in dirs]
+  where = posixpath.join(path, root) if root else path
+  if not found:
+    if not dirs and not files:
+      raise FileNotFoundError(f"folder data source {where!r} is empty.")
+    raise FileNotFoundError(
+        f"folder data source {path!r}: no directory for split {split!r} "
+        f"(looked for {' or '.join(repr(c + '/') for c in cands)} in "
+        f"{where!r}); it contains {_contents(dirs, files)}. Expected layout: "
+        "<root>/<split>/<class>/<image>.")
+  split_rel = posixpath.join(root, found[0]) if root else found[0]
+  classes = set()
+  for d in sorted(set(_KNOWN_SPLITS) | {found[0]}):
+    if d in dirs:
+      sub, _ = children(posixpath.join(root, d) if root else d)
+      classes.update(c for c in sub if not c.startswith("."))
+  return root, split_rel, sorted(classes)
+
+
+def _empty_split_error(path, split_rel, classes) -> ValueError:
+  return ValueError(
+      f"folder data source {path!r}: split directory {split_rel!r} has no "
+      f"images ({'/'.join(IMAGE_EXTENSIONS)}, any case) in class "
+      f"subdirectories; classes found: {_listing(classes)}. Expected layout: "
+      "<root>/<split>/<class>/<image>.")
+
+
+def _labelled(path, split_rel, classes, rel_files):
+  """Sorted ``(files "S" array, labels)`` from ``(class, path)`` pairs."""
+  if not rel_files:
+    raise _empty_split_error(path, split_rel, classes)
+  index = {c: i for i, c in enumerate(classes)}
+  rel_files.sort()
+  labels = np.array([index[c] for c, _ in rel_files], np.int32)
+  files = np.array([f.encode("utf-8", "surrogateescape") for _, f in rel_files])
+  return files, labels
+
+
+def _load_folder_dir(path: str, split: str) -> FolderSource:
+  def children(rel):
+    dirs, files = [], []
+    with os.scandir(os.path.join(path, rel)) as it:
+      for e in it:
+        (dirs if e.is_dir() else files).append(e.name)
+    return sorted(dirs), sorted(files)
+  _, split_rel, classes = _choose_split(path, split, children)
+  split_path = os.path.join(path, split_rel)
+  rel_files = []
+  for c in classes:
+    top = os.path.join(split_path, c)
+    if not os.path.isdir(top):
+      continue  # a class present in another split only
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+      dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+      rel_dir = os.path.relpath(dirpath, split_path)
+      rel_files.extend((c, os.path.join(rel_dir, f)) for f in filenames
+                       if _is_image_name(f))
+  files, labels = _labelled(path, split_rel, classes, rel_files)
+  return FolderSource(path, split_rel, classes, files, labels)
+
+
+_TAR_INDEX_CACHE: dict = {}  # (abspath, size, mtime) -> index; a few entries
+
+
+def _tar_index(path: str):
+  """``(names, offsets, sizes, dir_names)`` of a tar's regular members."""
+  st = os.stat(path)
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  if key in _TAR_INDEX_CACHE:
+    return _TAR_INDEX_CACHE[key]
+  with open(path, "rb") as f:
+    head = f.read(6)
+  for magic, kind in _COMPRESSED_MAGIC.items():
+    if head.startswith(magic):
+      raise ValueError(
+          f"folder data source {path!r} is a {kind}-compressed file; random "
+          "access needs an uncompressed .tar (decompress it first, e.g. "
+          "`gunzip -k`).")
+  names, offsets, sizes, dir_names = [], [], [], []
+  try:
+    with tarfile.open(path, "r:") as tf:
+      count = 0
+      while True:
+        m = tf.next()
+        if m is None:
+          break
+        name = posixpath.normpath(m.name.lstrip("/"))
+        if name.startswith("./"):
+          name = name[2:]
+        if m.isdir():
+          dir_names.append(name)
+        elif m.isreg() and not m.issparse():
+          names.append(name)
+          offsets.append(m.offset_data)
+          sizes.append(m.size)
+        count += 1
+        if count % 8192 == 0 and isinstance(getattr(tf, "members", None), list):
+          del tf.members[:]  # tarfile keeps every TarInfo; we need none
+  except tarfile.TarError as e:
+    raise ValueError(
+        f"folder data source {path!r} is neither a directory nor a readable "
+        f"uncompressed tar file ({type(e).__name__}: {e}).") from e
+  index = (names, np.array(offsets, np.int64), np.array(sizes, np.int64),
+           dir_names)
+  if len(_TAR_INDEX_CACHE) >= 4:
+    _TAR_INDEX_CACHE.pop(next(iter(_TAR_INDEX_CACHE)))
+  _TAR_INDEX_CACHE[key] = index
+  return index
+
+
+def _load_folder_tar(path: str, split: str) -> TarFolderSource:
+  names, offsets, sizes, dir_names = _tar_index(path)
+  # Children of the top three levels (enough for <root>/<split>/<class>).
+  tree: dict[str, tuple[set, set]] = {}
+  def add(name, is_dir):
+    parts = name.split("/")
+    for d in range(min(len(parts), 4)):
+      parent = "/".join(parts[:d])
+      dirs, files = tree.setdefault(parent, (set(), set()))
+      if d < len(parts) - 1 or is_dir:
+        dirs.add(parts[d])
+      else:
+        files.add(parts[d])
+  for n in dir_names:
+    if n != ".":
+      add(n, True)
+  for n in names:
+    add(n, False)
+  def children(rel):
+    dirs, files = tree.get(rel, ((), ()))
+    return sorted(dirs), sorted(files)
+  _, split_rel, classes = _choose_split(path, split, children)
+  prefix = split_rel + "/"
+  class_set = set(classes)
+  sel, rel_files = [], []
+  for i, n in enumerate(names):
+    if not n.startswith(prefix):
+      continue
+    parts = n[len(prefix):].split("/")
+    if (len(parts) >= 2 and parts[0] in class_set and _is_image_name(parts[-1])
+        and not any(p.startswith(".") for p in parts[1:-1])):
+      rel_files.append((parts[0], n, i))
+  if not rel_files:
+    raise _empty_split_error(path, split_rel, classes)
+  rel_files.sort()
+  member = np.array([i for _, _, i in rel_files], np.int64)
+  index = {c: k for k, c in enumerate(classes)}
+  labels = np.array([index[c] for c, _, _ in rel_files], np.int32)
+  files = np.array([n.encode("utf-8", "surrogateescape")
+                    for _, n, _ in rel_files])
+  return TarFolderSource(path, split_rel, classes, files, labels,
+                         offsets[member], sizes[member])

@@ -77,3 +77,50 @@ def simdino_loss(student: jax.Array, teacher: jax.Array, *, eps: float, gamma: f
 
   loss = align - gamma * rate
   return loss, {"align": align, "rate": rate}
+
+
+def masked_patch_alignment(student_patch: jax.Array, teacher_patch: jax.Array, mask: jax.Array, *,
+                           weighting: str = "paper") -> jax.Array:
+  """Masked-patch alignment 1/2 ||t - s||^2 between the student's masked patches and the unmasked teacher's.
+
+  student_patch, teacher_patch: (B, Mg, N, d); mask: (B, Mg, N) bool, True where the student's patch was masked.
+  Each crop's masked tokens are averaged (weight 1 / its masked count, as the official ``masks_weight``); then
+    weighting="paper":    mean over the crops that have at least one masked token;
+    weighting="official": sum over crops / (B * Mg), i.e. unmasked crops count in the denominator (so with half the
+                          crops masked the term's effective weight is about 0.5).
+  Reduces over tokens, views and the batch.
+  """
+  if weighting not in ("paper", "official"):
+    raise ValueError(f"weighting must be 'paper' or 'official', got {weighting!r}")
+  s = student_patch.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_patch.astype(jnp.float32))
+  dist = 0.5 * jnp.sum(jnp.square(t - s), axis=-1)  # (B, Mg, N)
+  m = mask.astype(jnp.float32)
+  count = jnp.sum(m, axis=-1)  # masked tokens per crop
+  per_crop = jnp.sum(dist * m, axis=-1) / jnp.maximum(count, 1.0)
+  if weighting == "official":
+    return jnp.sum(per_crop) / per_crop.size
+  has = (count > 0).astype(jnp.float32)
+  return jnp.sum(per_crop * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def simdinov2_loss(student_cls: jax.Array, teacher_cls: jax.Array, student_patch: jax.Array,
+                   teacher_patch: jax.Array, mask: jax.Array, *, eps: float, gamma: float,
+                   weighting: str = "paper", exclude_same_view: bool = False, expansion: str = "student",
+                   groups: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SimDINOv2 (paper eq. (42)): 1/2 (cls alignment + masked-patch alignment) - gamma R_eps(student global cls).
+
+  student_cls (B, M, d) with the Mg (masked) global views first; teacher_cls (B, Mg, d) from unmasked crops;
+  student_patch / teacher_patch (B, Mg, N, d) head outputs of the global crops' patch tokens (N may be a static
+  subset of the positions, e.g. the gathered masked ones); mask (B, Mg, N) bool.
+
+  weighting="paper" is eq. (42) (the 1/2 on the sum, masked-patch term averaged over masked crops);
+  weighting="official" is the official code's cls + patch (no 1/2), the patch term averaged over ALL global crops.
+  metrics: "align" (cls), "patch_align", "rate".
+  """
+  _, metrics = simdino_loss(student_cls, teacher_cls, eps=eps, gamma=0.0, exclude_same_view=exclude_same_view,
+                            expansion=expansion, groups=groups)
+  patch = masked_patch_alignment(student_patch, teacher_patch, mask, weighting=weighting)
+  scale = 0.5 if weighting == "paper" else 1.0
+  loss = scale * (metrics["align"] + patch) - gamma * metrics["rate"]
+  return loss, dict(metrics, patch_align=patch)

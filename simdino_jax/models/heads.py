@@ -96,3 +96,23 @@ class WeightNormPrototypes(nnx.Module):
         lead = x.shape[:-1]
         logits = x.reshape(-1, self.in_dim).astype(jnp.float32) @ self.weights()
         return logits.reshape(*lead, self.num_prototypes)
+
+
+class DINOHead(nnx.Module):
+    """DINO / DINOv2 / DINO-vMF head: projection MLP -> l2-normalised bottleneck z -> weight-normalised prototypes.
+
+    Returns {"z": (..., bottleneck) unit vectors, "logits": (..., K) = z . w_k}; the prototype norms ||w_k|| = |g_k|
+    are exposed by `prototype_norms()` for the vMF normaliser."""
+
+    def __init__(self, in_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256, num_layers: int = 3,
+                 num_prototypes: int = 65536, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.proj = ProjectionHead(in_dim, hidden_dim=hidden_dim, out_dim=bottleneck_dim, num_layers=num_layers,
+                                   dtype=dtype, rngs=rngs)
+        self.last_layer = WeightNormPrototypes(bottleneck_dim, num_prototypes, rngs=rngs)
+
+    def prototype_norms(self) -> jax.Array:
+        return jnp.abs(self.last_layer.weight_g[...].astype(jnp.float32))
+
+    def __call__(self, x: jax.Array) -> dict:
+        z = self.proj(x)
+        return {"z": z, "logits": self.last_layer(z)}

@@ -37,11 +37,13 @@ def backbone_kwargs(model_cfg) -> dict:
 
 
 class Network(nnx.Module):
-  """Backbone + head. The head maps backbone tokens to the features (or logits) the method's loss reads."""
+  """Backbone + head(s). The head maps backbone tokens to the features (or logits) the method's loss reads;
+  ``patch_head`` (optional) is a separate head for patch tokens (DINOv2 ``separate_head``), else ``head`` is shared."""
 
-  def __init__(self, backbone: nnx.Module, head: nnx.Module):
+  def __init__(self, backbone: nnx.Module, head: nnx.Module, patch_head: nnx.Module | None = None):
     self.backbone = backbone
     self.head = head
+    self.patch_head = patch_head
 
 
 def build_backbone(model_cfg, *, rngs: nnx.Rngs) -> VisionTransformer:
