@@ -287,7 +287,7 @@ class Trainer:
     # From here on SIGTERM (single host) means: save at the next step boundary and return.
     with _StopRequest(enabled=jax.process_count() == 1) as stop_request, self.checkpointer() as ckpt:
       state, start = self.restore_or_init(ckpt)
-      test_source = load_source(config.data.source, "test")
+      test_source = self.test_source = load_source(config.data.source, "test")
       init_knn = self.init_knn(state if start == 0 else None, test_source)
       self.log(f"k-NN at init: top-1 {init_knn['top1']:.2f}%")
       state, stopped = self.train_loop(state, start, ckpt, stop_request)
@@ -329,9 +329,14 @@ class Trainer:
           self.check_finite(*pending)
         done = step + 1
         pending = (done, metrics)
-        if done % config.log_every == 0 or done == d.total_steps:
+        evaluate = config.eval_every > 0 and done % config.eval_every == 0 and done < d.total_steps
+        if done % config.log_every == 0 or done == d.total_steps or evaluate:
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           self.check_finite(done, values)
+          if evaluate:  # periodic k-NN of the teacher, logged with the step's metrics
+            knn = self.knn_eval(state.teacher, self.train_source, self.test_source)
+            values.update(knn_top1=knn["top1"], knn_top5=knn["top5"])
+            self.log(f"step {done}: k-NN top-1 {knn['top1']:.2f}% top-5 {knn['top5']:.2f}%")
           now = time.time()
           steps_per_sec = (done - step_last) / max(now - t_last, 1e-9)
           t_last, step_last = now, done

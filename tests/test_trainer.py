@@ -100,3 +100,12 @@ def test_cli_refuses_bad_override_before_compiling(tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "config.data.global_size: 30 is not a positive multiple of the patch size 4" in out.stderr
+
+
+def test_periodic_knn_is_logged_with_the_step(tiny_config, tmp_path):
+  tiny_config.eval_every = 2
+  tiny_config.log_every = 3
+  trainer.train(tiny_config, str(tmp_path))
+  records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+  assert sorted(records) == [2, 3, 4]  # eval step 2 is logged; 4 is the end (final k-NN goes to eval/knn.json)
+  assert 0 <= records[2]["knn_top1"] <= 100 and "knn_top1" not in records[3]

@@ -1,0 +1,112 @@
+"""Every method trains from configs/demo.py; method-specific mechanics (masks, freezing, layer decay, no EMA)."""
+
+import json
+import math
+import os
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from simdino_jax import methods, optim, trainer
+from simdino_jax.step import masked_positions
+from simdino_jax.tree import named_leaves
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(method, **overrides):
+  c = runpy.run_path(os.path.join(ROOT, "configs", "demo.py"))["get_config"]()
+  c.method = method
+  c.total_steps, c.warmup_steps, c.log_every, c.batch_size = 3, 1, 1, 16
+  c.model.depth, c.model.embed_dim = 2, 48
+  c.head.hidden_dim, c.head.num_prototypes = 64, 128
+  c.data.num_local = 2
+  if method.endswith("vmf"):
+    c.head.norm_last_layer = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_every_method_trains_from_the_demo_config(method, tmp_path):
+  trainer.train(demo_config(method), str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert len(records) == 3
+  for r in records:
+    assert math.isfinite(r["loss"])
+    assert 0 <= r["feature_std"] and 1 <= r["effective_rank"] <= 16 + 1e-3  # collapse monitors, every step
+  if methods.METHODS[method].prototypes:
+    assert all(0 < r["prototypes_used"] <= 128 and r["teacher_entropy"] >= 0 for r in records)
+  if methods.METHODS[method].uses_masks:
+    assert all(math.isfinite(r.get("patch_align", r.get("ibot_ce", float("nan")))) for r in records)
+
+
+@pytest.mark.parametrize("regularizer", ["infonce", "uniformity", "barlow"])
+def test_table5_regularizers_train(regularizer, tmp_path):
+  trainer.train(demo_config("simdino", **{"loss.regularizer": regularizer}), str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(math.isfinite(r["regularizer"]) and math.isfinite(r["loss"]) for r in records)
+
+
+def test_without_self_distillation_the_teacher_is_the_student(tmp_path):
+  t = trainer.Trainer(demo_config("dino", **{"teacher.self_distillation": False}), str(tmp_path))
+  state = t.init_state()
+  step = t.compiled_step()
+  batches = t.train_batches()
+  for _ in range(2):
+    state, metrics = step(state, next(batches))
+    assert float(metrics["momentum"]) == 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(state.student), jax.tree_util.tree_leaves(state.teacher)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prototype_layer_is_frozen_for_the_first_epoch_and_g_for_good(tmp_path):
+  # 1438 digits / batch 16 = 89 steps per epoch; freeze the last layer for 2/89 of an epoch -> 2 steps.
+  config = demo_config("dino", **{"optim.freeze_last_layer_epochs": 2 / 89, "head.norm_last_layer": True})
+  t = trainer.Trainer(config, str(tmp_path))
+  state = t.init_state()
+  init = {k: np.asarray(v) for k, v in named_leaves(state.student).items()}
+  step = t.compiled_step()
+  batches = t.train_batches()
+  for i in range(3):
+    state, _ = step(state, next(batches))
+    now = named_leaves(state.student)
+    v_same = np.array_equal(np.asarray(now["head/last_layer/weight_v"]), init["head/last_layer/weight_v"])
+    assert v_same == (i < 2), i  # frozen during steps 0-1, updated at step 2
+    np.testing.assert_array_equal(np.asarray(now["head/last_layer/weight_g"]), init["head/last_layer/weight_g"])
+    if i >= 1:  # step 0 has lr 0 (warm-up starts at 0): from step 1 on the rest of the network moves
+      assert not np.array_equal(np.asarray(now["backbone/cls_token"]), init["backbone/cls_token"])
+
+
+def test_layerwise_lr_multipliers_follow_dinov2():
+  params = {"backbone": {"patch_embed": {"kernel": 0}, "cls_token": 0, "blocks": {"0": {"w": 0}, "11": {"w": 0}},
+                         "norm": {"scale": 0}}, "head": {"w": 0}}
+  m = optim.lr_multipliers(params, depth=12, layer_decay=0.9, patch_embed_mult=0.2)
+  assert m["backbone"]["patch_embed"]["kernel"] == pytest.approx(0.2 * 0.9**13)
+  assert m["backbone"]["cls_token"] == pytest.approx(0.9**13)
+  assert m["backbone"]["blocks"]["0"]["w"] == pytest.approx(0.9**12)
+  assert m["backbone"]["blocks"]["11"]["w"] == pytest.approx(0.9**1)
+  assert m["backbone"]["norm"]["scale"] == 1.0 and m["head"]["w"] == 1.0
+
+
+def test_masked_positions_gather_every_masked_patch_first():
+  mask = jnp.array([[[False, True, False, True, True, False]], [[False] * 6]])
+  idx, valid = masked_positions(mask, 3)
+  np.testing.assert_array_equal(idx[0, 0], [1, 3, 4])
+  assert bool(valid[0, 0].all()) and not bool(valid[1, 0].any())
+
+
+def test_mask_positions_bound_covers_the_generator():
+  c = demo_config("simdinov2")
+  n = (c.data.global_size // 4) ** 2
+  assert methods.mask_positions(c) == int(n * c.masking.ratio[1])
+  assert methods.mask_positions(demo_config("simdino")) == 0
