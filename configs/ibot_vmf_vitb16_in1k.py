@@ -8,8 +8,8 @@ Command (TFDS data prepared as in README "Data"):
 Runtime: configs/dino_vmf_vitb16_in1k.py's plus the shared head on up to 2 x 98 gathered patch tokens per image
 (the 8192-prototype layer is 8x smaller than DINO's): ~6.5e19 FLOP for 100 epochs, roughly 2 days on one H200,
 ~6-7 h on 8 (estimate, not measured).
-Expected result: the DINO-vMF paper reports iBOT-vMF ViT-B/16 above iBOT with the iBOT recipe (its linear top-1
-80.3 is for its own, longer schedule); no 100-epoch figure is known for this config.
+Expected result: none known for this 100-epoch recipe. The DINO-vMF paper reports iBOT-vMF improving on iBOT as
+DINO-vMF does on DINO (DINO-vMF ViT-B/16 k-NN 77.40 vs DINO 76.11), with its own, longer schedules (UNVERIFIED).
 
 Starts from configs/dino_vmf_vitb16_in1k.py (unnormalised prototypes, log C_p correction with vmf.terms 1,
 probability-space centring; batch 512, lr 5e-4 x B/256, drop path 0.1, per-tensor clip 3.0, teacher momentum

@@ -25,6 +25,8 @@ CLIP_MODES = ("per_tensor", "global", "per_module")
 def decays(name: str, leaf: Any) -> bool:
   """Whether the parameter called ``name`` gets weight decay."""
   last = name.rsplit("/", 1)[-1]
+  if last == "weight_g":  # the prototypes' weight-norm g is (K, 1) in PyTorch, so both official codes decay it
+    return True
   if jnp.ndim(leaf) <= 1 or last == "bias" or "norm" in name or "gamma" in name:
     return False
   return True
@@ -139,12 +141,10 @@ def clip_per_module(max_norm: float) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    out = {}
-    for key, sub in updates.items():
-      norm = optax.global_norm(sub)
-      factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-      out[key] = jax.tree_util.tree_map(lambda g: (g * factor).astype(g.dtype), sub)
-    return type(updates)(out) if not isinstance(updates, dict) else out, state
+    factors = {k: jnp.minimum(1.0, max_norm / (optax.global_norm(updates[k]) + 1e-6)) for k in updates.keys()}
+    # tree_map keeps the container types (nnx.State) so the next transformations see the same structure.
+    clipped = jax.tree_util.tree_map_with_path(lambda p, g: (g * factors[p[0].key]).astype(g.dtype), updates)
+    return clipped, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 

@@ -90,3 +90,27 @@ def test_adamw_update_matches_hand_computation_with_decay_mask():
   np.testing.assert_allclose(updates["w"], -0.01 * (np.sign([[0.1, 0.2]]) + 0.1 * np.array([[1.0, -2.0]])),
                              rtol=1e-5)
   np.testing.assert_allclose(updates["bias"], [0.01], rtol=1e-5)
+
+
+def test_per_module_clipping_clips_each_submodule_and_keeps_nnx_state():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.backbone = nnx.Linear(3, 3, rngs=rngs)
+      self.head = nnx.Linear(3, 3, rngs=rngs)
+
+  _, params = nnx.split(Net(nnx.Rngs(0)))
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 10.0), params)
+  clipped, _ = optim.clip_per_module(1.0).update(grads, optax.EmptyState())
+  for key in ("backbone", "head"):
+    np.testing.assert_allclose(optax.global_norm(clipped[key]), 1.0, rtol=1e-5)
+  tx = optim.make_optimizer(_optim_cfg(clip_mode="per_module"), params, schedules.constant(0.1),
+                            schedules.constant(0.0))
+  updates, _ = tx.update(grads, tx.init(params), params)  # the whole chain accepts the clipped State
+  assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
+
+
+def test_prototype_norms_get_weight_decay():
+  assert optim.decays("head/last_layer/weight_g", jnp.ones(4))
+  assert not optim.decays("head/proj/mlp/0/bias", jnp.ones(4))

@@ -1,0 +1,33 @@
+r"""DINOv2 on CIFAR-10, CPU-sized: configs/cifar10_simdinov2.py with DINOv2's losses and head.
+
+Command (from the repository root; data.source is relative to it):
+
+  python -m simdino_jax.train --config=configs/cifar10_dinov2.py --workdir=/tmp/cifar10_dinov2
+
+Runtime / expected k-NN: see README "Results".
+
+As configs/dinov2_vitb16_in1k.py derives from the SimDINOv2 recipe, this file starts from cifar10_simdinov2.py
+(registers, masks, layer decay, per-module clipping, warm-up from min_lr) and changes what DINOv2 changes: DINO cls
+and iBOT masked-patch cross-entropies through one shared head (1024 -> 128 -> K = 4096 prototypes with trainable
+norms, norm_last_layer False), centring (momentum 0.9), KoLeo 0.1, LayerScale 1e-5, teacher momentum 0.992 -> 1,
+teacher temperature 0.04 during the first epoch then 0.07, prototype layer frozen for the first 0.1 epoch.
+"""
+
+import os
+import runpy
+
+# Loaded by path so the config works from any working directory.
+_SIMDINOV2 = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_simdinov2.py"))
+
+
+def get_config(arg=None):
+  c = _SIMDINOV2["get_config"](arg)
+  c.method = "dinov2"
+  c.model.layerscale = 1e-5
+  c.head.norm_last_layer = False
+  c.head.separate_patch_head = False
+  c.dino.centering = "centering"
+  c.dino.ibot_weight = 1.0
+  c.dino.koleo_weight = 0.1
+  c.teacher.momentum, c.teacher.momentum_end = 0.992, 1.0
+  return c

@@ -1,0 +1,174 @@
+"""The recipe configs: each method's ImageNet-1k and CIFAR-10 files hold the values their docstrings promise, and
+every CIFAR-10 variant trains (2 tiny steps, finite loss) through ``trainer.train``.
+
+(tests/test_trainer.py::test_every_config_file_is_valid already loads and validates every file in configs/.)
+"""
+
+import json
+import math
+import os
+import runpy
+
+import pytest
+
+from simdino_jax import defaults, methods, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+CONFIG_FILES = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+CIFAR_FILES = {f"cifar10_{m}.py": m for m in sorted(methods.METHODS)}
+CIFAR_TAR = "../shared/data/cifar10/cifar10-jpeg.tar"
+SIMDINOV2 = ("simdinov2_vitb16_in1k.py", "simdinov2_vitl16_in1k.py")
+
+
+def load(name):
+  return runpy.run_path(os.path.join(CONFIG_DIR, name))["get_config"]()
+
+
+def flat(config) -> dict:
+  out = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(f"{prefix}{key}.", value)
+      else:
+        out[prefix + key] = tuple(value) if isinstance(value, list) else value
+
+  walk("", config.to_dict())
+  return out
+
+
+def diff(a, b) -> set:
+  fa, fb = flat(a), flat(b)
+  return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+def test_every_method_has_an_imagenet_and_a_cifar10_config():
+  in1k = {load(f).method for f in CONFIG_FILES if f.endswith("_in1k.py")}
+  assert in1k == set(methods.METHODS)
+  for name, method in CIFAR_FILES.items():
+    assert name in CONFIG_FILES, name
+    assert load(name).method == method
+
+
+@pytest.mark.parametrize("name", [f for f in CONFIG_FILES if f != "cifar10_common.py"])
+def test_docstring_has_the_exact_command(name):
+  text = open(os.path.join(CONFIG_DIR, name)).read()
+  assert f"python -m simdino_jax.train --config=configs/{name} --workdir=" in text
+  if name.startswith("cifar10_"):
+    assert 'Runtime / expected k-NN: see README "Results"' in text
+
+
+@pytest.mark.parametrize("name", SIMDINOV2)
+def test_simdinov2_official_recipe(name):
+  c = load(name)
+  assert c.method == "simdinov2" and c.model.variant == ("B/16" if "vitb16" in name else "L/16")
+  assert c.data.source == "tfds:imagenet2012" and c.total_epochs == 100 and c.batch_size == 1024
+  m = c.model
+  assert (m.num_registers, m.layerscale, m.drop_path_rate, m.drop_path_uniform) == (4, 0.1, 0.2, True)
+  assert (m.token_init, m.interpolate_offset, m.interpolate_antialias) == ("dinov2", 0.0, True)
+  assert not c.head.separate_patch_head and (c.head.hidden_dim, c.head.out_dim) == (2048, 256)
+  assert (c.masking.probability, tuple(c.masking.ratio)) == (0.5, (0.1, 0.5))
+  assert (c.loss.expansion, c.loss.exclude_same_view, c.loss.patch_weighting) == ("mean", True, "official")
+  # Official 8 GPUs x 128 with reduce_cov=0, eps=0.05: per-device covariances, eps^2 = N * 0.05.
+  assert c.loss.groups == 8 and c.batch_size // c.loss.groups == 128
+  assert math.isclose(c.loss.eps ** 2, 8 * 0.05)
+  assert math.isclose(methods.simdino_gamma(c), 1 / 256 + 1 / 1024)
+  o = c.optim
+  assert (o.lr, o.lr_scaling, o.warmup_from_min_lr) == (0.004, "sqrt_1024", True)
+  assert (o.layer_decay, o.patch_embed_lr_mult, o.clip_grad, o.clip_mode) == (0.9, 0.2, 3.0, "per_module")
+  assert (c.teacher.momentum, c.teacher.momentum_end) == (0.9, 1.0)
+  assert (c.data.num_local, tuple(c.data.global_scale), tuple(c.data.local_scale)) == (10, (0.4, 1.0), (0.05, 0.4))
+
+
+def test_simdinov2_vitl16_differs_from_vitb16_only_in_the_backbone():
+  assert diff(load(SIMDINOV2[0]), load(SIMDINOV2[1])) == {"model.variant"}
+
+
+def test_dino_is_the_simdino_comparison_recipe():
+  c = load("dino_vitb16_in1k.py")
+  assert c.method == "dino"
+  assert (c.head.num_prototypes, c.head.norm_last_layer) == (65536, True)
+  d = c.dino
+  assert (d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
+  assert (d.student_temp, d.center_momentum, d.centering, d.koleo_weight) == (0.1, 0.9, "centering", 0.0)
+  o = c.optim
+  assert (o.lr, o.lr_scaling, o.clip_grad, o.clip_mode, o.freeze_last_layer_epochs) == (
+      5e-4, "linear_256", 3.0, "per_tensor", 1.0)
+  assert (c.batch_size, c.data.num_local, c.model.drop_path_rate, c.model.drop_path_uniform) == (512, 10, 0.1, False)
+  # Same recipe as SimDINO ViT-B/16 but for the method and its head / loss knobs.
+  changed = diff(c, load("simdino_vitb16_in1k.py"))
+  assert all(k == "method" or k.startswith(("head.", "dino.")) or k == "optim.freeze_last_layer_epochs"
+             for k in changed), changed
+
+
+def test_dinov2_baseline_recipe():
+  c = load("dinov2_vitb16_in1k.py")
+  assert c.method == "dinov2" and c.batch_size == 1024
+  assert (c.head.num_prototypes, c.head.norm_last_layer, c.head.separate_patch_head) == (65536, False, False)
+  assert (c.dino.centering, c.dino.koleo_weight, c.dino.ibot_weight) == ("centering", 0.1, 1.0)
+  assert (c.model.layerscale, c.model.drop_path_rate, c.model.drop_path_uniform) == (1e-5, 0.3, True)
+  assert c.teacher.momentum == 0.992 and c.optim.freeze_last_layer_epochs == 1.0
+  assert (c.optim.layer_decay, c.optim.patch_embed_lr_mult, c.optim.clip_mode) == (0.9, 0.2, "per_module")
+  # The SimDINOv2 fork's shared base: crops, registers, masks and optimiser as SimDINOv2's.
+  changed = diff(c, load("simdinov2_vitb16_in1k.py"))
+  assert not any(k.startswith(("data.", "masking.", "optim.lr", "loss.")) for k in changed), changed
+
+
+def test_vmf_configs_use_unnormalised_prototypes():
+  dino, dino_vmf, ibot_vmf = (load(f"{m}_vitb16_in1k.py") for m in ("dino", "dino_vmf", "ibot_vmf"))
+  for c in (dino_vmf, ibot_vmf, load("cifar10_dino_vmf.py"), load("cifar10_ibot_vmf.py")):
+    assert c.head.norm_last_layer is False and c.vmf.terms == 1
+  assert diff(dino, dino_vmf) == {"method", "head.norm_last_layer"}  # DINO recipe otherwise
+  assert ibot_vmf.method == "ibot_vmf" and ibot_vmf.head.num_prototypes == 8192
+  assert not ibot_vmf.head.separate_patch_head and ibot_vmf.data.num_local == 10
+  assert (tuple(ibot_vmf.data.global_scale), tuple(ibot_vmf.data.local_scale)) == ((0.25, 1.0), (0.05, 0.25))
+  assert (ibot_vmf.masking.probability, tuple(ibot_vmf.masking.ratio)) == (0.5, (0.1, 0.5))
+
+
+def test_cifar10_configs_share_one_recipe():
+  configs = {name: load(name) for name in CIFAR_FILES}
+  for name, c in configs.items():
+    assert c.data.source == "folder:" + CIFAR_TAR, name
+    assert (c.data.num_global, c.data.num_local, c.data.global_size, c.data.local_size) == (2, 6, 32, 16), name
+    assert tuple(c.data.augment.blur_sigma) == (0.1, 0.5), name
+    assert (c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.img_size) == (128, 6, 4, 32), name
+    assert (c.head.hidden_dim, c.head.out_dim) == (1024, 128), name
+    assert (c.batch_size, c.total_steps, c.warmup_steps) == (128, 2000, 200), name
+    if methods.get_method(c.method).prototypes:
+      assert c.head.num_prototypes == 4096 and c.dino.warmup_teacher_temp_epochs == 1, name
+      assert c.optim.freeze_last_layer_epochs in (0.0, 0.1), name
+    defaults.validate(c, num_devices=8)
+  # The data pipeline and the training budget are identical across methods (one shared recipe).
+  shared = [k for k in flat(configs["cifar10_simdino.py"]) if k.startswith("data.") or k in (
+      "batch_size", "total_steps", "warmup_steps", "optim.lr", "optim.min_lr", "seed")]
+  for name, c in configs.items():
+    assert {k: flat(c)[k] for k in shared} == {k: flat(configs["cifar10_simdino.py"])[k] for k in shared}, name
+
+
+def test_cifar10_data_path_resolves_from_the_repo_root():
+  path = os.path.normpath(os.path.join(ROOT, CIFAR_TAR))
+  if not os.path.exists(path):
+    pytest.skip(f"{path} not present in this checkout")
+  assert path.endswith(".tar")
+
+
+@pytest.mark.parametrize("name,method", sorted(CIFAR_FILES.items()))
+def test_cifar10_config_trains_two_steps(name, method, tmp_path):
+  c = load(name)
+  c.data.source = "digits"  # bundled, no decoding: keeps the test fast
+  c.batch_size, c.total_steps, c.warmup_steps, c.log_every, c.checkpoint_every = 8, 2, 1, 1, 0
+  c.data.num_local = 2
+  c.model.depth, c.model.embed_dim, c.model.num_heads = 1, 32, 2
+  c.head.hidden_dim, c.head.out_dim, c.head.num_prototypes = 64, 32, 64
+  result = trainer.train(c, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2]
+  assert all(math.isfinite(r["loss"]) for r in records)
+  keys = {"simdino": ("align", "rate"), "simdinov2": ("align", "patch_align", "rate"), "dino": ("ce",),
+          "dinov2": ("ce", "ibot_ce", "koleo"), "dino_vmf": ("ce", "kappa_mean"),
+          "ibot_vmf": ("ce", "ibot_ce", "kappa_mean")}[method]
+  for key in keys:
+    assert all(math.isfinite(r[key]) for r in records), key
+  assert 0 <= result["accuracy"] <= 100 and result["step"] == 2
