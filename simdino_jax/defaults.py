@@ -30,7 +30,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000  # steps between checkpoints (DIR/checkpoints/); 0: only the one at the end
   c.checkpoint_keep = 3  # newest checkpoints kept on disk (older ones are deleted)
   c.eval_every = 0  # 0: evaluate at the end of training only
-  c.mesh = [("data", -1)]  # axis sizes; -1 takes all remaining devices
+  # (name, size) device axes, "data" and optionally "fsdp"; one size may be -1 (all remaining devices). Tuples, so
+  # that the command line can override them: --config.mesh='(("data", -1), ("fsdp", 2))'.
+  c.mesh = (("data", -1),)
+
+  # Parameter / teacher / optimizer-state shardings (simdino_jax/sharding.py): (regex, rule) pairs matched against
+  # leaf names such as "student/backbone/blocks/0/attn/qkv/kernel" (re.fullmatch, first match wins, no match:
+  # replicated). "replicate", or "fsdp": split the largest axis divisible by the "fsdp" mesh axis size when the
+  # leaf has >= fsdp_min_size elements. Without an "fsdp" mesh axis everything is replicated.
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = ((".*", "fsdp"),)
+  c.sharding.fsdp_min_size = 2**16
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds:imagenet2012"
@@ -135,8 +145,11 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1) -> None:
-  """Raise ConfigError naming the field for anything that would fail (or silently misbehave) later."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1,
+             num_local_devices: int | None = None) -> None:
+  """Raise ConfigError naming the field for anything that would fail (or silently misbehave) later.
+
+  ``num_local_devices`` (this process's devices) defaults to num_devices // num_processes."""
   from simdino_jax import methods  # local: keep this module importable without the model code
   from simdino_jax.models.vit import parse_variant
 
@@ -147,6 +160,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
            f"{config.batch_size} is not divisible by the {num_devices} devices")
   _require(config.batch_size % num_processes == 0, "batch_size",
            f"{config.batch_size} is not divisible by the {num_processes} processes")
+  local = num_local_devices if num_local_devices is not None else max(num_devices // num_processes, 1)
+  per_process = config.batch_size // num_processes
+  _require(per_process % local == 0, "batch_size",
+           f"{config.batch_size} over {num_processes} processes gives {per_process} examples per process, "
+           f"not divisible by its {local} local devices")
   _require(config.total_steps > 0 or config.total_epochs > 0, "total_steps",
            "set total_steps or total_epochs to a positive value")
   _require(config.log_every > 0, "log_every", f"must be positive, got {config.log_every}")
@@ -159,6 +177,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
   fixed = math.prod(s for s in sizes if s > 0)
   _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
            f"{config.mesh} does not fit {num_devices} devices")
+  names = [name for name, _ in config.mesh]
+  _require(len(set(names)) == len(names) and all(n in ("data", "fsdp") for n in names), "mesh",
+           f"axis names must be distinct, each 'data' or 'fsdp', got {names}")
+  _require(isinstance(config.sharding.fsdp_min_size, int) and config.sharding.fsdp_min_size >= 0,
+           "sharding.fsdp_min_size", f"must be an integer >= 0, got {config.sharding.fsdp_min_size!r}")
+  from simdino_jax import sharding  # local, as methods above
+  sharding.compile_rules(config.sharding.rules)  # ConfigError naming config.sharding.rules[i]
 
   try:
     variant = parse_variant(config.model.variant)

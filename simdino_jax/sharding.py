@@ -1,17 +1,46 @@
-"""Device mesh from the config and the shardings the trainer places arrays with.
+"""Device mesh from the config, the shardings the trainer places arrays with, and the multi-host start-up.
 
-Batches are sharded over every mesh axis along their leading (batch) axis; parameters and optimizer state are
-replicated (fully-sharded parameters come with the scale-out work).
+Batches are split along their leading (batch) axis over EVERY mesh axis: "data" and "fsdp" both act as data
+parallelism for activations. Parameters, the teacher and the optimizer state get a sharding per leaf from
+``config.sharding.rules``, a list of ``(regex, rule)`` pairs matched against the leaf's name as
+``simdino_jax.tree.path_str`` writes it (``student/backbone/blocks/0/attn/qkv/kernel``,
+``opt_state/1/mu/backbone/pos_embed``, ``step``, ``rng``); the first regex that matches the WHOLE name
+(``re.fullmatch``) wins, and a leaf no regex matches is replicated. Rules:
+
+  "replicate"  a full copy on every device.
+  "fsdp"       split along the leaf's largest axis that the size of the mesh axis "fsdp" divides, when the leaf
+               has at least ``config.sharding.fsdp_min_size`` elements (smaller leaves, scalars and leaves with
+               no such axis are replicated). Without an "fsdp" mesh axis (or with size 1) this is "replicate".
+
+The default, ``((".*", "fsdp"),)``, therefore replicates everything on the default mesh ``(("data", -1),)`` and
+shards every big leaf once the mesh has an "fsdp" axis, e.g. ``(("data", -1), ("fsdp", 2))``. The step is the
+same program either way: XLA gathers a sharded parameter where it is used and reduces its gradient back onto the
+shards. Which operand XLA gathers is its cost model's choice: with tiny per-device batches (a few rows per device,
+e.g. the heads' cls rows) it may gather the activations over the "fsdp" axis instead of the weight; at realistic
+sizes only parameters are gathered (tests/test_sharding.py checks the compiled step).
+
+On a data-only mesh with replicated parameters the compiled step holds all-reduces only, as long as the losses
+reduce over the batch: the coding rate's and the collapse monitor's "rows x rows" Gram forms (taken when the
+per-group batch is smaller than the feature dimension) all-gather their (small) feature matrix.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+import re
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from simdino_jax.defaults import ConfigError
+from simdino_jax.tree import path_str
+
+RULES = ("replicate", "fsdp")
+FSDP_AXIS = "fsdp"
+MESH_AXES = ("data", FSDP_AXIS)
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -22,7 +51,7 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
   fixed = math.prod(s for s in sizes if s != -1)
   sizes = [len(devices) // fixed if s == -1 else s for s in sizes]
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"config.mesh: axes {list(axes)} give {math.prod(sizes)} devices, have {len(devices)}")
+    raise ConfigError(f"config.mesh: axes {list(axes)} give {math.prod(sizes)} devices, have {len(devices)}")
   return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
@@ -38,3 +67,150 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
   """Host-local numpy batch -> global jax.Arrays sharded over the batch axis (multi-process safe)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# -- parameter / optimizer-state shardings ---------------------------------------------------------------------
+
+def compile_rules(rules: Sequence[Sequence[str]]) -> list[tuple[re.Pattern, str]]:
+  """[(compiled regex, rule)]; ConfigError (naming config.sharding.rules) for a malformed pair, a regex that does
+  not compile or an unknown rule name."""
+  compiled = []
+  for i, pair in enumerate(rules):
+    if isinstance(pair, str) or len(pair) != 2:
+      raise ConfigError(f"config.sharding.rules[{i}]: expected a (regex, rule) pair, got {pair!r}")
+    pattern, rule = pair
+    if rule not in RULES:
+      raise ConfigError(f"config.sharding.rules[{i}]: unknown rule {rule!r} for {pattern!r}; choose one of {RULES}")
+    try:
+      compiled.append((re.compile(pattern), rule))
+    except (re.error, TypeError) as e:
+      raise ConfigError(f"config.sharding.rules[{i}]: regex {pattern!r} does not compile ({e})") from None
+  return compiled
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int, axis_name: str = FSDP_AXIS) -> P:
+  """P() or the spec splitting the largest axis (the last of equal ones) that ``axis_size`` divides."""
+  if axis_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  candidates = [(size, i) for i, size in enumerate(shape) if size % axis_size == 0]
+  if not candidates:
+    return P()
+  _, axis = max(candidates)
+  return P(*([None] * axis + [axis_name]))
+
+
+def leaf_spec(name: str, shape: Sequence[int], rules: list[tuple[re.Pattern, str]], axis_size: int,
+              min_size: int) -> P:
+  """The PartitionSpec of one leaf: the first rule whose regex matches the whole name; none: replicated."""
+  for pattern, rule in rules:
+    if pattern.fullmatch(name):
+      if rule == "fsdp":
+        return fsdp_spec(shape, axis_size, min_size)
+      return P()
+  return P()
+
+
+def infer_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[Sequence[str]], *,
+                    fsdp_min_size: int = 2**16) -> Any:
+  """A NamedSharding per leaf of ``abstract_tree`` (arrays or ``jax.ShapeDtypeStruct``, e.g. from
+  ``jax.eval_shape``), from ``rules`` (see the module docstring)."""
+  compiled = compile_rules(rules)
+  axis_size = dict(mesh.shape).get(FSDP_AXIS, 1)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(
+          mesh, leaf_spec(path_str(path), np.shape(leaf), compiled, axis_size, fsdp_min_size)),
+      abstract_tree)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, config) -> Any:
+  """``infer_shardings`` with ``config.sharding`` (rules, fsdp_min_size)."""
+  return infer_shardings(abstract_state, mesh, [tuple(r) for r in config.sharding.rules],
+                         fsdp_min_size=config.sharding.fsdp_min_size)
+
+
+def describe(shardings: Any, abstract_tree: Any) -> dict[str, str]:
+  """{leaf name: 'shape spec'} for the leaves that are not replicated (for logs)."""
+  out = {}
+  for (path, s), leaf in zip(jax.tree_util.tree_flatten_with_path(shardings)[0],
+                             jax.tree_util.tree_leaves(abstract_tree)):
+    if any(a is not None for a in s.spec):
+      out[path_str(path)] = f"{tuple(np.shape(leaf))} {tuple(s.spec)}"
+  return out
+
+
+# -- multi-host start-up ---------------------------------------------------------------------------------------
+
+def _int_env(name: str, default: int = 0) -> int:
+  try:
+    return int(os.environ.get(name, default))
+  except ValueError:
+    return default
+
+
+def _tpu_hosts() -> int:
+  """Number of hosts of this TPU slice as far as the environment tells (0: not a TPU VM or unknown)."""
+  for var in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):  # GKE, and set by some launchers on TPU VMs
+    if os.environ.get(var):
+      return len([h for h in os.environ[var].split(",") if h.strip()])
+  # A Cloud TPU VM (Google PCI devices): ask the metadata server for the slice's workers.
+  if os.environ.get("TPU_SKIP_MDS_QUERY") is not None:
+    return 0
+  try:
+    import glob
+    google = [p for p in glob.glob("/sys/bus/pci/devices/*/vendor") if open(p).read().strip() == "0x1ae0"]
+  except OSError:
+    return 0
+  if not google:
+    return 0
+  try:
+    import urllib.request
+    host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+    req = urllib.request.Request(f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+                                 headers={"Metadata-Flavor": "Google"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+      return len([w for w in r.read().decode().split(",") if w.strip()])
+  except Exception:  # pylint: disable=broad-except  (no metadata server: a single host, as far as we can tell)
+    return 0
+
+
+def distributed_environment() -> str | None:
+  """Which multi-process launcher this process runs under ("coordinator", "slurm", "openmpi", "tpu"), or None
+  on a single host. ``SIMDINO_DISTRIBUTED=0`` forces None, ``=1`` forces "forced" (let JAX auto-detect)."""
+  forced = os.environ.get("SIMDINO_DISTRIBUTED", "").strip().lower()
+  if forced in ("0", "false", "no"):
+    return None
+  if forced in ("1", "true", "yes"):
+    return "forced"
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return "coordinator"
+  if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                                   "SLURM_LOCALID")) and _int_env("SLURM_NTASKS") > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in os.environ and _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+    return "openmpi"
+  if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or _tpu_hosts() > 1:
+    return "tpu"
+  return None
+
+
+def maybe_initialize_distributed() -> bool:
+  """Call ``jax.distributed.initialize()`` when this process is one of several (TPU pod slice, SLURM with more
+  than one task, Open MPI, or ``JAX_COORDINATOR_ADDRESS`` set, with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when
+  no launcher provides them); a no-op on a single host. Returns whether it initialised.
+
+  Must run before anything touches the devices (first thing in ``main``). Also turns on
+  ``jax_threefry_partitionable`` so that random numbers (parameter init, drop path) do not depend on how the
+  arrays are sharded, and a sharded initialisation equals the single-device one.
+  """
+  jax.config.update("jax_threefry_partitionable", True)
+  env = distributed_environment()
+  if env is None or jax.distributed.is_initialized():
+    return False
+  kwargs = {}
+  if env == "coordinator":
+    if "JAX_NUM_PROCESSES" in os.environ:
+      kwargs["num_processes"] = _int_env("JAX_NUM_PROCESSES")
+    if "JAX_PROCESS_ID" in os.environ:
+      kwargs["process_id"] = _int_env("JAX_PROCESS_ID")
+  jax.distributed.initialize(**kwargs)
+  return True

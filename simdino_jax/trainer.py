@@ -151,7 +151,8 @@ class Trainer:
   """Holds the pieces built from a config; ``run()`` trains and evaluates."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    defaults.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    defaults.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count(),
+                      num_local_devices=jax.local_device_count())
     self.config = config
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
@@ -175,7 +176,9 @@ class Trainer:
     self.graphdef, abstract_params = nnx.split(abstract)
     self.tx = make_optimizer(config, abstract_params, self.lr_fn, self.wd_fn, d.steps_per_epoch)
     self.loss_fn = self.method.make_loss(config, d.steps_per_epoch)
-    self.feature_fn = jax.jit(make_feature_fn(self.graphdef), in_shardings=(self.replicated, self.batch_sharding),
+    self.abstract_state()  # sets self.state_sharding: one sharding per leaf from config.sharding.rules
+    self.feature_fn = jax.jit(make_feature_fn(self.graphdef),
+                              in_shardings=(self.state_sharding.teacher, self.batch_sharding),
                               out_shardings=self.batch_sharding)
 
   # -- state ------------------------------------------------------------------------------------------
@@ -191,9 +194,12 @@ class Trainer:
     return init
 
   def abstract_state(self) -> TrainState:
-    """The state's shapes, dtypes and shardings (no FLOPs): the target a checkpoint is restored onto."""
+    """The state's shapes, dtypes and shardings (no FLOPs): the target a checkpoint is restored onto.
+
+    The shardings (``self.state_sharding``, a TrainState of NamedShardings) follow ``config.sharding.rules``:
+    all replicated on a data-only mesh; big leaves split over the "fsdp" mesh axis when it has one."""
     abstract = jax.eval_shape(self._init_fn())
-    self.state_sharding = jax.tree_util.tree_map(lambda _: self.replicated, abstract)
+    self.state_sharding = sharding.state_shardings(abstract, self.mesh, self.config)
     return checkpointing.abstract_target(abstract, self.state_sharding)
 
   def init_state(self) -> TrainState:
@@ -217,8 +223,6 @@ class Trainer:
   def compiled_step(self):
     step = make_train_step(self.graphdef, self.loss_fn, self.tx, lr_fn=self.lr_fn, wd_fn=self.wd_fn,
                            momentum_fn=self.momentum_fn, mask_positions=methods.mask_positions(self.config))
-    if not hasattr(self, "state_sharding"):
-      self.abstract_state()
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 

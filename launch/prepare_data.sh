@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Prepare training data for the data sources of config.data.source, and print where it went.
+#
+#   launch/prepare_data.sh imagenet2012 MANUAL_DIR [DATA_DIR]
+#       ImageNet-1k as TFDS ArrayRecord files (source tfds:imagenet2012). MANUAL_DIR holds the archives from
+#       image-net.org, ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar; DATA_DIR [$TFDS_DATA_DIR, else
+#       ~/tensorflow_datasets] may be a gs:// bucket. Needs the [tf] extra (pip install -e ".[tf]"): TFDS
+#       decodes and re-encodes the images with TensorFlow. About 150 GB and a few hours on 8 cores.
+#   launch/prepare_data.sh tfds NAME [DATA_DIR]
+#       Any TFDS dataset that TFDS can download itself (e.g. cifar10, imagenette) as ArrayRecord (source tfds:NAME).
+#   launch/prepare_data.sh cifar10 SRC OUT_TAR
+#       CIFAR-10 as an image-folder tar (source folder:OUT_TAR): train/<class>/NNNNN.png (50,000) and
+#       test/<class>/NNNNN.png (10,000), lossless PNG, class directories named by the official label names
+#       (alphabetical, so the folder source's labels are the official ones). SRC is the official
+#       cifar-10-python.tar.gz (or its extracted cifar-10-batches-py directory), or its URL
+#       https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz to download it first.
+#   launch/prepare_data.sh folder SRC_DIR OUT_TAR
+#       Pack an image-folder tree SRC_DIR/<split>/<class>/<image> (split: train, test or val) into one uncompressed
+#       tar (source folder:OUT_TAR): one file to copy, read lazily without unpacking.
+#
+# Settings: PYTHON [python3], the interpreter with this project installed (for cifar10).
+set -euo pipefail
+
+SCRIPT=${BASH_SOURCE[0]}
+PYTHON=${PYTHON:-python3}
+
+usage() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SCRIPT" >&2
+  exit 2
+}
+
+die() {
+  echo "prepare_data.sh: $*" >&2
+  exit 1
+}
+
+need_tfds() {
+  command -v tfds >/dev/null 2>&1 || die "the tfds command is missing: pip install -e \".[tf]\" (tensorflow-datasets + TensorFlow)"
+  "$PYTHON" -c 'import tensorflow' 2>/dev/null ||
+    die "TensorFlow is missing: building image datasets needs it: pip install -e \".[tf]\""
+}
+
+tfds_build() {
+  local name=$1 data_dir=$2
+  shift 2
+  need_tfds
+  echo "+ tfds build $name --file_format=array_record --data_dir=$data_dir $*" >&2
+  tfds build "$name" --file_format=array_record --data_dir="$data_dir" "$@"
+  echo
+  echo "$name is in $data_dir/$name/ (ArrayRecord). Train with:"
+  echo "  TFDS_DATA_DIR=$data_dir python -m simdino_jax.train --config=... --workdir=... --config.data.source=tfds:$name"
+}
+
+cmd_imagenet() {
+  [ $# -ge 1 ] || usage
+  local manual_dir=$1 data_dir=${2:-${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}}
+  local f
+  for f in ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar; do
+    [ -f "$manual_dir/$f" ] || die "$manual_dir/$f not found: download it from https://image-net.org (login required)"
+  done
+  tfds_build imagenet2012 "$data_dir" --manual_dir="$manual_dir"
+}
+
+cmd_tfds() {
+  [ $# -ge 1 ] || usage
+  tfds_build "$1" "${2:-${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}}"
+}
+
+cmd_cifar10() {
+  [ $# -eq 2 ] || usage
+  local src=$1 out=$2
+  case "$src" in
+    http://* | https://*)
+      local download
+      download="$(dirname "$out")/cifar-10-python.tar.gz"
+      echo "downloading $src -> $download" >&2
+      "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$src" "$download"
+      src=$download
+      ;;
+  esac
+  [ -e "$src" ] || die "$src not found (the official cifar-10-python.tar.gz, its cifar-10-batches-py directory or URL)"
+  "$PYTHON" - "$src" "$out" <<'PY'
+"""Official CIFAR-10 pickles -> uncompressed tar of train/<class>/NNNNN.png and test/<class>/NNNNN.png."""
+import io
+import os
+import pickle
+import sys
+import tarfile
+import time
+
+import numpy as np
+from PIL import Image
+
+src, out = sys.argv[1], sys.argv[2]
+FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def members(names):
+  """{name: bytes} of the wanted files, from the directory or the .tar.gz."""
+  if os.path.isdir(src):
+    return {n: open(os.path.join(src, n), "rb").read() for n in names}
+  found = {}
+  with tarfile.open(src) as tar:
+    for m in tar.getmembers():
+      base = os.path.basename(m.name)
+      if m.isfile() and base in names:
+        found[base] = tar.extractfile(m).read()
+  missing = sorted(set(names) - set(found))
+  if missing:
+    sys.exit(f"{src}: missing {missing}; is it the official cifar-10-python.tar.gz?")
+  return found
+
+
+raw = members(["batches.meta"] + [f for fs in FILES.values() for f in fs])
+classes = [c.decode() for c in pickle.loads(raw["batches.meta"], encoding="bytes")[b"label_names"]]
+start, counts = time.time(), {}
+tmp = out + ".tmp"
+with tarfile.open(tmp, "w") as tar:  # uncompressed: the folder source reads members in place
+  for split, files in FILES.items():
+    index = 0
+    for f in files:
+      batch = pickle.loads(raw[f], encoding="bytes")
+      images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+      for image, label in zip(images, batch[b"labels"]):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        info = tarfile.TarInfo(f"{split}/{classes[label]}/{index:05d}.png")
+        info.size, info.mtime, info.mode = buf.tell(), 0, 0o644
+        buf.seek(0)
+        tar.addfile(info, buf)
+        index += 1
+    counts[split] = index
+os.replace(tmp, out)
+print(f"wrote {counts['train']} train + {counts['test']} test images of {len(classes)} classes "
+      f"({', '.join(classes)}) to {out} ({os.path.getsize(out) / 2**20:.0f} MiB, {time.time() - start:.0f} s)")
+PY
+  echo "Train with: --config.data.source=folder:$out (configs/cifar10_*.py read ../shared/data/cifar10/cifar10-jpeg.tar by default)"
+}
+
+cmd_folder() {
+  [ $# -eq 2 ] || usage
+  local src=$1 out=$2
+  [ -d "$src" ] || die "$src is not a directory"
+  local splits=()
+  local s
+  for s in train test val; do
+    if [ -d "$src/$s" ]; then
+      splits+=("$s")
+    fi
+  done
+  [ ${#splits[@]} -gt 0 ] || die "$src has no train/, test/ or val/ directory (expected SRC_DIR/<split>/<class>/<image>)"
+  tar -C "$src" -cf "$out" "${splits[@]}"
+  echo "packed ${splits[*]} of $src into $out ($(du -h "$out" | cut -f1)). Train with: --config.data.source=folder:$out"
+}
+
+[ $# -ge 1 ] || usage
+command=$1
+shift
+case "$command" in
+  imagenet2012) cmd_imagenet "$@" ;;
+  tfds) cmd_tfds "$@" ;;
+  cifar10) cmd_cifar10 "$@" ;;
+  folder) cmd_folder "$@" ;;
+  -h | --help | help) usage ;;
+  *) echo "prepare_data.sh: unknown command '$command'" >&2; usage ;;
+esac

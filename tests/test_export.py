@@ -1,0 +1,184 @@
+"""Export: a 2-step CLI run's checkpoint -> safetensors / npz files whose arrays equal the checkpoint's parameters
+exactly; the safetensors file parses with a reader written here from the format's specification (and with the
+``safetensors`` package when it is installed); clear errors naming the path.
+
+The training run shares its persistent XLA compilation cache with tests/test_launch.py's notebook run (same
+command-line overrides), so whichever runs second compiles nothing.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from simdino_jax import checkpointing, export, trainer
+from simdino_jax.tree import named_leaves
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# configs/demo.py scaled down to 2 steps (the same overrides as launch/colab.ipynb's SIMDINO_COLAB_TINY mode).
+OVERRIDES = {"total_steps": 2, "checkpoint_every": 2, "warmup_steps": 1, "log_every": 1, "batch_size": 8,
+             "model.depth": 1, "model.embed_dim": 24, "head.hidden_dim": 32, "data.num_local": 1,
+             "data.global_size": 16, "data.local_size": 8}
+
+
+def cli_env(tmp_path_factory):
+  cache = tmp_path_factory.getbasetemp() / "xla_cache_tiny_demo"  # one per pytest session, shared by modules
+  cache.mkdir(exist_ok=True)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  return cli_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def workdir(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("export_run")
+  cmd = [sys.executable, "-m", "simdino_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
+         *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+  """{"teacher"|"student": {name: array}} of the checkpoint, restored whole onto the Trainer's abstract state."""
+  with checkpointing.Checkpointer(workdir / "checkpoints") as ckpt:
+    assert ckpt.all_steps() == [2]
+    config = ml_collections.ConfigDict(ckpt.restore_config(2))
+    state = ckpt.restore(2, trainer.Trainer(config, str(workdir)).abstract_state())
+  return {which: {k: np.asarray(v) for k, v in named_leaves(getattr(state, which)).items()}
+          for which in ("teacher", "student")}
+
+
+def assert_arrays_equal(got, expected):
+  assert sorted(got) == sorted(expected)
+  for name, value in expected.items():
+    assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def backbone(arrays):
+  return {k: v for k, v in arrays.items() if k.startswith("backbone/")}
+
+
+# ---- a safetensors reader written from the specification (https://github.com/huggingface/safetensors) ---------
+SPEC_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+               "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+def spec_parse(path):
+  """8 bytes: N, an unsigned little-endian 64-bit integer; N bytes: a UTF-8 JSON object (may be padded with
+  spaces) mapping tensor names to {"dtype", "shape", "data_offsets": [BEGIN, END]} (offsets relative to the byte
+  buffer after the header) plus an optional "__metadata__" str->str map; then the byte buffer, which the
+  tensors cover exactly, without holes or overlaps."""
+  raw = open(path, "rb").read()
+  n = struct.unpack("<Q", raw[:8])[0]
+  text = raw[8:8 + n].decode("utf-8")
+  assert text.startswith("{") and text.rstrip(" ") == text.rstrip()
+  header = json.loads(text)
+  metadata = header.pop("__metadata__", {})
+  assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+  buffer = raw[8 + n:]
+  tensors, covered = {}, []
+  for name, info in header.items():
+    assert set(info) == {"dtype", "shape", "data_offsets"}, info
+    begin, end = info["data_offsets"]
+    dtype = np.dtype(SPEC_DTYPES[info["dtype"]])
+    count = int(np.prod(info["shape"]))
+    assert end - begin == count * dtype.itemsize
+    tensors[name] = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(info["shape"])
+    covered.append((begin, end))
+  covered.sort()
+  assert covered[0][0] == 0 and covered[-1][1] == len(buffer)
+  assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+  return tensors, metadata
+
+
+# ---- tests ------------------------------------------------------------------------------------------------------
+def test_cli_safetensors_export_equals_the_checkpoint_teacher_backbone(workdir, env, reference, tmp_path):
+  output = tmp_path / "teacher.safetensors"
+  out = subprocess.run([sys.executable, "-m", "simdino_jax.export", f"--workdir={workdir}", "--format=safetensors",
+                        f"--output={output}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  expected = backbone(reference["teacher"])
+  n_params = sum(v.size for v in expected.values())
+  assert f"{len(expected)} arrays, {n_params:,} parameters" in out.stdout and str(output) in out.stdout
+  assert "teacher backbone of step 2" in out.stdout
+  assert "Restoring checkpoint" not in out.stderr  # orbax's INFO logs stay quiet
+  assert "backbone/blocks/0/attn/qkv/kernel" in expected
+
+  assert_arrays_equal(export.load_arrays(output), expected)
+  tensors, metadata = spec_parse(output)
+  assert_arrays_equal(tensors, expected)
+  assert metadata["step"] == "2" and metadata["which"] == "teacher" and metadata["with_head"] == "false"
+  with checkpointing.Checkpointer(workdir / "checkpoints") as ckpt:
+    assert json.loads(metadata["config"]) == ckpt.restore_config(2)
+  assert export.load_metadata(output) == metadata
+
+  try:
+    from safetensors.numpy import load_file  # optional: the reference implementation
+  except ImportError:
+    return
+  assert_arrays_equal(load_file(str(output)), expected)
+
+
+def test_npz_export_of_the_student_with_head(workdir, reference, tmp_path):
+  in_flight = workdir / "checkpoints" / "4.orbax-checkpoint-tmp-1"  # as a running training's unfinished save
+  in_flight.mkdir()
+  summary = export.export(str(workdir), str(tmp_path / "student.npz"), which="student", with_head=True)
+  assert in_flight.is_dir()  # exporting is read-only: it never cleans up after another process
+  in_flight.rmdir()
+  assert summary["format"] == "npz" and summary["step"] == 2  # the format follows the extension
+  got = export.load_arrays(tmp_path / "student.npz")
+  assert any(k.startswith("head/") for k in got)
+  assert_arrays_equal(got, reference["student"])
+  assert not all(np.array_equal(reference["student"][k], reference["teacher"][k]) for k in got)  # really the student
+  assert export.load_metadata(tmp_path / "student.npz")["which"] == "student"
+  # Defaults: safetensors into WORKDIR/export/, the newest step, the teacher backbone.
+  summary = export.export(str(workdir), step=2)
+  assert summary["output"] == os.path.join(str(workdir), "export", "teacher_backbone_step2.safetensors")
+  assert_arrays_equal(export.load_arrays(summary["output"]), backbone(reference["teacher"]))
+
+
+def test_bfloat16_and_odd_shapes_round_trip_in_both_formats(tmp_path):
+  import ml_dtypes
+
+  arrays = {"a/bf16": np.linspace(-3, 3, 12, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(3, 4),
+            "b/scalar": np.array(2.5, np.float32), "c/int": np.arange(5, dtype=np.int64),
+            "d/empty": np.zeros((0, 3), np.float16), "e/f64": np.ones((2, 1, 2))}
+  for name, save in (("x.safetensors", export.save_safetensors), ("x.npz", export.save_npz)):
+    save(arrays, str(tmp_path / name), {"k": "v"})
+    assert_arrays_equal(export.load_arrays(tmp_path / name), arrays)
+    assert export.load_metadata(tmp_path / name) == {"k": "v"}
+  raw = (tmp_path / "x.safetensors").read_bytes()
+  assert (8 + struct.unpack("<Q", raw[:8])[0]) % 8 == 0  # header padded: the data starts 8-byte aligned
+
+
+def test_errors_name_the_path(workdir, env, tmp_path):
+  with pytest.raises(export.ExportError, match=f"{tmp_path / 'none' / 'checkpoints'} does not exist"):
+    export.restore_params(str(tmp_path / "none"))
+  assert not (tmp_path / "none").exists()  # nothing created
+  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(export.ExportError, match="holds no committed checkpoint"):
+    export.export(str(tmp_path / "empty"), str(tmp_path / "x.npz"))
+  with pytest.raises(export.ExportError, match=r"no committed checkpoint of step 7 .* available steps: \[2\]"):
+    export.restore_params(str(workdir), step=7)
+  (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+  with pytest.raises(export.ExportError, match="garbage.safetensors: not a safetensors file"):
+    export.load_arrays(tmp_path / "garbage.safetensors")
+
+  out = subprocess.run([sys.executable, "-m", "simdino_jax.export", f"--workdir={tmp_path / 'none'}"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and f"error: no checkpoints to export: {tmp_path / 'none' / 'checkpoints'}" in out.stderr

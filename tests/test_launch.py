@@ -1,0 +1,200 @@
+"""launch/: the shell scripts pass shellcheck, print their usage, and compose the right commands (DRY_RUN=1);
+prepare_data.sh converts an archive in the official CIFAR-10 format into a tar the folder source reads; the Colab
+notebook is valid nbformat v4 and its code cells run on a CPU in tiny mode (SIMDINO_COLAB_TINY=1).
+"""
+
+import io
+import json
+import os
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+SCRIPTS = ("tpu_pod.sh", "gpu.sh", "prepare_data.sh")
+NOTEBOOK = os.path.join(LAUNCH, "colab.ipynb")
+
+
+def bash(script, *args, env=None, check_rc=None):
+  out = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, **(env or {})), timeout=120)
+  if check_rc is not None:
+    assert out.returncode == check_rc, (out.stdout[-2000:], out.stderr[-2000:])
+  return out
+
+
+def dry_run_commands(stderr):
+  """The argv of each command a script printed as '+ cmd args...' (printf %q quoting)."""
+  return [shlex.split(line[2:]) for line in stderr.splitlines() if line.startswith("+ ")]
+
+
+# ---- shell scripts ----------------------------------------------------------------------------------------------
+def test_scripts_pass_shellcheck():
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+  out = subprocess.run(["shellcheck", *(os.path.join(LAUNCH, s) for s in SCRIPTS)], capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_strict_executable_and_print_usage(script):
+  path = os.path.join(LAUNCH, script)
+  text = open(path).read()
+  assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+  assert os.access(path, os.X_OK)
+  out = bash(script, check_rc=2)  # no arguments
+  assert f"launch/{script}" in out.stderr and out.stdout == ""
+
+
+def test_tpu_pod_dry_run_creates_installs_and_trains_on_every_worker():
+  env = {"DRY_RUN": "1", "ACCELERATOR_TYPE": "v4-64", "ZONE": "us-central2-b", "TFDS_DATA_DIR": "gs://b/tfds",
+         "SPOT": "1"}
+  out = bash("tpu_pod.sh", "all", "configs/simdino_vits16_in1k.py", "gs://b/runs/s16", "--config.batch_size=1024",
+             env=env, check_rc=0)
+  create, scp, copy, install, train = dry_run_commands(out.stderr)
+  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "simdino-pod"]
+  assert {"--accelerator-type=v4-64", "--version=tpu-ubuntu2204-base", "--zone=us-central2-b", "--spot"} <= set(create)
+  assert scp[4] == "scp" and "--worker=all" in scp
+  for cmd in (copy, install, train):
+    assert cmd[4:6] == ["ssh", "simdino-pod"] and "--worker=all" in cmd
+  (command,) = [a[len("--command="):] for a in install if a.startswith("--command=")]
+  assert 'pip install -q -e "./simdino_jax[tpu]"' in command
+  (command,) = [a[len("--command="):] for a in train if a.startswith("--command=")]
+  inner = shlex.split(command)[3]  # nohup bash -c <training command>
+  assert "export TFDS_DATA_DIR=gs://b/tfds" in inner
+  assert inner.endswith("python -m simdino_jax.train --config=configs/simdino_vits16_in1k.py "
+                        "--workdir=gs://b/runs/s16 --config.batch_size=1024")
+
+  out = bash("tpu_pod.sh", "train", "configs/demo.py", "/tmp/local", env={"DRY_RUN": "1"}, check_rc=1)
+  assert "must be a gs:// path" in out.stderr
+  out = bash("tpu_pod.sh", "copy", env={"DRY_RUN": "1", "CODE_SOURCE": "git"}, check_rc=1)
+  assert "needs REPO_URL" in out.stderr
+  out = bash("tpu_pod.sh", "copy", env={"DRY_RUN": "1", "CODE_SOURCE": "git", "REPO_URL": "https://x/y.git"},
+             check_rc=0)
+  (ssh,) = dry_run_commands(out.stderr)
+  assert "--worker=all" in ssh and any("git clone --quiet https://x/y.git" in a for a in ssh)
+
+
+def test_gpu_dry_run_and_its_xla_flags_are_known_to_xla():
+  out = bash("gpu.sh", "configs/cifar10_simdino.py", "/tmp/w", "--config.batch_size=256",
+             env={"DRY_RUN": "1", "VENV": "/nonexistent/venv", "XLA_FLAGS": "--xla_dump_to=/tmp/dump"}, check_rc=0)
+  cmds = dry_run_commands(out.stderr)
+  assert cmds[0] == ["python3", "-m", "venv", "/nonexistent/venv"]
+  assert cmds[2] == ["/nonexistent/venv/bin/python", "-m", "pip", "install", "-q", "-e", ".[cuda]"]
+  assert cmds[-1] == ["/nonexistent/venv/bin/python", "-m", "simdino_jax.train", "--config=configs/cifar10_simdino.py",
+                      "--workdir=/tmp/w", "--config.batch_size=256"]
+  (flags_line,) = [line for line in out.stderr.splitlines() if line.startswith("XLA_FLAGS=")]
+  xla_flags = flags_line.split(" XLA_PYTHON_CLIENT_MEM_FRACTION=")[0][len("XLA_FLAGS="):]
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in xla_flags and xla_flags.endswith("--xla_dump_to=/tmp/dump")
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in flags_line
+  # XLA parses every flag (GPU ones included) on any backend and aborts on an unknown one.
+  check = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.split(" --xla_dump_to")[0]),
+                         capture_output=True, text=True, timeout=120)
+  assert check.returncode == 0, check.stderr[-2000:]
+
+
+def fake_cifar10_archive(path, per_batch=2):
+  """A .tar.gz laid out as the official cifar-10-python.tar.gz, with `per_batch` images per batch file (every
+  class present in the training batches, as in the real data)."""
+  rng = np.random.default_rng(0)
+  names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+  files = {"batches.meta": {b"label_names": names, b"num_cases_per_batch": per_batch}}
+  expected = {"train": [], "test": []}
+  for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+    data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+    labels = [(k * per_batch + i) % 10 for i in range(per_batch)]
+    files[name] = {b"data": data, b"labels": labels, b"filenames": [b"x.png"] * per_batch}
+    split = "test" if name == "test_batch" else "train"
+    expected[split] += [(d.reshape(3, 32, 32).transpose(1, 2, 0), y) for d, y in zip(data, labels)]
+  with tarfile.open(path, "w:gz") as tar:
+    for name, content in files.items():
+      blob = pickle.dumps(content)
+      info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+  return expected
+
+
+def test_prepare_data_converts_cifar10_into_a_folder_source_tar(tmp_path):
+  from simdino_jax.data.sources import load_source
+
+  expected = fake_cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
+  out = bash("prepare_data.sh", "cifar10", str(tmp_path / "cifar-10-python.tar.gz"), str(tmp_path / "c10.tar"),
+             env={"PYTHON": sys.executable}, check_rc=0)
+  assert "wrote 10 train + 2 test images of 10 classes" in out.stdout
+  assert f"--config.data.source=folder:{tmp_path / 'c10.tar'}" in out.stdout
+  for split in ("train", "test"):
+    source = load_source(f"folder:{tmp_path / 'c10.tar'}", split)
+    got = sorted((source[i]["image"].tobytes(), int(source[i]["label"])) for i in range(len(source)))
+    assert got == sorted((image.tobytes(), label) for image, label in expected[split])  # lossless, official labels
+
+  (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+  (tmp_path / "tree" / "train" / "a" / "x.png").write_bytes(b"")
+  out = bash("prepare_data.sh", "folder", str(tmp_path / "tree"), str(tmp_path / "t.tar"), check_rc=0)
+  assert tarfile.open(tmp_path / "t.tar").getnames() == ["train", "train/a", "train/a/x.png"]
+  bash("prepare_data.sh", "folder", str(tmp_path / "c10.tar"), str(tmp_path / "u.tar"), check_rc=1)
+
+
+# ---- notebook ---------------------------------------------------------------------------------------------------
+def notebook():
+  with open(NOTEBOOK) as f:
+    return json.load(f)
+
+
+def test_notebook_is_valid_nbformat_v4():
+  nb = notebook()
+  assert nb["nbformat"] == 4
+  code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+  assert len(code) >= 5 and all(not c["outputs"] and c["execution_count"] is None for c in code)
+  source = "".join("".join(c["source"]) for c in code)
+  assert "REPO_URL = " in source and "pip" in source and "configs/demo.py" in source
+  assert "configs/cifar10_simdino.py" in source and "metrics.jsonl" in source and "knn.json" in source
+  nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pip install -e '.[test]')")
+  nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
+
+
+def notebook_script():
+  """The code cells as one script; IPython shell and magic lines (! or %) are left out."""
+  lines = []
+  for cell in notebook()["cells"]:
+    if cell["cell_type"] == "code":
+      source = "".join(cell["source"])
+      lines += [line for line in source.splitlines() if not line.lstrip().startswith(("!", "%"))] + [""]
+  return "\n".join(lines)
+
+
+def test_notebook_runs_on_cpu_in_tiny_mode(tmp_path, tmp_path_factory):
+  # The notebook's tiny demo run is tests/test_export.py's training run: with the same persistent compilation
+  # cache (one directory per pytest session), whichever runs second compiles nothing.
+  cache = tmp_path_factory.getbasetemp() / "xla_cache_tiny_demo"
+  cache.mkdir(exist_ok=True)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.pop("XLA_FLAGS", None)
+  (tmp_path / "notebook.py").write_text(notebook_script())
+  work = tmp_path / "runs"
+  env.update(SIMDINO_COLAB_TINY="1", SIMDINO_COLAB_REPO_DIR=ROOT,
+             SIMDINO_COLAB_WORK_DIR=str(work), SIMDINO_COLAB_CIFAR10_TAR=str(tmp_path / "absent.tar"),
+             MPLBACKEND="Agg")
+  out = subprocess.run([sys.executable, str(tmp_path / "notebook.py")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+  assert "tiny: True" in out.stdout
+  assert f"skipped: {tmp_path / 'absent.tar'} does not exist" in out.stdout
+  steps = [json.loads(line)["step"] for line in (work / "demo" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2]
+  knn = json.loads((work / "demo" / "eval" / "knn.json").read_text())
+  assert f"demo: k-NN top-1 {knn['accuracy']:.2f}%" in out.stdout
+  assert (work / "curves.png").stat().st_size > 1000
+  from simdino_jax.export import load_arrays
+
+  arrays = load_arrays(work / "demo_teacher_backbone.safetensors")
+  assert "backbone/blocks/0/attn/qkv/kernel" in arrays and f"{len(arrays)} arrays" in out.stdout
