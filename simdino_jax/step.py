@@ -74,13 +74,14 @@ def forward(network, batch: dict, *, key: jax.Array | None, student: bool, masks
 
 def collapse_monitors(features: jax.Array) -> dict:
   """Feature std across the batch and effective rank (exp entropy of the normalised singular values) of
-  l2-normalised features (B, D); 0 std / rank 1 means collapse. Reduces over the batch (one 2-D eigvalsh)."""
+  l2-normalised features (B, D); 0 std / rank 1 means collapse. Reduces over the batch (one 2-D eigvalsh; never
+  batched, see PITFALLS.md)."""
   f = features.astype(jnp.float32)
   f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
   std = jnp.mean(jnp.std(f, axis=0))
   c = f - f.mean(axis=0)
-  gram = jnp.matmul(c, c.T, precision=jax.lax.Precision.HIGHEST) if c.shape[0] <= c.shape[1] else \
-      jnp.matmul(c.T, c, precision=jax.lax.Precision.HIGHEST)
+  # D x D covariance (a reduction over the batch: an all-reduce when the batch is sharded, never an all-gather).
+  gram = jnp.matmul(c.T, c, precision=jax.lax.Precision.HIGHEST)
   ev = jnp.clip(jnp.linalg.eigvalsh(gram), 0.0, None)
   p = ev / jnp.maximum(jnp.sum(ev), 1e-12)
   rank = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0)))

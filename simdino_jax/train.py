@@ -11,7 +11,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from simdino_jax import trainer  # after flag parsing: grain workers need parsed absl flags
+  from simdino_jax import sharding, trainer  # after flag parsing: grain workers need parsed absl flags
+
+  sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
 
   trainer.train(_CONFIG.value, _WORKDIR.value)
 

@@ -21,7 +21,7 @@ def build(config, momentum=0.9):
   state = TrainState(step=jnp.zeros((), jnp.int32), student=params,
                      teacher=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params),
                      loss_state={}, rng=jax.random.key_data(jax.random.key(1)))
-  step = make_train_step(graphdef, method.make_loss(config), tx, lr_fn=lr, wd_fn=wd,
+  step = make_train_step(graphdef, method.make_loss(config, 100), tx, lr_fn=lr, wd_fn=wd,
                          momentum_fn=schedules.constant(momentum))
   return state, step
 
