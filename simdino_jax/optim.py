@@ -136,12 +136,16 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def _tree_norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def clip_per_module(max_norm: float) -> optax.GradientTransformation:
   """Clip the global norm within each top-level submodule (backbone, head, ...) separately (DINOv2, FSDP-wise)."""
 
   def update_fn(updates, state, params=None):
     del params
-    factors = {k: jnp.minimum(1.0, max_norm / (optax.global_norm(updates[k]) + 1e-6)) for k in updates.keys()}
+    factors = {k: jnp.minimum(1.0, max_norm / (_tree_norm(updates[k]) + 1e-6)) for k in updates.keys()}
     # tree_map keeps the container types (nnx.State) so the next transformations see the same structure.
     clipped = jax.tree_util.tree_map_with_path(lambda p, g: (g * factors[p[0].key]).astype(g.dtype), updates)
     return clipped, state

@@ -104,7 +104,8 @@ def test_per_module_clipping_clips_each_submodule_and_keeps_nnx_state():
   grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 10.0), params)
   clipped, _ = optim.clip_per_module(1.0).update(grads, optax.EmptyState())
   for key in ("backbone", "head"):
-    np.testing.assert_allclose(optax.global_norm(clipped[key]), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(clipped[key]))), 1.0,
+                               rtol=1e-5)
   tx = optim.make_optimizer(_optim_cfg(clip_mode="per_module"), params, schedules.constant(0.1),
                             schedules.constant(0.0))
   updates, _ = tx.update(grads, tx.init(params), params)  # the whole chain accepts the clipped State
