@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import runpy
@@ -52,11 +53,9 @@ def run_one(method: str, self_distillation: bool, args) -> dict:
   config.teacher.self_distillation = self_distillation
   for item in args.set:
     field, value = item.split("=", 1)
-    node = config
-    *parents, leaf = field.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = type(node[leaf])(ast.literal_eval(value)) if not isinstance(node[leaf], str) else value
+    current = functools.reduce(lambda node, key: node[key], field.split("."), config)
+    parsed = value if isinstance(current, str) else type(current)(ast.literal_eval(value))
+    config.update_from_flattened_dict({field: parsed})
   start = time.time()
   with tempfile.TemporaryDirectory() as workdir:
     result = trainer.train(config, workdir)

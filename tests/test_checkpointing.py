@@ -35,12 +35,7 @@ OVERRIDES = {"total_steps": 6, "checkpoint_every": 2, "warmup_steps": 1, "log_ev
 def cli_config():
   """The config the CLI builds from configs/demo.py and OVERRIDES."""
   config = runpy.run_path(os.path.join(ROOT, "configs", "demo.py"))["get_config"]()
-  for field, value in OVERRIDES.items():
-    node = config
-    *parents, leaf = field.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(OVERRIDES)
   return config
 
 

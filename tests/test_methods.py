@@ -27,12 +27,7 @@ def demo_config(method, **overrides):
   c.data.num_local = 2
   if method.endswith("vmf"):
     c.head.norm_last_layer = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -225,11 +225,7 @@ def test_fsdp_step_gathers_parameters_not_activations(report):
     ("mesh", [("data", 1), ("fsdp", 2)], r"config\.mesh: .* does not fit 1 devices"),
 ])
 def test_bad_mesh_or_rule_is_a_config_error(tiny_config, tmp_path, field, value, match):
-  node = tiny_config
-  *parents, leaf = field.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  tiny_config.update_from_flattened_dict({field: value})
   with pytest.raises(defaults.ConfigError, match=match):
     trainer.Trainer(tiny_config, str(tmp_path))
   assert not os.listdir(tmp_path)

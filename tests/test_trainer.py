@@ -48,11 +48,7 @@ def test_trainer_stops_on_non_finite_loss_naming_the_step(tiny_config, tmp_path)
     ("mesh", [("data", 3)], "config.mesh"),
 ])
 def test_invalid_config_is_refused_with_the_field_name(tiny_config, tmp_path, field, value, match):
-  node = tiny_config
-  *parents, leaf = field.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  tiny_config.update_from_flattened_dict({field: value})
   with pytest.raises(defaults.ConfigError, match=match.replace(".", r"\.")):
     trainer.Trainer(tiny_config, str(tmp_path))
   assert not os.listdir(tmp_path)  # refused before writing (or compiling) anything
