@@ -53,6 +53,7 @@ def get_config(arg=None):
   c.dino.student_temp = 0.1
   c.dino.warmup_teacher_temp, c.dino.teacher_temp = 0.04, 0.07
   c.dino.warmup_teacher_temp_epochs = 30
+  c.dino.teacher_temp_per = "iteration"  # DINOv2 warms the temperature up per iteration (CosineScheduler)
   c.dino.center_momentum = 0.9
   c.dino.centering = "centering"
   c.dino.ibot_weight = 1.0

@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.masking = ml_collections.ConfigDict()
   c.masking.probability = 0.5  # fraction of global crops masked
   c.masking.ratio = (0.1, 0.5)  # masked-patch ratios spread over this range
+  c.masking.min_num_patches = 4  # smallest masked block (DINOv2: 4 patches)
 
   # DINO-family losses.
   c.dino = ml_collections.ConfigDict()
@@ -92,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dino.teacher_temp = 0.07
   c.dino.warmup_teacher_temp = 0.04
   c.dino.warmup_teacher_temp_epochs = 30
+  c.dino.teacher_temp_per = "epoch"  # warm-up indexed by "epoch" (DINO, iBOT) or "iteration" (DINOv2)
   c.dino.center_momentum = 0.9
   c.dino.centering = "centering"  # or "sinkhorn_knopp" (DINOv2 ViT-L/g)
   c.dino.ibot_weight = 1.0
@@ -232,10 +234,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
   if method.uses_masks:
     lo, hi = config.masking.ratio
     _require(0 < lo <= hi < 1, "masking.ratio", f"need 0 < min <= max < 1, got {config.masking.ratio}")
+    _require(config.masking.min_num_patches >= 1, "masking.min_num_patches",
+             f"must be >= 1, got {config.masking.min_num_patches}")
     _require(0 < config.masking.probability <= 1, "masking.probability",
              f"must be in (0, 1], got {config.masking.probability}")
   if method.prototypes:
     _require(config.head.num_prototypes > 0, "head.num_prototypes", "must be positive")
+    _require(config.dino.teacher_temp_per in ("epoch", "iteration"), "dino.teacher_temp_per",
+             f"must be 'epoch' or 'iteration', got {config.dino.teacher_temp_per!r}")
     _require(config.dino.centering in ("centering", "sinkhorn_knopp"), "dino.centering",
              f"must be 'centering' or 'sinkhorn_knopp', got {config.dino.centering!r}")
     _require(config.dino.centering == "centering" or config.method in ("dino", "dinov2"), "dino.centering",

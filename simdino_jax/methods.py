@@ -155,7 +155,7 @@ def _make_simdinov2_loss(config, steps_per_epoch: int):
 def _teacher_temp_fn(config, steps_per_epoch: int):
   d = config.dino
   return schedules.teacher_temperature(d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs,
-                                       steps_per_epoch)
+                                       steps_per_epoch, per=d.teacher_temp_per)
 
 
 def _koleo(config, student) -> jax.Array:

@@ -46,15 +46,26 @@ def constant(value: float) -> Schedule:
   return lambda step: jnp.full((), value, jnp.float32)
 
 
-def teacher_temperature(warmup_temp: float, temp: float, warmup_epochs: int, steps_per_epoch: int) -> Schedule:
-  """DINO's teacher temperature, indexed by EPOCH: linspace(warmup_temp, temp, warmup_epochs), then constant."""
+def teacher_temperature(warmup_temp: float, temp: float, warmup_epochs: int, steps_per_epoch: int,
+                        per: str = "epoch") -> Schedule:
+  """The teacher temperature warm-up, then constant ``temp``.
+
+  per="epoch" (DINO, iBOT): indexed by EPOCH, linspace(warmup_temp, temp, warmup_epochs)[epoch].
+  per="iteration" (DINOv2's CosineScheduler warm-up): linspace(warmup_temp, temp, W)[step] with
+  W = warmup_epochs * steps_per_epoch iterations, so the temperature rises within each epoch too.
+  """
+  if per not in ("epoch", "iteration"):
+    raise ValueError(f"per must be 'epoch' or 'iteration', got {per!r}")
+  steps_per_epoch = max(steps_per_epoch, 1)
+  length = warmup_epochs if per == "epoch" else warmup_epochs * steps_per_epoch
 
   def schedule(step):
-    epoch = jnp.asarray(step, jnp.float32) // max(steps_per_epoch, 1)
-    if warmup_epochs <= 1:
-      return jnp.where(epoch < warmup_epochs, warmup_temp, temp).astype(jnp.float32)
-    frac = jnp.clip(epoch / (warmup_epochs - 1), 0.0, 1.0)
+    step = jnp.asarray(step, jnp.float32)
+    index = step // steps_per_epoch if per == "epoch" else step
+    if length <= 1:
+      return jnp.where(index < length, warmup_temp, temp).astype(jnp.float32)
+    frac = jnp.clip(index / (length - 1), 0.0, 1.0)
     warm = warmup_temp + (temp - warmup_temp) * frac
-    return jnp.where(epoch < warmup_epochs, warm, temp).astype(jnp.float32)
+    return jnp.where(index < length, warm, temp).astype(jnp.float32)
 
   return schedule

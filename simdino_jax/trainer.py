@@ -235,7 +235,8 @@ class Trainer:
                                  shard_count=jax.process_count(), start_step=start_step,
                                  mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
                                  mask_probability=config.masking.probability,
-                                 mask_ratio=tuple(config.masking.ratio))
+                                 mask_ratio=tuple(config.masking.ratio),
+                                 mask_min_patches=config.masking.min_num_patches)
     keys = ("global", "local", "mask") if masked else ("global", "local")
     try:
       for batch in it:

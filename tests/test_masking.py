@@ -234,3 +234,16 @@ def test_pipeline_masks_start_step_and_shards():
   shards = [train_dataset(src, SMALL, shard_index=k, shard_count=2, **kw)
             for k in range(2)]
   assert not np.array_equal(shards[0][0]["mask"], shards[1][0]["mask"])
+
+
+def test_pipeline_min_block_size_reaches_the_generator():
+  """mask_min_patches=16 on an 8x8 grid with targets of 6-9 cells: block areas are drawn from U(budget, 16), so
+  most blocks overshoot the budget and are refused and many masks stay empty; with the default 4 none does."""
+  src = _tiny_source()
+  counts = {}
+  for min_patches in (4, 16):
+    it = train_iterator(src, SMALL, batch_size=8, seed=0, mask_patch_size=2, mask_probability=1.0,
+                        mask_ratio=(0.1, 0.15), mask_min_patches=min_patches)
+    counts[min_patches] = np.concatenate([x["mask"].reshape(-1, 64).sum(1) for x in _take(it, 3)])
+  assert (counts[4] > 0).all()  # targets 6..9 cells are reached with small blocks
+  assert (counts[16] == 0).mean() > 0.2

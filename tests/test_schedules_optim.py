@@ -115,3 +115,33 @@ def test_per_module_clipping_clips_each_submodule_and_keeps_nnx_state():
 def test_prototype_norms_get_weight_decay():
   assert optim.decays("head/last_layer/weight_g", jnp.ones(4))
   assert not optim.decays("head/proj/mlp/0/bias", jnp.ones(4))
+
+
+def test_teacher_temperature_per_epoch_matches_dino_linspace():
+  """DINO: np.concatenate((linspace(0.04, 0.07, W), ones(E - W) * 0.07)) indexed by epoch = step // steps_per_epoch."""
+  spe, warm_epochs, epochs = 5, 4, 7
+  per_epoch = np.concatenate((np.linspace(0.04, 0.07, warm_epochs), np.full(epochs - warm_epochs, 0.07)))
+  fn = schedules.teacher_temperature(0.04, 0.07, warm_epochs, spe, per="epoch")
+  got = np.array([float(fn(s)) for s in range(epochs * spe)])
+  np.testing.assert_allclose(got, np.repeat(per_epoch, spe), rtol=1e-6)
+
+
+def test_teacher_temperature_per_iteration_matches_dinov2_cosine_scheduler_warmup():
+  """DINOv2: CosineScheduler(base=final=0.07, warmup_iters=W*spe, start_warmup_value=0.04), per iteration."""
+  spe, warm_epochs = 5, 3
+  iters = warm_epochs * spe
+  expected = np.concatenate((np.linspace(0.04, 0.07, iters), np.full(10, 0.07)))
+  fn = schedules.teacher_temperature(0.04, 0.07, warm_epochs, spe, per="iteration")
+  got = np.array([float(fn(s)) for s in range(iters + 10)])
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert len(set(np.round(got[:spe], 8))) == spe  # rises within the first epoch, unlike the per-epoch rule
+
+
+def test_teacher_temperature_rejects_unknown_indexing():
+  with pytest.raises(ValueError, match="per"):
+    schedules.teacher_temperature(0.04, 0.07, 3, 5, per="batch")
+  c = defaults.base_config()
+  c.method = "dino"
+  c.dino.teacher_temp_per = "batch"
+  with pytest.raises(defaults.ConfigError, match="dino.teacher_temp_per"):
+    defaults.validate(c, num_devices=1)

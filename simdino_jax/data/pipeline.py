@@ -62,8 +62,8 @@ def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1,
                   start_step: int = 0, mask_patch_size: int = 0,
                   mask_probability: float = 0.5,
-                  mask_ratio: tuple[float, float] = (0.1, 0.5)
-                  ) -> grain.MapDataset:
+                  mask_ratio: tuple[float, float] = (0.1, 0.5),
+                  mask_min_patches: int = 4) -> grain.MapDataset:
   """The (infinite) batched training ``MapDataset``; see module doc and
   :func:`train_iterator` for the arguments."""
   if batch_size <= 0:
@@ -81,7 +81,7 @@ def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
   masks = None
   if mask_patch_size:
     masks = BatchMasks(mask_patch_size, mask_probability=mask_probability,
-                       ratio_min_max=mask_ratio)
+                       ratio_min_max=mask_ratio, min_num_patches=mask_min_patches)
     masks.grid(cfg.global_size, cfg.global_size)  # fails early if too small
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=_derive_seed(seed, 0))
@@ -103,7 +103,7 @@ def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
                    shard_count: int = 1, start_step: int = 0,
                    mask_patch_size: int = 0, mask_probability: float = 0.5,
                    mask_ratio: tuple[float, float] = (0.1, 0.5),
-                   num_threads: int = 2, prefetch_batches: int = 4):
+                   mask_min_patches: int = 4, num_threads: int = 2, prefetch_batches: int = 4):
   """Infinite iterator of multi-crop batches (dicts of numpy arrays).
 
   Yields ``{"global": (b, Mg, Hg, Wg, 3) float32, "local": (b, Ml, Hl, Wl, 3)
@@ -129,6 +129,8 @@ def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
     mask_ratio: range of masked fractions (DINOv2
       ``ibot.mask_ratio_min_max``, (0.1, 0.5)), split into equal bins over the
       masked crops of a batch.
+    mask_min_patches: smallest block area drawn by the block-mask generator
+      (DINOv2 4; BEiT-style generators use 16 on a 14x14 grid).
     num_threads: grain read threads per process (each computes whole batches).
     prefetch_batches: batches buffered per process (bounded to save memory).
 
@@ -138,7 +140,8 @@ def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
   ds = train_dataset(source, cfg, batch_size=batch_size, seed=seed,
                      shard_index=shard_index, shard_count=shard_count,
                      start_step=start_step, mask_patch_size=mask_patch_size,
-                     mask_probability=mask_probability, mask_ratio=mask_ratio)
+                     mask_probability=mask_probability, mask_ratio=mask_ratio,
+                     mask_min_patches=mask_min_patches)
   num_threads = max(0, int(num_threads))
   read = grain.ReadOptions(num_threads=num_threads,
                            prefetch_buffer_size=max(prefetch_batches, num_threads))
