@@ -4,12 +4,14 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_dino.py --workdir=/tmp/cifar10_dino
 
-Runtime / expected k-NN: see README "Results".
+Runtime: 19.7 min wall for this run on 2 cores shared with other jobs (39 images/s at the end).
+Expected result (seed 0, measured): teacher k-NN top-1 30.59% (top-5 80.3%) vs 29.87% at init (+0.7); 32 of 4096
+prototypes in use and effective rank 3.4 at the end (SimDINO: 18.9) -- DINO learns slowly in a run this short.
 
 DINO as in configs/dino_vitb16_in1k.py, scaled down: head 1024 -> 128 bottleneck -> K = 4096 weight-normalised
 prototypes with g frozen at 1 (norm_last_layer True), centring (momentum 0.9), student temperature 0.1, teacher
 temperature 0.04 during the first epoch then 0.07, prototype layer frozen for the first 0.1 epoch, per-tensor
-clipping at 3.0, teacher momentum 0.996 -> 1; everything else is the shared recipe.
+clipping at 3.0, teacher momentum 0.99 -> 1; everything else is the shared recipe.
 """
 
 import os

@@ -4,7 +4,9 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_dinov2.py --workdir=/tmp/cifar10_dinov2
 
-Runtime / expected k-NN: see README "Results".
+Runtime: 26.9 min wall for this run on 2 cores shared with other jobs (29 images/s at the end).
+Expected result (seed 0, measured): teacher k-NN top-1 32.73% (top-5 80.5%); the network at init scores 10.91%
+(chance: LayerScale 1e-5 leaves the cls token almost input-independent); 42 of 4096 prototypes in use at the end.
 
 As configs/dinov2_vitb16_in1k.py derives from the SimDINOv2 recipe, this file starts from cifar10_simdinov2.py
 (registers, masks, layer decay, per-module clipping, warm-up from min_lr) and changes what DINOv2 changes: DINO cls

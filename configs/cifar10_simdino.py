@@ -4,12 +4,14 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_simdino.py --workdir=/tmp/cifar10_simdino
 
-Runtime / expected k-NN: see README "Results".
+Runtime: 33.5 min wall for this run on 2 cores shared with other jobs (51 images/s at the end); about 10 min on a
+quiet machine (89 images/s measured over 30 quiet steps, plus ~2 min of compilation and the two k-NN passes).
+Expected result (seed 0, measured): teacher k-NN top-1 34.45% (top-5 82.1%) vs 29.87% for the network at init (+4.6).
 
 SimDINO as in configs/simdino_vitb16_in1k.py, scaled down: the official objective (same-view pairs excluded,
-coding rate of (student + teacher)/2, gamma = 1/128 + 1/128) over one global covariance of the 128-image batch
-with eps = sqrt(0.05), head 1024 -> 128 without prototypes, teacher momentum 0.996 -> 1. Everything else (crops,
-ViT width 128 / depth 6 / patch 4, 2000 steps, optimiser) is the shared recipe.
+coding rate of (student + teacher)/2, gamma = 1/128 + 1/64) over one global covariance of the 64-image batch
+with eps = sqrt(0.05), head 1024 -> 128 without prototypes, teacher momentum 0.99 -> 1. Everything else (crops,
+ViT width 96 / depth 4 / patch 4, 600 steps, optimiser) is the shared recipe.
 """
 
 import os

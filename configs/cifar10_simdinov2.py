@@ -4,7 +4,9 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_simdinov2.py --workdir=/tmp/cifar10_simdinov2
 
-Runtime / expected k-NN: see README "Results".
+Runtime: 27.4 min wall for this run on 2 cores shared with other jobs (29 images/s at the end).
+Expected result (seed 0, measured): teacher k-NN top-1 39.83% (top-5 85.8%) vs 29.33% at init (+10.5), the best of
+the CIFAR-10 recipes measured.
 
 What configs/simdinov2_vitb16_in1k.py changes with respect to SimDINO, on the shared CIFAR recipe: 4 registers,
 LayerScale 0.1, DINOv2 token init, size-based positional-embedding interpolation with antialias (offset 0), block

@@ -8,6 +8,9 @@
 #       decodes and re-encodes the images with TensorFlow. About 150 GB and a few hours on 8 cores.
 #   launch/prepare_data.sh tfds NAME [DATA_DIR]
 #       Any TFDS dataset that TFDS can download itself (e.g. cifar10, imagenette) as ArrayRecord (source tfds:NAME).
+#       Both run `tfds build NAME --file_format=array_record --data_dir=DATA_DIR [--manual_dir=MANUAL_DIR]`; the
+#       tfds source reads ArrayRecord only (random access, no TensorFlow at training time), from
+#       --config.data.tfds_data_dir or $TFDS_DATA_DIR; its test split is "validation" if the dataset has one.
 #   launch/prepare_data.sh cifar10 SRC OUT_TAR
 #       CIFAR-10 as an image-folder tar (source folder:OUT_TAR): train/<class>/NNNNN.png (50,000) and
 #       test/<class>/NNNNN.png (10,000), lossless PNG, class directories named by the official label names
@@ -49,6 +52,7 @@ tfds_build() {
   echo
   echo "$name is in $data_dir/$name/ (ArrayRecord). Train with:"
   echo "  TFDS_DATA_DIR=$data_dir python -m simdino_jax.train --config=... --workdir=... --config.data.source=tfds:$name"
+  echo "  (or --config.data.tfds_data_dir=$data_dir instead of TFDS_DATA_DIR)"
 }
 
 cmd_imagenet() {

@@ -279,3 +279,99 @@ def _first_line(text: str, limit: int = 300) -> str:
 def config_dict(config) -> dict:
   """A JSON-able dict of an ``ml_collections.ConfigDict`` (tuples become lists)."""
   return json.loads(config.to_json_best_effort())
+
+
+# -- another run's checkpoint (config.resume) and initial weights (config.init_from) ---------------------------------
+
+class ResumeError(ValueError):
+  """config.resume / config.init_from name something that cannot be used; the message names the field and path."""
+
+
+def _committed_steps(directory: epath.Path) -> list[int]:
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / COMMIT_MARKER).exists() and (p / "state").exists())
+
+
+def find_checkpoint(path: str, field: str = "config.resume") -> epath.Path:
+  """The committed step directory ``path`` designates: a workdir (its newest checkpoint), a ``checkpoints/``
+  directory (its newest) or one ``checkpoints/<step>`` directory. ResumeError naming ``field`` otherwise."""
+  root = epath.Path(path)
+  if not root.exists():
+    raise ResumeError(f"{field}: {path} does not exist")
+  if root.name.isdigit() and (root / "state").exists():
+    if not (root / COMMIT_MARKER).exists():
+      raise ResumeError(f"{field}: {path} has no {COMMIT_MARKER} (its save did not complete)")
+    return root
+  for directory in (root / "checkpoints", root):
+    if directory.is_dir():
+      steps = _committed_steps(directory)
+      if steps:
+        return directory / str(steps[-1])
+  raise ResumeError(f"{field}: {path} holds no committed checkpoint (expected a workdir with checkpoints/<step>/, "
+                    "a checkpoints/ directory or one checkpoints/<step> directory)")
+
+
+def restore_external(path: str, target: Any) -> tuple[Any, int, str]:
+  """(state, step, step directory) of the checkpoint ``path`` designates (``find_checkpoint``), restored onto
+  ``target``'s shapes and shardings. Read-only: nothing in that run's directory is moved, cleaned up or written."""
+  step_dir = find_checkpoint(path)
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      state = reader.restore(step_dir / "state", target)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised naming the path and the likely cause)
+    raise ResumeError(f"config.resume: {step_dir} does not fit this run's state (a different model, head, method or "
+                      f"optimizer?): {type(e).__name__}: {_first_line(str(e) or type(e).__name__)}") from e
+  return state, int(np.asarray(jax.device_get(state.step))), str(step_dir)
+
+
+def load_init_arrays(path: str) -> tuple[dict[str, np.ndarray], str]:
+  """({name: array}, description) of the weights ``config.init_from`` names: an exported ``.npz`` / ``.safetensors``
+  file (``simdino_jax.export``) or a workdir / checkpoint directory (the teacher of its newest checkpoint, backbone
+  and heads). Names are slash paths such as ``backbone/blocks/0/attn/qkv/kernel`` and ``head/mlp/0/kernel``."""
+  from simdino_jax import export  # local: export is an entry point that imports the trainer lazily
+
+  root = epath.Path(path)
+  if not root.exists():
+    raise ResumeError(f"config.init_from: {path} does not exist")
+  if root.is_file():
+    try:
+      return export.load_arrays(str(root)), f"exported file {path}"
+    except export.ExportError as e:
+      raise ResumeError(f"config.init_from: {e}") from None
+  step_dir = find_checkpoint(path, "config.init_from")
+  workdir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+  try:
+    arrays, step, _ = export.restore_params(str(workdir), which="teacher", step=int(step_dir.name), with_head=True)
+  except export.ExportError as e:
+    raise ResumeError(f"config.init_from: {e}") from None
+  return arrays, f"teacher of {step_dir} (step {step})"
+
+
+def match_init_arrays(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Which of ``arrays`` initialise the network whose leaves are ``params`` ({name: array-like}).
+
+  Every ``backbone/`` leaf must be present with the same shape (ResumeError naming the first parameter that is
+  missing or differs). A head (``head/``, ``patch_head/``) is loaded whole when all its leaves are present with
+  equal shapes, else it keeps its fresh initialisation. Returns ({name: float array to load}, notes on the heads)."""
+  out, notes = {}, []
+  backbone = sorted(n for n in params if n.startswith("backbone/"))
+  for name in backbone:
+    if name not in arrays:
+      raise ResumeError(f"config.init_from: parameter {name} {tuple(np.shape(params[name]))} is not in the source "
+                        f"(it has {len([a for a in arrays if a.startswith('backbone/')])} backbone arrays)")
+    if tuple(np.shape(arrays[name])) != tuple(np.shape(params[name])):
+      raise ResumeError(f"config.init_from: parameter {name} has shape {tuple(np.shape(arrays[name]))} in the source, "
+                        f"{tuple(np.shape(params[name]))} in this run's network (check model.variant, "
+                        "model.img_size, model.num_registers, ...)")
+    out[name] = arrays[name]
+  for prefix in sorted({n.split("/", 1)[0] for n in params} - {"backbone"}):
+    names = sorted(n for n in params if n.startswith(prefix + "/"))
+    bad = [n for n in names if n not in arrays or tuple(np.shape(arrays[n])) != tuple(np.shape(params[n]))]
+    if bad:
+      notes.append(f"{prefix} not loaded ({bad[0]}: "
+                   f"{'absent' if bad[0] not in arrays else tuple(np.shape(arrays[bad[0]]))} in the source, "
+                   f"{tuple(np.shape(params[bad[0]]))} here)")
+    else:
+      out.update({n: arrays[n] for n in names})
+      notes.append(f"{prefix} loaded")
+  return out, notes

@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 1000  # steps between checkpoints (DIR/checkpoints/); 0: only the one at the end
   c.checkpoint_keep = 3  # newest checkpoints kept on disk (older ones are deleted)
+  # Start-up precedence: DIR/checkpoints (resume this run) > resume > init_from > from scratch.
+  c.resume = ""  # another run's workdir, checkpoints/ or checkpoints/<step>: its full state, from its step on
+  c.init_from = ""  # exported .npz/.safetensors or a workdir: backbone (+ equal-shape heads), step 0, fresh optimizer
   c.eval_every = 0  # 0: evaluate at the end of training only
   # (name, size) device axes, "data" and optionally "fsdp"; one size may be -1 (all remaining devices). Tuples, so
   # that the command line can override them: --config.mesh='(("data", -1), ("fsdp", 2))'.
@@ -51,10 +54,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.global_scale = (0.4, 1.0)
   c.data.local_scale = (0.05, 0.4)
   c.data.num_workers = 0  # grain worker processes; 0 = in the training process
+  # "host": every augmentation on the host (grain); "device": the host only decodes and crops (uint8), flip,
+  # colour jitter, greyscale, blur, solarize and normalisation run inside the jitted step (data/device_augment.py).
+  c.data.augment_mode = "host"
+  c.data.tfds_data_dir = ""  # tfds:NAME sources: TFDS data directory ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   # Photometric recipe (REFERENCE.md 6). blur_sigma is an absolute PIL radius in pixels, tuned for 224px crops.
   c.data.augment = ml_collections.ConfigDict(dict(
       flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2,
-      blur_p=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0), solarize_p=0.2))
+      blur_p=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0), solarize_p=0.2,
+      resize="cv2"))  # crop resize: "pil" (the official op) or "cv2" (faster; README "Data pipeline throughput")
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"  # mu, Ti, S, B, L, g  /  patch size
@@ -70,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.interpolate_offset = 0.1
   c.model.interpolate_antialias = False
   c.model.dtype = "float32"  # compute dtype of the network; params, loss and optimizer stay float32
+  # Rematerialise each transformer block in the backward pass (jax.checkpoint): less activation memory, ~1/3 more
+  # FLOPs. With a bfloat16 dtype and an "fsdp" mesh axis, sharded parameters are cast before they are gathered.
+  c.model.remat = False
 
   c.head = ml_collections.ConfigDict()
   c.head.hidden_dim = 2048
@@ -139,6 +150,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.knn_temperature = 0.07
   c.eval.batch_size = 256
   c.eval.image_size = 0  # 0: the global crop size
+  c.eval.knn_ks = (10, 20, 100, 200)  # k-NN reports top-1/top-5 for each k (DINO); `accuracy` is at knn_k
+  # Evaluators run every eval_every steps during training, logged as metrics: knn, linear, fewshot.
+  c.eval.periodic = ("knn",)
+  # Linear probe (evals/linear.py): cls of the last n blocks (+ avg-pooled patches), an lr sweep in one program.
+  c.eval.linear = ml_collections.ConfigDict(dict(
+      n_last_blocks=1, avgpool=False, lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), epochs=100, batch_size=256))
+  # Few-shot logistic regression (evals/fewshot.py): n per class and fractions of the train set, seeded splits.
+  c.eval.fewshot = ml_collections.ConfigDict(dict(
+      shots=(1, 2, 5), fractions=(0.01,), num_splits=3, lambd=0.0025))
+  # Attention maps (evals/attention.py) of the first num_images test images; image_size 0: eval.image_size.
+  c.eval.attention = ml_collections.ConfigDict(dict(num_images=4, keep=0.6, image_size=0))
   return c
 
 
@@ -172,6 +194,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
   _require(config.log_every > 0, "log_every", f"must be positive, got {config.log_every}")
   _require(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
   _require(config.checkpoint_keep >= 1, "checkpoint_keep", f"must be >= 1, got {config.checkpoint_keep}")
+  for field in ("resume", "init_from"):
+    _require(isinstance(config.get(field, ""), str), field,
+             f"must be a path (a workdir, a checkpoint directory or an exported file), got {config.get(field)!r}")
+  _require(isinstance(config.model.get("remat", False), bool), "model.remat",
+           f"must be True or False, got {config.model.get('remat')!r}")
 
   sizes = [size for _, size in config.mesh]
   _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
@@ -204,6 +231,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     lo, hi = d[field]
     _require(0 < lo <= hi <= 1, f"data.{field}", f"need 0 < min <= max <= 1, got {d[field]}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _require(d.augment_mode in ("host", "device"), "data.augment_mode",
+           f"must be 'host' or 'device', got {d.augment_mode!r}")
+  _require(d.augment.get("resize", "cv2") in ("pil", "cv2"), "data.augment.resize",
+           f"must be 'pil' or 'cv2', got {d.augment.get('resize')!r}")
+  _require(isinstance(d.tfds_data_dir, str), "data.tfds_data_dir",
+           f"must be a directory path (or '' for $TFDS_DATA_DIR), got {d.tfds_data_dir!r}")
   _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            f"must be float32, bfloat16 or float16, got {config.model.dtype!r}")
   _require(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate",
@@ -260,3 +293,45 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
            "layer_decay must be in (0, 1] and patch_embed_lr_mult positive")
   _require(0.0 <= config.teacher.momentum <= 1.0 and 0.0 <= config.teacher.momentum_end <= 1.0,
            "teacher.momentum", "momentum and momentum_end must be in [0, 1]")
+  _validate_eval(config, patch, build_depth=config.model.depth or variant["depth"])
+
+
+EVALUATORS = ("knn", "linear", "fewshot", "attention")  # python -m simdino_jax.evaluate --eval=...
+PERIODIC_EVALUATORS = ("knn", "linear", "fewshot")  # config.eval.periodic (attention writes images, not metrics)
+
+
+def _positive_ints(values) -> bool:
+  return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def _validate_eval(config: ml_collections.ConfigDict, patch: int, build_depth: int) -> None:
+  e = config.eval
+  _require(isinstance(e.knn_k, int) and e.knn_k >= 1, "eval.knn_k", f"must be a positive integer, got {e.knn_k!r}")
+  _require(len(e.knn_ks) > 0 and _positive_ints(e.knn_ks), "eval.knn_ks",
+           f"must be a non-empty tuple of positive integers, got {e.knn_ks!r}")
+  _require(e.knn_temperature > 0, "eval.knn_temperature", f"must be positive, got {e.knn_temperature}")
+  _require(e.batch_size >= 1, "eval.batch_size", f"must be positive, got {e.batch_size}")
+  _require(e.image_size == 0 or (e.image_size > 0 and e.image_size % patch == 0), "eval.image_size",
+           f"must be 0 (the global crop size) or a positive multiple of the patch size {patch}, got {e.image_size}")
+  periodic = (e.periodic,) if isinstance(e.periodic, str) else tuple(e.periodic)
+  unknown = [n for n in periodic if n not in PERIODIC_EVALUATORS]
+  _require(not unknown, "eval.periodic", f"unknown evaluator(s) {unknown}; choose from {list(PERIODIC_EVALUATORS)}")
+  lin = e.linear
+  _require(len(lin.lrs) > 0 and all(lr > 0 for lr in lin.lrs), "eval.linear.lrs",
+           f"must be a non-empty tuple of positive learning rates, got {lin.lrs!r}")
+  _require(isinstance(lin.epochs, int) and lin.epochs >= 1, "eval.linear.epochs", f"must be >= 1, got {lin.epochs!r}")
+  _require(lin.batch_size >= 1, "eval.linear.batch_size", f"must be >= 1, got {lin.batch_size}")
+  _require(1 <= lin.n_last_blocks <= build_depth, "eval.linear.n_last_blocks",
+           f"must be in [1, depth={build_depth}], got {lin.n_last_blocks}")
+  fs = e.fewshot
+  _require(_positive_ints(fs.shots), "eval.fewshot.shots", f"must be positive integers, got {fs.shots!r}")
+  _require(all(0 < f <= 1 for f in fs.fractions), "eval.fewshot.fractions",
+           f"must be fractions in (0, 1], got {fs.fractions!r}")
+  _require(len(fs.shots) + len(fs.fractions) > 0, "eval.fewshot", "shots and fractions are both empty")
+  _require(fs.num_splits >= 1, "eval.fewshot.num_splits", f"must be >= 1, got {fs.num_splits}")
+  _require(fs.lambd > 0, "eval.fewshot.lambd", f"must be positive, got {fs.lambd}")
+  att = e.attention
+  _require(att.num_images >= 1, "eval.attention.num_images", f"must be >= 1, got {att.num_images}")
+  _require(0 < att.keep < 1, "eval.attention.keep", f"must be in (0, 1), got {att.keep}")
+  _require(att.image_size == 0 or (att.image_size > 0 and att.image_size % patch == 0), "eval.attention.image_size",
+           f"must be 0 (eval.image_size) or a positive multiple of the patch size {patch}, got {att.image_size}")

@@ -15,6 +15,11 @@ Formats:
                ``safetensors.numpy.load_file`` / ``safetensors.torch.load_file``, or ``load_arrays`` below).
   npz          ``numpy.savez`` (uncompressed); dtypes NumPy cannot name (bfloat16) are stored as unsigned
                integers of the same width and viewed back by ``load_arrays``.
+  torch        the backbone as an official PyTorch state dict (facebookresearch/dino or dinov2 names and layouts,
+               see ``torch_interop``; loads with ``load_state_dict(strict=True)`` into their ViT): a ``.pth``
+               written with ``torch.save`` when PyTorch is importable, else (or for an ``--output`` ending in
+               ``.safetensors``) a safetensors file with the same names. The metadata rides in the .pth's
+               ``_metadata`` attribute (PyTorch's own per-module versions, entry ``simdino_jax``).
 Both carry metadata (``load_metadata``): the run's config (JSON), the step, which network and whether the head
 is included (``__metadata__`` in safetensors, a ``__metadata__`` string entry in the npz).
 
@@ -29,6 +34,7 @@ Python API: ``export(workdir, output, ...)``, ``restore_params(workdir, ...)``, 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import struct
@@ -37,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-FORMATS = ("safetensors", "npz")
+FORMATS = ("safetensors", "npz", "torch")
 WHICH = ("teacher", "student")
 METADATA_KEY = "__metadata__"
 
@@ -296,13 +302,19 @@ def export(workdir: str, output: str | None = None, *, fmt: str | None = None, w
            step: int | None = None, with_head: bool = False) -> dict:
   """Restore and write the parameters; returns a summary (path, format, step, arrays, parameters, bytes).
 
-  ``fmt`` defaults to the output's extension (``.npz`` -> npz), else safetensors; ``output`` defaults to
-  ``workdir/export/<which>_<backbone|network>_step<N>.<fmt>``.
+  ``fmt`` defaults to the output's extension (``.npz`` -> npz, ``.pth`` -> torch), else safetensors; ``output``
+  defaults to ``workdir/export/<which>_<backbone|network>_step<N>.<fmt>`` (``.pth`` for torch).
   """
   if fmt is None:
-    fmt = "npz" if output is not None and output.endswith(".npz") else "safetensors"
+    ext = os.path.splitext(output)[1] if output is not None else ""
+    fmt = {".npz": "npz", ".pth": "torch", ".pt": "torch"}.get(ext, "safetensors")
   if fmt not in FORMATS:
     raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+  if fmt == "torch":
+    if with_head:
+      raise ExportError("--format=torch exports the backbone only (the official names cover the ViT); "
+                        "drop --with_head, or use --format=safetensors|npz for the heads")
+    return _export_torch(workdir, output, which=which, step=step)
   arrays, step, config = restore_params(workdir, which=which, step=step, with_head=with_head)
   if output is None:
     output = default_output(workdir, fmt, which, step, with_head)
@@ -318,6 +330,45 @@ def export(workdir: str, output: str | None = None, *, fmt: str | None = None, w
           "dtypes": dtypes}
 
 
+def _export_torch(workdir: str, output: str | None, *, which: str, step: int | None) -> dict:
+  """The backbone as an official PyTorch state dict: .pth via torch.save if torch imports, else .safetensors."""
+  from simdino_jax import torch_interop  # pylint: disable=g-import-not-at-top
+
+  arrays, step, config = restore_params(workdir, which=which, step=step)
+  state_dict = torch_interop.to_torch(arrays)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (optional, never a dependency)
+  except ImportError:
+    torch = None
+  if output is None:
+    output = default_output(workdir, "pth" if torch is not None else "safetensors", which, step, False)
+  container = "safetensors" if torch is None or output.endswith(".safetensors") else "pth"
+  note = ""
+  if container == "safetensors" and not output.endswith(".safetensors"):
+    note = f" (PyTorch is not installed, so a safetensors file instead of {os.path.basename(output)})"
+    output = os.path.splitext(output)[0] + ".safetensors"
+  if os.path.dirname(output):
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+  metadata = {"format": "pt", "layout": "torch", "which": which, "step": str(step), "with_head": "false",
+              "config": json.dumps(config, sort_keys=True)}
+  if container == "pth":
+    tensors = collections.OrderedDict()
+    for name, a in state_dict.items():
+      t = torch.from_numpy(np.ascontiguousarray(a.astype(np.float32) if not _is_numpy_native(a.dtype) else a))
+      tensors[name] = t.to(torch.bfloat16) if a.dtype.name == "bfloat16" else t
+    # PyTorch keeps per-module versions in the state dict's `_metadata` attribute (saved and loaded with it); an
+    # entry named after no module carries the run's config (num_heads ...) and is ignored by load_state_dict.
+    tensors._metadata = collections.OrderedDict({torch_interop.PTH_METADATA_KEY: metadata})  # pylint: disable=protected-access
+    torch.save(tensors, output)
+    size = os.path.getsize(output)
+  else:
+    size = save_safetensors(state_dict, output, metadata)
+  dtypes = sorted({a.dtype.name for a in state_dict.values()})
+  return {"output": output, "format": f"torch ({container}){note}", "which": which, "with_head": False,
+          "step": step, "arrays": len(state_dict), "parameters": int(sum(a.size for a in state_dict.values())),
+          "bytes": size, "dtypes": dtypes}
+
+
 def _summary_line(s: dict) -> str:
   part = "network (backbone + head)" if s["with_head"] else "backbone"
   return (f"exported the {s['which']} {part} of step {s['step']}: {s['arrays']} arrays, {s['parameters']:,} "
@@ -330,7 +381,8 @@ def _define_flags():
 
   flags.DEFINE_string("workdir", None, "Training directory (holds checkpoints/ and config.json).")
   flags.DEFINE_enum("format", None, list(FORMATS), "Output format (default: from --output's extension, else "
-                    "safetensors).")
+                    "safetensors); torch: the backbone as an official PyTorch state dict (.pth, or .safetensors "
+                    "without PyTorch).")
   flags.DEFINE_string("output", None, "Output file (default: WORKDIR/export/<which>_<backbone|network>_step<N>."
                       "<format>).")
   flags.DEFINE_enum("which", "teacher", list(WHICH), "Which network to export.")

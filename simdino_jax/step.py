@@ -92,8 +92,12 @@ def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
 
+_AUGMENT_STREAM = 0x61756720  # fold_in constant of the on-device augmentation's key ("aug ")
+
+
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation, *,
-                    lr_fn: Callable, wd_fn: Callable, momentum_fn: Callable, mask_positions: int = 0) -> Callable:
+                    lr_fn: Callable, wd_fn: Callable, momentum_fn: Callable, mask_positions: int = 0,
+                    augment: Callable | None = None, cast_params: Callable | None = None) -> Callable:
   """Build the pure step.
 
   Args:
@@ -105,20 +109,28 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
       (a constant 0 is training without self-distillation: the teacher is the current student).
     mask_positions: > 0 for masked-patch methods: the static number of patch positions gathered per global crop
       (the batch then carries "mask" (B, Mg, N)).
+    augment: ``augment(key, batch) -> batch``, applied first (config.data.augment_mode="device": uint8 crops in,
+      augmented normalised crops out, data/device_augment.py); its key is derived from the step's key.
+    cast_params: ``cast_params(which, params) -> params`` ("student" / "teacher") applied to the parameters before
+      the network uses them (the trainer's bfloat16 cast of fsdp-sharded leaves, so that the all-gathers move
+      bfloat16; ``sharding.cast_sharded``). The state, the gradients and the optimizer stay float32.
   """
+  cast = cast_params if cast_params is not None else (lambda which, params: params)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
+    if augment is not None:  # a stream of its own: the drop-path keys below stay those of host mode
+      batch = augment(jax.random.fold_in(key, _AUGMENT_STREAM), batch)
     masks = positions = None
     if mask_positions:
       masks = batch["mask"]
       positions, valid = masked_positions(masks, mask_positions)
 
-    teacher_net = nnx.merge(graphdef, state.teacher)
+    teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher))
     teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, positions=positions))
 
     def objective(params):
-      student_net = nnx.merge(graphdef, params)
+      student_net = nnx.merge(graphdef, cast("student", params))
       student_out = forward(student_net, batch, key=key, student=True, masks=masks, positions=positions)
       if mask_positions:
         student_out["patch_mask"] = valid

@@ -30,17 +30,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from simdino_jax import checkpointing, defaults, methods, optim, schedules, sharding
-from simdino_jax.data import pipeline
+from simdino_jax.data import device_augment, pipeline
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.sources import load_source
-from simdino_jax.evals import knn
-from simdino_jax.models.network import Network, build_backbone
+from simdino_jax.evals import fewshot, knn, linear
+from simdino_jax.models.network import Network, build_backbone, compute_dtype
 from simdino_jax.models.vit import parse_variant
-from simdino_jax.tree import map_with_name
+from simdino_jax.tree import map_with_name, named_leaves
 from simdino_jax.state import TrainState
 from simdino_jax.step import make_feature_fn, make_train_step
 
@@ -111,8 +112,14 @@ def multicrop_config(config) -> MultiCropConfig:
   d = config.data
   return MultiCropConfig(global_size=d.global_size, local_size=d.local_size, num_global=d.num_global,
                          num_local=d.num_local, global_scale=tuple(d.global_scale),
-                         local_scale=tuple(d.local_scale),
+                         local_scale=tuple(d.local_scale), augment_mode=d.augment_mode,
                          **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.augment.items()})
+
+
+def load_data(config, split: str):
+  """``config.data.source``'s ``split`` ("train" / "test"); tfds sources read ``config.data.tfds_data_dir`` (or
+  $TFDS_DATA_DIR)."""
+  return load_source(config.data.source, split, tfds_data_dir=config.data.get("tfds_data_dir") or None)
 
 
 def create_network(config, method: methods.Method, seed: int) -> Network:
@@ -160,8 +167,9 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
+    self.skipped_local = self.skipped_base = 0  # undecodable images replaced in the batches used (data/skipped)
 
-    self.train_source = load_source(config.data.source, "train")
+    self.train_source = load_data(config, "train")
     self.durations = durations(config, len(self.train_source))
     d = self.durations
     self.lr_fn = optim.lr_schedule(config.optim, config.batch_size, d.total_steps, d.warmup_steps)
@@ -212,19 +220,62 @@ class Trainer:
                                       max_to_keep=self.config.checkpoint_keep)
 
   def restore_or_init(self, ckpt: checkpointing.Checkpointer) -> tuple[TrainState, int]:
-    """(state, step): the newest usable checkpoint's, else the initial state and 0."""
-    restored = ckpt.restore_latest(self.abstract_state(), config=checkpointing.config_dict(self.config))
-    if restored is None:
-      return self.init_state(), 0
-    state, step = restored
-    self.log(f"resumed from step {step} ({ckpt.path(step)})")
-    return state, step
+    """(state, step), by precedence: this workdir's newest usable checkpoint; else ``config.resume`` (another run's
+    workdir, checkpoints/ directory or checkpoints/<step>: its full state, continuing from its step); else
+    ``config.init_from`` (exported weights or a workdir: backbone, and heads whose shapes match, into student and
+    teacher, at step 0 with a fresh optimizer); else the initial state and 0."""
+    config = self.config
+    restored = ckpt.restore_latest(self.abstract_state(), config=checkpointing.config_dict(config))
+    if restored is not None:
+      state, step = restored
+      self.log(f"resumed from step {step} ({ckpt.path(step)})")
+      return state, step
+    if config.get("resume"):
+      state, step, where = checkpointing.restore_external(config.resume, self.abstract_state())
+      self.log(f"resumed from step {step} of {where} (config.resume)")
+      return state, step
+    if config.get("init_from"):
+      return self.init_from(config.init_from), 0
+    return self.init_state(), 0
+
+  def init_from(self, path: str) -> TrainState:
+    """The initial state with the student and teacher parameters replaced by the weights at ``path``
+    (``checkpointing.load_init_arrays`` / ``match_init_arrays``), and the optimizer state initialised afresh."""
+    arrays, source = checkpointing.load_init_arrays(path)
+    state = self.init_state()
+    params = named_leaves(state.student)
+    loaded, notes = checkpointing.match_init_arrays(params, arrays)
+
+    def place(name, leaf):
+      if name not in loaded:
+        return leaf
+      value = np.asarray(loaded[name]).astype(leaf.dtype)
+      return jax.make_array_from_callback(value.shape, leaf.sharding, lambda index: value[index])
+
+    student = map_with_name(place, state.student)
+    teacher = map_with_name(place, state.teacher)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(student)
+    self.log(f"initialised from the {source} (config.init_from): {len(loaded)} of {len(params)} parameter arrays; "
+             + ", ".join(["backbone loaded"] + notes))
+    return state.replace(student=student, teacher=teacher, opt_state=opt_state)
 
   def compiled_step(self):
     step = make_train_step(self.graphdef, self.loss_fn, self.tx, lr_fn=self.lr_fn, wd_fn=self.wd_fn,
-                           momentum_fn=self.momentum_fn, mask_positions=methods.mask_positions(self.config))
+                           momentum_fn=self.momentum_fn, mask_positions=methods.mask_positions(self.config),
+                           augment=device_augment.make_batch_augment(multicrop_config(self.config))
+                           if self.config.data.augment_mode == "device" else None,
+                           cast_params=self.param_cast())
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+
+  def param_cast(self):
+    """With a 16-bit model.dtype and an "fsdp" mesh axis: the step's ``cast_params``, casting the fsdp-sharded
+    parameters to the compute dtype before they are all-gathered (sharding.cast_sharded); else None."""
+    dtype = compute_dtype(self.config.model.dtype)
+    if dtype == jnp.float32 or dict(self.mesh.shape).get(sharding.FSDP_AXIS, 1) <= 1:
+      return None
+    shardings = {"student": self.state_sharding.student, "teacher": self.state_sharding.teacher}
+    return lambda which, params: sharding.cast_sharded(params, shardings[which], dtype)
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     config = self.config
@@ -240,37 +291,113 @@ class Trainer:
     keys = ("global", "local", "mask") if masked else ("global", "local")
     try:
       for batch in it:
+        # Undecodable images the source replaced in this batch: counted here, as the batch is used, so the count
+        # does not depend on prefetching or on which (worker) process decoded them.
+        self.skipped_local += int(np.sum(batch["skipped"])) if "skipped" in batch else 0
         yield sharding.to_global({k: batch[k] for k in keys}, self.batch_sharding)
     finally:
       if hasattr(it, "close"):
         it.close()  # grain worker processes, when data.num_workers > 0
 
   # -- evaluation -------------------------------------------------------------------------------------
-  def features(self, params, source) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-backbone cls features of every example of ``source`` (each exactly once)."""
+  def features(self, params, source, feature_fn=None, image_size: int = 0) -> tuple[Any, np.ndarray]:
+    """Teacher-backbone cls features of every example of ``source`` (each exactly once), with their labels.
+
+    ``feature_fn`` (params, images) -> array or dict of arrays with a leading batch axis (default: the cls
+    features) replaces the network output; ``image_size`` (0: config.eval.image_size or the global crop size)."""
     config = self.config
-    size = config.eval.image_size or config.data.global_size
+    fn = feature_fn or self.feature_fn
+    size = image_size or config.eval.image_size or config.data.global_size
     n_dev = jax.device_count()
     batch_size = max(n_dev, (config.eval.batch_size // n_dev) * n_dev)
     feats, labels = [], []
     for batch in pipeline.eval_batches(source, image_size=size, batch_size=batch_size // jax.process_count(),
                                        shard_index=jax.process_index(), shard_count=jax.process_count()):
       images = jax.make_array_from_process_local_data(self.batch_sharding, batch["image"])
-      out = multihost_utils.process_allgather(self.feature_fn(params, images), tiled=True)
-      valid = multihost_utils.process_allgather(batch["valid"], tiled=True)
+      out = multihost_utils.process_allgather(fn(params, images), tiled=True)
+      valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
       lab = multihost_utils.process_allgather(batch["label"], tiled=True)
-      feats.append(np.asarray(out)[np.asarray(valid)])
-      labels.append(np.asarray(lab)[np.asarray(valid)])
-    return np.concatenate(feats), np.concatenate(labels)
+      feats.append(jax.tree.map(lambda a: np.asarray(a)[valid], out))
+      labels.append(np.asarray(lab)[valid])
+    return jax.tree.map(lambda *a: np.concatenate(a), *feats), np.concatenate(labels)
 
-  def knn_eval(self, params, train_src, test_src) -> dict:
+  def knn_eval(self, params, train_src, test_src, feats: dict | None = None) -> dict:
+    """Weighted k-NN of the cls features: top-1/top-5 at config.eval.knn_k, plus ``per_k`` for every
+    config.eval.knn_ks, all from one similarity pass. ``feats`` (from ``eval_features``) skips the extraction."""
     config = self.config
-    train_f, train_y = self.features(params, train_src)
-    test_f, test_y = self.features(params, test_src)
-    num_classes = max(train_src.num_classes, test_src.num_classes)
-    acc = knn.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes, k=config.eval.knn_k,
-                           temperature=config.eval.knn_temperature)
-    return dict(acc, num_train=int(len(train_y)), num_test=int(len(test_y)))
+    if feats is None:
+      feats = {"train": self.features(params, train_src), "test": self.features(params, test_src)}
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    cls = lambda f: f["cls"] if isinstance(f, dict) else f  # noqa: E731
+    ks = tuple(sorted(set(config.eval.knn_ks) | {config.eval.knn_k}))
+    per_k = knn.knn_accuracy_multi_k(cls(train_f), train_y, cls(test_f), test_y, num_classes=_num_classes(
+        train_src, test_src), ks=ks, temperature=config.eval.knn_temperature)
+    at = per_k[config.eval.knn_k]
+    return dict(top1=at["top1"], top5=at["top5"], per_k={str(k): v for k, v in per_k.items()},
+                num_train=int(len(train_y)), num_test=int(len(test_y)))
+
+  def eval_features(self, params, train_src, test_src, linear_features: bool = False) -> dict:
+    """{"train": (feats, labels), "test": (feats, labels)}, one forward pass per split for every evaluator:
+    feats["cls"] (k-NN, few-shot) and, with ``linear_features``, feats["linear"] (config.eval.linear)."""
+    if linear_features:
+      if getattr(self, "_linear_feature_fn", None) is None:  # built once: periodic evaluations reuse the compilation
+        lc = self.config.eval.linear
+        self._linear_feature_fn = jax.jit(
+            linear.make_feature_fn(self.graphdef, n_last_blocks=lc.n_last_blocks, avgpool=lc.avgpool),
+            in_shardings=(self.state_sharding.teacher, self.batch_sharding), out_shardings=self.batch_sharding)
+      fn = self._linear_feature_fn
+    else:
+      fn = lambda p, images: {"cls": self.feature_fn(p, images)}  # noqa: E731
+    return {"train": self.features(params, train_src, fn), "test": self.features(params, test_src, fn)}
+
+  def linear_eval(self, feats: dict, num_classes: int) -> dict:
+    """The linear-probe lr sweep (evals/linear.py) on ``eval_features(..., linear_features=True)``."""
+    lc = self.config.eval.linear
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    result = linear.linear_probe(train_f["linear"], train_y, test_f["linear"], test_y, num_classes=num_classes,
+                                 lrs=tuple(lc.lrs), epochs=lc.epochs, batch_size=lc.batch_size, seed=self.config.seed)
+    return dict(result, n_last_blocks=lc.n_last_blocks, avgpool=lc.avgpool)
+
+  def fewshot_eval(self, feats: dict, num_classes: int) -> dict:
+    """Few-shot logistic regression (evals/fewshot.py) on the cls features of ``eval_features``."""
+    fc = self.config.eval.fewshot
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    return fewshot.fewshot_eval(train_f["cls"], train_y, test_f["cls"], test_y, num_classes=num_classes,
+                                shots=tuple(fc.shots), fractions=tuple(fc.fractions), num_splits=fc.num_splits,
+                                seed=self.config.seed, lambd=fc.lambd)
+
+  def run_evals(self, params, names, train_src=None, test_src=None) -> dict:
+    """{name: summary} for the feature evaluators in ``names`` (knn, linear, fewshot), features extracted once."""
+    train_src = self.train_source if train_src is None else train_src
+    if test_src is None:
+      test_src = getattr(self, "test_source", None) or load_data(self.config, "test")
+    num_classes = _num_classes(train_src, test_src)
+    feats = self.eval_features(params, train_src, test_src, linear_features="linear" in names)
+    out = {}
+    if "knn" in names:
+      out["knn"] = self.knn_eval(params, train_src, test_src, feats)
+    if "linear" in names:
+      out["linear"] = self.linear_eval(feats, num_classes)
+    if "fewshot" in names:
+      out["fewshot"] = self.fewshot_eval(feats, num_classes)
+    return out
+
+  def periodic_metrics(self, params, step: int) -> dict:
+    """Metrics of the config.eval.periodic evaluators (knn_top1/5, linear_top1/linear_lr, fewshot_<setting>)."""
+    periodic = self.config.eval.periodic
+    names = (periodic,) if isinstance(periodic, str) else tuple(periodic)
+    results = self.run_evals(params, names)
+    values = {}
+    if "knn" in results:
+      values.update(knn_top1=results["knn"]["top1"], knn_top5=results["knn"]["top5"])
+    if "linear" in results:
+      values.update(linear_top1=results["linear"]["accuracy"], linear_top5=results["linear"]["top5"],
+                    linear_lr=results["linear"]["lr"])
+    if "fewshot" in results:
+      values.update({f"fewshot_{k}": v["mean"] for k, v in results["fewshot"]["settings"].items()})
+    self.log(f"step {step}: " + " ".join(f"{k} {v:.4g}" + ("%" if k != "linear_lr" else "")
+                                         for k, v in values.items()))
+    return values
 
   # -- the loop ---------------------------------------------------------------------------------------
   def run(self) -> dict:
@@ -282,9 +409,8 @@ class Trainer:
     """
     config, d = self.config, self.durations
     if self.is_main:
-      os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      self.wpath("eval").mkdir(parents=True, exist_ok=True)
+      self.wpath("config.json").write_text(config.to_json_best_effort(indent=2))
     self.log(f"simdino_jax: method={config.method} model={config.model.variant} devices={jax.device_count()} "
              f"({jax.devices()[0].platform}) batch={config.batch_size} steps={d.total_steps} "
              f"(warm-up {d.warmup_steps}, {d.steps_per_epoch} steps/epoch) workdir={self.workdir}")
@@ -292,12 +418,13 @@ class Trainer:
     # From here on SIGTERM (single host) means: save at the next step boundary and return.
     with _StopRequest(enabled=jax.process_count() == 1) as stop_request, self.checkpointer() as ckpt:
       state, start = self.restore_or_init(ckpt)
-      test_source = self.test_source = load_source(config.data.source, "test")
+      test_source = self.test_source = load_data(config, "test")
       init_knn = self.init_knn(state if start == 0 else None, test_source)
       self.log(f"k-NN at init: top-1 {init_knn['top1']:.2f}%")
       state, stopped = self.train_loop(state, start, ckpt, stop_request)
       ckpt.wait()  # the final checkpoint is committed before the evaluation
     self.state = state
+    self.draw_curves()
     if stopped is not None:
       return stopped
 
@@ -307,11 +434,10 @@ class Trainer:
         "accuracy_at_init": init_knn["top1"], "top5_at_init": init_knn["top5"],
         "k": config.eval.knn_k, "temperature": config.eval.knn_temperature,
         "num_train": final_knn["num_train"], "num_test": final_knn["num_test"],
-        "step": int(state.step), "features": "teacher backbone cls",
+        "step": int(state.step), "features": "teacher backbone cls", "per_k": final_knn["per_k"],
     }
     if self.is_main:
-      with open(os.path.join(self.workdir, "eval", "knn.json"), "w") as f:
-        json.dump(result, f, indent=2)
+      self.wpath("eval", "knn.json").write_text(json.dumps(result, indent=2))
     self.log(f"k-NN (k={result['k']}, T={result['temperature']}) top-1 {result['accuracy']:.2f}% "
              f"vs {result['accuracy_at_init']:.2f}% at init ({result['accuracy'] - result['accuracy_at_init']:+.2f})"
              f" -> {os.path.join(self.workdir, 'eval', 'knn.json')}")
@@ -323,6 +449,7 @@ class Trainer:
     config, d = self.config, self.durations
     config_json = checkpointing.config_dict(config)
     train_step = self.compiled_step()
+    self.skipped_local = self.skipped_base = 0  # data/skipped: this run's count (+ the resumed run's, from metrics)
     batches = self.train_batches(start_step=start)
     metrics_file = self.open_metrics(start) if self.is_main else None
     pending = None  # (step, metrics) of the previous step: checked one step late to keep dispatch async
@@ -338,10 +465,9 @@ class Trainer:
         if done % config.log_every == 0 or done == d.total_steps or evaluate:
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           self.check_finite(done, values)
-          if evaluate:  # periodic k-NN of the teacher, logged with the step's metrics
-            knn = self.knn_eval(state.teacher, self.train_source, self.test_source)
-            values.update(knn_top1=knn["top1"], knn_top5=knn["top5"])
-            self.log(f"step {done}: k-NN top-1 {knn['top1']:.2f}% top-5 {knn['top5']:.2f}%")
+          if evaluate:  # periodic evaluation of the teacher (config.eval.periodic), logged with the step's metrics
+            values.update(self.periodic_metrics(state.teacher, done))
+          values["data/skipped"] = self.skipped_base + self.skipped_images()
           now = time.time()
           steps_per_sec = (done - step_last) / max(now - t_last, 1e-9)
           t_last, step_last = now, done
@@ -394,33 +520,37 @@ class Trainer:
       where = f"Last checkpoint: {ckpt.path(latest)} (step {latest})."
     return NonFiniteLossError(f"{error} {where}", error.step)
 
+  def skipped_images(self) -> int:
+    """Undecodable images replaced in the batches used so far by this run, summed over the processes."""
+    if jax.process_count() == 1:
+      return self.skipped_local
+    return int(np.sum(multihost_utils.process_allgather(np.int32(self.skipped_local))))
+
   def open_metrics(self, start: int):
     """metrics.jsonl for appending, first dropping records after ``start`` (steps that will be logged again)."""
-    path = os.path.join(self.workdir, "metrics.jsonl")
+    path = self.wpath("metrics.jsonl")
     kept = []
-    if os.path.exists(path):
-      with open(path) as f:
+    if path.exists():
+      with path.open() as f:
         for line in f:
           try:
-            if json.loads(line)["step"] <= start:
+            record = json.loads(line)
+            if record["step"] <= start:
               kept.append(line if line.endswith("\n") else line + "\n")
+              self.skipped_base = int(record.get("data/skipped", self.skipped_base))  # data/skipped goes on
           except (ValueError, KeyError, TypeError):  # e.g. a line cut short when the process was killed
             pass
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
+    return _JsonLinesWriter(path, kept)
 
   def init_knn(self, state: TrainState | None, test_source) -> dict:
     """k-NN of the network at initialisation: evaluated once (from ``state``, the initial state, on a fresh start)
     and stored in eval/knn_init.json; a resumed run (``state`` None) reads it back, re-initialising only if the file
     is missing."""
-    path = os.path.join(self.workdir, "eval", "knn_init.json")
+    path = self.wpath("eval", "knn_init.json")
     if state is None:
       stored = None
-      if self.is_main and os.path.exists(path):
-        with open(path) as f:
-          stored = json.load(f)
+      if self.is_main and path.exists():
+        stored = json.loads(path.read_text())
       # Every process must agree on whether to evaluate (the evaluation is collective).
       found = bool(multihost_utils.broadcast_one_to_all(np.int32(stored is not None)))
       if found:
@@ -428,11 +558,14 @@ class Trainer:
       state = self.init_state()  # a pure function of the seed: the same network as at the first start
     result = self.knn_eval(state.teacher, self.train_source, test_source)
     if self.is_main:
-      with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+      path.write_text(json.dumps(result, indent=2))
     return result
 
   # -- helpers ----------------------------------------------------------------------------------------
+  def wpath(self, *parts: str) -> epath.Path:
+    """A path under the workdir through etils.epath, so that a gs:// workdir works (pods) as a local one does."""
+    return epath.Path(self.workdir).joinpath(*parts)
+
   def check_finite(self, step: int, metrics: dict) -> None:
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
@@ -445,10 +578,24 @@ class Trainer:
     if self.is_main:
       print(msg, flush=True)
 
+  def draw_curves(self) -> None:
+    """DIR/curves.png from metrics.jsonl (main process); a failure is a warning, never the end of a run."""
+    if not self.is_main:
+      return
+    try:
+      from simdino_jax import plot  # pylint: disable=g-import-not-at-top  (matplotlib: only at the end)
+      panels = plot.plot_curves(self.workdir)
+      self.log(f"training curves ({len(panels)} panels) -> {os.path.join(self.workdir, 'curves.png')}")
+    except Exception as e:  # pylint: disable=broad-except  (a plot must never fail a finished run)
+      import logging  # pylint: disable=g-import-not-at-top
+      logging.getLogger(__name__).warning("could not draw the training curves: %s: %s", type(e).__name__, e)
+
   def progress(self, record: dict, total: int) -> None:
     step = record["step"]
     eta = (total - step) / max(record["steps_per_sec"], 1e-9)
     terms = " ".join(f"{k} {record[k]:.4g}" for k in _PROGRESS_KEYS if k in record)
+    if record.get("data/skipped"):
+      terms += f" | skipped {int(record['data/skipped'])} undecodable images"
     self.log(f"step {step}/{total} ({100 * step / total:.0f}%) | {terms} | lr {record['lr']:.3g} "
              f"m {record['momentum']:.4f} | {record['steps_per_sec']:.2f} steps/s "
              f"{record['images_per_sec']:.0f} img/s | ETA {_hms(eta)}")
@@ -456,6 +603,51 @@ class Trainer:
 
 _PROGRESS_KEYS = ("loss", "align", "patch_align", "rate", "regularizer", "ce", "ibot_ce", "koleo", "teacher_entropy",
                   "prototypes_used", "feature_std", "effective_rank")
+
+
+def _num_classes(train_src, test_src) -> int:
+  n = max(train_src.num_classes, test_src.num_classes)
+  if n < 1:
+    raise ValueError(f"evaluation needs labels: the sources {getattr(train_src, 'name', train_src)!r} / "
+                     f"{getattr(test_src, 'name', test_src)!r} have none (npz without train_labels/test_labels?)")
+  return n
+
+
+class _JsonLinesWriter:
+  """metrics.jsonl through etils.epath, starting from the ``kept`` lines: appended to on a local disk, rewritten whole
+  at each flush on object stores (gs://), which cannot append. ``write`` / ``flush`` / ``close`` as a file's."""
+
+  def __init__(self, path: epath.Path, kept: list[str], append: bool | None = None):
+    self.path = path
+    self.local = "://" not in str(path) if append is None else append  # gs://, s3://: an object store
+    self.lines = list(kept)
+    self.pending = []
+    self._write_all()
+    self.file = path.open("a") if self.local else None
+
+  def _write_all(self) -> None:
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    tmp.write_text("".join(self.lines))
+    tmp.replace(self.path)
+
+  def write(self, text: str) -> None:
+    if self.file is not None:
+      self.file.write(text)
+    else:
+      self.pending.append(text)
+
+  def flush(self) -> None:
+    if self.file is not None:
+      self.file.flush()
+    elif self.pending:
+      self.lines += self.pending
+      self.pending = []
+      self._write_all()
+
+  def close(self) -> None:
+    self.flush()
+    if self.file is not None:
+      self.file.close()
 
 
 def _hms(seconds: float) -> str:

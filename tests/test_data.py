@@ -1,6 +1,11 @@
 """Tests for simdino_jax.data (sources, augmentations, multi-crop, pipelines)."""
 
 import colorsys
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,7 +104,7 @@ def test_unknown_spec_lists_supported_forms():
   with pytest.raises(ValueError) as e:
     load_source("imagenet", "train")
   msg = str(e.value)
-  for s in ("imagenet", '"digits"', "npz:PATH", "folder:", "tfds:", "later"):
+  for s in ("imagenet", '"digits"', "npz:PATH", "folder:", "tfds:"):
     assert s in msg
 
 
@@ -191,6 +196,21 @@ def test_hsv_conversion_and_hue_shift_match_colorsys():
   assert np.abs(out.astype(int) - want).max() <= 1
 
 
+@pytest.mark.parametrize("hue", [-0.5, -0.25, -0.08, -1e-4, 0.08, 0.5, 0.999])
+def test_hue_shift_either_sign_matches_colorsys(hue):
+  # 24x24 pixels: large enough for OpenCV's vectorised HSV path (which does
+  # not wrap negative hues by itself).
+  img = np.random.default_rng(4).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+  img[0, :6] = [[255, 0, 0], [255, 0, 1], [0, 255, 0], [0, 0, 255], [255, 0, 255],
+                [128, 128, 128]]
+  want = np.array([colorsys.hsv_to_rgb((h + hue) % 1.0, s, v) for h, s, v in
+                   (colorsys.rgb_to_hsv(*px) for px in img.reshape(-1, 3) / 255.0)])
+  want = np.rint(want * 255).reshape(img.shape)
+  out = augment.adjust_hue(img, hue)
+  assert out.dtype == np.uint8
+  assert np.abs(out.astype(int) - want).max() <= 1
+
+
 def test_grayscale_equal_channels_and_pil_luma():
   img = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
   g = augment.to_grayscale(img)
@@ -198,22 +218,86 @@ def test_grayscale_equal_channels_and_pil_luma():
   np.testing.assert_array_equal(g[..., 0], g[..., 1])
   np.testing.assert_array_equal(g[..., 0], g[..., 2])
   np.testing.assert_array_equal(g[..., 0], np.asarray(Image.fromarray(img).convert("L")))
+  # Over all 2^24 colours (subsampled 1:16): OpenCV's fixed-point luma differs
+  # from PIL's "L" by at most 1, on a small fraction of colours.
+  v = np.arange(0, 256, dtype=np.uint8)
+  allc = np.stack(np.meshgrid(v, v, v[::16], indexing="ij"), -1).reshape(4096, -1, 3)
+  diff = augment.luma(allc).astype(int) - np.asarray(Image.fromarray(allc).convert("L"))
+  assert np.abs(diff).max() <= 1 and np.mean(diff != 0) < 0.005
+
+
+def test_brightness_contrast_saturation_match_pil_image_enhance():
+  from PIL import ImageEnhance
+  img = np.random.default_rng(5).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+  pil = Image.fromarray(img)
+  for f in (0.0, 0.6, 0.93, 1.0, 1.21, 1.4):
+    # PIL truncates where we round: at most one level apart (two for contrast,
+    # whose grey level may also round differently).
+    for ours, theirs, tol in (
+        (augment.adjust_brightness(img, f), ImageEnhance.Brightness(pil).enhance(f), 1),
+        (augment.adjust_contrast(img, f), ImageEnhance.Contrast(pil).enhance(f), 2),
+        (augment.adjust_saturation(img, f), ImageEnhance.Color(pil).enhance(f), 1)):
+      assert ours.dtype == np.uint8 and ours.shape == img.shape
+      assert np.abs(ours.astype(int) - np.asarray(theirs)).max() <= tol, f
 
 
 def test_solarize_inverts_at_and_above_threshold():
   x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
-  out = augment.solarize(x)
   v = np.arange(256)
-  np.testing.assert_array_equal(out[..., 0].ravel(), np.where(v >= 128, 255 - v, v))
+  for t in (128, 0, 77, 200, 256):
+    out = augment.solarize(x, t)
+    np.testing.assert_array_equal(out[..., 0].ravel(), np.where(v >= t, 255 - v, v))
 
 
-def test_gaussian_blur_reduces_variance_and_matches_pil():
-  img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+def _pil_box_blur_reference(img, radius, passes=3):
+  """PIL's GaussianBlur written from its description, in float64: ``passes``
+  extended box filters of radius l + a (Gwosdek et al. 2011) along x, then
+  along y, each pass on a replicate-padded line."""
+  sigma2 = radius * radius / passes
+  l = np.floor((np.sqrt(12 * sigma2 + 1) - 1) / 2)
+  a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) ** 2))
+  r = int(l)
+  k = np.ones(2 * r + 3)
+  k[0] = k[-1] = a
+  k /= k.sum()  # = 1 / (2 (l + a) + 1) per inner tap
+
+  def along(x, axis):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (r + 1, r + 1)
+    xp = np.pad(x, pad, mode="edge")
+    n = x.shape[axis]
+    return sum(w * np.take(xp, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
+
+  x = img.astype(np.float64)
+  for axis in (1, 0):
+    for _ in range(passes):
+      x = along(x, axis)
+  return x
+
+
+def test_gaussian_blur_matches_pil_and_the_box_filter_reference():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
   out = augment.gaussian_blur(img, np.random.default_rng(0), sigma=(1.5, 2.0))
   assert out.shape == img.shape and out.dtype == np.uint8
   assert out.astype(float).var() < 0.5 * img.astype(float).var()
-  want = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(1.0)))
-  np.testing.assert_array_equal(augment.apply_gaussian_blur(img, 1.0), want)
+  for radius in (0.1, 0.5, 1.0, 1.37, 2.0, 3.5):
+    ours = augment.apply_gaussian_blur(img, radius).astype(float)
+    pil = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
+    ref = _pil_box_blur_reference(img, radius)
+    # Same linear filter and borders: ours is the exact filter rounded once,
+    # PIL rounds after each of its six 1-D passes.
+    assert np.abs(ours - ref).max() <= 0.5 + 1e-3, radius
+    assert np.abs(ours - pil).max() <= 3, radius
+    # ... so ours is about as far from PIL as PIL is from the exact filter.
+    assert np.abs(ours - pil).mean() < np.abs(pil - ref).mean() + 0.3, radius
+  # The variance of the 3-pass kernel is radius^2 (the point of PIL's design).
+  for radius in (0.5, 1.0, 2.0):
+    k = augment.pil_box_kernel(radius).astype(np.float64)
+    k3 = np.convolve(np.convolve(k, k), k)
+    x = np.arange(k3.size) - k3.size // 2
+    assert abs(k.sum() - 1) < 1e-6
+    assert abs((k3 * x * x).sum() - radius ** 2) < 1e-3 * max(1, radius ** 2)
 
 
 def test_normalize_imagenet_stats():
@@ -223,6 +307,16 @@ def test_normalize_imagenet_stats():
   np.testing.assert_allclose(
       out[0, 0], [(0 - .485) / .229, (1 - .456) / .224, (128 / 255 - .406) / .225],
       rtol=1e-5)
+  # Stacks of crops, views and float input give the formula's values.
+  rng = np.random.default_rng(0)
+  stack = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+  want = (stack / 255.0 - (.485, .456, .406)) / (.229, .224, .225)
+  for x, w in ((stack, want), (stack[:, ::-1, 1:], want[:, ::-1, 1:]),
+               (stack.astype(np.float64), want)):
+    got = augment.normalize(x)
+    assert got.dtype == np.float32 and got.shape == w.shape
+    np.testing.assert_allclose(got, w, atol=2e-6)
+  assert augment.normalize(np.zeros((0, 4, 4, 3), np.uint8)).shape == (0, 4, 4, 3)
 
 
 # ----------------------------------------------------------------------------
@@ -289,6 +383,91 @@ def test_multicrop_config_validation():
     MultiCropConfig(num_global=3)
   with pytest.raises(ValueError):
     MultiCropConfig(num_local=-1)
+  with pytest.raises(ValueError, match="resize"):
+    MultiCropConfig(resize="nearest")
+  from simdino_jax import defaults
+  c = defaults.base_config()
+  assert c.data.augment.resize == MultiCropConfig().resize == "cv2"
+  c.data.augment.resize = "nearest"
+  with pytest.raises(defaults.ConfigError, match=r"config\.data\.augment\.resize: .*'pil' or 'cv2'.*'nearest'"):
+    defaults.validate(c, num_devices=1)
+
+
+def _natural_image(size=96, seed=0):
+  """Smooth colour field + sharp-edged rectangles + a little noise (uint8)."""
+  rng = np.random.default_rng(seed)
+  low = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+  x = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), np.float64)
+  for _ in range(6):
+    t, l = rng.integers(0, size - 8, 2)
+    h, w = rng.integers(4, size // 2, 2)
+    x[t:t + h, l:l + w] = rng.integers(0, 256, 3)
+  x += rng.normal(0, 4, x.shape)
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def test_cv2_resize_close_to_pil_and_antialiased_when_shrinking():
+  img = _natural_image(96)
+  for box, size in (((10, 5, 60, 70), 96), ((0, 0, 96, 96), 64), ((20, 30, 50, 40), 32)):
+    pil = augment.apply_resized_crop(img, box, size, "pil").astype(float)
+    fast = augment.apply_resized_crop(img, box, size, "cv2").astype(float)
+    assert fast.shape == pil.shape == (size, size, 3)
+    assert np.abs(fast - pil).mean() < 2.5, box
+  # Shrinking by 1.6 moves a cosine of 0.45 cycles/px above the new Nyquist
+  # rate: an antialiased resize (PIL's, ours) attenuates it, a plain cubic one
+  # aliases it into a strong low-frequency pattern. 0.2 cycles/px stays.
+  import cv2
+
+  def amplitude(freq, resize):
+    row = np.rint(127.5 + 127.5 * np.cos(2 * np.pi * freq * np.arange(160)))
+    img = np.repeat(np.repeat(row.astype(np.uint8)[None, :, None], 160, 0), 3, 2)
+    if resize == "plain cubic":
+      out = cv2.resize(img, (100, 100), interpolation=cv2.INTER_CUBIC)
+    else:
+      out = augment.apply_resized_crop(img, (0, 0, 160, 160), 100, resize)
+    return out[..., 0].astype(float).std(axis=1).mean()
+
+  assert amplitude(0.45, "cv2") < 0.5 * amplitude(0.45, "plain cubic")
+  assert amplitude(0.45, "pil") < 0.5 * amplitude(0.45, "plain cubic")
+  assert amplitude(0.2, "cv2") > 0.8 * amplitude(0.2, "pil")
+
+
+_BENCHMARK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "data_throughput.py"
+
+
+def _benchmark_module():
+  spec = importlib.util.spec_from_file_location("data_throughput", _BENCHMARK)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _official_reference():
+  return _benchmark_module().OfficialPILRecipe
+
+
+@pytest.mark.parametrize("resize, mean_tol, p99_tol", [("pil", 1.5, 8), ("cv2", 2.0, 10)])
+def test_multicrop_matches_pil_reimplementation_of_official_recipe(resize, mean_tol, p99_tol):
+  # The PIL re-implementation of DataAugmentationDINO draws the same random
+  # decisions from the same generator, so the crops can be compared pixel by
+  # pixel; what differs is only how each op is computed (rounding, hue
+  # quantisation in PIL's HSV, and with "cv2" the resize kernel).
+  cfg = MultiCropConfig(global_size=64, local_size=32, num_local=4, resize=resize)
+  ours, ref = MultiCrop(cfg), _official_reference()(cfg)
+  std = augment.IMAGENET_STD * 255
+  diffs = {"global": [], "local": []}
+  for i in range(10):
+    img = _natural_image(96, seed=i)
+    a = ours.random_map({"image": img, "label": 0}, np.random.default_rng(i))
+    b = ref(img, np.random.default_rng(i))
+    for k in diffs:
+      assert b[k].shape == (a[k].shape[0], 3) + a[k].shape[1:3]
+      d = np.abs(a[k] - b[k].transpose(0, 2, 3, 1)) * std  # in uint8 levels
+      assert d.reshape(len(d), -1).mean(axis=1).max() < 4  # every crop
+      diffs[k].append(d.ravel())
+  for k, d in diffs.items():
+    d = np.concatenate(d)
+    assert d.mean() < mean_tol and np.percentile(d, 99) <= p99_tol, (k, d.mean(), np.percentile(d, 99))
 
 
 # ----------------------------------------------------------------------------
@@ -406,3 +585,46 @@ def test_eval_transform_resize_and_centre_crop():
   np.testing.assert_array_equal(out, want)
   small = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   assert eval_transform(small, 16).shape == (16, 16, 3)  # tiny -> upsample
+
+
+# ----------------------------------------------------------------------------
+# benchmarks/data_throughput.py
+
+
+def test_data_throughput_benchmark_prints_one_json_line(capsys, tmp_path):
+  bench = _benchmark_module()
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+           test_images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+  common = ["--source", f"npz:{tmp_path / 'd.npz'}", "--recipe", "cifar32", "--workers", "0",
+            "--num_images", "16", "--batch_size", "8", "--warmup_batches", "1", "--no-tcmalloc"]
+  bench.main(common + ["--reference", "--reference_images", "8"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1
+  rec = json.loads(lines[0])
+  assert (rec["recipe"], rec["mode"], rec["resize"], rec["allocator"]) == ("cifar32", "host", "cv2", "default")
+  assert rec["runs"][0]["workers"] == 0 and rec["runs"][0]["images"] == 16
+  assert rec["images_per_sec_per_process"] == rec["runs"][0]["images_per_sec_per_process"] > 0
+  assert rec["reference"]["name"] == "PIL re-implementation of the official recipe"
+  assert rec["ratio_vs_reference"] == rec["reference"]["ratio"] > 0
+  # Device mode: the host only crops and resizes (uint8), as data.augment_mode="device" does; the
+  # PIL reference then takes the same crops.
+  cfg = bench.recipe_config("dino224", "device", "pil")
+  assert (cfg.augment_mode, cfg.global_size, cfg.local_size, cfg.num_local, cfg.resize) == (
+      "device", 224, 96, 10, "pil")
+  img = _natural_image(96)
+  cfg = bench.recipe_config("cifar32", "device", "pil")
+  ours = MultiCrop(cfg).random_map({"image": img, "label": 0}, np.random.default_rng(3))
+  ref = bench.OfficialPILRecipe(cfg)(img, np.random.default_rng(3))
+  for k in ("global", "local"):
+    assert ours[k].dtype == ref[k].dtype == np.uint8
+    np.testing.assert_array_equal(ours[k], ref[k])
+  bench.main(common + ["--mode", "device", "--reference", "--reference_images", "4"])
+  rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert rec["mode"] == "device" and rec["ratio_vs_reference"] > 0
+  with pytest.raises(SystemExit):
+    bench.main(["--workers", "two"])
+  assert "--workers" in capsys.readouterr().err
+  out = subprocess.run([sys.executable, str(_BENCHMARK), "--help"], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0 and "--reference" in out.stdout and "images/s" in out.stdout
+

@@ -5,7 +5,6 @@ import io
 import os
 import pickle
 import tarfile
-import time
 import warnings
 
 import numpy as np
@@ -255,11 +254,8 @@ def test_tar_source_in_grain_worker_processes(tree, tmp_path):
 
 def test_real_cifar10_tar():
   tar = _real("cifar10/cifar10-jpeg.tar")
-  t0 = time.perf_counter()
   tr = load_source(f"folder:{tar}", "train")
   te = load_source(f"folder:{tar}", "test")
-  elapsed = time.perf_counter() - t0
-  assert elapsed < 15, f"indexing took {elapsed:.1f} s"
   assert (len(tr), len(te)) == (50000, 10000)
   assert tr.class_names == ("airplane", "automobile", "bird", "cat", "deer",
                             "dog", "frog", "horse", "ship", "truck")

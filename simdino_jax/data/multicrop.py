@@ -7,6 +7,10 @@ Per crop, in this order (REFERENCE.md section 6): random resized crop (bicubic)
 solarize (p ``solarize_p``, global crop 2 only) -> ImageNet normalisation.
 All draws are independent per crop. The decisions are drawn up front by
 :meth:`MultiCrop.sample_params` and then applied, so they can be inspected.
+
+Every op maps uint8 to uint8 (see :mod:`simdino_jax.data.augment`); the crops
+are written into one uint8 stack per kind and normalised to float32 in one
+vectorised pass per stack.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ class MultiCropConfig:
   blur_sigma: tuple = (0.1, 2.0)   # PIL GaussianBlur radius range
   solarize_p: float = 0.2          # global crop 2 only
   solarize_threshold: int = 128
+  resize: str = "cv2"              # "pil" (the official op, exact) or "cv2" (faster)
+  # "device": crops only (uint8 out); flip, photometric ops and normalisation
+  # run in the train step (data/device_augment.py).
+  augment_mode: str = "host"
 
   def __post_init__(self):
     if self.num_global not in (1, 2):
@@ -50,6 +58,12 @@ class MultiCropConfig:
       raise ValueError(f"num_local must be >= 0, got {self.num_local}.")
     if len(self.blur_p) != 3:
       raise ValueError(f"blur_p must be (global1, global2, local), got {self.blur_p}.")
+    if self.augment_mode not in ("host", "device"):
+      raise ValueError(f"augment_mode must be 'host' or 'device', got "
+                       f"{self.augment_mode!r}.")
+    if self.resize not in augment.RESIZE_BACKENDS:
+      raise ValueError(f"resize must be one of {augment.RESIZE_BACKENDS}, got "
+                       f"{self.resize!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +84,10 @@ class MultiCrop(grain.transforms.RandomMap):
   """grain ``RandomMap``: ``{"image", "label"}`` -> multi-crop views.
 
   Output: ``{"global": (num_global, Gs, Gs, 3) float32, "local": (num_local,
-  Ls, Ls, 3) float32, "label": int32 scalar}``, normalised with ImageNet
-  mean/std. ``"local"`` has shape ``(0, Ls, Ls, 3)`` when ``num_local == 0``.
+  Ls, Ls, 3) float32, "label": int32 scalar, "skipped": int32 scalar}``,
+  normalised with ImageNet mean/std. ``"local"`` has shape ``(0, Ls, Ls, 3)``
+  when ``num_local == 0``. With ``augment_mode="device"`` the crops are the
+  resized uint8 crops (same boxes as host mode for the same rng), unflipped.
   """
 
   def __init__(self, cfg: MultiCropConfig):
@@ -106,7 +122,7 @@ class MultiCrop(grain.transforms.RandomMap):
 
   def apply_crop(self, img, p: CropParams) -> np.ndarray:
     """Applies one crop's decisions to ``img`` (array or PIL); uint8 out."""
-    x = augment.apply_resized_crop(img, p.box, p.size)
+    x = augment.apply_resized_crop(img, p.box, p.size, self.cfg.resize)
     if p.flip:
       x = augment.hflip(x)
     if p.jitter is not None:
@@ -122,13 +138,21 @@ class MultiCrop(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     image = np.asarray(element["image"])
     height, width = image.shape[:2]
-    pil = Image.fromarray(image)
     params = self.sample_params(rng, height, width)
     c = self.cfg
-    glob = np.empty((c.num_global, c.global_size, c.global_size, 3), np.float32)
-    loc = np.empty((c.num_local, c.local_size, c.local_size, 3), np.float32)
+    # The PIL resize takes a PIL image (converted once for all crops).
+    src = (Image.fromarray(augment.to_uint8(image)) if c.resize == "pil"
+           else augment.to_uint8(image))
+    glob = np.empty((c.num_global, c.global_size, c.global_size, 3), np.uint8)
+    loc = np.empty((c.num_local, c.local_size, c.local_size, 3), np.uint8)
+    crops_only = c.augment_mode == "device"
     for p in params:
-      dst = glob if p.kind == "global" else loc
-      dst[p.index] = augment.normalize(self.apply_crop(pil, p))
+      (glob if p.kind == "global" else loc)[p.index] = (
+          augment.apply_resized_crop(src, p.box, p.size, c.resize) if crops_only
+          else self.apply_crop(src, p))
+    if not crops_only:
+      glob, loc = augment.normalize(glob), augment.normalize(loc)
+    # "skipped": undecodable images the source passed over for this example.
     return {"global": glob, "local": loc,
-            "label": np.asarray(element["label"], np.int32)}
+            "label": np.asarray(element["label"], np.int32),
+            "skipped": np.int32(element.get("skipped", 0))}

@@ -107,9 +107,12 @@ def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
   """Infinite iterator of multi-crop batches (dicts of numpy arrays).
 
   Yields ``{"global": (b, Mg, Hg, Wg, 3) float32, "local": (b, Ml, Hl, Wl, 3)
-  float32, "label": (b,) int32}`` with ``b = batch_size`` (per process), plus
-  ``"mask": (b, Mg, N) bool`` when ``mask_patch_size > 0``, ``N =
-  (Hg // mask_patch_size) * (Wg // mask_patch_size)``.
+  float32, "label": (b,) int32, "skipped": (b,) int32}`` with ``b =
+  batch_size`` (per process), plus ``"mask": (b, Mg, N) bool`` when
+  ``mask_patch_size > 0``, ``N = (Hg // mask_patch_size) * (Wg //
+  mask_patch_size)``. ``"skipped"`` counts the undecodable images the source
+  replaced for each example; with ``cfg.augment_mode == "device"`` the crops
+  are uint8 (augmented in the train step, data/device_augment.py).
 
   Args:
     source: a random-access source (e.g. ``ArraySource``).

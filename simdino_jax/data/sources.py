@@ -19,6 +19,15 @@ Supported specs (``load_source(spec, split)``):
   (see :func:`load_folder`), either a directory or an uncompressed ``.tar``
   holding that tree, possibly under one top-level directory. Images are decoded
   lazily, on access, by a :class:`FolderSource`.
+* ``"tfds:NAME"``: a TFDS dataset prepared as ArrayRecord files (``tfds build
+  NAME --file_format=array_record``), read with ``tfds.data_source`` (random
+  access, no TensorFlow at read time) by a :class:`TfdsSource`; see
+  :func:`load_tfds`.
+
+Every source returns ``{"image", "label"}`` examples; the lazily decoding ones
+(folder, tfds) add ``"skipped"``: how many undecodable images were passed over
+to produce that example (0 almost always), so that the count travels with the
+data through grain worker processes to the trainer (``data/skipped``).
 """
 
 from __future__ import annotations
@@ -39,9 +48,9 @@ DIGITS_TRAIN_FRACTION = 0.8
 _SUPPORTED = (
     '"digits" (scikit-learn handwritten digits, upsampled to 32x32 RGB), '
     '"npz:PATH" (a .npz file with "<split>_images" and optional '
-    '"<split>_labels") and "folder:PATH" (a directory or uncompressed .tar '
-    'with <split>/<class>/<image> files); "tfds:NAME" is planned in a later '
-    "issue and not supported yet"
+    '"<split>_labels"), "folder:PATH" (a directory or uncompressed .tar '
+    'with <split>/<class>/<image> files) and "tfds:NAME" (a TFDS dataset '
+    "prepared as ArrayRecord: tfds build NAME --file_format=array_record)"
 )
 
 
@@ -94,12 +103,14 @@ class ArraySource:
             f"num_classes={self.num_classes})")
 
 
-def load_source(spec: str, split: str):
+def load_source(spec: str, split: str, *, tfds_data_dir: str | None = None):
   """Returns the source for ``spec`` (see module doc) and ``split``.
 
   An ``ArraySource`` for ``"digits"`` and ``"npz:"``, a :class:`FolderSource`
-  for ``"folder:"``; both have ``__len__``, ``__getitem__``, ``labels``,
-  ``num_classes`` and ``name``.
+  for ``"folder:"``, a :class:`TfdsSource` for ``"tfds:"`` (read from
+  ``tfds_data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``);
+  all have ``__len__``, ``__getitem__``, ``labels``, ``num_classes`` and
+  ``name``.
   """
   if spec == "digits":
     return _load_digits(split)
@@ -107,6 +118,8 @@ def load_source(spec: str, split: str):
     return _load_npz(spec[len("npz:"):], split)
   if spec.startswith("folder:"):
     return load_folder(spec[len("folder:"):], split)
+  if spec.startswith("tfds:"):
+    return load_tfds(spec[len("tfds:"):], split, data_dir=tfds_data_dir)
   raise ValueError(f"Unknown data source spec {spec!r}. Supported: {_SUPPORTED}.")
 
 
@@ -211,13 +224,40 @@ class CorruptImageWarning(UserWarning):
   """An image file could not be decoded; another example was returned."""
 
 
+def _count_skip(source, index: int, error: Exception | None) -> bool:
+  """Counts one pass over the bad example ``index`` of ``source`` (its
+  ``skipped``, ``_bad`` and the module total); True the first time ``index``
+  fails to decode in this process (time to warn)."""
+  global _skipped_total
+  with _lock:
+    source.skipped += 1
+    _skipped_total += 1
+    first = error is not None and index not in source._bad  # pylint: disable=protected-access
+    source._bad.add(index)  # pylint: disable=protected-access
+  return first
+
+
 def num_skipped() -> int:
-  """Undecodable images passed over by all folder sources in this process.
+  """Undecodable images passed over by all folder and tfds sources in this
+  process.
 
   Counts per process: with grain worker processes (``num_workers > 0``) the
-  decoding, and hence the count, happens in the workers.
+  decoding, and hence the count, happens in the workers; the per-example
+  ``"skipped"`` field is what reaches the trainer from there.
   """
   return _skipped_total
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+  """Encoded image bytes -> ``(H, W, 3)`` uint8 with PIL; raises if they do
+  not decode. ``.convert("RGB")`` turns greyscale, CMYK, palette and RGBA
+  images into RGB (and forces the full decode, so truncation raises here)."""
+  with Image.open(io.BytesIO(data)) as im:
+    rgb = im.convert("RGB")
+  image = np.asarray(rgb)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"decoded to {image.dtype} {image.shape}")
+  return image
 
 
 def split_dir_candidates(split: str) -> tuple[str, ...]:
@@ -266,8 +306,10 @@ class FolderSource:
   :class:`CorruptImageWarning` naming the file is issued once per file and
   process, and every pass over a bad file adds 1 to ``skipped`` and to the
   module-wide :func:`num_skipped`. Both counters are per process (they restart
-  at 0 in unpickled copies, e.g. grain workers). ``labels[i]`` is file ``i``'s
-  own label.
+  at 0 in unpickled copies, e.g. grain workers); the example itself carries
+  the count of bad files passed over for it as ``"skipped"`` (int32), which
+  does reach the trainer from any process. ``labels[i]`` is file ``i``'s own
+  label.
 
   Attributes:
     labels: ``(N,)`` int32 class indices (read-only).
@@ -337,21 +379,10 @@ class FolderSource:
 
   def decode(self, index: int) -> np.ndarray:
     """File ``index`` as ``(H, W, 3)`` uint8; raises if it cannot be decoded."""
-    with Image.open(io.BytesIO(self.read_bytes(index))) as im:
-      rgb = im.convert("RGB")  # forces the full decode
-    image = np.asarray(rgb)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-      raise ValueError(f"decoded to {image.dtype} {image.shape}")
-    return image
+    return decode_rgb(self.read_bytes(index))
 
   def _skip(self, index: int, error: Exception | None) -> None:
-    global _skipped_total
-    with _lock:
-      self.skipped += 1
-      _skipped_total += 1
-      first = error is not None and index not in self._bad
-      self._bad.add(index)
-    if first:
+    if _count_skip(self, index, error):
       warnings.warn(
           f"{self.name}: cannot decode {self.image_path(index)} "
           f"({type(error).__name__}: {error}); returning the next decodable "
@@ -373,7 +404,7 @@ class FolderSource:
       except Exception as e:  # pylint: disable=broad-except
         self._skip(j, e)
         continue
-      return {"image": image, "label": self.labels[j]}
+      return {"image": image, "label": self.labels[j], "skipped": np.int32(k)}
     raise RuntimeError(f"{self.name}: none of the {n} image files decodes.")
 
 
@@ -644,3 +675,266 @@ def _load_folder_tar(path: str, split: str) -> TarFolderSource:
                     for _, n, _ in rel_files])
   return TarFolderSource(path, split_rel, classes, files, labels,
                          offsets[member], sizes[member])
+
+
+# ----------------------------------------------------------------------------
+# tfds: a TFDS dataset prepared as ArrayRecord, read with tfds.data_source
+
+# Which TFDS split serves our "test" split, in order of preference: the
+# labelled held-out split. imagenet2012 has "validation" (50k, labelled) and a
+# "test" split without labels, so "validation" comes first.
+_TFDS_SPLITS = {"train": ("train",), "test": ("validation", "test"),
+                "val": ("validation", "test"),
+                "validation": ("validation", "test")}
+_TFDS_MAX_BAD_RUN = 64  # consecutive undecodable examples before giving up
+
+
+def tfds_split_for(split: str, available, name: str = "?") -> str:
+  """The TFDS split to read for our ``split`` (``"train"`` or ``"test"``).
+
+  ``"test"`` (or ``"val"``) maps to ``"validation"`` when the dataset has one,
+  else to ``"test"``. ``available`` lists the dataset's splits; when it is
+  empty (unknown, e.g. a mocked dataset) the preferred name is returned and
+  TFDS checks it.
+  """
+  cands = _TFDS_SPLITS.get(split, (split,))
+  available = sorted(available)
+  if not available:
+    return cands[0]
+  for c in cands:
+    if c in available:
+      return c
+  raise ValueError(
+      f"tfds data source {name!r}: no split for our {split!r} split (looked "
+      f"for {' or '.join(map(repr, cands))}); the dataset has splits "
+      f"{available}.")
+
+
+def _tfds_where(data_dir: str | None) -> str:
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+
+
+def _tfds_build_hint(name: str, data_dir: str | None) -> str:
+  extra = " --manual_dir=DIR_WITH_ILSVRC2012_TARS" if name.startswith("imagenet2012") else ""
+  return (f"prepare it with `tfds build {name} --file_format=array_record "
+          f"--data_dir={_tfds_where(data_dir)}{extra}` (see "
+          "launch/prepare_data.sh; building image datasets needs TensorFlow, "
+          "reading them does not)")
+
+
+def _uint8_rgb(image, what: str) -> np.ndarray:
+  """A decoded image feature (uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4))
+  -> (H, W, 3) uint8, greyscale replicated and alpha dropped (as PIL's
+  ``convert("RGB")`` does)."""
+  x = np.asarray(image)
+  if x.ndim == 2:
+    x = x[..., None]
+  if x.dtype != np.uint8 or x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"{what}: expected a uint8 (H, W[, 1|3|4]) image, got "
+                     f"{x.dtype} {x.shape}")
+  if x.shape[-1] == 1:
+    return np.repeat(x, 3, axis=-1)
+  return np.ascontiguousarray(x[..., :3])
+
+
+class TfdsSource:
+  """Random-access source over one split of a TFDS ArrayRecord dataset.
+
+  Reads records with ``tfds.data_source`` (no TensorFlow). An ``Image`` feature
+  is read as its encoded bytes (``tfds.decode.SkipDecoding``) and decoded here
+  with PIL like the folder source (``.convert("RGB")``: greyscale, CMYK and
+  palette images come out RGB); any other image feature must decode to uint8
+  (H, W[, 1|3|4]). Labels are the ``label`` feature (int32).
+
+  An example that cannot be read or decoded is replaced, like in
+  :class:`FolderSource`, by the next one that can (cyclically), warned about
+  once per example and process (:class:`CorruptImageWarning`) and counted in
+  ``skipped``, :func:`num_skipped` and the example's ``"skipped"`` field. More
+  than 64 consecutive failures raise (a broken dataset, not a bad image).
+
+  Pickles without the open data source (grain worker processes reopen it).
+  Processes share nothing: the training pipeline shards the element stream by
+  JAX process (``pipeline.train_dataset``), as for every source.
+
+  Attributes:
+    name: e.g. ``"tfds:imagenet2012/validation"``.
+    tfds_name, split: the dataset name and the TFDS split read.
+    data_dir: the TFDS data directory given (None: TFDS's default).
+    num_classes: ``label``'s ``ClassLabel.num_classes`` (else max label + 1).
+    labels: ``(N,)`` int32, read on first access (one pass over the records).
+    skipped: undecodable examples passed over by this object in this process.
+  """
+
+  def __init__(self, tfds_name: str, split: str, data_dir: str | None,
+               data_source, num_classes: int | None = None):
+    self.tfds_name = tfds_name
+    self.split = split
+    self.data_dir = data_dir
+    self.name = f"tfds:{tfds_name}/{split}"
+    features = data_source.dataset_info.features
+    keys = sorted(features.keys())
+    for key in ("image", "label"):
+      if key not in keys:
+        raise ValueError(
+            f"tfds data source {tfds_name!r}: the dataset has no {key!r} "
+            f"feature (features: {keys}); the tfds source reads 'image' and "
+            "'label'.")
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # Image features: read the encoded bytes and decode them here (PIL RGB).
+    self._encoded = isinstance(features["image"], tfds.features.Image)
+    self._len = len(data_source)
+    self._ds = data_source
+    self._ds_pid = os.getpid()
+    if num_classes is None:
+      label = features["label"]
+      if isinstance(label, tfds.features.ClassLabel):
+        num_classes = label.num_classes
+      else:
+        num_classes = int(self.labels.max()) + 1 if self._len else 0
+    self.num_classes = int(num_classes)
+    self._reset_process_state()
+
+  def _reset_process_state(self) -> None:
+    self.skipped = 0
+    self._bad = set()
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    for k in ("_ds", "_ds_pid", "skipped", "_bad"):
+      state.pop(k, None)
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._ds = None
+    self._ds_pid = None
+    self._reset_process_state()
+
+  def _data_source(self):
+    if self._ds is None or self._ds_pid != os.getpid():
+      with _lock:
+        if self._ds is None or self._ds_pid != os.getpid():
+          self._ds = _open_tfds(self.tfds_name, self.split, self.data_dir,
+                                self._encoded)
+          self._ds_pid = os.getpid()
+    return self._ds
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:
+    return (f"TfdsSource(name={self.name!r}, n={len(self)}, "
+            f"num_classes={self.num_classes})")
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    ds = self._data_source()
+    labels = np.array([int(ds[i]["label"]) for i in range(len(self))], np.int32)
+    labels.flags.writeable = False
+    return labels
+
+  def num_skipped(self) -> int:
+    return self.skipped
+
+  def decode(self, index: int) -> tuple[np.ndarray, np.int32]:
+    """Record ``index`` as ``((H, W, 3) uint8, int32 label)``; raises if it
+    cannot be read or decoded."""
+    ex = self._data_source()[index]
+    what = f"{self.name}[{index}]"
+    if self._encoded:
+      image = ex["image"]
+      if not isinstance(image, (bytes, np.bytes_)):
+        raise ValueError(f"{what}: expected encoded image bytes, got "
+                         f"{type(image).__name__}")
+      image = decode_rgb(bytes(image))
+    else:
+      image = _uint8_rgb(ex["image"], what)
+    return image, np.int32(ex["label"])
+
+  def __getitem__(self, index) -> dict:
+    n = len(self)
+    index = int(index)
+    if not -n <= index < n:
+      raise IndexError(f"{self.name}: index {index} out of range for {n} examples.")
+    last_error = None
+    for k in range(min(n, _TFDS_MAX_BAD_RUN + 1)):
+      j = (index + k) % n
+      if j in self._bad:
+        _count_skip(self, j, None)
+        continue
+      try:
+        image, label = self.decode(j)
+      except Exception as e:  # pylint: disable=broad-except
+        last_error = e
+        if _count_skip(self, j, e):
+          warnings.warn(
+              f"{self.name}: cannot decode example {j} ({type(e).__name__}: "
+              f"{e}); returning the next decodable example instead (counted "
+              "in TfdsSource.skipped and sources.num_skipped()).",
+              CorruptImageWarning, stacklevel=2)
+        continue
+      return {"image": image, "label": label, "skipped": np.int32(k)}
+    raise RuntimeError(
+        f"{self.name}: examples {index} .. {index + k} (mod {n}) cannot be "
+        f"read or decoded; the last error: {type(last_error).__name__}: "
+        f"{last_error}") from last_error
+
+
+def _open_tfds(name: str, split: str, data_dir: str | None, encoded: bool):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                          decoders=decoders)
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None) -> TfdsSource:
+  """Our ``split`` (``"train"``/``"test"``) of the TFDS dataset ``name``.
+
+  ``name`` may carry a config and version as TFDS spells them
+  (``imagenet2012``, ``imagenette/full-size-v2:1.0.0``). ``data_dir``: the
+  TFDS data directory (local or ``gs://``); None uses ``$TFDS_DATA_DIR`` or
+  ``~/tensorflow_datasets``. The dataset must already be prepared as
+  ArrayRecord (``tfds build NAME --file_format=array_record``); nothing is
+  downloaded or built here. ``"test"`` reads ``validation`` when the dataset
+  has it, else ``test`` (:func:`tfds_split_for`).
+
+  Raises:
+    ValueError: unknown dataset, no such split (the message lists the splits),
+      no ``image``/``label`` feature, or prepared in another file format.
+    FileNotFoundError: the dataset is known to TFDS but not prepared in
+      ``data_dir``.
+  """
+  if not name:
+    raise ValueError('tfds spec must be "tfds:NAME", got an empty name.')
+  # Read here, not by TFDS: it reads $TFDS_DATA_DIR once, when it is imported.
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  spec = f"tfds:{name}"
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f"tfds data source {spec!r}: no dataset {name!r} in "
+        f"{_tfds_where(data_dir)!r} and no TFDS builder of that name; check the "
+        f"name, the data directory (config.data.tfds_data_dir or "
+        f"$TFDS_DATA_DIR), or {_tfds_build_hint(name, data_dir)}.") from None
+  tfds_split = tfds_split_for(split, list(builder.info.splits.keys()), spec)
+  features = builder.info.features
+  encoded = "image" in features and isinstance(features["image"], tfds.features.Image)
+  try:
+    ds = _open_tfds(name, tfds_split, data_dir, encoded)
+  except Exception as e:  # pylint: disable=broad-except
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f"tfds data source {spec!r}: the dataset is not prepared in "
+          f"{builder.data_dir!r}; {_tfds_build_hint(name, data_dir)}.") from e
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise ValueError(
+          f"tfds data source {spec!r}: {builder.data_dir!r} holds the "
+          f"{builder.info.file_format.value} format, but random access needs "
+          f"ArrayRecord; rebuild into another data directory: "
+          f"{_tfds_build_hint(name, data_dir)}.") from e
+    raise
+  if len(ds) == 0:
+    raise ValueError(f"tfds data source {spec!r}: split {tfds_split!r} is empty.")
+  return TfdsSource(name, tfds_split, data_dir, ds)

@@ -31,6 +31,7 @@ def backbone_kwargs(model_cfg) -> dict:
       token_init=model_cfg.token_init,
       interpolate_offset=model_cfg.interpolate_offset,
       interpolate_antialias=model_cfg.interpolate_antialias,
+      remat=bool(model_cfg.get("remat", False)),
       dtype=compute_dtype(model_cfg.dtype),
   )
   return kw

@@ -326,6 +326,15 @@ class Block(nnx.Module):
         return x, attn
 
 
+def _block_call(block: Block, x: jax.Array, key: jax.Array | None, batch: int, return_attention: bool):
+    return block(x, batch, key=key, return_attention=return_attention)
+
+
+# model.remat: the block's activations are recomputed in the backward pass instead of stored (jax.checkpoint); the
+# values and gradients are the same. batch and return_attention are static (Python values).
+_remat_block_call = nnx.remat(_block_call, static_argnums=(3, 4))
+
+
 # ------------------------------------------------------------------------------------------------ model
 
 
@@ -350,6 +359,7 @@ class VisionTransformer(nnx.Module):
         token_init: str = "dino",
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
+        remat: bool = False,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -370,6 +380,7 @@ class VisionTransformer(nnx.Module):
         self.grid_size = img_size // patch_size  # stored pos-embed grid is grid_size x grid_size
         self.interpolate_offset = float(interpolate_offset)
         self.interpolate_antialias = bool(interpolate_antialias)
+        self.remat = bool(remat)
         self.dtype = dtype
 
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim, dtype=dtype, rngs=rngs)
@@ -450,9 +461,10 @@ class VisionTransformer(nnx.Module):
         keys = jax.random.split(key, self.depth) if key is not None else [None] * self.depth
         attn = None
         kept = []
+        call = _remat_block_call if self.remat else _block_call
         for i, block in enumerate(self.blocks):
             last = i == self.depth - 1
-            x, a = block(x, b, key=keys[i], return_attention=return_attention and last)
+            x, a = call(block, x, keys[i], b, return_attention and last)
             if a is not None:
                 attn = a
             if i >= self.depth - keep_last:

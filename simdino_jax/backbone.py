@@ -1,0 +1,86 @@
+"""Feature extraction with a trained (or imported) backbone: ``load_backbone(path)`` -> a jitted callable.
+
+  features = simdino_jax.load_backbone("runs/demo")          # a training workdir: its newest checkpoint
+  out = features(images)                                      # images (B, H, W, 3) float, ImageNet-normalised
+  out["cls"], out["patch"]                                    # (B, D), (B, N, D) float32, after the final norm
+
+``path`` is a training workdir (the newest committed checkpoint and the config stored with it) or a file: our
+export (.safetensors / .npz, either layout) or an official PyTorch state dict (.pth with PyTorch installed, or its
+.safetensors / .npz), read by ``torch_interop.load_state_dict``. Any image size that is a multiple of the patch
+size works (the positional embedding is interpolated as in training); each new shape compiles once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+class Backbone:
+  """A loaded ViT backbone; call it on images (B, H, W, 3) -> {"cls": (B, D), "patch": (B, N, D)} float32.
+
+  Attributes: ``model`` (the Flax NNX VisionTransformer), ``kwargs`` (its constructor arguments), ``embed_dim``,
+  ``patch_size``, ``num_registers``, ``source`` (where the weights came from), ``step`` (None for official weights).
+  """
+
+  def __init__(self, model, kwargs: dict, source: str, step: int | None = None):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    self.model = model
+    self.kwargs = kwargs
+    self.source = source
+    self.step = step
+    self.embed_dim = model.embed_dim
+    self.patch_size = model.patch_size
+    self.num_registers = model.num_registers
+    graphdef, params = nnx.split(model)
+    self._params = params
+
+    def features(params, images):
+      out = nnx.merge(graphdef, params)(images, key=None)  # deterministic: no drop path
+      return {"cls": out["cls"].astype(jnp.float32), "patch": out["patch"].astype(jnp.float32)}
+
+    self._features = jax.jit(features)
+
+  def __call__(self, images: Any) -> dict:
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[-1] != 3:
+      raise ValueError(f"images must be (B, H, W, 3) channels-last RGB, got shape {shape}")
+    if shape[1] % self.patch_size or shape[2] % self.patch_size:
+      raise ValueError(f"image size {shape[1]}x{shape[2]} is not a multiple of the patch size {self.patch_size}")
+    return self._features(self._params, images)
+
+  def __repr__(self) -> str:
+    k = self.kwargs
+    return (f"Backbone(width={k['embed_dim']}, depth={k['depth']}, heads={k['num_heads']}, patch={k['patch_size']}, "
+            f"registers={k['num_registers']}, layerscale={k['layerscale_init'] is not None}, source={self.source!r})")
+
+
+def load_backbone(path: str, *, which: str = "teacher", num_heads: int | None = None, step: int | None = None,
+                  **overrides) -> Backbone:
+  """A Backbone from a training workdir (newest checkpoint, or ``step``) or an exported / official weights file.
+
+  which: the teacher (default; what the papers evaluate) or the student. num_heads: only needed for official
+  weights whose width is not 64 x heads (our exports carry their config). overrides: VisionTransformer arguments
+  such as ``dtype=jnp.bfloat16`` or the pos-embed interpolation of an official model (``interpolate_offset=0.0,
+  interpolate_antialias=True`` for SimDINOv2)."""
+  from simdino_jax import export, torch_interop  # pylint: disable=g-import-not-at-top
+
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    arrays, restored_step, config = export.restore_params(path, which=which, step=step)
+    imported = torch_interop.load_state_dict(arrays, num_heads=num_heads, config=config, **overrides)
+    imported.source = f"{path} (step {restored_step}, {which})"
+    return Backbone(imported.build(), imported.kwargs, imported.source, restored_step)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such training workdir or weights file")
+  if step is not None:
+    raise ValueError(f"step={step} selects a checkpoint of a workdir; {path} is a file")
+  imported = torch_interop.load_state_dict(path, which=which, num_heads=num_heads, **overrides)
+  saved_step = imported.metadata.get("step")
+  return Backbone(imported.build(), imported.kwargs, imported.source,
+                  int(saved_step) if str(saved_step).isdigit() else None)
