@@ -4,7 +4,8 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_dino_vmf.py --workdir=/tmp/cifar10_dino_vmf
 
-Runtime / expected k-NN: see README "Results".
+Runtime: not measured yet for this recipe (the four measured CIFAR-10 recipes took 20-34 min on 2 shared cores).
+Expected k-NN: not measured yet; see README "Results" for the other methods on the same budget.
 
 The two changes of configs/dino_vmf_vitb16_in1k.py on the CIFAR DINO recipe: trainable prototype norms
 (norm_last_layer False) and logits <w_k, y> / tau + log C_p(|w_k| / tau) with the one-term Bessel expansion for

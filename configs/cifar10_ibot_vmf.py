@@ -4,7 +4,8 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_ibot_vmf.py --workdir=/tmp/cifar10_ibot_vmf
 
-Runtime / expected k-NN: see README "Results".
+Runtime: not measured yet for this recipe (the four measured CIFAR-10 recipes took 20-34 min on 2 shared cores).
+Expected k-NN: not measured yet; see README "Results" for the other methods on the same budget.
 
 As configs/ibot_vmf_vitb16_in1k.py: one head and prototype layer shared by cls and patch tokens (iBOT
 --shared_head true), block masks on half of the global crops with ratios (0.1, 0.5) of the 8x8 patch grid, patch

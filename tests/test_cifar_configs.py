@@ -23,7 +23,7 @@ def test_cifar10_config_trains_on_real_cifar10(method, tmp_path):
   config = runpy.run_path(os.path.join(ROOT, "configs", f"cifar10_{method}.py"))["get_config"]()
   assert config.method == method
   config.data.source = "folder:" + TAR  # the config's path is relative to the repo root; pytest may run elsewhere
-  config.batch_size, config.model.depth, config.model.embed_dim = 16, 1, 32
+  config.batch_size, config.model.depth, config.model.embed_dim, config.model.num_heads = 16, 1, 32, 2
   config.head.hidden_dim, config.head.num_prototypes = 64, 256
   config.head.patch_num_prototypes = 0
   t = trainer.Trainer(config, str(tmp_path))
