@@ -24,7 +24,7 @@ NOTEBOOK = os.path.join(LAUNCH, "colab.ipynb")
 
 def bash(script, *args, env=None, check_rc=None):
   out = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, **(env or {})), timeout=120)
+                       env=dict(os.environ, **(env or {})), timeout=600)  # a hang guard only: a loaded 2-core machine can take minutes
   if check_rc is not None:
     assert out.returncode == check_rc, (out.stdout[-2000:], out.stderr[-2000:])
   return out
