@@ -78,8 +78,9 @@ def main(argv=None):
   modes = {"off": [False], "on": [True], "both": [False, True]}[args.self_distillation]
   results = [run_one(m, sd, args) for m in args.methods.split(",") for sd in modes]
   import jax
+  from simdino_jax import tcmalloc
   print(json.dumps({"benchmark": "collapse", "steps": args.steps, "overrides": args.set, "device": jax.devices()[0].platform,
-                    "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
+                    "allocator": tcmalloc.allocator(),
                     "results": results}))
 
 

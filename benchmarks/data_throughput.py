@@ -33,6 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simdino_jax import tcmalloc  # pylint: disable=wrong-import-position  # stdlib only, cheap
 
 DEFAULT_SOURCES = {
     "dino224": "folder:../shared/data/imagenette224-mini/imagenette224-mini.tar",
@@ -76,19 +77,6 @@ def parse_args(argv=None):
   if args.warmup_batches < 0:
     p.error(f"--warmup_batches: must be >= 0, got {args.warmup_batches}")
   return args
-
-
-def maybe_reexec_with_tcmalloc(enabled: bool) -> None:
-  from simdino_jax import tcmalloc
-
-  if not enabled or not sys.platform.startswith("linux") or os.environ.get("SIMDINO_NO_TCMALLOC"):
-    return
-  preload = os.environ.get("LD_PRELOAD", "")
-  lib = tcmalloc.find_tcmalloc()
-  if "tcmalloc" in preload or lib is None:
-    return
-  env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib, SIMDINO_NO_TCMALLOC="1")
-  os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
 
 
 def recipe_config(recipe: str, mode: str, resize: str):
@@ -267,7 +255,8 @@ def time_reference(source, cfg, args) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
-  maybe_reexec_with_tcmalloc(args.tcmalloc)
+  if args.tcmalloc:
+    tcmalloc.maybe_reexec(script=__file__)
 
   from simdino_jax.data import sources
 
@@ -281,7 +270,7 @@ def main(argv=None):
           f"{runs[-1]['images_per_sec_per_process']} per process", file=sys.stderr, flush=True)
   out = {"benchmark": "data_throughput", "recipe": args.recipe, "mode": args.mode, "source": spec,
          "resize": cfg.resize, "batch_size": args.batch_size, "threads_per_process": args.threads,
-         "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
+         "allocator": tcmalloc.allocator(),
          "cpu_count": os.cpu_count(), "runs": runs,
          "images_per_sec_per_process": runs[0]["images_per_sec_per_process"]}
   if args.reference:

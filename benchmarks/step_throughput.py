@@ -37,6 +37,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+from simdino_jax import tcmalloc  # pylint: disable=wrong-import-position  # stdlib only, cheap
 
 PRESETS = ("cpu-vit-tiny", "vit-s16", "vit-b16", "vit-l16")
 
@@ -160,23 +161,9 @@ def step_flops(compiled) -> float | None:
   return float(analysis["flops"])
 
 
-def maybe_reexec_with_tcmalloc(argv) -> None:
-  if not _TCMALLOC.value:
-    return
-  from simdino_jax import tcmalloc
-
-  if not sys.platform.startswith("linux") or os.environ.get("SIMDINO_NO_TCMALLOC"):
-    return
-  preload = os.environ.get("LD_PRELOAD", "")
-  lib = tcmalloc.find_tcmalloc()
-  if "tcmalloc" in preload or lib is None:
-    return
-  env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib, SIMDINO_NO_TCMALLOC="1")
-  os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv[1:]], env)
-
-
 def main(argv):
-  maybe_reexec_with_tcmalloc(sys.argv)
+  if _TCMALLOC.value:
+    tcmalloc.maybe_reexec(script=__file__)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DUMP_HLO.value:  # read when the backend starts, i.e. before the first computation below
@@ -245,7 +232,7 @@ def main(argv):
       "mfu": round(flops / median / len(devices) / (peak * 1e12), 4) if flops and peak else None,
       **peak_memory(devices),
       "loss": loss, "device_kind": kind, "platform": platform, "num_devices": len(devices),
-      "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default (no tcmalloc)",
+      "allocator": tcmalloc.allocator(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
       "overrides": list(_SET.value), "profile": _PROFILE.value or None, "dump_hlo": _DUMP_HLO.value or None,
   }

@@ -23,15 +23,26 @@ def find_tcmalloc() -> str | None:
   return found[0] if found else None
 
 
-def maybe_reexec(module: str) -> None:
-  """If tcmalloc is available and not yet preloaded, replace this process by ``python -m module argv...``."""
-  if not sys.platform.startswith("linux") or os.environ.get("SIMDINO_NO_TCMALLOC"):
-    return
-  preload = os.environ.get("LD_PRELOAD", "")
-  if "tcmalloc" in preload:
+def preloaded() -> bool:
+  return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+
+
+def allocator() -> str:
+  """What benchmarks report as their allocator: "tcmalloc" when it is preloaded, else "default" (glibc malloc)."""
+  return "tcmalloc" if preloaded() else "default"
+
+
+def maybe_reexec(module: str | None = None, *, script: str | None = None) -> None:
+  """If tcmalloc is available and not yet preloaded, replace this process by ``python -m module argv...`` (entry
+  points) or ``python script argv...`` (the benchmark scripts)."""
+  if (module is None) == (script is None):
+    raise ValueError("give exactly one of module and script")
+  if not sys.platform.startswith("linux") or os.environ.get("SIMDINO_NO_TCMALLOC") or preloaded():
     return
   lib = find_tcmalloc()
   if lib is None:
     return
+  preload = os.environ.get("LD_PRELOAD", "")
   env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib, SIMDINO_NO_TCMALLOC="1")
-  os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+  target = ["-m", module] if module is not None else [os.path.abspath(script)]
+  os.execve(sys.executable, [sys.executable, *target, *sys.argv[1:]], env)

@@ -248,6 +248,67 @@ def num_skipped() -> int:
   return _skipped_total
 
 
+class _SkippingSource:
+  """What the decoding sources (folder, tar, tfds) share: ``source[i]`` returns example ``i``, or, when it cannot be
+  read or decoded, the next one that can (``i + 1, i + 2, ...`` cyclically, so the replacement is deterministic),
+  with ``"skipped"`` = the number of bad examples passed over; each bad example is warned about once per process
+  and counted (``skipped``, :func:`num_skipped`). The per-process state is never pickled, so grain worker processes
+  start from zero.
+
+  Subclasses define ``name``, ``__len__``, ``_example(j) -> (image, label)`` (raising on a bad example) and
+  ``_describe(j)`` (what the warning names); ``_max_bad_run`` bounds a run of consecutive bad examples (None: try
+  every example before giving up).
+  """
+
+  _PROCESS_LOCAL = ("skipped", "_bad")
+  _max_bad_run: int | None = None
+
+  def _reset_process_state(self) -> None:
+    self.skipped = 0
+    self._bad = set()
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    for k in self._PROCESS_LOCAL:
+      state.pop(k, None)
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._reset_process_state()
+
+  def num_skipped(self) -> int:
+    """``skipped``: undecodable examples passed over by this object (process)."""
+    return self.skipped
+
+  def __getitem__(self, index) -> dict:
+    n = len(self)
+    index = int(index)
+    if not -n <= index < n:
+      raise IndexError(f"{self.name}: index {index} out of range for {n} examples.")
+    tries = n if self._max_bad_run is None else min(n, self._max_bad_run + 1)
+    last_error = None
+    for k in range(tries):
+      j = (index + k) % n
+      if j in self._bad:
+        _count_skip(self, j, None)
+        continue
+      try:
+        image, label = self._example(j)
+      except Exception as e:  # pylint: disable=broad-except
+        last_error = e
+        if _count_skip(self, j, e):
+          warnings.warn(
+              f"{self.name}: cannot decode {self._describe(j)} ({type(e).__name__}: {e}); returning the next "
+              f"decodable example instead (counted in {type(self).__name__}.skipped and sources.num_skipped()).",
+              CorruptImageWarning, stacklevel=2)
+        continue
+      return {"image": image, "label": label, "skipped": np.int32(k)}
+    raise RuntimeError(
+        f"{self.name}: examples {index} .. {index + tries - 1} (mod {n}) cannot be read or decoded; the last error: "
+        f"{type(last_error).__name__}: {last_error}") from last_error
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
   """Encoded image bytes -> ``(H, W, 3)`` uint8 with PIL; raises if they do
   not decode. ``.convert("RGB")`` turns greyscale, CMYK, palette and RGBA
@@ -292,7 +353,7 @@ def _contents(dirs, files) -> str:
   return " and ".join(parts) or "nothing"
 
 
-class FolderSource:
+class FolderSource(_SkippingSource):
   """Random-access source over an image-folder tree, decoded on access.
 
   ``source[i]`` reads file ``i`` and decodes it with PIL (``.convert("RGB")``,
@@ -338,24 +399,6 @@ class FolderSource:
     self._files = files
     self._reset_process_state()
 
-  def _reset_process_state(self) -> None:
-    self.skipped = 0
-    self._bad = set()
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    for k in ("skipped", "_bad"):
-      state.pop(k, None)
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._reset_process_state()
-
-  def num_skipped(self) -> int:
-    """``skipped``: undecodable files passed over by this object (process)."""
-    return self.skipped
-
   def __len__(self) -> int:
     return int(self.labels.shape[0])
 
@@ -381,31 +424,11 @@ class FolderSource:
     """File ``index`` as ``(H, W, 3)`` uint8; raises if it cannot be decoded."""
     return decode_rgb(self.read_bytes(index))
 
-  def _skip(self, index: int, error: Exception | None) -> None:
-    if _count_skip(self, index, error):
-      warnings.warn(
-          f"{self.name}: cannot decode {self.image_path(index)} "
-          f"({type(error).__name__}: {error}); returning the next decodable "
-          "example instead (counted in FolderSource.skipped and "
-          "sources.num_skipped()).", CorruptImageWarning, stacklevel=3)
+  def _example(self, index: int) -> tuple[np.ndarray, np.int32]:
+    return self.decode(index), self.labels[index]
 
-  def __getitem__(self, index) -> dict:
-    n = len(self)
-    index = int(index)
-    if not -n <= index < n:
-      raise IndexError(f"{self.name}: index {index} out of range for {n} files.")
-    for k in range(n):
-      j = (index + k) % n
-      if j in self._bad:
-        self._skip(j, None)
-        continue
-      try:
-        image = self.decode(j)
-      except Exception as e:  # pylint: disable=broad-except
-        self._skip(j, e)
-        continue
-      return {"image": image, "label": self.labels[j], "skipped": np.int32(k)}
-    raise RuntimeError(f"{self.name}: none of the {n} image files decodes.")
+  def _describe(self, index: int) -> str:
+    return self.image_path(index)
 
 
 class TarFolderSource(FolderSource):
@@ -657,7 +680,7 @@ def _load_folder_tar(path: str, split: str) -> TarFolderSource:
   _, split_rel, classes = _choose_split(path, split, children)
   prefix = split_rel + "/"
   class_set = set(classes)
-  sel, rel_files = [], []
+  rel_files = []
   for i, n in enumerate(names):
     if not n.startswith(prefix):
       continue
@@ -737,7 +760,7 @@ def _uint8_rgb(image, what: str) -> np.ndarray:
   return np.ascontiguousarray(x[..., :3])
 
 
-class TfdsSource:
+class TfdsSource(_SkippingSource):
   """Random-access source over one split of a TFDS ArrayRecord dataset.
 
   Reads records with ``tfds.data_source`` (no TensorFlow). An ``Image`` feature
@@ -764,6 +787,9 @@ class TfdsSource:
     labels: ``(N,)`` int32, read on first access (one pass over the records).
     skipped: undecodable examples passed over by this object in this process.
   """
+
+  _PROCESS_LOCAL = _SkippingSource._PROCESS_LOCAL + ("_ds", "_ds_pid")
+  _max_bad_run = _TFDS_MAX_BAD_RUN  # a longer run is a broken dataset, not a bad image
 
   def __init__(self, tfds_name: str, split: str, data_dir: str | None,
                data_source, num_classes: int | None = None):
@@ -794,21 +820,9 @@ class TfdsSource:
     self.num_classes = int(num_classes)
     self._reset_process_state()
 
-  def _reset_process_state(self) -> None:
-    self.skipped = 0
-    self._bad = set()
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    for k in ("_ds", "_ds_pid", "skipped", "_bad"):
-      state.pop(k, None)
-    return state
-
   def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._ds = None
-    self._ds_pid = None
-    self._reset_process_state()
+    super().__setstate__(state)
+    self._ds = self._ds_pid = None  # reopened lazily in this process
 
   def _data_source(self):
     if self._ds is None or self._ds_pid != os.getpid():
@@ -833,9 +847,6 @@ class TfdsSource:
     labels.flags.writeable = False
     return labels
 
-  def num_skipped(self) -> int:
-    return self.skipped
-
   def decode(self, index: int) -> tuple[np.ndarray, np.int32]:
     """Record ``index`` as ``((H, W, 3) uint8, int32 label)``; raises if it
     cannot be read or decoded."""
@@ -851,33 +862,11 @@ class TfdsSource:
       image = _uint8_rgb(ex["image"], what)
     return image, np.int32(ex["label"])
 
-  def __getitem__(self, index) -> dict:
-    n = len(self)
-    index = int(index)
-    if not -n <= index < n:
-      raise IndexError(f"{self.name}: index {index} out of range for {n} examples.")
-    last_error = None
-    for k in range(min(n, _TFDS_MAX_BAD_RUN + 1)):
-      j = (index + k) % n
-      if j in self._bad:
-        _count_skip(self, j, None)
-        continue
-      try:
-        image, label = self.decode(j)
-      except Exception as e:  # pylint: disable=broad-except
-        last_error = e
-        if _count_skip(self, j, e):
-          warnings.warn(
-              f"{self.name}: cannot decode example {j} ({type(e).__name__}: "
-              f"{e}); returning the next decodable example instead (counted "
-              "in TfdsSource.skipped and sources.num_skipped()).",
-              CorruptImageWarning, stacklevel=2)
-        continue
-      return {"image": image, "label": label, "skipped": np.int32(k)}
-    raise RuntimeError(
-        f"{self.name}: examples {index} .. {index + k} (mod {n}) cannot be "
-        f"read or decoded; the last error: {type(last_error).__name__}: "
-        f"{last_error}") from last_error
+  def _example(self, index: int) -> tuple[np.ndarray, np.int32]:
+    return self.decode(index)
+
+  def _describe(self, index: int) -> str:
+    return f"example {index}"
 
 
 def _open_tfds(name: str, split: str, data_dir: str | None, encoded: bool):
