@@ -3,6 +3,8 @@ r"""Train-step throughput of the real SimDINO step (the Trainer's own jitted ste
   python benchmarks/step_throughput.py --preset cpu-vit-tiny [--steps 10] [--warmup 3]
   python benchmarks/step_throughput.py --preset vit-b16 [--dtype bfloat16] [--batch_size 256] \
       [--peak_tflops 989] [--profile /tmp/trace] [--dump_hlo /tmp/hlo] [--set model.remat=True]
+  python benchmarks/step_throughput.py --preset cpu-vit-tiny --rounds 3 \
+      --torch_python /path/to/torch-venv/bin/python --official_repo /path/to/SimDINO
 
 Presets (SimDINO, 2 global crops + local crops, head hidden 2048 / out 256, drop path 0.1):
   cpu-vit-tiny  ViT-Ti/4 (width 192, depth 12, 3 heads), 2x32 + 6x16 crops, batch 64, float32
@@ -19,7 +21,9 @@ Prints one JSON line: images_per_sec (batch / median step time), step_time_ms (m
 (device ``memory_stats()`` peak when the backend reports it, else the host's peak RSS), flops_per_image (XLA's
 compiled cost analysis of the whole step: student and teacher forward, backward, optimizer, divided by the batch),
 mfu (against --peak_tflops or the table below, per device), plus the allocator (tcmalloc preloaded or not), XLA_FLAGS,
-device kind and count, and the jax version. On Linux the script re-executes itself with tcmalloc preloaded when it is
+device kind and count, and the jax version. With --torch_python, the official PyTorch step
+(official_step_torch.py, a separate process) is timed after each round of ours, never at the same time, and the
+line adds its images/s per round and ratio_to_reference (ours / official, median over rounds). On Linux the script re-executes itself with tcmalloc preloaded when it is
 installed (``--notcmalloc`` or SIMDINO_NO_TCMALLOC=1 opts out), as the training entry point does.
 """
 
@@ -53,6 +57,11 @@ _PROFILE = flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", "", "Dump XLA's HLO (before and after optimisation) to this directory.")
 _SET = flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (Python literal), e.g. model.remat=True.")
 _TCMALLOC = flags.DEFINE_bool("tcmalloc", True, "Re-execute with tcmalloc preloaded when it is installed (Linux).")
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python", "", "A Python with PyTorch: also time the official PyTorch step (official_step_torch.py) on the "
+    "cpu-vit-tiny preset, alternating with ours, one at a time, and report the ratio.")
+_OFFICIAL_REPO = flags.DEFINE_string("official_repo", "", "Clone of RobinWu218/SimDINO, for --torch_python.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "With --torch_python: alternations of (ours, official).", lower_bound=1)
 
 # Dense bfloat16 peak TFLOP/s of one device (vendor datasheets; SXM parts). Matched in order against the lower-cased
 # device_kind, so the more specific names come first.
@@ -161,7 +170,20 @@ def step_flops(compiled) -> float | None:
   return float(analysis["flops"])
 
 
+def official_reference(batch_size: int) -> dict:
+  """Runs benchmarks/official_step_torch.py with --torch_python (a separate process: torch is not our dependency)."""
+  import subprocess
+
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_step_torch.py")
+  cmd = [_TORCH_PYTHON.value, script, "--official_repo", _OFFICIAL_REPO.value, "--batch_size", str(batch_size),
+         "--steps", str(_STEPS.value), "--warmup", str(_WARMUP.value)]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv):
+  if _TORCH_PYTHON.value and (not _OFFICIAL_REPO.value or _PRESET.value != "cpu-vit-tiny"):
+    raise app.UsageError("--torch_python needs --official_repo and --preset=cpu-vit-tiny (the official step's preset)")
   if _TCMALLOC.value:
     tcmalloc.maybe_reexec(script=__file__)
   if len(argv) > 1:
@@ -203,17 +225,36 @@ def main(argv):
   jax.block_until_ready(state)
   if _PROFILE.value:
     jax.profiler.start_trace(_PROFILE.value)
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+  rounds = _ROUNDS.value if _TORCH_PYTHON.value else 1
+  times, round_medians, references = [], [], []
+  for _ in range(rounds):
+    round_times = []
+    for _ in range(_STEPS.value):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+      round_times.append(time.perf_counter() - start)
+    times += round_times
+    round_medians.append(statistics.median(round_times))
+    if _TORCH_PYTHON.value:  # after ours, never at the same time
+      references.append(official_reference(config.batch_size))
   if _PROFILE.value:
     jax.profiler.stop_trace()
   loss = float(metrics["loss"])
 
   median = statistics.median(times)
+  reference = {}
+  if references:
+    # ours / official, images/s over images/s, in each round
+    ratios = [config.batch_size / m / r["images_per_sec"] for r, m in zip(references, round_medians)]
+    reference = {
+        "reference": "official PyTorch SimDINO step (benchmarks/official_step_torch.py), eager",
+        "reference_images_per_sec": [r["images_per_sec"] for r in references],
+        "reference_torch_version": references[0]["torch_version"], "reference_threads": references[0]["threads"],
+        "images_per_sec_per_round": [round(config.batch_size / m, 2) for m in round_medians],
+        "ratio_to_reference_per_round": [round(r, 3) for r in ratios],
+        "ratio_to_reference": round(statistics.median(ratios), 3),
+    }
   kind = devices[0].device_kind
   peak = peak_tflops(kind)
   result = {
@@ -235,6 +276,7 @@ def main(argv):
       "allocator": tcmalloc.allocator(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
       "overrides": list(_SET.value), "profile": _PROFILE.value or None, "dump_hlo": _DUMP_HLO.value or None,
+      **reference,
   }
   print(json.dumps(result), flush=True)
 

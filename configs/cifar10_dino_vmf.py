@@ -4,8 +4,10 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_dino_vmf.py --workdir=/tmp/cifar10_dino_vmf
 
-Runtime: not measured yet for this recipe (the four measured CIFAR-10 recipes took 20-34 min on 2 shared cores).
-Expected k-NN: not measured yet; see README "Results" for the other methods on the same budget.
+Runtime: 12.2 min wall on 2 otherwise quiet cores (70-87 images/s in the second half; compilation and both k-NN
+passes included).
+Expected result (seed 0, measured): teacher k-NN top-1 31.09% (top-5 80.3%) vs 29.87% at init (+1.2); 89 of 4096
+prototypes in use and effective rank 3.4 at the end (DINO: 32 prototypes, 30.59%).
 
 The two changes of configs/dino_vmf_vitb16_in1k.py on the CIFAR DINO recipe: trainable prototype norms
 (norm_last_layer False) and logits <w_k, y> / tau + log C_p(|w_k| / tau) with the one-term Bessel expansion for

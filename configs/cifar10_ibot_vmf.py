@@ -4,8 +4,10 @@ Command (from the repository root; data.source is relative to it):
 
   python -m simdino_jax.train --config=configs/cifar10_ibot_vmf.py --workdir=/tmp/cifar10_ibot_vmf
 
-Runtime: not measured yet for this recipe (the four measured CIFAR-10 recipes took 20-34 min on 2 shared cores).
-Expected k-NN: not measured yet; see README "Results" for the other methods on the same budget.
+Runtime: 23.8 min wall on 2 otherwise quiet cores (31-33 images/s: the patch branch puts 2 x 64 masked-crop patch
+tokens per image through the head and the 4096 prototypes; compilation and both k-NN passes included).
+Expected result (seed 0, measured): teacher k-NN top-1 32.72% (top-5 80.8%) vs 29.87% at init (+2.9); 93 of 4096
+prototypes in use and effective rank 4.2 at the end (DINO-vMF: 31.09%).
 
 As configs/ibot_vmf_vitb16_in1k.py: one head and prototype layer shared by cls and patch tokens (iBOT
 --shared_head true), block masks on half of the global crops with ratios (0.1, 0.5) of the 8x8 patch grid, patch

@@ -1,13 +1,26 @@
-"""Shared fixtures: a tiny config that trains in seconds on CPU."""
+"""Shared fixtures: a tiny config that trains in seconds on CPU; one XLA compilation cache for the session."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# Many tests train the same tiny config (in-process, or through the CLI in subprocesses, which inherit this
+# environment), so a persistent cache shared by the whole session compiles each program once. A fresh directory per
+# session: nothing carries over between runs. Set before any test module imports jax (jax reads it at import).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="simdino_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def make_tiny_config():
