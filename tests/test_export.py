@@ -134,12 +134,17 @@ def test_cli_safetensors_export_equals_the_checkpoint_teacher_backbone(workdir, 
   assert_arrays_equal(load_file(str(output)), expected)
 
 
-def test_npz_export_of_the_student_with_head(workdir, reference, tmp_path):
-  in_flight = workdir / "checkpoints" / "4.orbax-checkpoint-tmp-1"  # as a running training's unfinished save
-  in_flight.mkdir()
+def test_npz_export_of_the_student_with_head(workdir, reference, tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  # Exporting is read-only: an orbax CheckpointManager would delete a running training's unfinished saves
+  # ("N.orbax-checkpoint-tmp-*") in a background thread as it starts, so export must never construct one.
+  def refuse(*args, **kwargs):
+    raise AssertionError("export constructed a CheckpointManager")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "__init__", refuse)
   summary = export.export(str(workdir), str(tmp_path / "student.npz"), which="student", with_head=True)
-  assert in_flight.is_dir()  # exporting is read-only: it never cleans up after another process
-  in_flight.rmdir()
+  monkeypatch.undo()
   assert summary["format"] == "npz" and summary["step"] == 2  # the format follows the extension
   got = export.load_arrays(tmp_path / "student.npz")
   assert any(k.startswith("head/") for k in got)
