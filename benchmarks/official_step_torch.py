@@ -31,6 +31,11 @@ import statistics
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+from simdino_jax import tcmalloc  # pylint: disable=wrong-import-position  # stdlib only: fine in the torch Python
+
 
 def load_mcr_loss(main_dino_path: str, namespace: dict):
   """Returns the official ``MCRLoss`` class, compiled from its definition in main_dino.py alone."""
@@ -127,7 +132,7 @@ def main():
       "step_time_ms_min": round(1e3 * min(times), 2), "step_time_ms_max": round(1e3 * max(times), 2),
       "steps": len(times), "warmup": args.warmup, "threads": torch.get_num_threads(), "compile": args.compile,
       "loss": loss, "torch_version": torch.__version__,
-      "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
+      "allocator": tcmalloc.allocator(),
   }), flush=True)
 
 

@@ -27,18 +27,12 @@ OVERRIDES = {"total_steps": 2, "checkpoint_every": 2, "warmup_steps": 1, "log_ev
              "data.global_size": 16, "data.local_size": 8}
 
 
-def cli_env(tmp_path_factory):
-  cache = tmp_path_factory.getbasetemp() / "xla_cache_tiny_demo"  # one per pytest session, shared by modules
-  cache.mkdir(exist_ok=True)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+@pytest.fixture(scope="module")
+def env():
+  # The session's compilation cache (tests/conftest.py) comes with os.environ.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return env
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return cli_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

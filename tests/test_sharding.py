@@ -125,10 +125,7 @@ print("REPORT " + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("xla_cache"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
   script = SCRIPT.format(tests=os.path.join(ROOT, "tests"), n=NUM_DEVICES, min_size=FSDP_MIN_SIZE, rules=FSDP_RULES,
                          workdir=str(tmp_path_factory.mktemp("checkpoints")))
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
