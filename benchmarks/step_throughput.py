@@ -19,7 +19,8 @@ config, so it is the program training runs; only the batches are random (no data
 
 Prints one JSON line: images_per_sec (batch / median step time), step_time_ms (median, min, max), peak memory
 (device ``memory_stats()`` peak when the backend reports it, else the host's peak RSS), flops_per_image (XLA's
-compiled cost analysis of the whole step: student and teacher forward, backward, optimizer, divided by the batch),
+compiled cost analysis of the whole step: student and teacher forward, backward, optimizer; one device's share
+times the device count, divided by the global batch),
 mfu (against --peak_tflops or the table below, per device), plus the allocator (tcmalloc preloaded or not), XLA_FLAGS,
 device kind and count, and the jax version. With --torch_python, the official PyTorch step
 (official_step_torch.py, a separate process) is timed after each round of ours, never at the same time, and the
@@ -161,13 +162,15 @@ def peak_tflops(device_kind: str) -> float | None:
   return None
 
 
-def step_flops(compiled) -> float | None:
+def step_flops(compiled, num_devices: int) -> float | None:
+  """FLOPs of one whole step over all devices. XLA's cost analysis describes the SPMD-partitioned program, i.e. ONE
+  device's share (on 2 devices it reports half of the 1-device figure), so it is scaled by the device count."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0] if analysis else None
   if not analysis or "flops" not in analysis:
     return None
-  return float(analysis["flops"])
+  return float(analysis["flops"]) * num_devices
 
 
 def official_reference(batch_size: int) -> dict:
@@ -218,7 +221,7 @@ def main(argv):
   batch = sharding.to_global(host, tr.batch_sharding)
   compiled = tr.compiled_step().lower(state, batch).compile()
   compile_s = time.time() - t0
-  flops = step_flops(compiled)
+  flops = step_flops(compiled, tr.mesh.size)
 
   for _ in range(_WARMUP.value):
     state, _ = compiled(state, batch)

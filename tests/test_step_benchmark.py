@@ -14,8 +14,8 @@ TINY = ["--preset", "cpu-vit-tiny", "--batch_size", "4", "--steps", "2", "--warm
         "--set", "model.num_heads=2", "--set", "head.hidden_dim=64", "--set", "head.out_dim=16"]
 
 
-def run(args, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run(args, tmp_path, devices=1):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   out = subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -49,6 +49,19 @@ def test_step_benchmark_reports_consistent_figures_and_the_ratio_to_a_reference(
   for ours, ratio in zip(per_round, r["ratio_to_reference_per_round"]):
     assert abs(ratio - ours / 0.5) < 0.01 * ratio + 0.01
   assert min(r["ratio_to_reference_per_round"]) <= r["ratio_to_reference"] <= max(r["ratio_to_reference_per_round"])
+
+
+def test_step_flops_and_mfu_count_every_device(tmp_path):
+  # XLA's cost analysis of a partitioned step is one device's share: the per-image FLOPs must not halve on 2 devices,
+  # and the per-device rate (what the MFU divides by the peak) is the whole step's rate over the device count.
+  args = [*TINY, "--steps", "1", "--warmup", "0", "--peak_tflops", "1"]
+  one, two = run(args, tmp_path), run(args, tmp_path, devices=2)
+  assert one["num_devices"] == 1 and two["num_devices"] == 2
+  assert abs(two["flops_per_image"] / one["flops_per_image"] - 1) < 0.02, (one["flops_per_image"], two["flops_per_image"])
+  for r in (one, two):
+    rate = r["flops_per_image"] * r["batch_size"] / (r["step_time_ms"] / 1e3) / 1e12 / r["num_devices"]
+    assert abs(r["achieved_tflops_per_device"] - rate) <= 0.01 * rate + 1e-3
+    assert abs(r["mfu"] - rate / 1.0) <= 0.01 * rate + 1e-4
 
 
 def test_step_benchmark_refuses_a_reference_without_the_official_repo(tmp_path):
