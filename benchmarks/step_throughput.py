@@ -25,7 +25,8 @@ mfu (against --peak_tflops or the table below, per device), plus the allocator (
 device kind and count, and the jax version. With --torch_python, the official PyTorch step
 (official_step_torch.py, a separate process) is timed after each round of ours, never at the same time, and the
 line adds its images/s per round and ratio_to_reference (ours / official, median over rounds). On Linux the script
-re-executes itself with tcmalloc preloaded when it is installed (``--notcmalloc`` or SIMDINO_NO_TCMALLOC=1 opts out), as the training entry point does.
+re-executes itself with tcmalloc preloaded when it is installed (``--notcmalloc`` or SIMDINO_NO_TCMALLOC=1 opts
+out), as the training entry point does.
 """
 
 from __future__ import annotations
