@@ -28,8 +28,10 @@ the global block index), prefixes ``module.`` (DDP), ``_orig_mod.`` (torch.compi
 centres ...) are ignored and listed (``strict=True`` refuses them). Our own exports (slash names, Flax layout)
 load too.
 
-Python API: ``to_torch(params)``, ``load_state_dict(source, ...)`` -> ``ImportedViT`` (``.params``, ``.kwargs``,
-``.build()``), ``read_state_dict(path)``, ``infer_vit_kwargs(state_dict)``.
+Python API: ``to_torch(params)``, ``network_to_torch(params)`` / ``network_from_torch(state, like)`` (backbone
+and heads: ``head.mlp.<2i>.*``, ``head.last_layer.weight_g`` (K, 1) / ``weight_v`` (K, in)),
+``load_state_dict(source, ...)`` -> ``ImportedViT`` (``.params``, ``.kwargs``, ``.build()``),
+``read_state_dict(path)``, ``infer_vit_kwargs(state_dict)``.
 """
 
 from __future__ import annotations
@@ -140,6 +142,79 @@ def to_torch(params: Mapping[str, Any], *, flavor: str = "auto") -> dict[str, np
       continue
     tname, layout = torch_name(name)
     out[tname] = _to_torch_layout(a, layout)
+  return out
+
+
+# ---- whole networks (backbone + heads), for running the official trainers from our weights --------------------
+def head_torch_name(name: str, num_layers: int) -> tuple[str, str]:
+  """(official name, layout) of one of our head parameter names, relative to the head ('mlp/1/kernel',
+  'proj/mlp/0/bias', 'last_layer/weight_v').
+
+  Our ProjectionHead's Linear i is the official ``mlp.<2i>`` (the GELUs take the odd indices of the official
+  nn.Sequential), or ``mlp`` itself when the head has one layer (the official head is then a bare nn.Linear); the
+  DINO head's MLP sits under ``proj/`` here and directly under the head there. The weight-normalised last layer:
+  ``weight_v`` (in, K) -> (K, in) and ``weight_g`` (K,) -> (K, 1), torch.nn.utils.weight_norm's shapes (dim 0)."""
+  parts = name.split("/")
+  if parts[0] == "proj":
+    parts = parts[1:]
+  if parts[0] == "last_layer":
+    if parts[1] == "weight_v":
+      return "last_layer.weight_v", "linear"
+    if parts[1] == "weight_g":
+      return "last_layer.weight_g", "column"
+    raise InteropError(f"head parameter {name!r}: unknown last-layer leaf")
+  if parts[0] != "mlp" or len(parts) != 3 or parts[2] not in ("kernel", "bias"):
+    raise InteropError(f"head parameter {name!r}: expected mlp/<i>/kernel|bias or last_layer/weight_v|weight_g")
+  module = "mlp" if num_layers == 1 else f"mlp.{2 * int(parts[1])}"
+  if parts[2] == "kernel":
+    return f"{module}.weight", "linear"
+  return f"{module}.bias", "same"
+
+
+def _head_layers(params: Mapping[str, Any], prefix: str) -> int:
+  return len({k.split("/")[-2] for k in params if re.match(rf"{prefix}/(proj/)?mlp/\d+/kernel$", k)})
+
+
+def network_to_torch(params: Mapping[str, Any], *, flavor: str = "auto", head: str = "head",
+                     patch_head: str = "ibot_head") -> dict[str, np.ndarray]:
+  """Our whole network {name: array} (slash names: backbone/..., head/..., patch_head/...) -> one official state
+  dict with ``backbone.``, ``<head>.`` and ``<patch_head>.`` prefixes: DINO's / SimDINO's MultiCropWrapper is
+  ``head="head"``; DINOv2's / SimDINOv2's SSLMetaArch student and teacher are ``head="dino_head"`` (and
+  ``patch_head="ibot_head"`` with a separate patch head)."""
+  params = {k: np.asarray(v) for k, v in params.items()}
+  out = {f"backbone.{k}": v for k, v in to_torch(params, flavor=flavor).items()}
+  for ours, theirs in (("head", head), ("patch_head", patch_head)):
+    layers = _head_layers(params, ours)
+    for name, a in params.items():
+      if not name.startswith(ours + "/"):
+        continue
+      tname, layout = head_torch_name(name[len(ours) + 1:], layers)
+      out[f"{theirs}.{tname}"] = a.reshape(-1, 1) if layout == "column" else _to_torch_layout(a, layout)
+  return out
+
+
+def network_from_torch(state: Mapping[str, Any], like: Mapping[str, Any], *, head: str = "head",
+                       patch_head: str = "ibot_head") -> dict[str, np.ndarray]:
+  """The inverse of ``network_to_torch`` for the names in ``like`` (our flat parameter names -> arrays, for their
+  names and shapes): {our name: array in our layout}. Raises InteropError naming the first missing key."""
+  out = {}
+  layers = {p: _head_layers(like, p) for p in ("head", "patch_head")}
+  for name, ref in like.items():
+    ref = np.asarray(ref)
+    top, rest = name.split("/", 1)
+    if top == "backbone":
+      tname, layout = torch_name(rest)
+      tname = f"backbone.{tname}"
+    else:
+      tname, layout = head_torch_name(rest, layers[top])
+      tname = f"{head if top == 'head' else patch_head}.{tname}"
+    if tname not in state:
+      if rest == "mask_token":  # DINO v1's ViT has none: ours stays as it is
+        out[name] = ref
+        continue
+      raise InteropError(f"network_from_torch: {tname!r} (ours {name!r}) is not in the state dict")
+    a = _to_numpy(state[tname])
+    out[name] = a.reshape(ref.shape) if layout == "column" else _from_torch_layout(a, layout)
   return out
 
 

@@ -319,3 +319,34 @@ def test_load_backbone_from_a_workdir_and_from_its_torch_export(run_dir):
     from_file(x.transpose(0, 3, 1, 2))
   with pytest.raises(export.ExportError, match="backbone only"):
     export.export(str(path), fmt="torch", with_head=True)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_network_state_dict_run_by_a_numpy_dino_head_gives_our_logits_and_round_trips(num_layers):
+  # The official DINOHead (dino/vision_transformer.py): x = mlp(x) (Linear, GELU, ..., Linear; a bare Linear when
+  # nlayers == 1); x = F.normalize(x, dim=-1); x = last_layer(x) with weight = g * v / ||v|| (weight_norm, dim 0).
+  from simdino_jax.models.heads import DINOHead  # pylint: disable=import-outside-toplevel
+  head = DINOHead(12, hidden_dim=16, bottleneck_dim=8, num_layers=num_layers, num_prototypes=10,
+                  rngs=nnx.Rngs(params=0))
+  head.last_layer.weight_g[...] = jnp.linspace(0.5, 2.0, 10)  # g != 1 so its (K, 1) layout matters
+  params = {f"head/{k}": np.asarray(v) for k, v in named_leaves(nnx.state(head, nnx.Param)).items()}
+  params.update({f"backbone/{k}": v for k, v in random_vit(seed=3)[1].items()})
+  sd = torch_interop.network_to_torch(params, flavor="dino")
+  assert sd["head.last_layer.weight_g"].shape == (10, 1) and sd["head.last_layer.weight_v"].shape == (10, 8)
+  assert "backbone.cls_token" in sd and "backbone.mask_token" not in sd  # DINO v1's ViT has no mask token
+  x = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+  h = x
+  linears = ["head.mlp"] if num_layers == 1 else [f"head.mlp.{2 * i}" for i in range(num_layers)]
+  for i, name in enumerate(linears):
+    h = h @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+    if i < len(linears) - 1:
+      h = 0.5 * h * (1 + scipy.special.erf(h / np.sqrt(2)))
+  h = h / np.maximum(np.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+  v, g = sd["head.last_layer.weight_v"], sd["head.last_layer.weight_g"]
+  logits = h @ (g * v / np.linalg.norm(v, axis=1, keepdims=True)).T
+  # Two float32 programs (XLA vs NumPy) over reductions of <= 16 terms: 1e-5 covers reassociation.
+  np.testing.assert_allclose(np.asarray(head(jnp.asarray(x))["logits"]), logits, rtol=1e-5, atol=1e-5)
+  back = torch_interop.network_from_torch(sd, params)
+  assert set(back) == set(params)
+  for k in params:
+    np.testing.assert_array_equal(back[k], params[k], err_msg=k)  # layout changes only: exact
