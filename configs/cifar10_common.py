@@ -81,4 +81,5 @@ def get_config(arg=None):
   c.optim.freeze_last_layer_epochs = 0.1
   c.teacher.momentum, c.teacher.momentum_end = 0.99, 1.0
   c.eval.batch_size = 256
+  c.eval.linear.protocol = "frozen"  # small data: the fast probe on cached features
   return c

@@ -31,5 +31,6 @@ def get_config(arg=None):
   c.dino.centering = "centering"
   c.dino.ibot_weight = 1.0
   c.dino.koleo_weight = 0.1
+  c.optim.freeze_mode = "zero_lr"  # DINOv2: the prototype layer gets lr 0 while frozen (moments accumulate)
   c.teacher.momentum, c.teacher.momentum_end = 0.992, 1.0
   return c

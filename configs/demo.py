@@ -50,4 +50,5 @@ def get_config(arg=None):
   c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
   c.teacher.momentum = 0.99
   c.eval.batch_size = 256
+  c.eval.linear.protocol = "frozen"  # small data: the fast probe on cached features
   return c

@@ -21,7 +21,9 @@ the two changes DINO-vMF makes:
 UNVERIFIED (no official DINO-vMF code was found): the training hyperparameters of the paper (batch, lr, epochs,
 clipping, freezing); whether log C_p is differentiated in the student without a stop-gradient; the exact form of
 the approximation and of the probability-space centre (EMA of log vs log of EMA); centre momentum 0.9; whether
-g gets weight decay (PyTorch's weight_g is (K, 1), so DINO's code decays it; here the 1-D g gets none).
+g gets weight decay (PyTorch's weight_g is (K, 1), so DINO's code decays it; simdino_jax/optim.py `decays` does
+too, although g is a 1-D (K,) leaf here).
+Few-shot evaluation (eval.fewshot) uses the DINO-vMF paper's l2 penalty lambda = 0.075, not MSN's default 0.0025.
 """
 
 import os
@@ -36,4 +38,5 @@ def get_config(arg=None):
   c.method = "dino_vmf"
   c.head.norm_last_layer = False
   c.vmf.terms = 1
+  c.eval.fewshot.lambd = 0.075  # the DINO-vMF paper's few-shot protocol (defaults.py: MSN's 0.0025)
   return c

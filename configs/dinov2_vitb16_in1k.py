@@ -27,9 +27,10 @@ interpolate_offset 0.1 without antialias, 64 images per GPU, and global crop 1 n
 probability bug); for that variant:
   --config.data.global_scale='(0.32, 1.0)' --config.data.num_local=8 --config.data.local_scale='(0.05, 0.32)'
   --config.model.num_registers=0 --config.model.interpolate_offset=0.1 --config.model.interpolate_antialias=False
-Not reproduced exactly (schema): DINOv2 raises the teacher temperature per iteration (here per epoch, DINO v1's
-staircase) and applies weight decay to the prototype norms g (PyTorch's weight_g is (K, 1), not 1-D; here g is a
-1-D (K,) leaf and gets none).
+As DINOv2, the teacher temperature rises per iteration (`dino.teacher_temp_per = "iteration"`, its CosineScheduler
+warm-up; not DINO v1's per-epoch staircase), and the prototype norms g get weight decay: DINOv2 exempts only
+parameters whose name contains "bias", "norm" or "gamma", and `last_layer.weight_g` has none of them
+(simdino_jax/optim.py `decays` decays every `weight_g`, although it is a 1-D (K,) leaf here).
 """
 
 import os
@@ -58,6 +59,8 @@ def get_config(arg=None):
   c.dino.centering = "centering"
   c.dino.ibot_weight = 1.0
   c.dino.koleo_weight = 0.1
+  c.dino.koleo_groups = 8  # KoLeo per GPU as DINOv2: the fork's 8 GPUs x 128 images, whatever devices run this
   c.optim.freeze_last_layer_epochs = 1.0
+  c.optim.freeze_mode = "zero_lr"  # DINOv2: last-layer lr 0 (its Adam moments keep accumulating)
   c.teacher.momentum, c.teacher.momentum_end = 0.992, 1.0
   return c

@@ -49,4 +49,5 @@ def get_config(arg=None):
   c.dino.warmup_teacher_temp, c.dino.teacher_temp = 0.04, 0.07
   c.dino.warmup_teacher_temp_epochs = 30
   c.dino.ibot_weight = 1.0
+  c.eval.fewshot.lambd = 0.075  # the DINO-vMF paper's few-shot protocol, as dino_vmf_vitb16_in1k.py (MSN: 0.0025)
   return c

@@ -51,4 +51,10 @@ def get_config(arg=None):
   c.optim.clip_grad, c.optim.clip_mode = 3.0, "per_tensor"
   c.teacher.momentum, c.teacher.momentum_end = 0.996, 1.0
   c.eval.batch_size = 1024
+  # Linear evaluation: DINO's eval_linear.py protocol (docs/evaluation.md) with DINOv2's lr grid (per 256 images,
+  # x 1024 / 256); ViT-B and larger: the last block's cls + average-pooled patch tokens (DINO's choice by arch).
+  c.eval.linear.protocol, c.eval.linear.epochs, c.eval.linear.batch_size = "dino", 100, 1024
+  c.eval.linear.n_last_blocks, c.eval.linear.avgpool = 1, True
+  c.eval.linear.lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+  c.eval.linear.crop_size, c.eval.linear.resize_size = 224, 256
   return c

@@ -23,4 +23,5 @@ _VITB16 = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 def get_config(arg=None):
   c = _VITB16["get_config"](arg)
   c.model.variant = "L/16"
+  c.eval.linear.n_last_blocks, c.eval.linear.avgpool = 1, True  # DINO's linear-eval features for ViT-B+
   return c

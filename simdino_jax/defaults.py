@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dino.centering = "centering"  # or "sinkhorn_knopp" (DINOv2 ViT-L/g)
   c.dino.ibot_weight = 1.0
   c.dino.koleo_weight = 0.0  # DINOv2: 0.1
+  # KoLeo's row groups: 0 = one per device, as DINOv2 (each GPU's rows, gradients averaged); N = N consecutive groups
+  # of the global batch (e.g. the official run's GPU count, to match its per-GPU rows on other hardware).
+  c.dino.koleo_groups = 0
 
   c.vmf = ml_collections.ConfigDict()
   c.vmf.terms = 1  # terms of the Bessel uniform asymptotic expansion (1 = the DINO-vMF paper)
@@ -122,7 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.groups = 1  # 1: one covariance over the global batch (official reduce_cov=1)
   c.loss.regularizer = "coding_rate"  # Table 5 ablations: infonce, uniformity, barlow (weight reg_weight)
   c.loss.reg_weight = 1.0
-  c.loss.patch_weighting = "paper"  # SimDINOv2: "paper" eq. (42) or "official" (cls + patch, no 1/2)
+  # SimDINOv2: "paper" eq. (42) (patch term / N over all crops), "official" (cls + patch, no 1/2, 1/masked count per
+  # crop over all crops) or "masked_mean" (1/2 (cls + patch), patch term averaged over masked crops only).
+  c.loss.patch_weighting = "paper"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4  # per 256 images (lr_scaling linear_256)
@@ -136,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.layer_decay = 1.0  # DINOv2: 0.9 (lr x decay^(depth + 1 - layer id))
   c.optim.patch_embed_lr_mult = 1.0  # DINOv2: 0.2
   c.optim.freeze_last_layer_epochs = 0.0  # DINO: 1 (prototype layer not updated during the first epoch)
+  # Frozen prototypes: "drop_grads" (DINO v1 / iBOT: AdamW skips them, moments untouched) or "zero_lr" (DINOv2: lr 0,
+  # moments accumulate); optim.FREEZE_MODES.
+  c.optim.freeze_mode = "drop_grads"
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.adam_eps = 1e-8
@@ -153,10 +161,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.knn_ks = (10, 20, 100, 200)  # k-NN reports top-1/top-5 for each k (DINO); `accuracy` is at knn_k
   # Evaluators run every eval_every steps during training, logged as metrics: knn, linear, fewshot.
   c.eval.periodic = ("knn",)
-  # Linear probe (evals/linear.py): cls of the last n blocks (+ avg-pooled patches), an lr sweep in one program.
+  # Linear evaluation: features = cls of the last n blocks (+ avg-pooled patches); an lr sweep in one program.
+  # protocol "frozen" (evals/linear.py): features cached once, standardised, lrs used as given; fast, for small data.
+  # protocol "dino" (evals/linear_dino.py): DINO's eval_linear.py, RandomResizedCrop + flip views re-drawn every
+  # epoch through the frozen backbone, lrs per 256 images (x batch_size / 256), cosine per epoch, best epoch
+  # reported; crop_size 0: the eval image size, resize_size 0: round(crop x 256 / 224) (ImageNet: 224 / 256).
   c.eval.linear = ml_collections.ConfigDict(dict(
-      n_last_blocks=1, avgpool=False, lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), epochs=100, batch_size=256))
+      protocol="frozen", n_last_blocks=1, avgpool=False, lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), epochs=100,
+      batch_size=256, crop_size=0, resize_size=0))
   # Few-shot logistic regression (evals/fewshot.py): n per class and fractions of the train set, seeded splits.
+  # lambd: the l2 penalty; 0.0025 is MSN's value (its cyanure call), the default; the DINO-vMF paper's few-shot
+  # protocol states 0.075, which configs/dino_vmf_vitb16_in1k.py and configs/ibot_vmf_vitb16_in1k.py set.
   c.eval.fewshot = ml_collections.ConfigDict(dict(
       shots=(1, 2, 5), fractions=(0.01,), num_splits=3, lambd=0.0025))
   # Attention maps (evals/attention.py) of the first num_images test images; image_size 0: eval.image_size.
@@ -176,6 +191,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
   ``num_local_devices`` (this process's devices) defaults to num_devices // num_processes."""
   from simdino_jax import methods  # local: keep this module importable without the model code
   from simdino_jax.models.vit import parse_variant
+  from simdino_jax.losses.simdino import PATCH_WEIGHTINGS
 
   _require(config.method in methods.METHODS, "method",
            f"unknown method {config.method!r}; choose one of {sorted(methods.METHODS)}")
@@ -254,6 +270,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
            f"must be 'student' or 'mean', got {loss.expansion!r}")
   _require(loss.groups >= 1 and config.batch_size % loss.groups == 0, "loss.groups",
            f"{loss.groups} must be >= 1 and divide batch_size={config.batch_size}")
+  if config.dino.koleo_weight > 0:
+    koleo_groups = config.dino.get("koleo_groups", 0) or num_devices
+    _require(isinstance(koleo_groups, int) and koleo_groups >= 1 and config.batch_size % koleo_groups == 0
+             and config.batch_size // koleo_groups >= 2, "dino.koleo_groups",
+             f"{config.dino.get('koleo_groups')} must be 0 (one per device) or a positive divisor of batch_size="
+             f"{config.batch_size} leaving at least 2 rows per group")
   _require(not loss.exclude_same_view or d.num_global + d.num_local > 1, "loss.exclude_same_view",
            "needs at least two student views")
 
@@ -261,8 +283,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
            f"must be one of {methods.REGULARIZERS}, got {loss.regularizer!r}")
   _require(loss.regularizer == "coding_rate" or config.method == "simdino", "loss.regularizer",
            "the Table 5 regularizers replace the coding rate of method 'simdino' only")
-  _require(loss.patch_weighting in ("paper", "official"), "loss.patch_weighting",
-           f"must be 'paper' or 'official', got {loss.patch_weighting!r}")
+  _require(loss.patch_weighting in PATCH_WEIGHTINGS, "loss.patch_weighting",
+           f"must be one of {PATCH_WEIGHTINGS}, got {loss.patch_weighting!r}")
   method = methods.get_method(config.method)
   if method.uses_masks:
     lo, hi = config.masking.ratio
@@ -289,11 +311,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
            f"must be linear_256, sqrt_1024 or none, got {o.lr_scaling!r}")
   _require(o.clip_mode in ("per_tensor", "global", "per_module"), "optim.clip_mode",
            f"must be 'per_tensor', 'global' or 'per_module', got {o.clip_mode!r}")
+  from simdino_jax.optim import FREEZE_MODES  # local, as methods above
+  _require(o.get("freeze_mode", "drop_grads") in FREEZE_MODES, "optim.freeze_mode",
+           f"must be one of {FREEZE_MODES}, got {o.get('freeze_mode')!r}")
   _require(0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0, "optim.layer_decay",
            "layer_decay must be in (0, 1] and patch_embed_lr_mult positive")
   _require(0.0 <= config.teacher.momentum <= 1.0 and 0.0 <= config.teacher.momentum_end <= 1.0,
            "teacher.momentum", "momentum and momentum_end must be in [0, 1]")
-  _validate_eval(config, patch, build_depth=config.model.depth or variant["depth"])
+  _validate_eval(config, patch, build_depth=config.model.depth or variant["depth"], num_devices=num_devices)
 
 
 EVALUATORS = ("knn", "linear", "fewshot", "attention")  # python -m simdino_jax.evaluate --eval=...
@@ -304,7 +329,7 @@ def _positive_ints(values) -> bool:
   return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
-def _validate_eval(config: ml_collections.ConfigDict, patch: int, build_depth: int) -> None:
+def _validate_eval(config: ml_collections.ConfigDict, patch: int, build_depth: int, num_devices: int = 1) -> None:
   e = config.eval
   _require(isinstance(e.knn_k, int) and e.knn_k >= 1, "eval.knn_k", f"must be a positive integer, got {e.knn_k!r}")
   _require(len(e.knn_ks) > 0 and _positive_ints(e.knn_ks), "eval.knn_ks",
@@ -323,6 +348,18 @@ def _validate_eval(config: ml_collections.ConfigDict, patch: int, build_depth: i
   _require(lin.batch_size >= 1, "eval.linear.batch_size", f"must be >= 1, got {lin.batch_size}")
   _require(1 <= lin.n_last_blocks <= build_depth, "eval.linear.n_last_blocks",
            f"must be in [1, depth={build_depth}], got {lin.n_last_blocks}")
+  protocol = lin.get("protocol", "frozen")
+  _require(protocol in ("frozen", "dino"), "eval.linear.protocol",
+           f"must be 'frozen' (cached features) or 'dino' (DINO's eval_linear.py), got {protocol!r}")
+  crop, resize = lin.get("crop_size", 0), lin.get("resize_size", 0)
+  _require(isinstance(crop, int) and (crop == 0 or (crop > 0 and crop % patch == 0)), "eval.linear.crop_size",
+           f"must be 0 (the eval image size) or a positive multiple of the patch size {patch}, got {crop!r}")
+  eval_size = e.image_size or config.data.global_size
+  _require(isinstance(resize, int) and (resize == 0 or resize >= (crop or eval_size)), "eval.linear.resize_size",
+           f"must be 0 (crop x 256 / 224) or >= the crop size {crop or eval_size}, got {resize!r}")
+  if protocol == "dino":
+    _require(lin.batch_size % num_devices == 0, "eval.linear.batch_size",
+             f"{lin.batch_size} is not divisible by the {num_devices} devices (protocol 'dino' splits it over them)")
   fs = e.fewshot
   _require(_positive_ints(fs.shots), "eval.fewshot.shots", f"must be positive integers, got {fs.shots!r}")
   _require(all(0 < f <= 1 for f in fs.fractions), "eval.fewshot.fractions",

@@ -8,7 +8,8 @@ abstract state, so any mesh reads what any mesh wrote), takes the teacher (defau
 the train and test features once for every feature evaluator, and writes (process 0):
   DIR/eval/knn.json        weighted k-NN, `accuracy` = top-1 at eval.knn_k, `per_k` top-1/top-5 for eval.knn_ks
                            (and `accuracy_at_init` from eval/knn_init.json when training wrote it)
-  DIR/eval/linear.json     linear probe: `accuracy` = best lr's top-1, `lr`, `per_lr`
+  DIR/eval/linear.json     linear evaluation (eval.linear.protocol "frozen" or "dino", docs/evaluation.md):
+                           `accuracy` = best lr's top-1, `lr`, `per_lr`, `protocol`, `epochs`, `features`
   DIR/eval/fewshot.json    few-shot logistic regression: `accuracy` = 5-shot mean, every setting's mean/std
   DIR/eval/attention.json  + DIR/eval/attention/*.png: last-layer cls attention maps and their 60%-mass masks
 With --which=student the files are named <name>_student.json (and attention_student/).
@@ -141,7 +142,10 @@ def evaluate(config, workdir: str, names=("knn", "linear", "attention"), which: 
     results["attention"] = attention_eval(tr, params, os.path.join(eval_dir, f"attention{suffix}"), test_src)
 
   for name in names:
-    results[name] = dict(results[name], **common)
+    extra = dict(common)
+    if "features" in results[name]:  # the linear evaluation's feature choice, after the backbone's name
+      extra["features"] = f"{common['features']}: {results[name]['features']}"
+    results[name] = dict(results[name], **extra)
     if tr.is_main:
       with open(os.path.join(eval_dir, f"{name}{suffix}.json"), "w") as f:
         json.dump(results[name], f, indent=2)
@@ -154,7 +158,8 @@ def _summary(name: str, r: dict) -> str:
     per_k = " ".join(f"k={k} {v['top1']:.2f}/{v['top5']:.2f}" for k, v in r["per_k"].items())
     return f"top-1 {r['accuracy']:.2f}% (k={r['k']}); top-1/top-5 {per_k}"
   if name == "linear":
-    return f"top-1 {r['accuracy']:.2f}% at lr {r['lr']:g} (best of {len(r['per_lr'])} lrs, {r['epochs']} epochs)"
+    return (f"top-1 {r['accuracy']:.2f}% at lr {r['lr']:g} (best of {len(r['per_lr'])} lrs, {r['epochs']} epochs, "
+            f"protocol {r.get('protocol', 'frozen')})")
   if name == "fewshot":
     return " ".join(f"{k} {v['mean']:.2f}+-{v['std']:.2f}%" for k, v in r["settings"].items())
   return (f"{r['num_images']} images, mean cls-attention entropy {r.get('mean_entropy', float('nan')):.3f} nats "

@@ -138,13 +138,14 @@ def _make_simdinov2_loss(config, steps_per_epoch: int):
   del steps_per_epoch
   loss_cfg = config.loss
   gamma = simdino_gamma(config)
+  patches = num_patches(config)  # the step gathers a static subset of each crop's positions
 
   def loss(student, teacher, loss_state, step):
     del step
     value, metrics = simdinov2_loss(student["cls"], teacher["cls"], student["patch"], teacher["patch"],
                                     student["patch_mask"], eps=loss_cfg.eps, gamma=gamma,
                                     weighting=loss_cfg.patch_weighting, exclude_same_view=loss_cfg.exclude_same_view,
-                                    expansion=loss_cfg.expansion, groups=loss_cfg.groups)
+                                    expansion=loss_cfg.expansion, groups=loss_cfg.groups, num_patches=patches)
     metrics["gamma"] = jnp.asarray(gamma, jnp.float32)
     return value, metrics, loss_state
 
@@ -158,9 +159,16 @@ def _teacher_temp_fn(config, steps_per_epoch: int):
                                        steps_per_epoch, per=d.teacher_temp_per)
 
 
-def _koleo(config, student) -> jax.Array:
-  feats = student["backbone_cls"]  # (B, Mg, D): KoLeo per global-crop chunk, summed (DINOv2)
-  return sum(dl.koleo_loss(feats[:, i]) for i in range(feats.shape[1]))
+def koleo_groups(config) -> int:
+  """Row groups KoLeo is computed over: ``dino.koleo_groups``, or 0 = one per device of this run (DINOv2's per-GPU
+  KoLeo)."""
+  return config.dino.koleo_groups or jax.device_count()
+
+
+def _koleo(feats: jax.Array, groups: int) -> jax.Array:
+  """DINOv2: KoLeo of the student backbone's cls per global-crop chunk, summed over the chunks, each the mean over
+  devices (row groups) of the per-device value; feats (B, Mg, D)."""
+  return sum(dl.koleo_per_group(feats[:, i], groups) for i in range(feats.shape[1]))
 
 
 def _make_dino_loss(config, steps_per_epoch: int):
@@ -168,6 +176,7 @@ def _make_dino_loss(config, steps_per_epoch: int):
   d = config.dino
   temp_fn = _teacher_temp_fn(config, steps_per_epoch)
   with_patches = get_method(config.method).uses_masks
+  groups = koleo_groups(config) if d.koleo_weight > 0 else 1
 
   def loss(student, teacher, loss_state, step):
     t_temp = temp_fn(step)
@@ -189,7 +198,7 @@ def _make_dino_loss(config, steps_per_epoch: int):
       if d.centering == "centering":
         new_state["patch_center"] = dl.update_center(loss_state["patch_center"], tp, d.center_momentum, mask=mask)
     if d.koleo_weight > 0:
-      metrics["koleo"] = _koleo(config, student)
+      metrics["koleo"] = _koleo(student["backbone_cls"], groups)
       value = value + d.koleo_weight * metrics["koleo"]
     metrics["teacher_temp"] = t_temp
     return value, metrics, new_state

@@ -20,6 +20,11 @@ from simdino_jax import schedules
 from simdino_jax.tree import map_with_name
 
 CLIP_MODES = ("per_tensor", "global", "per_module")
+# How a frozen leaf (DINO's last layer during the first epoch(s), the weight-norm g with norm_last_layer) is held:
+#   "drop_grads": DINO v1 / iBOT set its gradients to None, so PyTorch's AdamW skips it entirely: no moment update,
+#                 no weight decay, and its own Adam step count starts when it is first updated;
+#   "zero_lr":    DINOv2 sets its lr to 0: the Adam moments keep accumulating, the weights (decay included) stay.
+FREEZE_MODES = ("drop_grads", "zero_lr")
 
 
 def decays(name: str, leaf: Any) -> bool:
@@ -77,7 +82,9 @@ def make_optimizer(optim_cfg, params: Any, lr: schedules.Schedule, wd: schedules
   """AdamW with clipping, scheduled weight decay on the masked leaves and the scheduled learning rate.
 
   lr_mults: optional tree of per-leaf lr multipliers (layer-wise decay, patch-embed multiplier).
-  freezes: (mask_tree, until_step) pairs whose leaves get no update while the step is < until_step.
+  freezes: (mask_tree, until_step) pairs whose leaves get no update while the step is < until_step (< 0: never);
+    ``optim_cfg.freeze_mode`` (FREEZE_MODES) says whether their Adam moments meanwhile stay untouched
+    ("drop_grads", DINO v1) or accumulate ("zero_lr", DINOv2). Either way the weights do not move, decay included.
   """
   parts = []
   if optim_cfg.clip_grad > 0:
@@ -89,8 +96,19 @@ def make_optimizer(optim_cfg, params: Any, lr: schedules.Schedule, wd: schedules
       parts.append(clip_per_module(optim_cfg.clip_grad))
     else:
       raise ValueError(f"config.optim.clip_mode must be one of {CLIP_MODES}, got {optim_cfg.clip_mode!r}")
+  freeze_mode = optim_cfg.get("freeze_mode", "drop_grads")
+  if freeze_mode not in FREEZE_MODES:
+    raise ValueError(f"config.optim.freeze_mode must be one of {FREEZE_MODES}, got {freeze_mode!r}")
+  if freezes and freeze_mode == "drop_grads":
+    starts = jax.tree_util.tree_map(lambda _: 0, params)
+    for mask, until in freezes:
+      starts = jax.tree_util.tree_map(lambda s, m, u=until: (-1 if u < 0 or s < 0 else max(s, u)) if m else s,
+                                      starts, mask)
+    adam = scale_by_adam_skipping(optim_cfg.b1, optim_cfg.b2, optim_cfg.adam_eps, starts)
+  else:
+    adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.adam_eps)
   parts += [
-      optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.adam_eps),
+      adam,
       optax.add_decayed_weights(wd, mask=weight_decay_mask(params)),
       optax.scale_by_learning_rate(lr),
   ]
@@ -151,6 +169,43 @@ def clip_per_module(max_norm: float) -> optax.GradientTransformation:
     return clipped, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def scale_by_adam_skipping(b1: float, b2: float, eps: float, starts: Any) -> optax.GradientTransformation:
+  """Adam (optax.scale_by_adam's update and state layout) where leaf i takes no part until update ``starts[i]``.
+
+  ``starts``: a tree of ints like the params, 0 for ordinary leaves, k for a leaf whose gradients are dropped
+  during the first k updates (-1: always). A skipped update leaves that leaf's moments untouched and outputs 0;
+  its bias correction counts only the updates it took part in (count - k), as PyTorch's per-parameter Adam step.
+  """
+
+  def init_fn(params):
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros,
+                                  nu=jax.tree_util.tree_map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count
+
+    def leaf(g, mu, nu, start):
+      active = (count >= start) if start >= 0 else jnp.asarray(False)
+      new_mu = jnp.where(active, b1 * mu + (1 - b1) * g, mu)
+      new_nu = jnp.where(active, b2 * nu + (1 - b2) * jnp.square(g), nu)
+      t = jnp.maximum(count - max(start, 0), 0).astype(jnp.float32) + 1.0  # this leaf's own step number
+      mu_hat = new_mu / (1 - b1 ** t)
+      nu_hat = new_nu / (1 - b2 ** t)
+      out = jnp.where(active, mu_hat / (jnp.sqrt(nu_hat) + eps), jnp.zeros_like(g))
+      return out.astype(g.dtype), new_mu, new_nu
+
+    flat_g, treedef = jax.tree_util.tree_flatten(updates)
+    flat = [leaf(g, mu, nu, st) for g, mu, nu, st in zip(flat_g, treedef.flatten_up_to(state.mu),
+                                                          treedef.flatten_up_to(state.nu),
+                                                          treedef.flatten_up_to(starts))]
+    out, mu, nu = (treedef.unflatten([f[i] for f in flat]) for i in range(3))
+    return out, optax.ScaleByAdamState(count=optax.safe_increment(count), mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 class FreezeState(NamedTuple):

@@ -17,6 +17,7 @@ saves a checkpoint at the next step boundary and returns cleanly.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -38,7 +39,7 @@ from simdino_jax import checkpointing, defaults, methods, optim, schedules, shar
 from simdino_jax.data import device_augment, pipeline
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.sources import load_source
-from simdino_jax.evals import fewshot, knn, linear
+from simdino_jax.evals import fewshot, knn, linear, linear_dino
 from simdino_jax.models.network import Network, build_backbone, compute_dtype
 from simdino_jax.models.vit import parse_variant
 from simdino_jax.tree import map_with_name, named_leaves
@@ -300,11 +301,12 @@ class Trainer:
         it.close()  # grain worker processes, when data.num_workers > 0
 
   # -- evaluation -------------------------------------------------------------------------------------
-  def features(self, params, source, feature_fn=None, image_size: int = 0) -> tuple[Any, np.ndarray]:
+  def features(self, params, source, feature_fn=None, image_size: int = 0, transform=None) -> tuple[Any, np.ndarray]:
     """Teacher-backbone cls features of every example of ``source`` (each exactly once), with their labels.
 
     ``feature_fn`` (params, images) -> array or dict of arrays with a leading batch axis (default: the cls
-    features) replaces the network output; ``image_size`` (0: config.eval.image_size or the global crop size)."""
+    features) replaces the network output; ``image_size`` (0: config.eval.image_size or the global crop size);
+    ``transform`` (image -> normalised float32 view of that size) replaces the default eval view."""
     config = self.config
     fn = feature_fn or self.feature_fn
     size = image_size or config.eval.image_size or config.data.global_size
@@ -312,7 +314,8 @@ class Trainer:
     batch_size = max(n_dev, (config.eval.batch_size // n_dev) * n_dev)
     feats, labels = [], []
     for batch in pipeline.eval_batches(source, image_size=size, batch_size=batch_size // jax.process_count(),
-                                       shard_index=jax.process_index(), shard_count=jax.process_count()):
+                                       shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                       transform=transform):
       images = jax.make_array_from_process_local_data(self.batch_sharding, batch["image"])
       out = multihost_utils.process_allgather(fn(params, images), tiled=True)
       valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
@@ -340,23 +343,76 @@ class Trainer:
     """{"train": (feats, labels), "test": (feats, labels)}, one forward pass per split for every evaluator:
     feats["cls"] (k-NN, few-shot) and, with ``linear_features``, feats["linear"] (config.eval.linear)."""
     if linear_features:
-      if getattr(self, "_linear_feature_fn", None) is None:  # built once: periodic evaluations reuse the compilation
-        lc = self.config.eval.linear
-        self._linear_feature_fn = jax.jit(
-            linear.make_feature_fn(self.graphdef, n_last_blocks=lc.n_last_blocks, avgpool=lc.avgpool),
-            in_shardings=(self.state_sharding.teacher, self.batch_sharding), out_shardings=self.batch_sharding)
-      fn = self._linear_feature_fn
+      fn = self.linear_feature_fn()
     else:
       fn = lambda p, images: {"cls": self.feature_fn(p, images)}  # noqa: E731
     return {"train": self.features(params, train_src, fn), "test": self.features(params, test_src, fn)}
 
-  def linear_eval(self, feats: dict, num_classes: int) -> dict:
-    """The linear-probe lr sweep (evals/linear.py) on ``eval_features(..., linear_features=True)``."""
+  def linear_feature_fn(self):
+    """The jitted (params, images) -> {"cls", "linear"} of config.eval.linear's feature choice; built once, so that
+    periodic evaluations reuse the compilation."""
+    if getattr(self, "_linear_feature_fn", None) is None:
+      lc = self.config.eval.linear
+      self._linear_feature_fn = jax.jit(
+          linear.make_feature_fn(self.graphdef, n_last_blocks=lc.n_last_blocks, avgpool=lc.avgpool),
+          in_shardings=(self.state_sharding.teacher, self.batch_sharding), out_shardings=self.batch_sharding)
+    return self._linear_feature_fn
+
+  def linear_eval(self, feats: dict | None, num_classes: int, params=None, train_src=None, test_src=None) -> dict:
+    """The linear evaluation of config.eval.linear.protocol: "frozen", the lr sweep on the cached features of
+    ``eval_features(..., linear_features=True)`` (evals/linear.py); "dino", DINO's protocol on views re-augmented
+    every epoch through the backbone ``params`` (evals/linear_dino.py, ``feats`` unused)."""
     lc = self.config.eval.linear
+    what = f"cls of the last {lc.n_last_blocks} block(s)" + (" + avg-pooled patch tokens" if lc.avgpool else "")
+    protocol = lc.get("protocol", "frozen")
+    common = dict(protocol=protocol, features=what, n_last_blocks=lc.n_last_blocks, avgpool=lc.avgpool)
+    if protocol == "dino":
+      return dict(self.dino_linear_eval(params, train_src, test_src, num_classes), **common)
     (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
     result = linear.linear_probe(train_f["linear"], train_y, test_f["linear"], test_y, num_classes=num_classes,
                                  lrs=tuple(lc.lrs), epochs=lc.epochs, batch_size=lc.batch_size, seed=self.config.seed)
-    return dict(result, n_last_blocks=lc.n_last_blocks, avgpool=lc.avgpool)
+    return dict(result, **common)
+
+  def dino_linear_eval(self, params, train_src, test_src, num_classes: int) -> dict:
+    """DINO's linear protocol (evals/linear_dino.py): per epoch, fresh RandomResizedCrop + flip views of the
+    training set (host threads) through the frozen backbone and every lr's classifier (one jitted step, batch split
+    over the devices); validation each epoch on the test set's resize + centre-crop features, extracted once."""
+    config, lc = self.config, self.config.eval.linear
+    crop, resize_to = linear_dino.resolve_sizes(lc.crop_size, lc.resize_size,
+                                                config.eval.image_size or config.data.global_size)
+    test_f, test_y = self.features(params, test_src, self.linear_feature_fn(), image_size=crop,
+                                   transform=lambda image: linear_dino.eval_view(image, crop, resize_to))
+    if getattr(self, "_dino_linear_step", None) is None:  # built once, as linear_feature_fn
+      raw = linear.make_feature_fn(self.graphdef, n_last_blocks=lc.n_last_blocks, avgpool=lc.avgpool)
+      b = self.batch_sharding
+      self._dino_linear_step = jax.jit(linear_dino.make_train_step(raw), donate_argnums=0,
+                                       in_shardings=(self.replicated, self.state_sharding.teacher, b, b, b,
+                                                     self.replicated),
+                                       out_shardings=(self.replicated, self.replicated))
+    step = self._dino_linear_step
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    # Slots per step: the batch, or fewer when the whole training set is smaller (a tiny dataset would otherwise
+    # push mostly padding through the backbone); a multiple of the devices either way. The lr scales with the
+    # configured batch, as DINO's does.
+    slots = min(lc.batch_size, -(-len(train_src) // n_dev) * n_dev)
+    resize_backend = config.data.augment.get("resize", "cv2")
+    self.log(f"linear (dino): {len(train_src)} train / {len(test_src)} test images, crop {crop} (eval: resize "
+             f"{resize_to} + centre crop), batch {lc.batch_size}, {lc.epochs} epochs, {len(lc.lrs)} lrs")
+
+    with concurrent.futures.ThreadPoolExecutor(linear_dino.default_threads()) as pool:
+      def batches(epoch):
+        for batch in linear_dino.train_batches(train_src, epoch=epoch, seed=config.seed, batch_size=slots, crop=crop,
+                                               resize=resize_backend, shard_index=jax.process_index(),
+                                               shard_count=n_proc, pool=pool):
+          yield tuple(jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
+                      for k in ("image", "label", "weight"))
+
+      result = linear_dino.run(
+          step_fn=lambda state, images, labels, weights, lrs: step(state, params, images, labels, weights, lrs),
+          batches_fn=batches, test_x=test_f["linear"], test_y=test_y, num_classes=num_classes,
+          dim=int(test_f["linear"].shape[1]), lrs=tuple(lc.lrs), batch_size=lc.batch_size, epochs=lc.epochs,
+          seed=config.seed, num_train=len(train_src), log=self.log)
+    return dict(result, crop_size=crop, resize_size=resize_to)
 
   def fewshot_eval(self, feats: dict, num_classes: int) -> dict:
     """Few-shot logistic regression (evals/fewshot.py) on the cls features of ``eval_features``."""
@@ -367,17 +423,21 @@ class Trainer:
                                 seed=self.config.seed, lambd=fc.lambd)
 
   def run_evals(self, params, names, train_src=None, test_src=None) -> dict:
-    """{name: summary} for the feature evaluators in ``names`` (knn, linear, fewshot), features extracted once."""
+    """{name: summary} for the feature evaluators in ``names`` (knn, linear, fewshot), features extracted once
+    (the "dino" linear protocol extracts its own, see ``linear_eval``)."""
     train_src = self.train_source if train_src is None else train_src
     if test_src is None:
       test_src = getattr(self, "test_source", None) or load_data(self.config, "test")
     num_classes = _num_classes(train_src, test_src)
-    feats = self.eval_features(params, train_src, test_src, linear_features="linear" in names)
+    frozen_linear = "linear" in names and self.config.eval.linear.get("protocol", "frozen") == "frozen"
+    feats = None
+    if frozen_linear or {"knn", "fewshot"} & set(names):
+      feats = self.eval_features(params, train_src, test_src, linear_features=frozen_linear)
     out = {}
     if "knn" in names:
       out["knn"] = self.knn_eval(params, train_src, test_src, feats)
-    if "linear" in names:
-      out["linear"] = self.linear_eval(feats, num_classes)
+    if "linear" in names:  # "dino": its own views, through the backbone every epoch
+      out["linear"] = self.linear_eval(feats, num_classes, params, train_src, test_src)
     if "fewshot" in names:
       out["fewshot"] = self.fewshot_eval(feats, num_classes)
     return out

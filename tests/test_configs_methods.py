@@ -120,7 +120,9 @@ def test_vmf_configs_use_unnormalised_prototypes():
   dino, dino_vmf, ibot_vmf = (load(f"{m}_vitb16_in1k.py") for m in ("dino", "dino_vmf", "ibot_vmf"))
   for c in (dino_vmf, ibot_vmf, load("cifar10_dino_vmf.py"), load("cifar10_ibot_vmf.py")):
     assert c.head.norm_last_layer is False and c.vmf.terms == 1
-  assert diff(dino, dino_vmf) == {"method", "head.norm_last_layer"}  # DINO recipe otherwise
+  # DINO recipe otherwise, evaluated with the DINO-vMF paper's few-shot l2 penalty (default: MSN's 0.0025).
+  assert diff(dino, dino_vmf) == {"method", "head.norm_last_layer", "eval.fewshot.lambd"}
+  assert dino_vmf.eval.fewshot.lambd == ibot_vmf.eval.fewshot.lambd == 0.075 and dino.eval.fewshot.lambd == 0.0025
   assert ibot_vmf.method == "ibot_vmf" and ibot_vmf.head.num_prototypes == 8192
   assert not ibot_vmf.head.separate_patch_head and ibot_vmf.data.num_local == 10
   assert (tuple(ibot_vmf.data.global_scale), tuple(ibot_vmf.data.local_scale)) == ((0.25, 1.0), (0.05, 0.25))

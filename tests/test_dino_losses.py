@@ -240,6 +240,7 @@ def test_ibot_patch_loss_matches_numpy():
   assert float(jnp.max(jnp.abs(np.asarray(gs)[~mask]))) == 0.0
   s2 = s.copy()
   s2[~mask] = 1e30
-  np.testing.assert_allclose(float(ibot_patch_loss(f32(s2), f32(q), jnp.asarray(mask))[0]), float(loss), rtol=1e-6)
+  # Eager vs the jitted call above: a sum over ~20 masked tokens' CEs, reassociated (n eps ~ 1e-6): 1e-5.
+  np.testing.assert_allclose(float(ibot_patch_loss(f32(s2), f32(q), jnp.asarray(mask))[0]), float(loss), rtol=1e-5)
   with pytest.raises(ValueError):
     ibot_patch_loss(f32(s), f32(q), jnp.asarray(mask[..., :3]))

@@ -21,7 +21,8 @@ def test_projection_head_shapes_unit_norm_and_any_leading_dims():
     y = head(x)
     assert y.shape == (2, 3, 16) and y.dtype == jnp.float32
     np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(head(x.reshape(6, 32)).reshape(2, 3, 16), y, rtol=1e-6, atol=1e-7)
+    # (6, 32) vs (2, 3, 32) inputs: differently shaped matmuls may block their 32/64-term sums differently.
+    np.testing.assert_allclose(head(x.reshape(6, 32)).reshape(2, 3, 16), y, rtol=1e-5, atol=1e-6)
     assert head(x[0, 0]).shape == (16,)
 
 

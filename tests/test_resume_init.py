@@ -210,7 +210,8 @@ def test_remat_step_equals_the_plain_step():
     state, metrics = tr.compiled_step()(tr.init_state(), {k: np.asarray(v) for k, v in fixed_batch(config).items()})
     states.append((host(state), float(metrics["loss"]), float(metrics["grad_norm"])))
   (plain, loss, gnorm), (remat, loss_r, gnorm_r) = states
-  assert loss_r == pytest.approx(loss, rel=1e-6) and gnorm_r == pytest.approx(gnorm, rel=1e-5)
+  # Remat changes the compiled program (recomputation, other fusions): float32 reassociation, not bitwise in general.
+  assert loss_r == pytest.approx(loss, rel=1e-5) and gnorm_r == pytest.approx(gnorm, rel=1e-5)
   for k in plain:
     np.testing.assert_allclose(remat[k], plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
 

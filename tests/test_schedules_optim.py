@@ -87,9 +87,11 @@ def test_adamw_update_matches_hand_computation_with_decay_mask():
   lr, wd = schedules.constant(0.01), schedules.constant(0.1)
   tx = optim.make_optimizer(cfg, params, lr, wd)
   updates, _ = tx.update(grads, tx.init(params), params)
+  # optax's bias correction 1 - b2**t runs in float32: 1 - float32(0.999) is 1.3e-5 off 1e-3, so g / sqrt(nu_hat)
+  # is 6.4e-6 short of sign(g) (8e-6 relative on the -0.008 entry): 3e-5, not 1e-5.
   np.testing.assert_allclose(updates["w"], -0.01 * (np.sign([[0.1, 0.2]]) + 0.1 * np.array([[1.0, -2.0]])),
-                             rtol=1e-5)
-  np.testing.assert_allclose(updates["bias"], [0.01], rtol=1e-5)
+                             rtol=3e-5)
+  np.testing.assert_allclose(updates["bias"], [0.01], rtol=3e-5)
 
 
 def test_per_module_clipping_clips_each_submodule_and_keeps_nnx_state():

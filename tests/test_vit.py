@@ -102,7 +102,8 @@ def test_get_intermediate_layers_last_equals_forward():
     assert len(layers) == 2
     out = forward(model, x)
     for k in ("cls", "patch", "registers"):
-        np.testing.assert_allclose(layers[-1][k], out[k], rtol=1e-6, atol=1e-6)
+        # Eager op-by-op vs one jitted program: 2 blocks + final LayerNorm reassociate differently (1.4e-6 seen).
+        np.testing.assert_allclose(layers[-1][k], out[k], rtol=1e-5, atol=1e-5)
     assert not np.allclose(layers[0]["cls"], out["cls"])
 
 
@@ -344,7 +345,8 @@ def test_mask_all_false_equals_no_mask():
     a = forward(model, x)
     b = forward(model, x, masks=jnp.zeros((2, 16), bool))
     for k in ("cls", "patch", "registers"):
-        np.testing.assert_array_equal(a[k], b[k])
+        # Two compiled programs (the masked one has a select XLA may fuse differently): float32 reassociation only.
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
 
 
 def test_masked_patches_get_mask_token_plus_pos_embed_and_change_outputs():
@@ -359,7 +361,8 @@ def test_masked_patches_get_mask_token_plus_pos_embed_and_change_outputs():
     np.testing.assert_allclose(tokens[1], model.prepare_tokens(x)[1], rtol=1e-6)  # unmasked sample untouched
     out, ref = forward(model, x, masks=masks), forward(model, x)
     assert not np.allclose(out["patch"][0, 1], ref["patch"][0, 1])
-    np.testing.assert_allclose(out["patch"][1], ref["patch"][1], rtol=1e-6, atol=1e-6)
+    # Masked vs unmasked forward are two compiled programs: a 2-block ViT's reassociation, not bitwise.
+    np.testing.assert_allclose(out["patch"][1], ref["patch"][1], rtol=1e-5, atol=1e-5)
 
 
 def test_fully_masked_images_give_the_same_output_whatever_the_pixels():
@@ -438,8 +441,9 @@ def test_drop_path_draws_independently_per_block_and_branch():
 
 def test_gelu_is_exact_erf_not_tanh():
     x = jnp.linspace(-6.0, 6.0, 1001)
-    # PyTorch's 1 + erf form loses ~1e-7 absolute to cancellation in the far negative tail vs jax's erfc form.
-    np.testing.assert_allclose(vit.gelu_exact(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    # PyTorch's 1 + erf form loses ~1 ulp of 1 to cancellation in the negative tail vs jax's erfc form, times |x|/2
+    # (6.5e-7 seen near x = -5); 2e-6 leaves room for erf/erfc implementation (FMA) differences between CPUs.
+    np.testing.assert_allclose(vit.gelu_exact(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=2e-6)
     assert float(jnp.abs(vit.gelu_exact(x) - jax.nn.gelu(x, approximate=True)).max()) > 1e-4
 
 

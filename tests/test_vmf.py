@@ -106,9 +106,10 @@ def test_float32_value_matches_exact(p, terms):
   ok = ~np.isnan(ref)
   val = ours(KAPPAS.astype(np.float32), p, terms=terms)
   assert val.dtype == np.float64 and np.all(np.isfinite(val))
-  # expansion error + float32 rounding of the constant and of the kappa-dependent part (~1 ulp each).
+  # expansion error + float32 rounding of kappa, of the constant and of each kappa-dependent term (~3 ulps of
+  # |log C| ~ 1.8e4 seen at p = 16): ~8 float32 ulps leaves room for libm / FMA differences between CPUs.
   scale = np.abs(ref) + abs(log_vmf_normalizer_constant(p, terms=terms))
-  tol = EXPANSION_BOUNDS[p][terms - 1] + 5e-7 * scale  # ~4 float32 ulps
+  tol = EXPANSION_BOUNDS[p][terms - 1] + 1e-6 * scale
   err = np.abs(val - ref)
   assert np.all(err[ok] <= tol[ok]), (p, terms, np.max(err[ok] - tol[ok]))
 
@@ -170,8 +171,9 @@ def test_relative_and_constant_are_consistent():
       rel = ours(np.asarray(kappa, np.float64), p, terms=terms, min_order=min_order, relative=True)
       full = ours(np.asarray(kappa, np.float64), p, terms=terms, min_order=min_order)
     assert rel[0] == 0.0
+    # full and rel (two programs) reach ~2e3 at kappa = 2000 and cancel: ~10 float64 ulps of them (2.3e-13 each).
     np.testing.assert_allclose(full - rel, log_vmf_normalizer_constant(p, terms=terms, min_order=min_order),
-                               rtol=1e-13)
+                               rtol=1e-13, atol=2e-12)
     # log C_p(0) exactly: log Gamma(nu + 1) + nu log 2 - p/2 log(2 pi)
   nu = 127.0
   exact0 = math.lgamma(nu + 1) + nu * math.log(2) - 128 * math.log(2 * math.pi)

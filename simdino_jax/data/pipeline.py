@@ -190,9 +190,12 @@ def eval_num_batches(num_examples: int, batch_size: int,
 
 
 def eval_batches(source, *, image_size: int, batch_size: int,
-                 shard_index: int = 0, shard_count: int = 1
+                 shard_index: int = 0, shard_count: int = 1, transform=None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """Deterministic, unaugmented batches covering every example exactly once.
+
+  ``transform(image) -> (image_size, image_size, 3) float32`` replaces
+  :func:`eval_transform` (e.g. the DINO linear protocol's own resize / crop).
 
   Shard ``k`` takes examples ``k, k + shard_count, ...``. Every shard yields
   ``eval_num_batches(len(source), batch_size, shard_count)`` batches (so that
@@ -214,7 +217,8 @@ def eval_batches(source, *, image_size: int, batch_size: int,
     valid = np.zeros((batch_size,), bool)
     for slot, idx in enumerate(indices[b * batch_size:(b + 1) * batch_size]):
       ex = source[int(idx)]
-      image[slot] = eval_transform(ex["image"], image_size)
+      image[slot] = (eval_transform(ex["image"], image_size) if transform is None
+                     else transform(ex["image"]))
       label[slot] = ex["label"]
       valid[slot] = True
     yield {"image": image, "label": label, "valid": valid}

@@ -261,3 +261,16 @@ def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
   diff = x - x[nn] + eps
   dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
   return -jnp.mean(jnp.log(dist + eps))
+
+
+def koleo_per_group(x: jax.Array, groups: int, eps: float = 1e-8) -> jax.Array:
+  """Mean over ``groups`` consecutive equal row groups of ``koleo_loss`` (x (n, d), n divisible by groups).
+
+  DINOv2 computes KoLeo on each GPU's own rows and DDP averages the gradients over the GPUs, so the objective is the
+  mean over devices of the per-device KoLeo: with the batch axis sharded over devices, group g is device g's rows.
+  Each row's neighbour is searched within its group only. Reduces over rows, then groups."""
+  n = x.shape[0]
+  if groups < 1 or n % groups:
+    raise ValueError(f"koleo_per_group: {n} rows do not split into {groups} equal groups")
+  x = x.reshape(groups, n // groups, x.shape[-1])  # batch-major: stays on its device
+  return jnp.mean(jax.vmap(lambda rows: koleo_loss(rows, eps))(x))

@@ -79,25 +79,37 @@ def simdino_loss(student: jax.Array, teacher: jax.Array, *, eps: float, gamma: f
   return loss, {"align": align, "rate": rate}
 
 
+PATCH_WEIGHTINGS = ("paper", "official", "masked_mean")
+
+
 def masked_patch_alignment(student_patch: jax.Array, teacher_patch: jax.Array, mask: jax.Array, *,
-                           weighting: str = "paper") -> jax.Array:
+                           weighting: str = "paper", num_patches: int | None = None) -> jax.Array:
   """Masked-patch alignment 1/2 ||t - s||^2 between the student's masked patches and the unmasked teacher's.
 
-  student_patch, teacher_patch: (B, Mg, N, d); mask: (B, Mg, N) bool, True where the student's patch was masked.
-  Each crop's masked tokens are averaged (weight 1 / its masked count, as the official ``masks_weight``); then
-    weighting="paper":    mean over the crops that have at least one masked token;
-    weighting="official": sum over crops / (B * Mg), i.e. unmasked crops count in the denominator (so with half the
-                          crops masked the term's effective weight is about 0.5).
-  Reduces over tokens, views and the batch.
+  student_patch, teacher_patch: (B, Mg, U, d); mask: (B, Mg, U) bool, True where the student's patch was masked.
+  U is all N patch positions of a crop, or a static subset holding every masked one (then pass ``num_patches=N``).
+  Reduces over tokens, views and the batch:
+    weighting="paper":       eq. (42) / Algorithm 2: each crop's masked distances summed and divided by N (ALL its
+                             patch tokens), averaged over all B * Mg crops, masked or not:
+                             1/(2 B Mg N) sum_b sum_i sum_n ||t_bin - s_bin||^2 [patch n of crop (b, i) masked];
+    weighting="official":    the official code (``masks_weight`` = 1 / the crop's masked count, summed over crops and
+                             divided by B * Mg, so unmasked crops count in the denominator);
+    weighting="masked_mean": each crop's masked tokens averaged, then averaged over the crops that have any (neither
+                             the paper nor the code: the per-token weight does not depend on how many crops are
+                             masked).
   """
-  if weighting not in ("paper", "official"):
-    raise ValueError(f"weighting must be 'paper' or 'official', got {weighting!r}")
+  if weighting not in PATCH_WEIGHTINGS:
+    raise ValueError(f"weighting must be one of {PATCH_WEIGHTINGS}, got {weighting!r}")
   s = student_patch.astype(jnp.float32)
   t = jax.lax.stop_gradient(teacher_patch.astype(jnp.float32))
-  dist = 0.5 * jnp.sum(jnp.square(t - s), axis=-1)  # (B, Mg, N)
+  dist = 0.5 * jnp.sum(jnp.square(t - s), axis=-1)  # (B, Mg, U)
   m = mask.astype(jnp.float32)
+  masked = jnp.sum(dist * m, axis=-1)  # (B, Mg): each crop's masked distances
+  if weighting == "paper":
+    n = mask.shape[-1] if num_patches is None else num_patches
+    return jnp.sum(masked) / (masked.size * n)
   count = jnp.sum(m, axis=-1)  # masked tokens per crop
-  per_crop = jnp.sum(dist * m, axis=-1) / jnp.maximum(count, 1.0)
+  per_crop = masked / jnp.maximum(count, 1.0)
   if weighting == "official":
     return jnp.sum(per_crop) / per_crop.size
   has = (count > 0).astype(jnp.float32)
@@ -107,20 +119,24 @@ def masked_patch_alignment(student_patch: jax.Array, teacher_patch: jax.Array, m
 def simdinov2_loss(student_cls: jax.Array, teacher_cls: jax.Array, student_patch: jax.Array,
                    teacher_patch: jax.Array, mask: jax.Array, *, eps: float, gamma: float,
                    weighting: str = "paper", exclude_same_view: bool = False, expansion: str = "student",
-                   groups: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   groups: int = 1, num_patches: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SimDINOv2 (paper eq. (42)): 1/2 (cls alignment + masked-patch alignment) - gamma R_eps(student global cls).
 
   student_cls (B, M, d) with the Mg (masked) global views first; teacher_cls (B, Mg, d) from unmasked crops;
   student_patch / teacher_patch (B, Mg, N, d) head outputs of the global crops' patch tokens (N may be a static
-  subset of the positions, e.g. the gathered masked ones); mask (B, Mg, N) bool.
+  subset of the positions holding every masked one, e.g. the gathered masked ones: then ``num_patches`` is the
+  crop's real patch count); mask (B, Mg, N) bool.
 
-  weighting="paper" is eq. (42) (the 1/2 on the sum, masked-patch term averaged over masked crops);
-  weighting="official" is the official code's cls + patch (no 1/2), the patch term averaged over ALL global crops.
+  weighting="paper" is eq. (42): 1/2 (cls term + masked-patch term) - gamma R, the masked-patch term divided by the
+  crop's patch count N and averaged over all B * Mg crops (see ``masked_patch_alignment``);
+  weighting="official" is the official code's cls + patch (no 1/2), the patch term 1/masked count per crop, summed
+  over crops / (B * Mg); weighting="masked_mean" is 1/2 (cls + patch) with the patch term averaged over masked
+  crops (an earlier reading of eq. (42), kept for comparison).
   metrics: "align" (cls), "patch_align", "rate".
   """
   _, metrics = simdino_loss(student_cls, teacher_cls, eps=eps, gamma=0.0, exclude_same_view=exclude_same_view,
                             expansion=expansion, groups=groups)
-  patch = masked_patch_alignment(student_patch, teacher_patch, mask, weighting=weighting)
-  scale = 0.5 if weighting == "paper" else 1.0
+  patch = masked_patch_alignment(student_patch, teacher_patch, mask, weighting=weighting, num_patches=num_patches)
+  scale = 1.0 if weighting == "official" else 0.5
   loss = scale * (metrics["align"] + patch) - gamma * metrics["rate"]
   return loss, dict(metrics, patch_align=patch)

@@ -1,0 +1,681 @@
+r"""Parity with the official PyTorch trainers: same initial weights, same batches, N full training steps each.
+
+  /work/torchvenv/bin/python benchmarks/official_parity.py --method simdino --official_repo /work/official/SimDINO \
+      [--steps 20] [--threads 2]
+  (--method dino: --official_repo a clone of facebookresearch/dino; simdinov2: SimDINO; dinov2: facebookresearch/dinov2.
+   --official_repo may also be a folder holding the clones SimDINO/, dino/, dinov2/.)
+
+Needs a Python with PyTorch and simdino_jax (PyTorch is not a dependency of the package) and a clone of the official
+code; nothing official is copied into the package: the official files are imported or executed from the clone.
+
+What runs (float32, CPU, drop path 0, no fp16, no DDP):
+  * OURS: the package's own pieces as the Trainer assembles them (trainer.create_network, trainer.make_optimizer,
+    step.make_train_step, methods' loss, optim/schedules) on a small preset: ViT-Ti/4 (width 192, depth 12), 32 px
+    global / 16 px local crops (2 + 4), batch 16, head hidden 2048 / bottleneck 256, K = 4096 prototypes (dino),
+    with config overrides that mirror the official recipe (official_recipe_overrides below; the v2 methods take
+    _parity_official_v2.OUR_OVERRIDES on top). Schedules: epochs=2, steps/epoch = ceil(steps / 2), lr warm-up 1 epoch,
+    teacher-temperature warm-up 2 epochs, last layer frozen 1 epoch (dino).
+  * OFFICIAL (simdino: RobinWu218/SimDINO simdino/, dino: facebookresearch/dino): vit_tiny, the head, MultiCropWrapper,
+    the loss module (MCRLoss / DINOLoss), get_params_groups + AdamW, cosine_scheduler for lr / wd / momentum, and the
+    official ``train_one_epoch`` itself, taken out of main_dino.py with ``ast`` (main_dino.py imports torchvision
+    and wandb at the top, so it is not imported) and executed epoch by epoch, as train_dino calls it.
+    simdinov2 / dinov2: benchmarks/_parity_official_v2.py (run_official), written separately.
+  * Both start from OUR initial student and teacher weights (converted with torch_interop.network_to_torch); the
+    official forward at step 0 is checked against ours on the same batch before training. Batches: our data
+    pipeline's crops of the ``digits`` source (simdino_jax.data), converted to the official layout (a list of NCHW
+    tensors, global crops first).
+  * simdino / dino run in lockstep: the official loss module is wrapped so that, at every official step (before its
+    loss), the student / teacher parameters, the DINO centre and the lr / wd / momentum / teacher temperature of the
+    two sides are compared after the same number of updates, and OUR step runs on the same batch; the first step
+    where a quantity leaves its tolerance is reported as ``first_divergence`` when parity is not reached (else, if
+    any, as ``lockstep_transient``). simdinov2 / dinov2 are compared after the official run: losses, the official
+    lr / wd / momentum / teacher temperature per step against ours, and the final parameters.
+
+Loss conventions: the official SimDINO loss is -coeff * mean cos - gamma R, ours is mean 1/2||t - s||^2 - gamma R;
+for unit vectors official = coeff * (ours - 1) (coeff = 1 here): ``losses_ours`` is reported in the official
+convention. DINO losses are the same quantity on both sides. simdinov2: _parity_official_v2 returns the official
+losses shifted into OUR convention (its ``loss_offsets``: 1 + masked crops / (Mg B)), so ``losses_ours`` stay ours.
+
+Patches (what cannot run as is on CPU without DDP; also listed in the JSON ``patches``):
+  1. torch.distributed: a single-process gloo group (world size 1, file:// rendezvous), so that DINOLoss.update_center's
+     dist.all_reduce / get_world_size and MCRLoss's dist.is_initialized() run unchanged (N = 1).
+  2. the student is wrapped in a module exposing ``.module`` (what train_one_epoch reads off its DDP student);
+     parameter names get DDP's ``module.`` prefix, as in the official run.
+  3. torch.Tensor.cuda -> identity and torch.cuda.synchronize -> no-op (train_one_epoch moves images to the GPU).
+  4. utils.SmoothedValue.synchronize_between_processes -> no-op (it builds a CUDA tensor to average logging meters).
+  5. the loss module is wrapped to record each step's loss and to run the lockstep comparison before it (no change
+     to what it computes).
+  Constructor arguments that differ from the official command-line defaults (not patches): img_size=[32] (the
+  positional embedding is stored for the 32 px global crops, as our model.img_size; 16 px local crops interpolate it
+  in both), drop_path_rate=0, fp16 off, the preset sizes above.
+
+Parity measure: max over leaves of ||ours - official|| / ||official||, with each attention key bias (the k third of
+``attn.qkv.bias``) reported apart as ``key_bias_rel_diff``: it gets no gradient in exact arithmetic (softmax over
+the keys is invariant to q . b_k), so its computed gradient is rounding noise that Adam turns into +-lr updates of
+random sign on either side; it never changes any output (see ``split_key_bias``).
+
+``student_update_rel_diff`` compares the whole training update (params - initial, all leaves together); the
+teacher's counterpart is informative only over many steps: the teacher moves by (1 - m) of the student's update,
+near float32's resolution on leaves of size 1, where the two EMA roundings (mul/add or lerp vs optax) dominate.
+
+Measured on 2 CPU cores shared with other jobs, --threads 2, 20 steps (float32; official commits SimDINO 8149fc4,
+dino 7c446df; torch 2.13.0+cpu, jax 0.10.2):
+  simdino  parity: step-0 loss 2.7e-7, max loss 4.4e-6, student params 1.7e-4 / teacher 3.5e-4 (worst leaf
+           blocks.9.attn.qkv.bias[v]), student update 5.3e-5, step-0 head outputs 1.1e-6; 83 s (14 min under load).
+  dino     parity: step-0 loss 1.2e-7, max loss 4.5e-7, student params 6.9e-6 / teacher 8.7e-6, student update 2.7e-5,
+           through the last-layer unfreezing at step 10 and the teacher-temperature step at epoch 1; 91 s.
+  simdinov2 / dinov2 (official side: _parity_official_v2.py), 3 steps: not at parity, see the report of the run
+           (SimDINOv2's lr warm-up is start + (base - start) * it / W, simdinov2/utils/utils.py:112, ours the DINO
+           np.linspace(start, base, W)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+METHODS = ("simdino", "simdinov2", "dino", "dinov2")
+CLONES = {"simdino": "SimDINO", "simdinov2": "SimDINO", "dino": "dino", "dinov2": "dinov2"}
+# Goals (float32, CPU): step-0 loss, every loss, parameters after N steps.
+STEP0_TOL, LOSS_TOL, PARAM_TOL = 1e-5, 1e-3, 1e-3
+FORWARD_TOL = 1e-5  # step-0 head outputs, ||ours - official|| / ||official||
+OFFICIAL_EPS = 0.05  # SimDINO README --eps (official eps = paper eps**2)
+
+
+def error(msg: str) -> None:
+  print(f"official_parity.py: error: {msg}", file=sys.stderr, flush=True)
+  raise SystemExit(2)
+
+
+def resolve_repo(method: str, path: str | None) -> str:
+  """The clone for ``method``: ``path`` itself, or ``path/<SimDINO|dino|dinov2>``; exits with one line if absent."""
+  if not path:
+    error(f"--official_repo is required: a clone of the official {CLONES[method]} repository (or a folder holding "
+          "SimDINO/, dino/, dinov2/)")
+  if not os.path.isdir(path):
+    error(f"--official_repo={path}: no such directory")
+  sub = os.path.join(path, CLONES[method])
+  repo = sub if os.path.isdir(sub) else path
+  need = {"simdino": "simdino/main_dino.py", "simdinov2": "simdinov2", "dino": "main_dino.py",
+          "dinov2": "dinov2"}[method]
+  if not os.path.exists(os.path.join(repo, need)):
+    error(f"--official_repo={path}: {os.path.join(repo, need)} not found (method {method} needs a clone of "
+          f"the official {CLONES[method]} repository)")
+  return repo
+
+
+def git_commit(repo: str) -> str:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  try:
+    return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+# ---- our side ---------------------------------------------------------------------------------------------------
+def schedule_lengths(steps: int, epochs: int) -> tuple[int, int]:
+  """(iterations per epoch, epochs): ``steps`` steps run within ``epochs`` epochs of ceil(steps / epochs)."""
+  niter = max(1, math.ceil(steps / epochs))
+  return niter, epochs
+
+
+def official_recipe_overrides(args) -> dict:
+  """Our config fields set to mirror the official recipe on the small preset (dotted name -> value)."""
+  niter, epochs = schedule_lengths(args.steps, args.epochs)
+  o = {
+      "method": args.method, "seed": args.seed, "batch_size": args.batch_size,
+      "total_steps": niter * epochs, "warmup_steps": niter,  # warm-up 1 epoch
+      "data.source": "digits", "data.num_global": 2, "data.num_local": args.num_local,
+      "data.global_size": args.global_size, "data.local_size": args.local_size,
+      "model.variant": f"Ti/{args.patch_size}", "model.img_size": args.global_size, "model.drop_path_rate": 0.0,
+      "model.dtype": "float32",
+      "head.hidden_dim": args.hidden_dim, "head.out_dim": args.out_dim, "head.num_layers": 3,
+      "optim.lr": 5e-4, "optim.lr_scaling": "linear_256", "optim.min_lr": 1e-6, "optim.warmup_from_min_lr": False,
+      "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.4, "optim.clip_grad": 3.0,
+      "optim.clip_mode": "per_tensor", "optim.layer_decay": 1.0, "optim.patch_embed_lr_mult": 1.0,
+      "optim.b1": 0.9, "optim.b2": 0.999, "optim.adam_eps": 1e-8,
+      "teacher.momentum": 0.996, "teacher.momentum_end": 1.0, "teacher.self_distillation": True,
+  }
+  if args.method == "simdino":
+    o.update({"loss.eps": math.sqrt(OFFICIAL_EPS), "loss.gamma_rule": "official", "loss.exclude_same_view": True,
+              "loss.expansion": "mean", "loss.groups": 1, "loss.regularizer": "coding_rate",
+              "optim.freeze_last_layer_epochs": 0.0})  # official --freeze_last_layer 1 is a no-op: no last layer
+  if args.method in ("dino", "dinov2"):
+    o["head.num_prototypes"] = args.num_prototypes
+  if args.method == "dino":
+    o.update({"head.norm_last_layer": True,
+              "dino.student_temp": 0.1, "dino.teacher_temp": 0.07, "dino.warmup_teacher_temp": 0.04,
+              "dino.warmup_teacher_temp_epochs": epochs, "dino.teacher_temp_per": "epoch",
+              "dino.center_momentum": 0.9, "dino.centering": "centering", "dino.koleo_weight": 0.0,
+              "optim.freeze_last_layer_epochs": 1.0})
+  return o
+
+
+def build_config(args, extra: dict | None = None):
+  from simdino_jax import defaults  # pylint: disable=g-import-not-at-top
+  config = defaults.base_config()
+  for name, value in {**official_recipe_overrides(args), **(extra or {})}.items():
+    node = config
+    *parents, leaf = name.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  defaults.validate(config, num_devices=1)
+  return config
+
+
+def make_batches(config, steps: int) -> list[dict]:
+  """``steps`` batches of our pipeline's crops (numpy, our layout) of the config's source."""
+  from simdino_jax import methods, trainer  # pylint: disable=g-import-not-at-top
+  from simdino_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from simdino_jax.models.vit import parse_variant  # pylint: disable=g-import-not-at-top
+  masked = methods.get_method(config.method).uses_masks
+  it = pipeline.train_iterator(trainer.load_data(config, "train"), trainer.multicrop_config(config),
+                               batch_size=config.batch_size, seed=config.seed,
+                               mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
+                               mask_probability=config.masking.probability, mask_ratio=tuple(config.masking.ratio),
+                               mask_min_patches=config.masking.min_num_patches)
+  keys = ("global", "local", "mask") if masked else ("global", "local")
+  out = []
+  try:
+    for _ in range(steps):
+      b = next(it)
+      out.append({k: b[k] for k in keys})
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+  return out
+
+
+class Ours:
+  """Our trainer's state and jitted step for a config (the Trainer's pieces, on one CPU device)."""
+
+  def __init__(self, config, steps_per_epoch: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from simdino_jax import methods, optim, schedules, trainer  # pylint: disable=g-import-not-at-top
+    from simdino_jax.state import TrainState  # pylint: disable=g-import-not-at-top
+    from simdino_jax.step import forward, make_train_step  # pylint: disable=g-import-not-at-top
+
+    self.config = config
+    self.method = methods.get_method(config.method)
+    total, warmup = config.total_steps, config.warmup_steps
+    self.lr_fn = optim.lr_schedule(config.optim, config.batch_size, total, warmup)
+    self.wd_fn = optim.wd_schedule(config.optim, total)
+    self.momentum_fn = schedules.cosine(config.teacher.momentum, config.teacher.momentum_end, total)
+    network = trainer.create_network(config, self.method, config.seed)
+    self.graphdef, params = nnx.split(network)
+    self.tx = trainer.make_optimizer(config, params, self.lr_fn, self.wd_fn, steps_per_epoch)
+    loss_fn = self.method.make_loss(config, steps_per_epoch)
+    self.state = TrainState(step=jnp.zeros((), jnp.int32), student=params, teacher=params,
+                            opt_state=self.tx.init(params), loss_state=self.method.init_loss_state(config),
+                            rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+    self.mask_positions = methods.mask_positions(config)
+    self._step = jax.jit(make_train_step(self.graphdef, loss_fn, self.tx, lr_fn=self.lr_fn, wd_fn=self.wd_fn,
+                                         momentum_fn=self.momentum_fn, mask_positions=self.mask_positions))
+    self._forward = jax.jit(lambda p, b, student: forward(nnx.merge(self.graphdef, p), b, key=None,
+                                                          student=student), static_argnums=2)
+    self.flavor = "dinov2" if config.method in ("simdinov2", "dinov2") else "dino"
+    self.heads = dict(head="dino_head", patch_head="ibot_head") if self.flavor == "dinov2" else dict(head="head")
+
+  def step(self, batch: dict) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+    self.state, metrics = self._step(self.state, batch)
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def flat(self, which: str) -> dict:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from simdino_jax.tree import named_leaves  # pylint: disable=g-import-not-at-top
+    return {k: np.asarray(v) for k, v in named_leaves(getattr(self.state, which)).items()}
+
+  def torch_state(self, which: str) -> dict:
+    """The student's / teacher's parameters in official names and layouts (backbone + heads)."""
+    from simdino_jax import torch_interop  # pylint: disable=g-import-not-at-top
+    return torch_interop.network_to_torch(self.flat(which), flavor=self.flavor, **self.heads)
+
+  def head_outputs(self, batch: dict, student: bool):
+    """Head outputs of the step's forward in the official row order (crop-major: view v, image b -> row v*B + b);
+    DINO heads: the logits."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    params = self.state.student if student else self.state.teacher
+    out = self._forward(params, {k: batch[k] for k in ("global", "local")}, student)["cls"]
+    out = np.asarray(out["logits"] if isinstance(out, dict) else out)
+    return out.transpose(1, 0, 2).reshape(-1, out.shape[-1])
+
+
+def rel_diff(a, b) -> float:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  den = np.linalg.norm(b)
+  num = np.linalg.norm(a - b)
+  return float(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def split_key_bias(state: dict) -> dict:
+  """Leaves with each ``attn.qkv.bias`` split into its q / k / v thirds ("...qkv.bias[k]").
+
+  The key bias gets no gradient in exact arithmetic (softmax over keys is invariant to q . b_k, the same for every
+  key of a query), so its computed gradient is rounding noise, which Adam normalises into updates of about +-lr with
+  a random sign on either side: the k third cannot agree between two implementations and is left out of the
+  parity measure (``key_bias_rel_diff`` reports it); the q and v thirds are compared as any other leaf."""
+  out = {}
+  for k, v in state.items():
+    if k.endswith("attn.qkv.bias"):
+      third = v.shape[0] // 3
+      for i, part in enumerate("qkv"):
+        out[f"{k}[{part}]"] = v[i * third:(i + 1) * third]
+    else:
+      out[k] = v
+  return out
+
+
+def max_leaf_diff(ours: dict, theirs: dict, *, key_bias: bool = False) -> tuple[float, str]:
+  """(max over leaves of ||ours - theirs|| / ||theirs||, the worst leaf); a leaf missing on one side is inf.
+  Key biases (``split_key_bias``) are left out, or with ``key_bias`` the only leaves compared."""
+  ours, theirs = split_key_bias(ours), split_key_bias(theirs)
+  worst, name = 0.0, ""
+  for k in sorted(set(ours) | set(theirs)):
+    if k.endswith("[k]") != key_bias:
+      continue
+    d = rel_diff(ours[k], theirs[k]) if k in ours and k in theirs else float("inf")
+    if d > worst or not name:
+      worst, name = d, k
+  return worst, name
+
+
+def update_rel_diff(ours: dict, theirs: dict, init: dict) -> float:
+  """||(ours - init) - (theirs - init)|| / ||theirs - init|| over all leaves together (key biases left out): how well
+  the whole training update agrees, insensitive to one odd element of a leaf that is still near zero."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ours, theirs, init = split_key_bias(ours), split_key_bias(theirs), split_key_bias(init)
+  num = den = 0.0
+  for k in theirs:
+    if k.endswith("[k]") or k not in ours or k not in init:
+      continue
+    b = np.asarray(theirs[k], np.float64) - np.asarray(init[k], np.float64)
+    num += float(np.sum(np.square(np.asarray(ours[k], np.float64) - np.asarray(theirs[k], np.float64))))
+    den += float(np.sum(np.square(b)))
+  return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def to_official_loss(method: str, loss: float) -> float:
+  """Our loss in the official convention: SimDINO's -coeff cos = coeff (1/2||t - s||^2 - 1) with coeff = 1."""
+  return loss - 1.0 if method == "simdino" else loss
+
+
+# ---- the official side (SimDINO v1, DINO v1) ----------------------------------------------------------------------
+def _extract(path: str, names: tuple, namespace: dict) -> dict:
+  """Compile the top-level definitions ``names`` of an official file alone (its other imports never run)."""
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  nodes = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in names]
+  missing = set(names) - {n.name for n in nodes}
+  if missing:
+    raise SystemExit(f"official_parity.py: error: {path} defines no {sorted(missing)} (not the expected clone?)")
+  exec(compile(ast.Module(body=nodes, type_ignores=[]), path, "exec"), namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+class _Epoch:
+  """One epoch of the official data loader: ``len`` is the full epoch (train_one_epoch's global iteration index is
+  len(data_loader) * epoch + it), iteration yields (crops, label) for the batches of this run."""
+
+  def __init__(self, batches, length):
+    self.batches, self.length = batches, length
+
+  def __len__(self):
+    return self.length
+
+  def __iter__(self):
+    return iter([(b, None) for b in self.batches])
+
+
+def to_official_images(batch: dict, torch) -> list:
+  """Our batch -> the official crop list: NCHW float32 tensors, the global crops first."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  crops = [batch["global"][:, i] for i in range(batch["global"].shape[1])]
+  crops += [batch["local"][:, i] for i in range(batch["local"].shape[1])]
+  return [torch.from_numpy(np.ascontiguousarray(c.transpose(0, 3, 1, 2), dtype=np.float32)) for c in crops]
+
+
+def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, official_repo, threads, *,
+                    epochs, niter, ours: Ours | None = None) -> dict:
+  """SimDINO v1 / DINO v1 from the clone: the official objects and train_one_epoch, from our weights.
+
+  With ``ours``, runs lockstep (see the module docstring) and adds "lockstep" (per-step comparisons) and
+  "step0_forward" (output differences at step 0) to the result."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  import torch.distributed.nn as dist_nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  src = os.path.join(official_repo, "simdino") if method == "simdino" else official_repo
+  sys.path.insert(0, src)
+  import utils  # pylint: disable=g-import-not-at-top,import-error  # the official utils.py
+  import vision_transformer as vits  # pylint: disable=g-import-not-at-top,import-error
+
+  torch.set_num_threads(threads)
+  patches = []
+  if not dist.is_initialized():
+    rendezvous = tempfile.NamedTemporaryFile(prefix="parity_gloo_", delete=False).name
+    os.remove(rendezvous)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+  patches.append("torch.distributed: single-process gloo group (world size 1) for DINOLoss.update_center's "
+                 "all_reduce / get_world_size and MCRLoss's dist.is_initialized() (N = 1)")
+  torch.Tensor.cuda = lambda self, *a, **k: self
+  torch.cuda.synchronize = lambda *a, **k: None
+  patches.append("torch.Tensor.cuda -> identity, torch.cuda.synchronize -> no-op (train_one_epoch's GPU moves)")
+  utils.SmoothedValue.synchronize_between_processes = lambda self: None
+  patches.append("utils.SmoothedValue.synchronize_between_processes -> no-op (builds a CUDA tensor; logging only)")
+
+  h = config.head
+  p = int(config.model.variant.split("/")[1])
+
+  def network(student: bool):
+    backbone = vits.vit_tiny(patch_size=p, drop_path_rate=0.0, img_size=[config.data.global_size])
+    if method == "simdino":
+      head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, hidden_dim=h.hidden_dim, bottleneck_dim=h.out_dim)
+    elif student:
+      head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, use_bn=False, norm_last_layer=h.norm_last_layer,
+                           hidden_dim=h.hidden_dim, bottleneck_dim=h.out_dim)
+    else:
+      head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, False, hidden_dim=h.hidden_dim,
+                           bottleneck_dim=h.out_dim)
+    return utils.MultiCropWrapper(backbone, head)
+
+  student, teacher = network(True), network(False)
+  student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in student_sd.items()}, strict=True)
+  teacher.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in teacher_sd.items()}, strict=True)
+  for param in teacher.parameters():
+    param.requires_grad = False
+
+  class DDPLike(nn.Module):  # what train_one_epoch reads off its DDP-wrapped student: .module, "module." names
+    def __init__(self, module):
+      super().__init__()
+      self.module = module
+
+    def forward(self, x):
+      return self.module(x)
+
+  student_ddp = DDPLike(student)
+  patches.append("student wrapped in a module exposing .module (DDP's attribute and 'module.' names), no DDP")
+
+  ncrops = config.data.num_global + config.data.num_local
+  main_dino = os.path.join(src, "main_dino.py")
+  ns = {"torch": torch, "nn": nn, "F": F, "dist": dist, "dist_nn": dist_nn, "np": np, "math": math, "sys": sys,
+        "utils": utils, "wandb": types.SimpleNamespace(log=lambda *a, **k: None)}
+  loss_name = "MCRLoss" if method == "simdino" else "DINOLoss"
+  _extract(main_dino, ("train_one_epoch", loss_name), ns)
+  if method == "simdino":
+    # official eps = paper eps**2; gamma_code = 1/p + 1/(N B) is built in; coeff 1; expa_type 1 = expansion "mean".
+    loss_module = ns["MCRLoss"](ncrops, 0, 1 if config.loss.expansion == "mean" else 0, config.loss.eps**2, 1.0)
+  else:
+    d = config.dino
+    loss_module = ns["DINOLoss"](h.num_prototypes, ncrops, d.warmup_teacher_temp, d.teacher_temp,
+                                 d.warmup_teacher_temp_epochs, epochs, student_temp=d.student_temp,
+                                 center_momentum=d.center_momentum)
+  params_groups = utils.get_params_groups(student_ddp)
+  optimizer = torch.optim.AdamW(params_groups, fused=True) if method == "simdino" else torch.optim.AdamW(
+      params_groups)
+  o = config.optim
+  lr_schedule = utils.cosine_scheduler(o.lr * config.batch_size / 256.0, o.min_lr, epochs, niter, warmup_epochs=1)
+  wd_schedule = utils.cosine_scheduler(o.weight_decay, o.weight_decay_end, epochs, niter)
+  momentum_schedule = utils.cosine_scheduler(config.teacher.momentum, 1, epochs, niter)
+  freeze_last_layer = int(round(o.freeze_last_layer_epochs)) if method == "dino" else 1
+  args = types.SimpleNamespace(epochs=epochs, clip_grad=o.clip_grad, freeze_last_layer=freeze_last_layer,
+                               use_simdino=method == "simdino", enable_logging=False)
+
+  images = [to_official_images(b, torch) for b in batches[:steps]]
+  result = {"patches": patches, "official_commit": git_commit(official_repo), "losses": []}
+
+  def named(module):
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+  if ours is not None:  # step-0 forward check on the first batch, before anything trains
+    with torch.no_grad():
+      s_off = student(images[0]).numpy()
+      t_off = teacher(images[0][:config.data.num_global]).numpy()
+    result["step0_forward"] = {"student_rel_diff": rel_diff(ours.head_outputs(batches[0], True), s_off),
+                               "teacher_rel_diff": rel_diff(ours.head_outputs(batches[0], False), t_off)}
+  lockstep = []
+
+  class Recording(nn.Module):
+    """The official loss module, unchanged; records each step's loss and runs the lockstep comparison first."""
+
+    def __init__(self, inner):
+      super().__init__()
+      self.inner = inner
+
+    def forward(self, *a):
+      t = len(result["losses"])
+      if ours is not None:
+        row = {"step": t}
+        s_diff, s_leaf = max_leaf_diff(ours.torch_state("student"), named(student))
+        t_diff, t_leaf = max_leaf_diff(ours.torch_state("teacher"), named(teacher))
+        row.update(student_param_rel_diff=s_diff, student_worst=s_leaf, teacher_param_rel_diff=t_diff,
+                   teacher_worst=t_leaf)
+        if method == "dino":
+          row["center_rel_diff"] = rel_diff(np.asarray(ours.state.loss_state["center"]),
+                                            self.inner.center.numpy())
+        metrics = ours.step(batches[t])
+        epoch = t // niter
+        row.update(loss_ours=to_official_loss(method, metrics["loss"]), lr_ours=metrics["lr"],
+                   lr_official=float(optimizer.param_groups[0]["lr"]), wd_ours=metrics["wd"],
+                   wd_official=float(optimizer.param_groups[0]["weight_decay"]), momentum_ours=metrics["momentum"],
+                   momentum_official=float(momentum_schedule[t]))
+        if method == "dino":
+          row.update(teacher_temp_ours=metrics.get("teacher_temp", float("nan")),
+                     teacher_temp_official=float(self.inner.teacher_temp_schedule[epoch]))
+        lockstep.append(row)
+      out = self.inner(*a)
+      result["losses"].append(float((out[0] if isinstance(out, tuple) else out).item()))
+      if ours is not None:
+        lockstep[-1]["loss_official"] = result["losses"][-1]
+      return out
+
+  recording = Recording(loss_module)
+  patches.append("loss module wrapped to record each loss and run the lockstep comparison (values unchanged)")
+  student_ddp.train()
+  teacher.train()
+  with contextlib.redirect_stdout(sys.stderr):  # the official MetricLogger prints; stdout keeps the JSON line
+    for epoch in range(epochs):
+      chunk = images[epoch * niter:(epoch + 1) * niter]
+      if not chunk:
+        break
+      ns["train_one_epoch"](student_ddp, teacher, teacher, recording, _Epoch(chunk, niter), optimizer, lr_schedule,
+                            wd_schedule, momentum_schedule, epoch, None, args)
+  result["student"], result["teacher"] = named(student), named(teacher)
+  if ours is not None:
+    result["lockstep"] = lockstep
+  return result
+
+
+# ---- driver -------------------------------------------------------------------------------------------------------
+def first_divergence(lockstep: list, method: str) -> dict | None:
+  """The first step where a lockstep quantity leaves its tolerance, with the worst leaf and the values."""
+  for row in lockstep:
+    t = row["step"]
+    checks = [(key, rel_diff(row[f"{key}_ours"], row[f"{key}_official"]), 1e-6)
+              for key in ("lr", "wd", "momentum", "teacher_temp") if f"{key}_ours" in row]
+    if "center_rel_diff" in row:
+      checks.append(("center (before the step)", row["center_rel_diff"], PARAM_TOL))
+    if "student_param_rel_diff" in row:
+      checks += [("student params (before the step)", row["student_param_rel_diff"], PARAM_TOL),
+                 ("teacher params (before the step)", row["teacher_param_rel_diff"], PARAM_TOL)]
+    checks.append(("loss", rel_diff(row["loss_ours"], row.get("loss_official", float("nan"))),
+                   STEP0_TOL if t == 0 else LOSS_TOL))
+    for name, value, tol in checks:
+      if not value <= tol:
+        out = {"step": t, "quantity": name, "rel_diff": value, "tolerance": tol}
+        if name.startswith("student"):
+          out["worst_leaf"] = row["student_worst"]
+        if name.startswith("teacher params"):
+          out["worst_leaf"] = row["teacher_worst"]
+        out["why"] = explain(name, out.get("worst_leaf", ""), t, row, method)
+        return out
+  return None
+
+
+def explain(quantity: str, leaf: str, step: int, row: dict, method: str) -> str:
+  """A first diagnosis from where the divergence shows (the report gives the verified root causes)."""
+  if quantity in ("lr", "wd", "momentum", "teacher_temp"):
+    return f"schedule mismatch: ours {row.get(quantity + '_ours')} vs official {row.get(quantity + '_official')}"
+  if "last_layer" in leaf:
+    return ("the prototype layer: its Adam moments / step count or the freeze differ (official: grad=None while "
+            "frozen, so torch.optim.AdamW neither updates its moments nor counts the step)")
+  if quantity.startswith("center"):
+    return "the DINO centre update differs"
+  if quantity == "loss" and "student_param_rel_diff" not in row:
+    return "the loss differs (this method's parameters are compared at the end only)"
+  if quantity == "loss":
+    return "the loss differs while the parameters entering it agree: a loss-term difference"
+  return f"parameters drift first at {leaf}"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--method", choices=METHODS, default="simdino")
+  parser.add_argument("--official_repo", default=None,
+                      help="clone of the official repository for --method (SimDINO, dino or dinov2), or a folder "
+                      "holding SimDINO/, dino/, dinov2/")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (torch.set_num_threads)")
+  parser.add_argument("--epochs", type=int, default=2, help="schedule length in epochs of ceil(steps/epochs) steps")
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--num_local", type=int, default=4)
+  parser.add_argument("--global_size", type=int, default=32)
+  parser.add_argument("--local_size", type=int, default=16)
+  parser.add_argument("--patch_size", type=int, default=4)
+  parser.add_argument("--hidden_dim", type=int, default=2048)
+  parser.add_argument("--out_dim", type=int, default=256)
+  parser.add_argument("--num_prototypes", type=int, default=4096)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--dump", default="", help="write both sides' final student / teacher parameters (official "
+                      "names) to this .npz, for looking into a divergence")
+  args = parser.parse_args(argv)
+  repo = resolve_repo(args.method, args.official_repo)
+  if args.steps < 1:
+    error(f"--steps must be >= 1, got {args.steps}")
+
+  start = time.time()
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity: no reduced-precision passes
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  v2 = None
+  extra = {}
+  if args.method in ("simdinov2", "dinov2"):
+    try:
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      import _parity_official_v2 as v2  # pylint: disable=g-import-not-at-top,import-error
+    except ImportError as e:
+      error(f"--method {args.method}: the official side lives in benchmarks/_parity_official_v2.py, which could not "
+            f"be imported ({e})")
+    extra = dict(getattr(v2, "OUR_OVERRIDES", {}).get(args.method, {}))
+  niter, epochs = schedule_lengths(args.steps, args.epochs)
+  config = build_config(args, extra)
+  batches = make_batches(config, args.steps)
+  ours = Ours(config, niter)
+  student_sd, teacher_sd = ours.torch_state("student"), ours.torch_state("teacher")
+
+  if v2 is None:
+    off = run_official_v1(args.method, config, student_sd, teacher_sd, batches, args.steps, repo, args.threads,
+                          epochs=epochs, niter=niter, ours=ours)
+    lockstep = off.pop("lockstep")
+    losses_ours = [row["loss_ours"] for row in lockstep]
+    step0_forward = off.get("step0_forward")
+  else:
+    import inspect  # pylint: disable=g-import-not-at-top
+    run = getattr(v2, "run_official", None)
+    if run is None:
+      error(f"--method {args.method}: benchmarks/_parity_official_v2.py defines no run_official")
+    # The helper's durations in epochs must use our steps per epoch (it accepts them as a keyword, if at all).
+    kw = {"steps_per_epoch": niter} if "steps_per_epoch" in inspect.signature(run).parameters else {}
+    try:
+      with contextlib.redirect_stdout(sys.stderr):  # the official code prints; stdout keeps the one JSON line
+        off = run(args.method, config, student_sd, teacher_sd, batches, args.steps, repo, args.threads, **kw)
+    except NotImplementedError as e:
+      error(f"--method {args.method}: benchmarks/_parity_official_v2.run_official is not implemented yet ({e})")
+    # Ours after the official run (not lockstep): the official side returns its per-step schedules, compared here.
+    lockstep, step0_forward, losses_ours = [], None, []
+    for t, b in enumerate(batches):
+      metrics = ours.step(b)
+      losses_ours.append(metrics["loss"])  # the v2 side reports its losses in our convention (its loss_offsets)
+      row = {"step": t, "loss_ours": metrics["loss"], "loss_official": off["losses"][t]}
+      for key in ("lr", "wd", "momentum", "teacher_temp"):
+        if key in metrics and key in off and t < len(off[key]):
+          row[f"{key}_ours"], row[f"{key}_official"] = metrics[key], off[key][t]
+      lockstep.append(row)
+
+  if args.dump:
+    np.savez(args.dump, **{f"{side}/{which}/{k}": v for which in ("student", "teacher")
+                           for side, sd in (("ours", ours.torch_state(which)), ("official", off[which]))
+                           for k, v in sd.items()})
+  student_diff, student_leaf = max_leaf_diff(ours.torch_state("student"), off["student"])
+  teacher_diff, teacher_leaf = max_leaf_diff(ours.torch_state("teacher"), off["teacher"])
+  key_bias_diff = max_leaf_diff(ours.torch_state("student"), off["student"], key_bias=True)[0]
+  student_update = update_rel_diff(ours.torch_state("student"), off["student"], student_sd)
+  teacher_update = update_rel_diff(ours.torch_state("teacher"), off["teacher"], teacher_sd)
+  losses_official = off["losses"]
+  n = min(len(losses_ours), len(losses_official))
+  loss_diffs = [rel_diff(losses_ours[i], losses_official[i]) for i in range(n)]
+  out = {
+      "method": args.method, "steps": args.steps, "official_repo": repo, "official_commit": off["official_commit"],
+      "losses_ours": losses_ours, "losses_official": losses_official,
+      "step0_rel_diff": loss_diffs[0] if loss_diffs else None,
+      "max_loss_rel_diff": max(loss_diffs) if loss_diffs else None,
+      "student_param_rel_diff": student_diff, "student_worst_leaf": student_leaf,
+      "teacher_param_rel_diff": teacher_diff, "teacher_worst_leaf": teacher_leaf,
+      "key_bias_rel_diff": key_bias_diff,  # student attn key biases, left out above (split_key_bias)
+      "student_update_rel_diff": student_update, "teacher_update_rel_diff": teacher_update,
+      "step0_forward": step0_forward, "patches": off["patches"],
+      "preset": {"variant": config.model.variant, "batch_size": config.batch_size,
+                 "crops": f"{config.data.num_global}x{config.data.global_size} + "
+                          f"{config.data.num_local}x{config.data.local_size}",
+                 "head": f"{config.head.hidden_dim}/{config.head.out_dim}", "epochs": epochs, "niter_per_ep": niter,
+                 "prototypes": config.head.num_prototypes if ours.method.prototypes else None},
+  }
+  if lockstep and "student_param_rel_diff" in lockstep[0]:  # after 0, 1, ... updates (key biases left out)
+    out["student_param_rel_diff_per_step"] = [row["student_param_rel_diff"] for row in lockstep]
+  if off.get("notes"):
+    out["official_notes"] = off["notes"]
+  div = first_divergence(lockstep, args.method) if lockstep else None
+  goals = (out["step0_rel_diff"] is not None and out["step0_rel_diff"] <= STEP0_TOL
+           and out["max_loss_rel_diff"] <= LOSS_TOL and student_diff <= PARAM_TOL and teacher_diff <= PARAM_TOL
+           and len(losses_official) == args.steps)
+  if step0_forward:  # the official forward on our initial weights gives our head outputs (before any training)
+    goals = goals and max(step0_forward.values()) <= FORWARD_TOL
+  out["parity"] = bool(goals)
+  if not goals:
+    out["first_divergence"] = div or {"quantity": "final parameters or losses", "why": "see the *_rel_diff fields"}
+  elif div is not None:
+    # Parity reached, but a lockstep quantity left its tolerance on the way: early in training, leaves that start
+    # at zero (biases) hold a few Adam updates of +-lr whose direction m/sqrt(v) is ill-conditioned for the odd
+    # element whose successive gradients nearly cancel, so one element can weigh a lot in a tiny norm; it fades as
+    # the leaf grows. Reported, not a failure.
+    out["lockstep_transient"] = div
+  out["seconds"] = round(time.time() - start, 1)
+  print(json.dumps(out), flush=True)
+  return out
+
+
+if __name__ == "__main__":
+  main()
