@@ -1,6 +1,6 @@
 r"""Parity with the official PyTorch trainers: same initial weights, same batches, N full training steps each.
 
-  /work/torchvenv/bin/python benchmarks/official_parity.py --method simdino --official_repo /work/official/SimDINO \
+  /path/to/torch-venv/bin/python benchmarks/official_parity.py --method simdino --official_repo /path/to/SimDINO \
       [--steps 20] [--threads 2]
   (--method dino: --official_repo a clone of facebookresearch/dino; simdinov2: SimDINO; dinov2: facebookresearch/dinov2.
    --official_repo may also be a folder holding the clones SimDINO/, dino/, dinov2/.)
@@ -34,7 +34,8 @@ What runs (float32, CPU, drop path 0, no fp16, no DDP):
 Loss conventions: the official SimDINO loss is -coeff * mean cos - gamma R, ours is mean 1/2||t - s||^2 - gamma R;
 for unit vectors official = coeff * (ours - 1) (coeff = 1 here): ``losses_ours`` is reported in the official
 convention. DINO losses are the same quantity on both sides. simdinov2: _parity_official_v2 returns the official
-losses shifted into OUR convention (its ``loss_offsets``: 1 + masked crops / (Mg B)), so ``losses_ours`` stay ours.
+losses in both conventions (its ``loss_offsets``: 1 + masked crops / (Mg B)); they are compared in the official one,
+as simdino's (``losses_ours`` = ours - offset).
 
 Patches (what cannot run as is on CPU without DDP; also listed in the JSON ``patches``):
   1. torch.distributed: a single-process gloo group (world size 1, file:// rendezvous), so that DINOLoss.update_center's
@@ -106,10 +107,11 @@ def resolve_repo(method: str, path: str | None) -> str:
           "SimDINO/, dino/, dinov2/)")
   if not os.path.isdir(path):
     error(f"--official_repo={path}: no such directory")
-  sub = os.path.join(path, CLONES[method])
-  repo = sub if os.path.isdir(sub) else path
   need = {"simdino": "simdino/main_dino.py", "simdinov2": "simdinov2", "dino": "main_dino.py",
-          "dinov2": "dinov2"}[method]
+          "dinov2": "dinov2/train/ssl_meta_arch.py"}[method]
+  sub = os.path.join(path, CLONES[method])
+  # The clone itself first: a dinov2 clone holds a dinov2/ package folder that is not a clone.
+  repo = path if os.path.exists(os.path.join(path, need)) else sub
   if not os.path.exists(os.path.join(repo, need)):
     error(f"--official_repo={path}: {os.path.join(repo, need)} not found (method {method} needs a clone of "
           f"the official {CLONES[method]} repository)")
@@ -635,6 +637,11 @@ def main(argv=None):
   student_update = update_rel_diff(ours.torch_state("student"), off["student"], student_sd)
   teacher_update = update_rel_diff(ours.torch_state("teacher"), off["teacher"], teacher_sd)
   losses_official = off["losses"]
+  if off.get("losses_raw") is not None and off.get("loss_offsets") is not None:
+    # simdinov2: compared in the official convention, as simdino (ours - the constant 1 + masked crops / (Mg B)):
+    # our convention's loss is ~0.05 at init, a near-cancellation where a relative difference measures nothing.
+    losses_ours = [x - o for x, o in zip(losses_ours, off["loss_offsets"])]
+    losses_official = off["losses_raw"]
   n = min(len(losses_ours), len(losses_official))
   loss_diffs = [rel_diff(losses_ours[i], losses_official[i]) for i in range(n)]
   out = {

@@ -37,6 +37,7 @@ def get_config(arg=None):
   c.masking.ratio = (0.1, 0.5)
   c.loss.patch_weighting = "official"
   c.optim.warmup_from_min_lr = True
+  c.optim.warmup_rule = "step_over_warmup"  # the fork's CosineScheduler: start + (base - start) * it / W
   c.optim.clip_mode = "per_module"
   c.optim.layer_decay = 0.9
   c.optim.patch_embed_lr_mult = 0.2

@@ -71,6 +71,7 @@ def get_config(arg=None):
   c.loss.patch_weighting = "official"
   c.optim.lr, c.optim.lr_scaling, c.optim.min_lr = 0.004, "sqrt_1024", 1e-6
   c.optim.warmup_from_min_lr = True
+  c.optim.warmup_rule = "step_over_warmup"  # the fork's CosineScheduler: start + (base - start) * it / W
   c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
   c.optim.clip_grad, c.optim.clip_mode = 3.0, "per_module"
   c.optim.layer_decay = 0.9

@@ -134,6 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr_scaling = "linear_256"
   c.optim.min_lr = 1e-6
   c.optim.warmup_from_min_lr = False
+  # "linspace" (DINO / DINOv2: base reached at warm-up step W-1) or "step_over_warmup" (the SimDINOv2 fork: at W).
+  c.optim.warmup_rule = "linspace"
   c.optim.weight_decay = 0.04
   c.optim.weight_decay_end = 0.4
   c.optim.clip_grad = 3.0
@@ -312,6 +314,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
   _require(o.clip_mode in ("per_tensor", "global", "per_module"), "optim.clip_mode",
            f"must be 'per_tensor', 'global' or 'per_module', got {o.clip_mode!r}")
   from simdino_jax.optim import FREEZE_MODES  # local, as methods above
+  from simdino_jax.schedules import WARMUP_RULES
+  _require(o.get("warmup_rule", "linspace") in WARMUP_RULES, "optim.warmup_rule",
+           f"must be one of {WARMUP_RULES}, got {o.get('warmup_rule')!r}")
   _require(o.get("freeze_mode", "drop_grads") in FREEZE_MODES, "optim.freeze_mode",
            f"must be one of {FREEZE_MODES}, got {o.get('freeze_mode')!r}")
   _require(0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0, "optim.layer_decay",

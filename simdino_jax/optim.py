@@ -70,7 +70,8 @@ def lr_schedule(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int)
   else:
     raise ValueError(f"config.optim.lr_scaling must be 'linear_256', 'sqrt_1024' or 'none', got {rule!r}")
   init = optim_cfg.min_lr if optim_cfg.get("warmup_from_min_lr", False) else 0.0
-  return schedules.warmup_cosine(peak, optim_cfg.min_lr, total_steps, warmup_steps, warmup_init=init)
+  return schedules.warmup_cosine(peak, optim_cfg.min_lr, total_steps, warmup_steps, warmup_init=init,
+                                 warmup_rule=optim_cfg.get("warmup_rule", "linspace"))
 
 
 def wd_schedule(optim_cfg, total_steps: int) -> schedules.Schedule:

@@ -14,12 +14,20 @@ import jax.numpy as jnp
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 
+WARMUP_RULES = ("linspace", "step_over_warmup")
+
+
 def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                  warmup_init: float = 0.0) -> Schedule:
+                  warmup_init: float = 0.0, warmup_rule: str = "linspace") -> Schedule:
   """Linear warm-up warmup_init -> base over warmup_steps, then cosine base -> final until total_steps.
 
   DINO / DINOv2 warm up from 0; SimDINOv2 from min_lr (``warmup_init``). Past total_steps it stays at final.
+  warmup_rule "linspace": np.linspace(warmup_init, base, W) as DINO's / DINOv2's cosine_scheduler (step W-1 reaches
+  base); "step_over_warmup": warmup_init + (base - warmup_init) * step / W as the SimDINOv2 fork's CosineScheduler
+  (simdinov2/utils/utils.py), which reaches base only at step W.
   """
+  if warmup_rule not in WARMUP_RULES:
+    raise ValueError(f"warmup_rule must be one of {WARMUP_RULES}, got {warmup_rule!r}")
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
   if not 0 <= warmup_steps < total_steps:
@@ -28,8 +36,8 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    # np.linspace(warmup_init, base, W) as in the official scheduler: step W-1 already reaches base.
-    warm = warmup_init + (base - warmup_init) * step / max(warmup_steps - 1, 1)
+    span = max(warmup_steps - 1, 1) if warmup_rule == "linspace" else max(warmup_steps, 1)
+    warm = warmup_init + (base - warmup_init) * step / span
     t = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
     cos = final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * t))
     return jnp.where(step < warmup_steps, warm, cos).astype(jnp.float32)

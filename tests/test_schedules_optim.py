@@ -147,3 +147,25 @@ def test_teacher_temperature_rejects_unknown_indexing():
   c.dino.teacher_temp_per = "batch"
   with pytest.raises(defaults.ConfigError, match="dino.teacher_temp_per"):
     defaults.validate(c, num_devices=1)
+
+
+def simdinov2_cosine_scheduler(base, final, total, warmup, start):
+  """SimDINOv2 fork, simdinov2/utils/utils.py CosineScheduler.__getitem__ (no freeze / peak iterations):
+  it < W: start + (base - start) * it / W; else final + 0.5 (base - final) (1 + cos(pi (it - W) / (total - W)))."""
+  out = []
+  for it in range(total):
+    if it < warmup:
+      out.append(start + (base - start) * it / warmup)
+    else:
+      out.append(final + 0.5 * (base - final) * (1 + np.cos(np.pi * (it - warmup) / (total - warmup))))
+  return np.array(out)
+
+
+def test_step_over_warmup_rule_matches_the_simdinov2_fork_scheduler():
+  got = np.asarray(jax.vmap(schedules.warmup_cosine(4e-3, 1e-6, 30, 10, warmup_init=1e-6,
+                                                    warmup_rule="step_over_warmup"))(jnp.arange(30)))
+  np.testing.assert_allclose(got, simdinov2_cosine_scheduler(4e-3, 1e-6, 30, 10, 1e-6), rtol=1e-5, atol=1e-9)
+  linspace = np.asarray(jax.vmap(schedules.warmup_cosine(4e-3, 1e-6, 30, 10, warmup_init=1e-6))(jnp.arange(30)))
+  assert abs(linspace[9] - 4e-3) < 1e-9 and got[9] < 3.7e-3  # linspace reaches base one step earlier
+  with pytest.raises(ValueError, match="warmup_rule"):
+    schedules.warmup_cosine(1.0, 0.0, 10, 2, warmup_rule="fork")
