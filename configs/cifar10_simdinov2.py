@@ -6,7 +6,8 @@ Command (from the repository root; data.source is relative to it):
 
 Runtime: 27.4 min wall for this run on 2 cores shared with other jobs (29 images/s at the end).
 Expected result (seed 0, measured): teacher k-NN top-1 39.83% (top-5 85.8%) vs 29.33% at init (+10.5), the best of
-the CIFAR-10 recipes measured.
+the CIFAR-10 recipes measured. (Measured before the recipe took the fork's warm-up rule, optim.warmup_rule
+"step_over_warmup": the lr now reaches its peak one step later; not re-measured.)
 
 What configs/simdinov2_vitb16_in1k.py changes with respect to SimDINO, on the shared CIFAR recipe: 4 registers,
 LayerScale 0.1, DINOv2 token init, size-based positional-embedding interpolation with antialias (offset 0), block
