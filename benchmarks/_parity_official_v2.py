@@ -93,7 +93,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import subprocess
 import sys
 import types
 
@@ -214,14 +213,6 @@ def _package_root(official_repo: str, package: str) -> str:
   if os.path.basename(repo) == package:
     return os.path.dirname(repo)
   raise FileNotFoundError(f"--official_repo={official_repo}: no {package}/ directory in it")
-
-
-def _commit(path: str) -> str:
-  try:
-    return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 class _FakeBlockDiagonalMask:
@@ -542,7 +533,7 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
 
   Returns {"losses": per-step loss in our convention, "losses_raw": the official ``loss_accumulator``,
   "loss_offsets", "student", "teacher" (full state dicts, unchunked official names), "patches", "notes",
-  "official_commit", "lr", "wd", "momentum", "teacher_temp" (the official schedules' values per step)}.
+  "lr", "wd", "momentum", "teacher_temp" (the official schedules' values per step)}.
 
   steps_per_epoch: the iterations per epoch our side uses for the durations given in epochs (last-layer freeze,
   teacher-temperature warm-up); None: computed as the Trainer does, from the size of ``config.data.source``."""
@@ -550,7 +541,7 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
     raise ValueError(f"_parity_official_v2 runs simdinov2 and dinov2, not {method!r}")
   import torch
   torch.set_num_threads(max(int(threads), 1))
-  meta, train, vits, block, configs, root = _import_official(method, official_repo)
+  meta, train, vits, block, configs, _ = _import_official(method, official_repo)
   _patch_nested_block(block)  # P3
   _, _, spe = _durations(config, steps_per_epoch)
   cfg = _official_config(method, config, configs, vits, spe)
@@ -650,6 +641,5 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
       "teacher": _dump(model.teacher),
       "patches": list(PATCHES),
       "notes": notes,
-      "official_commit": _commit(root),
       **trace,
   }

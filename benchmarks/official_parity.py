@@ -645,7 +645,7 @@ def main(argv=None):
   n = min(len(losses_ours), len(losses_official))
   loss_diffs = [rel_diff(losses_ours[i], losses_official[i]) for i in range(n)]
   out = {
-      "method": args.method, "steps": args.steps, "official_repo": repo, "official_commit": off["official_commit"],
+      "method": args.method, "steps": args.steps, "official_repo": repo, "official_commit": git_commit(repo),
       "losses_ours": losses_ours, "losses_official": losses_official,
       "step0_rel_diff": loss_diffs[0] if loss_diffs else None,
       "max_loss_rel_diff": max(loss_diffs) if loss_diffs else None,
