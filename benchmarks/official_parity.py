@@ -9,7 +9,7 @@ Needs a Python with PyTorch and simdino_jax (PyTorch is not a dependency of the 
 code; nothing official is copied into the package: the official files are imported or executed from the clone.
 
 What runs (float32, CPU, drop path 0, no fp16, no DDP):
-  * OURS: the package's own pieces as the Trainer assembles them (trainer.create_network, trainer.make_optimizer,
+  * OURS: the package's own pieces as the Trainer assembles them (methods.build_network, trainer.make_optimizer,
     step.make_train_step, methods' loss, optim/schedules) on a small preset: ViT-Ti/4 (width 192, depth 12), 32 px
     global / 16 px local crops (2 + 4), batch 16, head hidden 2048 / bottleneck 256, K = 4096 prototypes (dino),
     with config overrides that mirror the official recipe (official_recipe_overrides below; the v2 methods take
@@ -219,7 +219,7 @@ class Ours:
     self.lr_fn = optim.lr_schedule(config.optim, config.batch_size, total, warmup)
     self.wd_fn = optim.wd_schedule(config.optim, total)
     self.momentum_fn = schedules.cosine(config.teacher.momentum, config.teacher.momentum_end, total)
-    network = trainer.create_network(config, self.method, config.seed)
+    network = methods.build_network(config)
     self.graphdef, params = nnx.split(network)
     self.tx = trainer.make_optimizer(config, params, self.lr_fn, self.wd_fn, steps_per_epoch)
     loss_fn = self.method.make_loss(config, steps_per_epoch)

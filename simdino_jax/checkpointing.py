@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 from jax.experimental import multihost_utils
+from simdino_jax.errors import CheckpointMismatchError, ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
                                 abstract_tree, shardings)
 
 
-class CheckpointMismatchError(ValueError):
-  """The checkpoint directory holds checkpoints of a run with a different config."""
 
 
 class Checkpointer:
@@ -283,8 +282,6 @@ def config_dict(config) -> dict:
 
 # -- another run's checkpoint (config.resume) and initial weights (config.init_from) ---------------------------------
 
-class ResumeError(ValueError):
-  """config.resume / config.init_from name something that cannot be used; the message names the field and path."""
 
 
 def _committed_steps(directory: epath.Path) -> list[int]:

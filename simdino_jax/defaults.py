@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 
 import ml_collections
+from simdino_jax.errors import ConfigError
 
 
-class ConfigError(ValueError):
-  """An invalid config value; the message starts with the offending ``config.FIELD``."""
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -25,7 +25,7 @@ is included (``__metadata__`` in safetensors, a ``__metadata__`` string entry in
 
 Only the exported parameters are read from the checkpoint (a partial restore of ``teacher`` or ``student``): no
 optimizer state, no data source, so a ViT-L checkpoint of an ImageNet run exports on a laptop without ImageNet.
-The restore target is the network the trainer builds (``trainer.create_network`` on the stored config). Nothing
+The restore target is the network the trainer builds (``methods.build_network`` on the stored config). Nothing
 in the workdir is modified, so exporting while a run is writing checkpoints into it is safe.
 
 Python API: ``export(workdir, output, ...)``, ``restore_params(workdir, ...)``, ``save_safetensors``, ``save_npz``,
@@ -42,6 +42,7 @@ import sys
 from typing import Any
 
 import numpy as np
+from simdino_jax.errors import ExportError
 
 FORMATS = ("safetensors", "npz", "torch")
 WHICH = ("teacher", "student")
@@ -58,8 +59,6 @@ _ST_CODES = {code: name for name, code in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit on the JSON header
 
 
-class ExportError(ValueError):
-  """A workdir, checkpoint or file that cannot be exported or read; the message names the path."""
 
 
 # ---- dtypes -------------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def restore_params(workdir: str, *, which: str = "teacher", step: int | None = N
   config_dict = _load_config(step_dir, workdir)
   config = ml_collections.ConfigDict(config_dict)
   method = methods.get_method(config.method)
-  abstract = nnx.eval_shape(lambda: trainer.create_network(config, method, config.seed))
+  abstract = nnx.eval_shape(lambda: methods.build_network(config))
   params = nnx.split(abstract)[1]
   subtree = params if with_head else {"backbone": params["backbone"]}
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])

@@ -24,7 +24,7 @@ from simdino_jax.losses import dino as dl
 from simdino_jax.losses import regularizers, vmf
 from simdino_jax.losses.simdino import simdino_loss, simdinov2_loss
 from simdino_jax.models.heads import DINOHead, ProjectionHead
-from simdino_jax.models.network import compute_dtype
+from simdino_jax.models.network import Network, build_backbone, compute_dtype
 
 GAMMA_RULES = ("official", "paper", "fixed")
 REGULARIZERS = ("coding_rate", "infonce", "uniformity", "barlow")
@@ -295,3 +295,13 @@ def mask_positions(config) -> int:
   if not get_method(config.method).uses_masks:
     return 0
   return max(1, int(math.floor(num_patches(config) * config.masking.ratio[1])))
+
+
+def build_network(config, seed: int | None = None) -> Network:
+  """The network of ``config``: backbone, the method's head and (masked methods with a separate patch head) the
+  patch head, initialised from ``seed`` (default ``config.seed``)."""
+  rngs = nnx.Rngs(params=config.seed if seed is None else seed)
+  backbone = build_backbone(config.model, rngs=rngs)
+  head = get_method(config.method).build_head(config, backbone.embed_dim, rngs)
+  patch_head = build_patch_head(config, backbone.embed_dim, rngs) if patch_head_needed(config) else None
+  return Network(backbone, head, patch_head)

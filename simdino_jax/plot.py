@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+from simdino_jax.errors import PlotError
 
 # Panel order and grouping. Keys not named here are loss terms of some method: they get a panel each, after the
 # loss. A panel is drawn only when one of its keys is present.
@@ -32,8 +33,6 @@ _NOT_TERMS = {"step", "loss", "steps_per_sec", "images_per_sec", "grad_norm", "l
 _TERM_ORDER = ("align", "patch_align", "rate", "gamma", "regularizer", "ce", "ibot_ce", "koleo")
 
 
-class PlotError(ValueError):
-  """metrics.jsonl missing or without usable records; the message names the path."""
 
 
 def read_metrics(path: str) -> list[dict]:

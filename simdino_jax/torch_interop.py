@@ -46,6 +46,7 @@ import zipfile
 from typing import Any, Mapping
 
 import numpy as np
+from simdino_jax.errors import InteropError
 
 FLAVORS = ("auto", "dino", "dinov2")
 WHICH = ("teacher", "student")
@@ -59,8 +60,6 @@ _CONTAINER_KEYS = ("model", "state_dict", "module", "params")
 logger = logging.getLogger(__name__)
 
 
-class InteropError(ValueError):
-  """A state dict that does not fit our ViT; the message names the key, and the file when there is one."""
 
 
 # ---- names and layouts --------------------------------------------------------------------------------------

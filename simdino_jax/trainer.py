@@ -45,14 +45,9 @@ from simdino_jax.models.vit import parse_variant
 from simdino_jax.tree import map_with_name, named_leaves
 from simdino_jax.state import TrainState
 from simdino_jax.step import make_feature_fn, make_train_step
+from simdino_jax.errors import NonFiniteLossError
 
 
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/inf loss; the message names the step and the last checkpoint."""
-
-  def __init__(self, message: str, step: int):
-    super().__init__(message)
-    self.step = step
 
 
 class _StopRequest:
@@ -123,15 +118,6 @@ def load_data(config, split: str):
   return load_source(config.data.source, split, tfds_data_dir=config.data.get("tfds_data_dir") or None)
 
 
-def create_network(config, method: methods.Method, seed: int) -> Network:
-  rngs = nnx.Rngs(params=seed)
-  backbone = build_backbone(config.model, rngs=rngs)
-  head = method.build_head(config, backbone.embed_dim, rngs)
-  patch_head = methods.build_patch_head(config, backbone.embed_dim, rngs) if methods.patch_head_needed(config) \
-      else None
-  return Network(backbone, head, patch_head)
-
-
 def make_optimizer(config, params, lr_fn, wd_fn, steps_per_epoch: int):
   """The student's optax chain: AdamW + the method's extras (layer-wise lr decay, prototype-layer freezing)."""
   o = config.optim
@@ -181,7 +167,7 @@ class Trainer:
       self.momentum_fn = schedules.constant(0.0)
 
     # Shapes first (no FLOPs), then the state is created directly with its sharding.
-    abstract = nnx.eval_shape(lambda: create_network(config, self.method, config.seed))
+    abstract = nnx.eval_shape(lambda: methods.build_network(config))
     self.graphdef, abstract_params = nnx.split(abstract)
     self.tx = make_optimizer(config, abstract_params, self.lr_fn, self.wd_fn, d.steps_per_epoch)
     self.loss_fn = self.method.make_loss(config, d.steps_per_epoch)
@@ -195,7 +181,7 @@ class Trainer:
     config = self.config
 
     def init():
-      params = nnx.split(create_network(config, self.method, config.seed))[1]
+      params = nnx.split(methods.build_network(config))[1]
       return TrainState(step=jnp.zeros((), jnp.int32), student=params, teacher=params,
                         opt_state=self.tx.init(params), loss_state=self.method.init_loss_state(config),
                         rng=jax.random.key_data(jax.random.key(config.seed + 1)))

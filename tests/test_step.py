@@ -9,12 +9,12 @@ from flax import nnx
 from simdino_jax import methods, optim, schedules
 from simdino_jax.state import TrainState
 from simdino_jax.step import make_train_step
-from simdino_jax.trainer import create_network
+from simdino_jax.methods import build_network
 
 
 def build(config, momentum=0.9):
   method = methods.get_method(config.method)
-  graphdef, params = nnx.split(create_network(config, method, config.seed))
+  graphdef, params = nnx.split(build_network(config))
   lr = schedules.constant(config.optim.lr)
   wd = schedules.constant(0.04)
   tx = optim.make_optimizer(config.optim, params, lr, wd)

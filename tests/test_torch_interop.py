@@ -286,7 +286,7 @@ def run_dir(tmp_path_factory):
   config.model.num_heads = 4  # not width // 64: must come from the stored config
   workdir = tmp_path_factory.mktemp("interop_run")
   method = methods.get_method(config.method)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: trainer.create_network(config, method, config.seed)))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: methods.build_network(config)))
   student, teacher = (map_with_name(lambda name, _, v=random_params(abstract, seed): v[name], abstract)
                       for seed in (1, 2))
   with checkpointing.Checkpointer(workdir / "checkpoints") as ckpt:
