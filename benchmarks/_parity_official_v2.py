@@ -318,7 +318,7 @@ def _cuda_is_identity():
 def _durations(config, steps_per_epoch: int | None = None) -> tuple[int, int, int]:
   """(total_steps, warmup_steps, steps_per_epoch) as our trainer computes them (``steps_per_epoch`` given: the
   caller's, as official_parity.py's Ours(config, niter) uses it, with total_steps / warmup_steps > 0)."""
-  from simdino_jax import trainer
+  from simdino_jax.train import trainer
   if steps_per_epoch is not None:  # trainer.durations with the given steps per epoch
     spe = max(int(steps_per_epoch), 1)
     total = config.total_steps if config.total_steps > 0 else config.total_epochs * spe

@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 
 def run_one(method: str, self_distillation: bool, args) -> dict:
-  from simdino_jax import trainer
+  from simdino_jax.train import trainer
 
   config = runpy.run_path(os.path.join(ROOT, "configs", f"cifar10_{method}.py"))["get_config"]()
   config.data.source = f"folder:{os.path.abspath(args.data)}"

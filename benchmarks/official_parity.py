@@ -167,21 +167,22 @@ def official_recipe_overrides(args) -> dict:
 
 
 def build_config(args, extra: dict | None = None):
-  from simdino_jax import defaults  # pylint: disable=g-import-not-at-top
-  config = defaults.base_config()
+  from simdino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
   for name, value in {**official_recipe_overrides(args), **(extra or {})}.items():
     node = config
     *parents, leaf = name.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  defaults.validate(config, num_devices=1)
+  config_lib.validate(config, num_devices=1)
   return config
 
 
 def make_batches(config, steps: int) -> list[dict]:
   """``steps`` batches of our pipeline's crops (numpy, our layout) of the config's source."""
-  from simdino_jax import methods, trainer  # pylint: disable=g-import-not-at-top
+  from simdino_jax import methods  # pylint: disable=g-import-not-at-top
+  from simdino_jax.train import trainer
   from simdino_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from simdino_jax.models.vit import parse_variant  # pylint: disable=g-import-not-at-top
   masked = methods.get_method(config.method).uses_masks
@@ -209,9 +210,10 @@ class Ours:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from simdino_jax import methods, optim, schedules, trainer  # pylint: disable=g-import-not-at-top
-    from simdino_jax.state import TrainState  # pylint: disable=g-import-not-at-top
-    from simdino_jax.step import forward, make_train_step  # pylint: disable=g-import-not-at-top
+    from simdino_jax import methods, optim, schedules  # pylint: disable=g-import-not-at-top
+    from simdino_jax.train import trainer
+    from simdino_jax.train.state import TrainState  # pylint: disable=g-import-not-at-top
+    from simdino_jax.train.step import forward, make_train_step  # pylint: disable=g-import-not-at-top
 
     self.config = config
     self.method = methods.get_method(config.method)
@@ -246,7 +248,7 @@ class Ours:
 
   def torch_state(self, which: str) -> dict:
     """The student's / teacher's parameters in official names and layouts (backbone + heads)."""
-    from simdino_jax import torch_interop  # pylint: disable=g-import-not-at-top
+    from simdino_jax.io import torch_interop  # pylint: disable=g-import-not-at-top
     return torch_interop.network_to_torch(self.flat(which), flavor=self.flavor, **self.heads)
 
   def head_outputs(self, batch: dict, student: bool):

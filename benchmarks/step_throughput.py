@@ -13,7 +13,7 @@ Presets (SimDINO, 2 global crops + local crops, head hidden 2048 / out 256, drop
   vit-l16       ViT-L/16, 2x224 + 10x96 crops, batch 32 per device
 The dtype defaults to bfloat16 on GPU/TPU and float32 on CPU for the ViT presets.
 
-The step is built by ``simdino_jax.trainer.Trainer`` (mesh, sharded state, donated jitted step) from the preset's
+The step is built by ``simdino_jax.train.trainer.Trainer`` (mesh, sharded state, donated jitted step) from the preset's
 config, so it is the program training runs; only the batches are random (no data pipeline in the loop). After
 ``--warmup`` steps (compilation included) each of ``--steps`` steps is timed to completion.
 
@@ -77,9 +77,9 @@ PEAK_TFLOPS = (
 
 def preset_config(name: str, platform: str, num_devices: int):
   """The preset's config (a full trainer config on the embedded digits source; the batches are random)."""
-  from simdino_jax import defaults
+  from simdino_jax import config as config_lib
 
-  c = defaults.base_config()
+  c = config_lib.base_config()
   c.method = "simdino"
   c.data.source = "digits"  # only sizes the schedules; the benchmark feeds random crops
   c.total_steps = 10_000
@@ -200,7 +200,8 @@ def main(argv):
   import jax
   import numpy as np
 
-  from simdino_jax import methods, sharding, trainer
+  from simdino_jax import methods, sharding
+  from simdino_jax.train import trainer
 
   devices = jax.devices()
   platform = devices[0].platform

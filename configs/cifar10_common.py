@@ -34,14 +34,14 @@ Runtime / expected k-NN of each method: its file's docstring and README "Results
 
 import math
 
-from simdino_jax import defaults
+from simdino_jax import config as config_lib
 
 CIFAR10_TAR = "../shared/data/cifar10/cifar10-jpeg.tar"  # relative to the working directory (the repo root)
 
 
 def get_config(arg=None):
   del arg
-  c = defaults.base_config()
+  c = config_lib.base_config()
   c.method = "simdino"
   c.seed = 0
   c.batch_size = 64

@@ -15,12 +15,12 @@ Remark C.3's gamma; the multi-crop recipe is DINO's, scaled to 8x8 digits upsamp
 another symbol). Backbone: ViT width 96, depth 4, 3 heads, patch 4; head 512/128.
 """
 
-from simdino_jax import defaults
+from simdino_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = defaults.base_config()
+  c = config_lib.base_config()
   c.method = "simdino"
   c.seed = 0
   c.batch_size = 64

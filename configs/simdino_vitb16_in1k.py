@@ -19,12 +19,12 @@ clipping at 3.0 and 5e-4 x B/256 = 1e-3, which is what this config uses.
 
 import math
 
-from simdino_jax import defaults
+from simdino_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = defaults.base_config()
+  c = config_lib.base_config()
   c.method = "simdino"
   c.batch_size = 512
   c.total_epochs = 100

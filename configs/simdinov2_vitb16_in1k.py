@@ -31,12 +31,12 @@ sigma range and probabilities.
 
 import math
 
-from simdino_jax import defaults
+from simdino_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = defaults.base_config()
+  c = config_lib.base_config()
   c.method = "simdinov2"
   c.batch_size = 1024
   c.total_epochs = 100

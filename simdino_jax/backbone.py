@@ -68,7 +68,8 @@ def load_backbone(path: str, *, which: str = "teacher", num_heads: int | None = 
   weights whose width is not 64 x heads (our exports carry their config). overrides: VisionTransformer arguments
   such as ``dtype=jnp.bfloat16`` or the pos-embed interpolation of an official model (``interpolate_offset=0.0,
   interpolate_antialias=True`` for SimDINOv2)."""
-  from simdino_jax import export, torch_interop  # pylint: disable=g-import-not-at-top
+  from simdino_jax import export  # pylint: disable=g-import-not-at-top
+  from simdino_jax.io import torch_interop
 
   path = os.fspath(path)
   if os.path.isdir(path):

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from simdino_jax.defaults import EVALUATORS
+from simdino_jax.config import EVALUATORS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:ARG]).",
                                           lock_config=True)
@@ -52,7 +52,7 @@ def restore(tr, workdir: str):
   if not os.path.isdir(ckpt_dir):  # checked first: the Checkpointer would create the directory
     raise FileNotFoundError(f"no checkpoint to evaluate: {ckpt_dir} does not exist (train into --workdir={workdir} "
                             "first)")
-  from simdino_jax import checkpointing
+  from simdino_jax.io import checkpointing
 
   with tr.checkpointer() as ckpt:
     if ckpt.latest_step() is None:
@@ -111,7 +111,7 @@ def evaluate(config, workdir: str, names=("knn", "linear", "attention"), which: 
   names = parse_names(names)
   if which not in ("teacher", "student"):
     raise ValueError(f"--which: must be 'teacher' or 'student', got {which!r}")
-  from simdino_jax import trainer
+  from simdino_jax.train import trainer
 
   tr = trainer.Trainer(config, workdir)  # validates the config (ConfigError naming the field) before any work
   state, step = restore(tr, workdir)

@@ -209,7 +209,7 @@ def load_metadata(path: str) -> dict[str, str]:
 # ---- restoring from a workdir -------------------------------------------------------------------------------
 def _checkpoint_steps(directory) -> list[int]:
   """Steps under ``directory`` whose checkpoint was committed (orbax's marker and the state item present)."""
-  from simdino_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from simdino_jax.io import checkpointing  # pylint: disable=g-import-not-at-top
 
   steps = []
   for path in directory.iterdir():
@@ -251,7 +251,8 @@ def restore_params(workdir: str, *, which: str = "teacher", step: int | None = N
   from etils import epath  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from simdino_jax import methods, trainer  # pylint: disable=g-import-not-at-top
+  from simdino_jax import methods  # pylint: disable=g-import-not-at-top
+  from simdino_jax.train import trainer
   from simdino_jax.tree import named_leaves  # pylint: disable=g-import-not-at-top
 
   directory = epath.Path(workdir) / "checkpoints"
@@ -331,7 +332,7 @@ def export(workdir: str, output: str | None = None, *, fmt: str | None = None, w
 
 def _export_torch(workdir: str, output: str | None, *, which: str, step: int | None) -> dict:
   """The backbone as an official PyTorch state dict: .pth via torch.save if torch imports, else .safetensors."""
-  from simdino_jax import torch_interop  # pylint: disable=g-import-not-at-top
+  from simdino_jax.io import torch_interop  # pylint: disable=g-import-not-at-top
 
   arrays, step, config = restore_params(workdir, which=which, step=step)
   state_dict = torch_interop.to_torch(arrays)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simdino_jax.defaults import ConfigError
+from simdino_jax.errors import ConfigError
 from simdino_jax.tree import path_str
 
 RULES = ("replicate", "fsdp")

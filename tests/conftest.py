@@ -24,9 +24,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 def make_tiny_config():
-  from simdino_jax import defaults
+  from simdino_jax import config as config_lib
 
-  c = defaults.base_config()
+  c = config_lib.base_config()
   c.method = "simdino"
   c.batch_size = 8
   c.total_steps = 4

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simdino_jax import checkpointing, trainer
+from simdino_jax.io import checkpointing
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8  # devices of the CLI runs that write checkpoints; this (pytest) process has 1
@@ -195,7 +196,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from test_checkpointing import cli_config, leaves
-from simdino_jax import checkpointing, trainer
+from simdino_jax.io import checkpointing
+from simdino_jax.train import trainer
 tr = trainer.Trainer(cli_config(), {workdir!r})
 state = tr.init_state()
 state, _ = tr.compiled_step()(state, next(tr.train_batches()))  # one step: optimizer state too

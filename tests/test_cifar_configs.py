@@ -11,7 +11,8 @@ import runpy
 import jax
 import pytest
 
-from simdino_jax import methods, trainer
+from simdino_jax import methods
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10", "cifar10-jpeg.tar")

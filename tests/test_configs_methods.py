@@ -11,7 +11,9 @@ import runpy
 
 import pytest
 
-from simdino_jax import defaults, methods, trainer
+from simdino_jax import methods
+from simdino_jax import config as config_lib
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -141,7 +143,7 @@ def test_cifar10_configs_share_one_recipe():
     if methods.get_method(c.method).prototypes:
       assert c.head.num_prototypes == 4096 and c.dino.warmup_teacher_temp_epochs == 1, name
       assert c.optim.freeze_last_layer_epochs in (0.0, 0.1), name
-    defaults.validate(c, num_devices=8)
+    config_lib.validate(c, num_devices=8)
   # The data pipeline and the training budget are identical across methods (one shared recipe).
   shared = [k for k in flat(configs["cifar10_simdino.py"]) if k.startswith("data.") or k in (
       "batch_size", "total_steps", "warmup_steps", "optim.lr", "optim.min_lr", "seed")]

@@ -386,12 +386,12 @@ def test_multicrop_config_validation():
     MultiCropConfig(num_local=-1)
   with pytest.raises(ValueError, match="resize"):
     MultiCropConfig(resize="nearest")
-  from simdino_jax import defaults
-  c = defaults.base_config()
+  from simdino_jax import config as config_lib
+  c = config_lib.base_config()
   assert c.data.augment.resize == MultiCropConfig().resize == "cv2"
   c.data.augment.resize = "nearest"
-  with pytest.raises(defaults.ConfigError, match=r"config\.data\.augment\.resize: .*'pil' or 'cv2'.*'nearest'"):
-    defaults.validate(c, num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.data\.augment\.resize: .*'pil' or 'cv2'.*'nearest'"):
+    config_lib.validate(c, num_devices=1)
 
 
 def _natural_image(size=96, seed=0):

@@ -7,7 +7,7 @@ import json
 import os
 import runpy
 
-from simdino_jax import trainer
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -324,7 +324,7 @@ def device_run(tmp_path_factory):
   """4 steps of batch 8 over a 16-image train split (2 epochs) in device mode with one grain worker; 2 of the
   16 files are corrupt (one truncated, one not an image) and each is followed by a good file."""
   from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
-  from simdino_jax import trainer  # pylint: disable=g-import-not-at-top
+  from simdino_jax.train import trainer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("device_run")
   tar_path = str(root / "data.tar")
   bad = {"train/a/01.jpg": _jpeg(1)[:200], "train/b/02.jpg": b"not a jpeg at all"}

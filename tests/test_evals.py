@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simdino_jax import defaults, evaluate, trainer
+from simdino_jax import evaluate
+from simdino_jax import config as config_lib
+from simdino_jax.train import trainer
 from simdino_jax.evals import attention, fewshot, knn, linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,8 +189,8 @@ def test_mass_mask_keeps_the_minimal_set_of_patches_reaching_60_percent():
 ])
 def test_invalid_eval_config_is_refused_with_the_field_name(tiny_config, field, value, match):
   tiny_config.update_from_flattened_dict({field: value})
-  with pytest.raises(defaults.ConfigError) as e:
-    defaults.validate(tiny_config, num_devices=1)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(tiny_config, num_devices=1)
   assert match in str(e.value)
 
 

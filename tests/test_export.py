@@ -16,7 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simdino_jax import checkpointing, export, trainer
+from simdino_jax import export
+from simdino_jax.io import checkpointing
+from simdino_jax.train import trainer
 from simdino_jax.tree import named_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from simdino_jax import defaults
+from simdino_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +24,10 @@ SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from simdino_jax import defaults, methods
+from simdino_jax import methods
+from simdino_jax import config as config_lib
 assert jax.device_count() == 2
-config = defaults.base_config()
+config = config_lib.base_config()
 config.method, config.dino.koleo_weight = "dinov2", 0.1
 groups = methods.koleo_groups(config)
 feats = np.random.default_rng(0).standard_normal((12, 2, 5)).astype(np.float32)  # (B, Mg, D)
@@ -87,7 +88,7 @@ def test_koleo_gradient_is_the_average_of_the_per_device_gradients(report):
 
 
 def test_koleo_groups_that_do_not_divide_the_batch_are_refused():
-  config = defaults.base_config()
+  config = config_lib.base_config()
   config.method, config.dino.koleo_weight, config.batch_size, config.dino.koleo_groups = "dinov2", 0.1, 12, 5
-  with pytest.raises(defaults.ConfigError, match="dino.koleo_groups"):
-    defaults.validate(config, num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match="dino.koleo_groups"):
+    config_lib.validate(config, num_devices=1)

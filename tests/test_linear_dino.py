@@ -16,7 +16,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from simdino_jax import defaults, evaluate, trainer
+from simdino_jax import evaluate
+from simdino_jax import config as config_lib
+from simdino_jax.train import trainer
 from simdino_jax.data import augment
 from simdino_jax.evals import linear, linear_dino
 
@@ -63,7 +65,7 @@ def dino_run(tmp_path_factory):
   workdir = str(root / "run")
   tr = trainer.Trainer(config, workdir)
   state = tr.init_state()
-  from simdino_jax import checkpointing
+  from simdino_jax.io import checkpointing
   with tr.checkpointer() as ckpt:
     ckpt.save(0, state, checkpointing.config_dict(config))
     ckpt.wait()
@@ -293,8 +295,8 @@ def test_train_step_normalises_uint8_views_on_the_device_as_the_host_would():
 ])
 def test_invalid_linear_protocol_fields_are_refused_naming_the_field(tiny_config, field, value, message):
   tiny_config.update_from_flattened_dict({field: value})
-  with pytest.raises(defaults.ConfigError) as e:
-    defaults.validate(tiny_config, num_devices=1)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(tiny_config, num_devices=1)
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
@@ -302,7 +304,7 @@ def test_dino_protocol_batch_must_split_over_the_devices(tiny_config):
   tiny_config.eval.linear.protocol = "dino"
   tiny_config.eval.linear.batch_size = 30
   tiny_config.batch_size = 8
-  with pytest.raises(defaults.ConfigError, match=r"^config.eval.linear.batch_size: 30 is not divisible by the 4"):
-    defaults.validate(tiny_config, num_devices=4)
+  with pytest.raises(config_lib.ConfigError, match=r"^config.eval.linear.batch_size: 30 is not divisible by the 4"):
+    config_lib.validate(tiny_config, num_devices=4)
   tiny_config.eval.linear.protocol = "frozen"  # the frozen probe runs on one device's copy: any batch
-  defaults.validate(tiny_config, num_devices=4)
+  config_lib.validate(tiny_config, num_devices=4)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from simdino_jax import methods, optim, trainer
-from simdino_jax.step import masked_positions
+from simdino_jax import methods, optim
+from simdino_jax.train import trainer
+from simdino_jax.train.step import masked_positions
 from simdino_jax.tree import named_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simdino_jax import plot, trainer
+from simdino_jax import plot
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,9 @@ from etils import epath
 
 from conftest import make_tiny_config
 from test_step import fixed_batch
-from simdino_jax import checkpointing, export, trainer
+from simdino_jax import export
+from simdino_jax.io import checkpointing
+from simdino_jax.train import trainer
 from simdino_jax.tree import named_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,8 +224,9 @@ sys.path.insert(0, {tests!r})
 import jax, numpy as np
 from conftest import make_tiny_config
 from test_step import fixed_batch
-from simdino_jax import sharding, trainer
-from simdino_jax.step import make_train_step
+from simdino_jax import sharding
+from simdino_jax.train import trainer
+from simdino_jax.train.step import make_train_step
 from simdino_jax.tree import named_leaves
 assert jax.device_count() == 8
 

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from simdino_jax import defaults, optim, schedules
+from simdino_jax import optim, schedules
+from simdino_jax import config as config_lib
 
 
 def official_cosine_scheduler(base, final, total, warmup, start_warmup=0.0):
@@ -66,7 +67,7 @@ def test_clip_per_tensor_clips_each_leaf_independently():
 
 
 def _optim_cfg(**kw):
-  c = defaults.base_config().optim
+  c = config_lib.base_config().optim
   c.update(kw)
   return c
 
@@ -142,11 +143,11 @@ def test_teacher_temperature_per_iteration_matches_dinov2_cosine_scheduler_warmu
 def test_teacher_temperature_rejects_unknown_indexing():
   with pytest.raises(ValueError, match="per"):
     schedules.teacher_temperature(0.04, 0.07, 3, 5, per="batch")
-  c = defaults.base_config()
+  c = config_lib.base_config()
   c.method = "dino"
   c.dino.teacher_temp_per = "batch"
-  with pytest.raises(defaults.ConfigError, match="dino.teacher_temp_per"):
-    defaults.validate(c, num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match="dino.teacher_temp_per"):
+    config_lib.validate(c, num_devices=1)
 
 
 def simdinov2_cosine_scheduler(base, final, total, warmup, start):

@@ -17,7 +17,9 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from simdino_jax import defaults, sharding, trainer
+from simdino_jax import sharding
+from simdino_jax import config as config_lib
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
@@ -31,8 +33,10 @@ t_start = time.time()
 import jax, numpy as np
 from conftest import make_tiny_config
 from test_step import fixed_batch
-from simdino_jax import checkpointing, methods, sharding, trainer
-from simdino_jax.step import make_train_step
+from simdino_jax import methods, sharding
+from simdino_jax.io import checkpointing
+from simdino_jax.train import trainer
+from simdino_jax.train.step import make_train_step
 from simdino_jax.tree import named_leaves
 assert jax.device_count() == {n}, jax.devices()
 
@@ -223,17 +227,17 @@ def test_fsdp_step_gathers_parameters_not_activations(report):
 ])
 def test_bad_mesh_or_rule_is_a_config_error(tiny_config, tmp_path, field, value, match):
   tiny_config.update_from_flattened_dict({field: value})
-  with pytest.raises(defaults.ConfigError, match=match):
+  with pytest.raises(config_lib.ConfigError, match=match):
     trainer.Trainer(tiny_config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
 
 def test_per_process_batch_must_divide_over_local_devices(tiny_config):
   tiny_config.batch_size = 24  # 2 processes: 12 per process, and 8 local devices each
-  with pytest.raises(defaults.ConfigError, match=r"config\.batch_size: 24 over 2 processes gives 12 examples per "
+  with pytest.raises(config_lib.ConfigError, match=r"config\.batch_size: 24 over 2 processes gives 12 examples per "
                                                  r"process, not divisible by its 8 local devices"):
-    defaults.validate(tiny_config, num_devices=12, num_processes=2, num_local_devices=8)
-  defaults.validate(tiny_config, num_devices=4, num_processes=2)  # 12 per process over 2 local devices: fine
+    config_lib.validate(tiny_config, num_devices=12, num_processes=2, num_local_devices=8)
+  config_lib.validate(tiny_config, num_devices=4, num_processes=2)  # 12 per process over 2 local devices: fine
 
 
 def test_fsdp_spec_rule():

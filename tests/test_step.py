@@ -7,8 +7,8 @@ import numpy as np
 from flax import nnx
 
 from simdino_jax import methods, optim, schedules
-from simdino_jax.state import TrainState
-from simdino_jax.step import make_train_step
+from simdino_jax.train.state import TrainState
+from simdino_jax.train.step import make_train_step
 from simdino_jax.methods import build_network
 
 

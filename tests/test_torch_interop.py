@@ -15,10 +15,11 @@ import pytest
 import scipy.special
 from flax import nnx
 
-from simdino_jax import export, torch_interop
+from simdino_jax import export
+from simdino_jax.io import torch_interop
 from simdino_jax.backbone import load_backbone
 from simdino_jax.models.vit import VisionTransformer
-from simdino_jax.torch_interop import InteropError, load_state_dict, to_torch
+from simdino_jax.io.torch_interop import InteropError, load_state_dict, to_torch
 from simdino_jax.tree import map_with_name, named_leaves
 
 D, P, IMG = 32, 4, 16
@@ -279,7 +280,9 @@ def run_dir(tmp_path_factory):
   """A workdir with a committed checkpoint of step 3 of a tiny SimDINOv2-shaped run (random student and teacher,
   saved the way the trainer saves them; only the parts export reads), an input batch and the teacher's features."""
   from conftest import make_tiny_config
-  from simdino_jax import checkpointing, methods, trainer
+  from simdino_jax import methods
+  from simdino_jax.io import checkpointing
+  from simdino_jax.train import trainer
 
   config = make_tiny_config()
   config.model.num_registers, config.model.layerscale, config.model.token_init = 2, 0.1, "dinov2"

@@ -9,7 +9,8 @@ import sys
 import jax
 import pytest
 
-from simdino_jax import defaults, trainer
+from simdino_jax import config as config_lib
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,15 +50,15 @@ def test_trainer_stops_on_non_finite_loss_naming_the_step(tiny_config, tmp_path)
 ])
 def test_invalid_config_is_refused_with_the_field_name(tiny_config, tmp_path, field, value, match):
   tiny_config.update_from_flattened_dict({field: value})
-  with pytest.raises(defaults.ConfigError, match=match.replace(".", r"\.")):
+  with pytest.raises(config_lib.ConfigError, match=match.replace(".", r"\.")):
     trainer.Trainer(tiny_config, str(tmp_path))
   assert not os.listdir(tmp_path)  # refused before writing (or compiling) anything
 
 
 def test_batch_not_divisible_by_device_count_is_refused(tiny_config):
   tiny_config.batch_size = 9
-  with pytest.raises(defaults.ConfigError, match=r"config\.batch_size: 9 is not divisible by the 2 devices"):
-    defaults.validate(tiny_config, num_devices=2)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.batch_size: 9 is not divisible by the 2 devices"):
+    config_lib.validate(tiny_config, num_devices=2)
 
 
 def test_unknown_data_source_is_a_clear_error(tiny_config, tmp_path):
@@ -72,7 +73,7 @@ def test_every_config_file_is_valid(name):
   import runpy
 
   config = runpy.run_path(os.path.join(ROOT, "configs", name))["get_config"]()
-  defaults.validate(config, num_devices=8)
+  config_lib.validate(config, num_devices=8)
 
 
 def test_cli_overrides_and_writes_files(tmp_path):

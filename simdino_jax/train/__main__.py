@@ -11,7 +11,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from simdino_jax import sharding, trainer  # after flag parsing: grain workers need parsed absl flags
+  from simdino_jax import sharding  # after flag parsing: grain workers need parsed absl flags
+  from simdino_jax.train import trainer
 
   sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
 

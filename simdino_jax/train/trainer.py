@@ -35,7 +35,9 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from simdino_jax import checkpointing, defaults, methods, optim, schedules, sharding
+from simdino_jax import methods, optim, schedules, sharding
+from simdino_jax.io import checkpointing
+from simdino_jax import config as config_lib
 from simdino_jax.data import device_augment, pipeline
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.sources import load_source
@@ -43,8 +45,8 @@ from simdino_jax.evals import fewshot, knn, linear, linear_dino
 from simdino_jax.models.network import Network, build_backbone, compute_dtype
 from simdino_jax.models.vit import parse_variant
 from simdino_jax.tree import map_with_name, named_leaves
-from simdino_jax.state import TrainState
-from simdino_jax.step import make_feature_fn, make_train_step
+from simdino_jax.train.state import TrainState
+from simdino_jax.train.step import make_feature_fn, make_train_step
 from simdino_jax.errors import NonFiniteLossError
 
 
@@ -96,7 +98,7 @@ def durations(config, num_train: int) -> Durations:
     total = config.total_steps
   else:
     if steps_per_epoch < 1:
-      raise defaults.ConfigError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
+      raise config_lib.ConfigError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
                                  "examples, so an epoch has no step; lower it or set total_steps")
     total = config.total_epochs * steps_per_epoch
   warmup = config.warmup_steps if config.warmup_steps > 0 else int(round(config.warmup_epochs * steps_per_epoch))
@@ -145,7 +147,7 @@ class Trainer:
   """Holds the pieces built from a config; ``run()`` trains and evaluates."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    defaults.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count(),
+    config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count(),
                       num_local_devices=jax.local_device_count())
     self.config = config
     self.workdir = workdir

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from simdino_jax.state import TrainState
+from simdino_jax.train.state import TrainState
 
 
 def _fold_views(x: jax.Array) -> jax.Array:
