@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.resume = ""  # another run's workdir, checkpoints/ or checkpoints/<step>: its full state, from its step on
   c.init_from = ""  # exported .npz/.safetensors or a workdir: backbone (+ equal-shape heads), step 0, fresh optimizer
   c.eval_every = 0  # 0: evaluate at the end of training only
+  # Metrics go to DIR/metrics.jsonl (always), DIR/tensorboard/ (event files, `tensorboard --logdir DIR`) and, when
+  # the wandb package is installed and wandb.project is set, Weights & Biases (mode "offline" needs no network).
+  c.tensorboard = True
+  c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode="online", tags=()))
   # (name, size) device axes, "data" and optionally "fsdp"; one size may be -1 (all remaining devices). Tuples, so
   # that the command line can override them: --config.mesh='(("data", -1), ("fsdp", 2))'.
   c.mesh = (("data", -1),)
