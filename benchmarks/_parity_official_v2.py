@@ -99,108 +99,108 @@ import types
 import numpy as np
 
 OUR_OVERRIDES: dict[str, dict[str, object]] = {
-    # simdinov2/configs/simdino_config.yaml over ssl_default_config.yaml (REFERENCE.md 1.5, 1.6).
-    "simdinov2": {
-        "model.num_registers": 4,
-        "model.layerscale": 0.1,
-        "model.drop_path_rate": 0.0,
-        "model.drop_path_uniform": True,
-        "model.token_init": "dinov2",
-        "model.interpolate_offset": 0.0,
-        "model.interpolate_antialias": True,
-        "model.dtype": "float32",
-        "head.num_layers": 3,
-        "head.separate_patch_head": False,
-        "masking.probability": 0.5,
-        "masking.ratio": (0.1, 0.5),
-        "loss.exclude_same_view": True,
-        "loss.expansion": "mean",
-        "loss.gamma_rule": "official",
-        "loss.groups": 1,
-        "loss.eps": math.sqrt(0.05),
-        "loss.patch_weighting": "official",
-        "loss.regularizer": "coding_rate",
-        "optim.lr": 0.004,
-        "optim.lr_scaling": "sqrt_1024",
-        "optim.min_lr": 1e-6,
-        "optim.weight_decay": 0.04,
-        "optim.weight_decay_end": 0.4,
-        "optim.warmup_from_min_lr": True,
-        "optim.warmup_rule": "step_over_warmup",  # simdinov2/utils/utils.py CosineScheduler: start + (base - start) it/W
-        "optim.clip_grad": 3.0,
-        "optim.clip_mode": "per_module",
-        "optim.layer_decay": 0.9,
-        "optim.patch_embed_lr_mult": 0.2,
-        "optim.freeze_last_layer_epochs": 0.0,  # no prototype layer (remove_last_layer: true)
-        "optim.freeze_mode": "zero_lr",  # its CosineScheduler(freeze_cut_iters): last-layer lr 0 (no such layer here)
-        "optim.b1": 0.9,
-        "optim.b2": 0.999,
-        "optim.adam_eps": 1e-8,
-        "teacher.momentum": 0.9,
-        "teacher.momentum_end": 1.0,
-        "teacher.self_distillation": True,
-    },
-    # facebookresearch/dinov2 dinov2/configs/ssl_default_config.yaml (REFERENCE.md 3).
-    "dinov2": {
-        "model.num_registers": 0,
-        # The recipe's LayerScale is 1e-5; at 1e-5 the initial student cls tokens of different images are only ~1e-6
-        # apart, where KoLeo (gradient ~ 1/distance) is float32 noise on both sides (23.43 official, 23.78 ours, 25.35
-        # in float64 on the same features). 1.0 keeps every other part of the recipe and makes KoLeo well-conditioned.
-        "model.layerscale": 1.0,
-        "model.drop_path_rate": 0.0,
-        "model.drop_path_uniform": True,
-        "model.token_init": "dinov2",
-        "model.interpolate_offset": 0.1,
-        "model.interpolate_antialias": False,
-        "model.dtype": "float32",
-        "head.num_layers": 3,
-        "head.norm_last_layer": False,
-        "head.separate_patch_head": False,
-        "masking.probability": 0.5,
-        "masking.ratio": (0.1, 0.5),
-        "dino.student_temp": 0.1,
-        "dino.teacher_temp": 0.07,
-        "dino.warmup_teacher_temp": 0.04,
-        "dino.teacher_temp_per": "iteration",
-        "dino.center_momentum": 0.9,
-        "dino.centering": "centering",
-        "dino.ibot_weight": 1.0,
-        "dino.koleo_weight": 0.1,
-        "dino.koleo_groups": 0,  # KoLeo per device (one device here)
-        "optim.lr": 0.004,
-        "optim.lr_scaling": "sqrt_1024",
-        "optim.min_lr": 1e-6,
-        "optim.weight_decay": 0.04,
-        "optim.weight_decay_end": 0.4,
-        "optim.warmup_from_min_lr": False,
-        "optim.warmup_rule": "linspace",  # dinov2/utils/utils.py CosineScheduler: np.linspace warm-up
-        "optim.clip_grad": 3.0,
-        "optim.clip_mode": "per_module",
-        "optim.layer_decay": 0.9,
-        "optim.patch_embed_lr_mult": 0.2,
-        "optim.freeze_last_layer_epochs": 1.0,
-        "optim.freeze_mode": "zero_lr",  # last_layer_lr_schedule[:freeze] = 0: lr 0, Adam moments accumulate
-        "optim.b1": 0.9,
-        "optim.b2": 0.999,
-        "optim.adam_eps": 1e-8,
-        "teacher.momentum": 0.992,
-        "teacher.momentum_end": 1.0,
-        "teacher.self_distillation": True,
-    },
+  # simdinov2/configs/simdino_config.yaml over ssl_default_config.yaml (docs/methods.md#simdinov2-recipe).
+  "simdinov2": {
+    "model.num_registers": 4,
+    "model.layerscale": 0.1,
+    "model.drop_path_rate": 0.0,
+    "model.drop_path_uniform": True,
+    "model.token_init": "dinov2",
+    "model.interpolate_offset": 0.0,
+    "model.interpolate_antialias": True,
+    "model.dtype": "float32",
+    "head.num_layers": 3,
+    "head.separate_patch_head": False,
+    "masking.probability": 0.5,
+    "masking.ratio": (0.1, 0.5),
+    "loss.exclude_same_view": True,
+    "loss.expansion": "mean",
+    "loss.gamma_rule": "official",
+    "loss.groups": 1,
+    "loss.eps": math.sqrt(0.05),
+    "loss.patch_weighting": "official",
+    "loss.regularizer": "coding_rate",
+    "optim.lr": 0.004,
+    "optim.lr_scaling": "sqrt_1024",
+    "optim.min_lr": 1e-6,
+    "optim.weight_decay": 0.04,
+    "optim.weight_decay_end": 0.4,
+    "optim.warmup_from_min_lr": True,
+    "optim.warmup_rule": "step_over_warmup",  # simdinov2/utils/utils.py CosineScheduler: start + (base - start) it/W
+    "optim.clip_grad": 3.0,
+    "optim.clip_mode": "per_module",
+    "optim.layer_decay": 0.9,
+    "optim.patch_embed_lr_mult": 0.2,
+    "optim.freeze_last_layer_epochs": 0.0,  # no prototype layer (remove_last_layer: true)
+    "optim.freeze_mode": "zero_lr",  # its CosineScheduler(freeze_cut_iters): last-layer lr 0 (no such layer here)
+    "optim.b1": 0.9,
+    "optim.b2": 0.999,
+    "optim.adam_eps": 1e-8,
+    "teacher.momentum": 0.9,
+    "teacher.momentum_end": 1.0,
+    "teacher.self_distillation": True,
+  },
+  # facebookresearch/dinov2 dinov2/configs/ssl_default_config.yaml (docs/methods.md#dinov2-and-ibot).
+  "dinov2": {
+    "model.num_registers": 0,
+    # The recipe's LayerScale is 1e-5; at 1e-5 the initial student cls tokens of different images are only ~1e-6
+    # apart, where KoLeo (gradient ~ 1/distance) is float32 noise on both sides (23.43 official, 23.78 ours, 25.35
+    # in float64 on the same features). 1.0 keeps every other part of the recipe and makes KoLeo well-conditioned.
+    "model.layerscale": 1.0,
+    "model.drop_path_rate": 0.0,
+    "model.drop_path_uniform": True,
+    "model.token_init": "dinov2",
+    "model.interpolate_offset": 0.1,
+    "model.interpolate_antialias": False,
+    "model.dtype": "float32",
+    "head.num_layers": 3,
+    "head.norm_last_layer": False,
+    "head.separate_patch_head": False,
+    "masking.probability": 0.5,
+    "masking.ratio": (0.1, 0.5),
+    "dino.student_temp": 0.1,
+    "dino.teacher_temp": 0.07,
+    "dino.warmup_teacher_temp": 0.04,
+    "dino.teacher_temp_per": "iteration",
+    "dino.center_momentum": 0.9,
+    "dino.centering": "centering",
+    "dino.ibot_weight": 1.0,
+    "dino.koleo_weight": 0.1,
+    "dino.koleo_groups": 0,  # KoLeo per device (one device here)
+    "optim.lr": 0.004,
+    "optim.lr_scaling": "sqrt_1024",
+    "optim.min_lr": 1e-6,
+    "optim.weight_decay": 0.04,
+    "optim.weight_decay_end": 0.4,
+    "optim.warmup_from_min_lr": False,
+    "optim.warmup_rule": "linspace",  # dinov2/utils/utils.py CosineScheduler: np.linspace warm-up
+    "optim.clip_grad": 3.0,
+    "optim.clip_mode": "per_module",
+    "optim.layer_decay": 0.9,
+    "optim.patch_embed_lr_mult": 0.2,
+    "optim.freeze_last_layer_epochs": 1.0,
+    "optim.freeze_mode": "zero_lr",  # last_layer_lr_schedule[:freeze] = 0: lr 0, Adam moments accumulate
+    "optim.b1": 0.9,
+    "optim.b2": 0.999,
+    "optim.adam_eps": 1e-8,
+    "teacher.momentum": 0.992,
+    "teacher.momentum_end": 1.0,
+    "teacher.self_distillation": True,
+  },
 }
 
 PATCHES = [
-    "P1 sys.modules['torchvision._meta_registrations'] = empty module (CPU torchvision wheel)",
-    "P2 (dinov2) fake xformers.ops with only fmha.BlockDiagonalMask (concat / split of the head inputs)",
-    "P3 NestedTensorBlock.forward(list) -> Block.forward on each tensor (no xFormers nested attention)",
-    "P4 torch.Tensor.cuda = identity inside forward_backward",
-    "P5 meta-arch get_fsdp_modules -> one pseudo FSDP module per submodule (params: its parameters) for update_teacher",
-    "P6 need_to_synchronize_fsdp_streams = False (no torch.cuda.synchronize / FSDP streams)",
-    "P7 student[k].clip_grad_norm_ = torch.nn.utils.clip_grad_norm_ over the submodule (FSDP method)",
-    "P8 config compile=false, grad_scaler=false, float32 inputs, no FSDP wrapping, no torch.distributed "
-    "(gloo world-size-1 group only for sinkhorn_knopp)",
-    "P9 arch vit_parity added to the official vision_transformer namespace (vit_small's definition, our sizes)",
-    "P10 backprop_loss wrapped to record loss_accumulator (the per-step loss)",
+  "P1 sys.modules['torchvision._meta_registrations'] = empty module (CPU torchvision wheel)",
+  "P2 (dinov2) fake xformers.ops with only fmha.BlockDiagonalMask (concat / split of the head inputs)",
+  "P3 NestedTensorBlock.forward(list) -> Block.forward on each tensor (no xFormers nested attention)",
+  "P4 torch.Tensor.cuda = identity inside forward_backward",
+  "P5 meta-arch get_fsdp_modules -> one pseudo FSDP module per submodule (params: its parameters) for update_teacher",
+  "P6 need_to_synchronize_fsdp_streams = False (no torch.cuda.synchronize / FSDP streams)",
+  "P7 student[k].clip_grad_norm_ = torch.nn.utils.clip_grad_norm_ over the submodule (FSDP method)",
+  "P8 config compile=false, grad_scaler=false, float32 inputs, no FSDP wrapping, no torch.distributed "
+  "(gloo world-size-1 group only for sinkhorn_knopp)",
+  "P9 arch vit_parity added to the official vision_transformer namespace (vit_small's definition, our sizes)",
+  "P10 backprop_loss wrapped to record loss_accumulator (the per-step loss)",
 ]
 
 
@@ -224,6 +224,7 @@ class _FakeBlockDiagonalMask:
   @classmethod
   def from_tensor_list(cls, tensors):
     import torch
+
     return cls([t.shape[1] for t in tensors]), torch.cat(list(tensors), dim=1)
 
   def split(self, tensor):
@@ -245,6 +246,7 @@ def _install_fake_xformers() -> None:
 def _import_official(method: str, official_repo: str):
   """(meta-arch module, train module, vision_transformer module, block module, config module, package root)."""
   import importlib
+
   sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))  # P1
   if method == "simdinov2":
     root = _package_root(official_repo, "simdinov2")
@@ -255,8 +257,9 @@ def _import_official(method: str, official_repo: str):
     _install_fake_xformers()  # P2
   if root not in sys.path:
     sys.path.insert(0, root)
-  meta = importlib.import_module(f"{pkg}.train.ssl_meta_arch_sim" if pkg == "simdinov2" else
-                                 f"{pkg}.train.ssl_meta_arch")
+  meta = importlib.import_module(
+    f"{pkg}.train.ssl_meta_arch_sim" if pkg == "simdinov2" else f"{pkg}.train.ssl_meta_arch"
+  )
   train = importlib.import_module(f"{pkg}.train.train")
   vits = importlib.import_module(f"{pkg}.models.vision_transformer")
   block = importlib.import_module(f"{pkg}.layers.block")
@@ -289,15 +292,32 @@ def _add_arch(vits, method: str, embed_dim: int, depth: int, num_heads: int) -> 
   from functools import partial
 
   if method == "simdinov2":
+
     def vit_parity(patch_size=16, num_register_tokens=0, block="nested", **kwargs):
-      return vits.DinoVisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                        mlp_ratio=4, block_fn=vits.get_block_fn(block),
-                                        num_register_tokens=num_register_tokens, **kwargs)
+      return vits.DinoVisionTransformer(
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=4,
+        block_fn=vits.get_block_fn(block),
+        num_register_tokens=num_register_tokens,
+        **kwargs,
+      )
   else:
+
     def vit_parity(patch_size=16, num_register_tokens=0, **kwargs):
-      return vits.DinoVisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                        mlp_ratio=4, block_fn=partial(vits.Block, attn_class=vits.MemEffAttention),
-                                        num_register_tokens=num_register_tokens, **kwargs)
+      return vits.DinoVisionTransformer(
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=4,
+        block_fn=partial(vits.Block, attn_class=vits.MemEffAttention),
+        num_register_tokens=num_register_tokens,
+        **kwargs,
+      )
+
   vits.vit_parity = vit_parity
   return "vit_parity"
 
@@ -306,6 +326,7 @@ def _add_arch(vits, method: str, embed_dim: int, depth: int, num_heads: int) -> 
 def _cuda_is_identity():
   """P4."""
   import torch
+
   original = torch.Tensor.cuda
   torch.Tensor.cuda = lambda self, *args, **kwargs: self
   try:
@@ -318,15 +339,21 @@ def _cuda_is_identity():
 def _durations(config, steps_per_epoch: int | None = None) -> tuple[int, int, int]:
   """(total_steps, warmup_steps, steps_per_epoch) as our trainer computes them (``steps_per_epoch`` given: the
   caller's, as official_parity.py's Ours(config, niter) uses it, with total_steps / warmup_steps > 0)."""
+  from simdino_jax.data import sources
   from simdino_jax.train import trainer
+
   if steps_per_epoch is not None:  # trainer.durations with the given steps per epoch
     spe = max(int(steps_per_epoch), 1)
     total = config.total_steps if config.total_steps > 0 else config.total_epochs * spe
     warmup = config.warmup_steps if config.warmup_steps > 0 else int(round(config.warmup_epochs * spe))
     return int(total), int(min(warmup, total - 1)), spe
-  spe_needed = config.total_steps <= 0 or config.warmup_steps <= 0 or config.optim.freeze_last_layer_epochs > 0 \
-      or (config.method == "dinov2" and config.dino.warmup_teacher_temp_epochs > 0)
-  num_train = len(trainer.load_data(config, "train")) if spe_needed else config.batch_size
+  spe_needed = (
+    config.total_steps <= 0
+    or config.warmup_steps <= 0
+    or config.optim.freeze_last_layer_epochs > 0
+    or (config.method == "dinov2" and config.dino.warmup_teacher_temp_epochs > 0)
+  )
+  num_train = len(sources.from_config(config.data, "train")) if spe_needed else config.batch_size
   d = trainer.durations(config, num_train)
   return d.total_steps, d.warmup_steps, d.steps_per_epoch
 
@@ -348,8 +375,10 @@ def _official_config(method: str, config, configs_module, vits, steps_per_epoch:
   if config.data.num_global != 2:
     raise ValueError("the official meta-archs hard-code 2 global crops (config.data.num_global)")
   if config.model.img_size != config.data.global_size:
-    raise ValueError("the official ViT's positional embedding is made for crops.global_crops_size: set "
-                     f"config.model.img_size={config.data.global_size}")
+    raise ValueError(
+      "the official ViT's positional embedding is made for crops.global_crops_size: set "
+      f"config.model.img_size={config.data.global_size}"
+    )
 
   s = cfg.student
   s.arch = _add_arch(vits, method, embed_dim, depth, num_heads)
@@ -437,19 +466,34 @@ def _check_recipe(method: str, config) -> list[str]:
       notes.append(f"config.{field}={node!r}, the official code hard-codes {value!r}")
 
   if method == "simdinov2":
-    for field, value in (("loss.exclude_same_view", True), ("loss.gamma_rule", "official"), ("loss.groups", 1),
-                         ("loss.patch_weighting", "official"), ("loss.regularizer", "coding_rate"),
-                         ("optim.clip_mode", "per_module"), ("optim.warmup_from_min_lr", True),
-                         ("optim.adam_eps", 1e-8), ("head.separate_patch_head", False)):
+    for field, value in (
+      ("loss.exclude_same_view", True),
+      ("loss.gamma_rule", "official"),
+      ("loss.groups", 1),
+      ("loss.patch_weighting", "official"),
+      ("loss.regularizer", "coding_rate"),
+      ("optim.clip_mode", "per_module"),
+      ("optim.warmup_from_min_lr", True),
+      ("optim.adam_eps", 1e-8),
+      ("head.separate_patch_head", False),
+    ):
       want(field, value)
     if config.warmup_steps > 1 or (config.warmup_steps <= 0 and config.warmup_epochs > 0):
-      notes.append("lr warm-up: simdinov2/utils/utils.py CosineScheduler (line 112) warms up as "
-                   "start + (base - start) * it / W (base reached at iteration W), simdino_jax/schedules.py "
-                   "warmup_cosine as np.linspace (base reached at W - 1): the lr differs at iterations 1 .. W - 1")
+      notes.append(
+        "lr warm-up: simdinov2/utils/utils.py CosineScheduler (line 112) warms up as "
+        "start + (base - start) * it / W (base reached at iteration W), simdino_jax/schedules.py "
+        "warmup_cosine as np.linspace (base reached at W - 1): the lr differs at iterations 1 .. W - 1"
+      )
   else:
-    for field, value in (("dino.student_temp", 0.1), ("dino.center_momentum", 0.9), ("optim.clip_mode", "per_module"),
-                         ("optim.warmup_from_min_lr", False), ("optim.adam_eps", 1e-8),
-                         ("head.norm_last_layer", False), ("optim.freeze_mode", "zero_lr")):
+    for field, value in (
+      ("dino.student_temp", 0.1),
+      ("dino.center_momentum", 0.9),
+      ("optim.clip_mode", "per_module"),
+      ("optim.warmup_from_min_lr", False),
+      ("optim.adam_eps", 1e-8),
+      ("head.norm_last_layer", False),
+      ("optim.freeze_mode", "zero_lr"),
+    ):
       want(field, value)
   return notes
 
@@ -458,13 +502,16 @@ def _check_recipe(method: str, config) -> list[str]:
 def _official_batch(batch: dict, cfg, patch_size: int) -> dict:
   """Our batch (numpy, batch-major NHWC) -> the official collate_data_and_cast output (crop-major NCHW)."""
   import torch
+
   glob = np.asarray(batch["global"], np.float32)  # (B, Mg, H, W, 3)
   loc = np.asarray(batch["local"], np.float32)  # (B, Ml, h, w, 3)
   b, mg = glob.shape[:2]
-  collated_global = torch.from_numpy(np.ascontiguousarray(glob.transpose(1, 0, 4, 2, 3).reshape(mg * b, 3,
-                                                                                               *glob.shape[2:4])))
-  collated_local = torch.from_numpy(np.ascontiguousarray(loc.transpose(1, 0, 4, 2, 3).reshape(loc.shape[1] * b, 3,
-                                                                                              *loc.shape[2:4])))
+  collated_global = torch.from_numpy(
+    np.ascontiguousarray(glob.transpose(1, 0, 4, 2, 3).reshape(mg * b, 3, *glob.shape[2:4]))
+  )
+  collated_local = torch.from_numpy(
+    np.ascontiguousarray(loc.transpose(1, 0, 4, 2, 3).reshape(loc.shape[1] * b, 3, *loc.shape[2:4]))
+  )
   mask = np.asarray(batch["mask"], bool)  # (B, Mg, N)
   collated_masks = torch.from_numpy(np.ascontiguousarray(mask.transpose(1, 0, 2).reshape(mg * b, -1)))
   n_tokens = collated_masks.shape[1]
@@ -476,13 +523,13 @@ def _official_batch(batch: dict, cfg, patch_size: int) -> dict:
   upperbound = sum(int(n_tokens * probs[i + 1]) for i in range(n_samples_masked))
   upperbound = max(upperbound, int(mask_indices_list.shape[0]))
   return {
-      "collated_global_crops": collated_global,
-      "collated_local_crops": collated_local,
-      "collated_masks": collated_masks,
-      "mask_indices_list": mask_indices_list,
-      "masks_weight": masks_weight,
-      "upperbound": upperbound,
-      "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
+    "collated_global_crops": collated_global,
+    "collated_local_crops": collated_local,
+    "collated_masks": collated_masks,
+    "mask_indices_list": mask_indices_list,
+    "masks_weight": masks_weight,
+    "upperbound": upperbound,
+    "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
   }
 
 
@@ -490,6 +537,7 @@ def _official_batch(batch: dict, cfg, patch_size: int) -> dict:
 def _chunk_names(module) -> dict[str, str]:
   """{unchunked name 'backbone.blocks.i.x': official name 'backbone.blocks.c.i.x'} for a chunked backbone."""
   import re
+
   out = {}
   for name in module.state_dict():
     m = re.fullmatch(r"backbone\.blocks\.(\d+)\.(\d+)\.(.*)", name)
@@ -499,6 +547,7 @@ def _chunk_names(module) -> dict[str, str]:
 
 def _load(module, sd: dict, label: str) -> None:
   import torch
+
   names = _chunk_names(module)
   own = module.state_dict()
   state, missing = {}, []
@@ -506,8 +555,9 @@ def _load(module, sd: dict, label: str) -> None:
     if ours in sd:
       value = torch.from_numpy(np.array(sd[ours], np.float32, copy=True, order="C"))
       if tuple(value.shape) != tuple(own[theirs].shape):
-        raise ValueError(f"{label}: {ours} has shape {tuple(value.shape)}, the official {theirs} "
-                         f"{tuple(own[theirs].shape)}")
+        raise ValueError(
+          f"{label}: {ours} has shape {tuple(value.shape)}, the official {theirs} {tuple(own[theirs].shape)}"
+        )
       state[theirs] = value
     elif ours.endswith("mask_token"):
       state[theirs] = own[theirs]  # DINO v1 flavour export: keep the official zeros
@@ -515,8 +565,9 @@ def _load(module, sd: dict, label: str) -> None:
       missing.append(ours)
   unexpected = sorted(set(sd) - set(names))
   if missing or unexpected:
-    raise ValueError(f"{label}: state dict does not fit the official network: missing {missing[:8]}, "
-                     f"unexpected {unexpected[:8]}")
+    raise ValueError(
+      f"{label}: state dict does not fit the official network: missing {missing[:8]}, unexpected {unexpected[:8]}"
+    )
   module.load_state_dict(state, strict=True)
 
 
@@ -526,9 +577,18 @@ def _dump(module) -> dict[str, np.ndarray]:
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
-def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher_sd: dict[str, np.ndarray],
-                 batches: list[dict[str, np.ndarray]], steps: int, official_repo: str, threads: int, *,
-                 steps_per_epoch: int | None = None) -> dict:
+def run_official(
+  method: str,
+  config,
+  student_sd: dict[str, np.ndarray],
+  teacher_sd: dict[str, np.ndarray],
+  batches: list[dict[str, np.ndarray]],
+  steps: int,
+  official_repo: str,
+  threads: int,
+  *,
+  steps_per_epoch: int | None = None,
+) -> dict:
   """``steps`` official training iterations from the given student / teacher state dicts on ``batches``.
 
   Returns {"losses": per-step loss in our convention, "losses_raw": the official ``loss_accumulator``,
@@ -540,6 +600,7 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
   if method not in ("simdinov2", "dinov2"):
     raise ValueError(f"_parity_official_v2 runs simdinov2 and dinov2, not {method!r}")
   import torch
+
   torch.set_num_threads(max(int(threads), 1))
   meta, train, vits, block, configs, _ = _import_official(method, official_repo)
   _patch_nested_block(block)  # P3
@@ -547,8 +608,10 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
   cfg = _official_config(method, config, configs, vits, spe)
   notes = _check_recipe(method, config)
   if steps_per_epoch is None:
-    notes.append(f"steps_per_epoch not given: {spe} from config.data.source (as the Trainer computes it); the "
-                 "last-layer freeze and the teacher-temperature warm-up are in epochs: pass the value your side uses")
+    notes.append(
+      f"steps_per_epoch not given: {spe} from config.data.source (as the Trainer computes it); the "
+      "last-layer freeze and the teacher-temperature warm-up are in epochs: pass the value your side uses"
+    )
 
   started_dist = False
   if cfg.train.centering == "sinkhorn_knopp" and not torch.distributed.is_initialized():  # P8
@@ -563,7 +626,8 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
   model.need_to_synchronize_fsdp_streams = False  # P6
   for k in model.student.keys():  # P7
     model.student[k].clip_grad_norm_ = types.MethodType(
-        lambda self, max_norm: torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm), model.student[k])
+      lambda self, max_norm: torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm), model.student[k]
+    )
   _load(model.student, student_sd, "student")
   _load(model.teacher, teacher_sd, "teacher")
   for p in model.teacher.parameters():
@@ -582,12 +646,22 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
   # train/train.py do_train: optimizer and schedules.
   if method == "simdinov2":
     optimizer = train.build_optimizer(cfg, model)
-    (lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule, mcr_coeff_schedule,
-     mcr_eps_schedule, ibot_weight_schedule, clip_grad_schedule) = train.build_schedulers(cfg)
+    (
+      lr_schedule,
+      wd_schedule,
+      momentum_schedule,
+      teacher_temp_schedule,
+      last_layer_lr_schedule,
+      mcr_coeff_schedule,
+      mcr_eps_schedule,
+      ibot_weight_schedule,
+      clip_grad_schedule,
+    ) = train.build_schedulers(cfg)
   else:
     optimizer = train.build_optimizer(cfg, model.get_params_groups())
-    lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule = \
-        train.build_schedulers(cfg)
+    lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule = train.build_schedulers(
+      cfg
+    )
 
   patch = cfg.student.patch_size
   losses_raw, offsets, trace = [], [], {"lr": [], "wd": [], "momentum": [], "teacher_temp": []}
@@ -634,12 +708,12 @@ def run_official(method: str, config, student_sd: dict[str, np.ndarray], teacher
       torch.distributed.destroy_process_group()
 
   return {
-      "losses": [r + o for r, o in zip(losses_raw, offsets)],
-      "losses_raw": losses_raw,
-      "loss_offsets": offsets,
-      "student": _dump(model.student),
-      "teacher": _dump(model.teacher),
-      "patches": list(PATCHES),
-      "notes": notes,
-      **trace,
+    "losses": [r + o for r, o in zip(losses_raw, offsets)],
+    "losses_raw": losses_raw,
+    "loss_offsets": offsets,
+    "student": _dump(model.student),
+    "teacher": _dump(model.teacher),
+    "patches": list(PATCHES),
+    "notes": notes,
+    **trace,
   }

@@ -29,15 +29,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--steps", type=int, default=400, help="training steps per run (the fixed budget)")
   p.add_argument("--methods", default="simdino,dino", help="comma-separated methods with a configs/cifar10_<m>.py")
-  p.add_argument("--self_distillation", choices=["off", "on", "both"], default="off",
-                 help="train without the EMA teacher (off), with it (on), or both")
-  p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10", "cifar10-jpeg.tar"),
-                 help="CIFAR-10 folder or tar (train/ and test/ inside)")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                 help="config override applied to every run, e.g. --set batch_size=64 --set model.depth=4")
+  p.add_argument(
+    "--self_distillation",
+    choices=["off", "on", "both"],
+    default="off",
+    help="train without the EMA teacher (off), with it (on), or both",
+  )
+  p.add_argument(
+    "--data",
+    default=os.path.join(ROOT, "..", "shared", "data", "cifar10", "cifar10-jpeg.tar"),
+    help="CIFAR-10 folder or tar (train/ and test/ inside)",
+  )
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="config override applied to every run, e.g. --set batch_size=64 --set model.depth=4",
+  )
   return p.parse_args(argv)
 
 
@@ -61,11 +75,15 @@ def run_one(method: str, self_distillation: bool, args) -> dict:
     result = trainer.train(config, workdir)
     last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
   return {
-      "method": method, "self_distillation": self_distillation,
-      "knn_top1": round(result["accuracy"], 2), "knn_top1_at_init": round(result["accuracy_at_init"], 2),
-      "gain": round(result["accuracy"] - result["accuracy_at_init"], 2),
-      "effective_rank": round(last["effective_rank"], 2), "feature_std": round(last["feature_std"], 4),
-      "prototypes_used": last.get("prototypes_used"), "minutes": round((time.time() - start) / 60, 1),
+    "method": method,
+    "self_distillation": self_distillation,
+    "knn_top1": round(result["accuracy"], 2),
+    "knn_top1_at_init": round(result["accuracy_at_init"], 2),
+    "gain": round(result["accuracy"] - result["accuracy_at_init"], 2),
+    "effective_rank": round(last["effective_rank"], 2),
+    "feature_std": round(last["feature_std"], 4),
+    "prototypes_used": last.get("prototypes_used"),
+    "minutes": round((time.time() - start) / 60, 1),
   }
 
 
@@ -74,14 +92,25 @@ def main(argv=None):
   if not os.path.exists(args.data):
     sys.exit(f"collapse.py: CIFAR-10 not found at {args.data} (pass --data)")
   from absl import flags
+
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   modes = {"off": [False], "on": [True], "both": [False, True]}[args.self_distillation]
   results = [run_one(m, sd, args) for m in args.methods.split(",") for sd in modes]
   import jax
   from simdino_jax import tcmalloc
-  print(json.dumps({"benchmark": "collapse", "steps": args.steps, "overrides": args.set, "device": jax.devices()[0].platform,
-                    "allocator": tcmalloc.allocator(),
-                    "results": results}))
+
+  print(
+    json.dumps(
+      {
+        "benchmark": "collapse",
+        "steps": args.steps,
+        "overrides": args.set,
+        "device": jax.devices()[0].platform,
+        "allocator": tcmalloc.allocator(),
+        "results": results,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

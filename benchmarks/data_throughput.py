@@ -4,7 +4,7 @@ Times the training input pipeline (``simdino_jax.data.pipeline.train_iterator``:
 multi-crop augmentation + batching) for each ``--workers`` count, after ``--warmup_batches`` batches, and reports
 images/s in total and per process (per grain worker process; with 0 workers the one in-process read thread).
 
-Recipes: ``dino224`` = DINO / SimDINO ImageNet (2 x 224 + 10 x 96 crops, REFERENCE.md section 6), ``cifar32`` =
+Recipes: ``dino224`` = DINO / SimDINO ImageNet (2 x 224 + 10 x 96 crops, docs/data.md#augmentation-recipe), ``cifar32`` =
 ``configs/cifar10_common.py`` (2 x 32 + 6 x 16 crops, local scale (0.1, 0.4), blur sigma (0.1, 0.5)).
 
 ``--mode device``: the host part of on-device augmentation (``data.augment_mode="device"``): decode + crop + resize,
@@ -36,34 +36,46 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simdino_jax import tcmalloc  # pylint: disable=wrong-import-position  # stdlib only, cheap
 
 DEFAULT_SOURCES = {
-    "dino224": "folder:../shared/data/imagenette224-mini/imagenette224-mini.tar",
-    "cifar32": "folder:../shared/data/cifar10/cifar10-jpeg.tar",
+  "dino224": "folder:../shared/data/imagenette224-mini/imagenette224-mini.tar",
+  "cifar32": "folder:../shared/data/cifar10/cifar10-jpeg.tar",
 }
 REFERENCE_NAME = "PIL re-implementation of the official recipe"
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              epilog=__doc__.split("\n\n", 1)[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--source", default=None,
-                 help="data source spec (default: the recipe's, e.g. " + DEFAULT_SOURCES["dino224"] + ")")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    epilog=__doc__.split("\n\n", 1)[1],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--source", default=None, help="data source spec (default: the recipe's, e.g. " + DEFAULT_SOURCES["dino224"] + ")"
+  )
   p.add_argument("--recipe", choices=("dino224", "cifar32"), default="dino224")
-  p.add_argument("--workers", default="0",
-                 help="grain worker processes, one count or a comma-separated list (0 = in-process)")
+  p.add_argument(
+    "--workers", default="0", help="grain worker processes, one count or a comma-separated list (0 = in-process)"
+  )
   p.add_argument("--mode", choices=("host", "device"), default="host")
   p.add_argument("--num_images", type=int, default=256, help="images timed per worker count")
   p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--warmup_batches", type=int, default=2,
-                 help="batches read before timing (after each worker count's start)")
-  p.add_argument("--threads", type=int, default=1,
-                 help="grain read threads per process (1 = one core per process)")
-  p.add_argument("--resize", choices=("default", "pil", "cv2"), default="default",
-                 help="crop resize backend (default: MultiCropConfig's)")
+  p.add_argument(
+    "--warmup_batches", type=int, default=2, help="batches read before timing (after each worker count's start)"
+  )
+  p.add_argument("--threads", type=int, default=1, help="grain read threads per process (1 = one core per process)")
+  p.add_argument(
+    "--resize",
+    choices=("default", "pil", "cv2"),
+    default="default",
+    help="crop resize backend (default: MultiCropConfig's)",
+  )
   p.add_argument("--reference", action="store_true", help="also time the PIL re-implementation of the official recipe")
   p.add_argument("--reference_images", type=int, default=64, help="images for the reference comparison")
-  p.add_argument("--tcmalloc", action=argparse.BooleanOptionalAction, default=True,
-                 help="re-execute with tcmalloc preloaded when it is installed (Linux)")
+  p.add_argument(
+    "--tcmalloc",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="re-execute with tcmalloc preloaded when it is installed (Linux)",
+  )
   args = p.parse_args(argv)
   try:
     args.workers = [int(w) for w in str(args.workers).split(",")]
@@ -84,8 +96,9 @@ def recipe_config(recipe: str, mode: str, resize: str):
 
   kw = {}
   if recipe == "cifar32":  # configs/cifar10_common.py
-    kw = dict(global_size=32, local_size=16, num_local=6, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4),
-              blur_sigma=(0.1, 0.5))
+    kw = dict(
+      global_size=32, local_size=16, num_local=6, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), blur_sigma=(0.1, 0.5)
+    )
   if mode == "device":  # the host only crops and resizes (uint8)
     kw["augment_mode"] = "device"
   if resize != "default":
@@ -192,17 +205,28 @@ class OfficialPILRecipe:
     pil = Image.fromarray(image)  # torchvision's loader hands over a PIL image
     c = self.cfg
     if getattr(c, "augment_mode", "host") == "device":
-      return {"global": np.stack([self._crop_only(pil, rng, "global", i) for i in range(c.num_global)]),
-              "local": np.stack([self._crop_only(pil, rng, "local", i) for i in range(c.num_local)])}
-    return {"global": np.stack([self._crop(pil, rng, "global", i) for i in range(c.num_global)]),
-            "local": np.stack([self._crop(pil, rng, "local", i) for i in range(c.num_local)])}
+      return {
+        "global": np.stack([self._crop_only(pil, rng, "global", i) for i in range(c.num_global)]),
+        "local": np.stack([self._crop_only(pil, rng, "local", i) for i in range(c.num_local)]),
+      }
+    return {
+      "global": np.stack([self._crop(pil, rng, "global", i) for i in range(c.num_global)]),
+      "local": np.stack([self._crop(pil, rng, "local", i) for i in range(c.num_local)]),
+    }
 
 
 def time_pipeline(source, cfg, workers, args) -> dict:
   from simdino_jax.data import pipeline
 
-  it = pipeline.train_iterator(source, cfg, batch_size=args.batch_size, seed=0, num_workers=workers,
-                               num_threads=args.threads, prefetch_batches=max(2, workers))
+  it = pipeline.train_iterator(
+    source,
+    cfg,
+    batch_size=args.batch_size,
+    seed=0,
+    num_workers=workers,
+    num_threads=args.threads,
+    prefetch_batches=max(2, workers),
+  )
   try:
     for _ in range(args.warmup_batches):
       next(it)
@@ -215,8 +239,13 @@ def time_pipeline(source, cfg, workers, args) -> dict:
     if hasattr(it, "close"):
       it.close()
   n = n_batches * args.batch_size
-  run = {"workers": workers, "images": n, "seconds": round(elapsed, 3), "images_per_sec": round(n / elapsed, 1),
-         "images_per_sec_per_process": round(n / elapsed / max(workers, 1), 1)}
+  run = {
+    "workers": workers,
+    "images": n,
+    "seconds": round(elapsed, 3),
+    "images_per_sec": round(n / elapsed, 1),
+    "images_per_sec_per_process": round(n / elapsed / max(workers, 1), 1),
+  }
   if workers == 0:  # all the work is in this process: also per CPU-second, steadier on a shared machine
     run["images_per_cpu_sec"] = round(n / cpu, 1)
   return run
@@ -242,15 +271,21 @@ def time_reference(source, cfg, args) -> dict:
   for start in range(0, len(images), 8):
     for name, fn in fns.items():
       w, c = time.perf_counter(), time.process_time()
-      for i, ex in enumerate(images[start:start + 8]):
+      for i, ex in enumerate(images[start : start + 8]):
         fn(ex, np.random.default_rng(start + i))
       wall[name] += time.perf_counter() - w
       cpu[name] += time.process_time() - c
   n = len(images)
-  return {"name": REFERENCE_NAME, "images": n,
-          "images_per_sec": round(n / wall["reference"], 1), "images_per_cpu_sec": round(n / cpu["reference"], 1),
-          "ours_images_per_sec": round(n / wall["ours"], 1), "ours_images_per_cpu_sec": round(n / cpu["ours"], 1),
-          "ratio": round(wall["reference"] / wall["ours"], 2), "ratio_cpu": round(cpu["reference"] / cpu["ours"], 2)}
+  return {
+    "name": REFERENCE_NAME,
+    "images": n,
+    "images_per_sec": round(n / wall["reference"], 1),
+    "images_per_cpu_sec": round(n / cpu["reference"], 1),
+    "ours_images_per_sec": round(n / wall["ours"], 1),
+    "ours_images_per_cpu_sec": round(n / cpu["ours"], 1),
+    "ratio": round(wall["reference"] / wall["ours"], 2),
+    "ratio_cpu": round(cpu["reference"] / cpu["ours"], 2),
+  }
 
 
 def main(argv=None):
@@ -266,13 +301,24 @@ def main(argv=None):
   runs = []
   for w in args.workers:
     runs.append(time_pipeline(source, cfg, w, args))
-    print(f"workers={w}: {runs[-1]['images_per_sec']} images/s, "
-          f"{runs[-1]['images_per_sec_per_process']} per process", file=sys.stderr, flush=True)
-  out = {"benchmark": "data_throughput", "recipe": args.recipe, "mode": args.mode, "source": spec,
-         "resize": cfg.resize, "batch_size": args.batch_size, "threads_per_process": args.threads,
-         "allocator": tcmalloc.allocator(),
-         "cpu_count": os.cpu_count(), "runs": runs,
-         "images_per_sec_per_process": runs[0]["images_per_sec_per_process"]}
+    print(
+      f"workers={w}: {runs[-1]['images_per_sec']} images/s, {runs[-1]['images_per_sec_per_process']} per process",
+      file=sys.stderr,
+      flush=True,
+    )
+  out = {
+    "benchmark": "data_throughput",
+    "recipe": args.recipe,
+    "mode": args.mode,
+    "source": spec,
+    "resize": cfg.resize,
+    "batch_size": args.batch_size,
+    "threads_per_process": args.threads,
+    "allocator": tcmalloc.allocator(),
+    "cpu_count": os.cpu_count(),
+    "runs": runs,
+    "images_per_sec_per_process": runs[0]["images_per_sec_per_process"],
+  }
   if args.reference:
     ref = time_reference(source, cfg, args)
     out["reference"] = ref

@@ -27,12 +27,12 @@ from simdino_jax import tcmalloc  # pylint: disable=wrong-import-position
 
 TOKENS = 64 * (2 * (32 // 4) ** 2 + 6 * (16 // 4) ** 2 + 8)  # batch x (patches + cls per crop) = 14,848
 SHAPES = {  # name: (m, k, n)
-    "square_2048": (2048, 2048, 2048),
-    "qkv_192x576": (TOKENS, 192, 576),
-    "proj_192x192": (TOKENS, 192, 192),
-    "mlp_in_192x768": (TOKENS, 192, 768),
-    "mlp_out_768x192": (TOKENS, 768, 192),
-    "head_2048x2048": (512, 2048, 2048),
+  "square_2048": (2048, 2048, 2048),
+  "qkv_192x576": (TOKENS, 192, 576),
+  "proj_192x192": (TOKENS, 192, 192),
+  "mlp_in_192x768": (TOKENS, 192, 768),
+  "mlp_out_768x192": (TOKENS, 768, 192),
+  "head_2048x2048": (512, 2048, 2048),
 }
 
 
@@ -51,7 +51,12 @@ def nominal_peak_gflops() -> dict:
   lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
   fma_units = 2
   peak = cores * fma_units * lanes * 2 * mhz / 1e3 if mhz else None
-  return {"cores": cores, "cpu_mhz": mhz, "float32_lanes": lanes, "nominal_peak_gflops": round(peak, 1) if peak else None}
+  return {
+    "cores": cores,
+    "cpu_mhz": mhz,
+    "float32_lanes": lanes,
+    "nominal_peak_gflops": round(peak, 1) if peak else None,
+  }
 
 
 def time_it(fn, repeats: int) -> float:
@@ -78,8 +83,14 @@ def main():
   import numpy as np
 
   rng = np.random.default_rng(0)
-  result = {"benchmark": "matmul_peak", **nominal_peak_gflops(), "allocator": tcmalloc.allocator(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "numpy_version": np.__version__}
+  result = {
+    "benchmark": "matmul_peak",
+    **nominal_peak_gflops(),
+    "allocator": tcmalloc.allocator(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "jax_version": jax.__version__,
+    "numpy_version": np.__version__,
+  }
   matmul = jax.jit(jnp.matmul)
   for name, (m, k, n) in SHAPES.items():
     a = rng.standard_normal((m, k), dtype=np.float32)

@@ -103,26 +103,36 @@ def error(msg: str) -> None:
 def resolve_repo(method: str, path: str | None) -> str:
   """The clone for ``method``: ``path`` itself, or ``path/<SimDINO|dino|dinov2>``; exits with one line if absent."""
   if not path:
-    error(f"--official_repo is required: a clone of the official {CLONES[method]} repository (or a folder holding "
-          "SimDINO/, dino/, dinov2/)")
+    error(
+      f"--official_repo is required: a clone of the official {CLONES[method]} repository (or a folder holding "
+      "SimDINO/, dino/, dinov2/)"
+    )
   if not os.path.isdir(path):
     error(f"--official_repo={path}: no such directory")
-  need = {"simdino": "simdino/main_dino.py", "simdinov2": "simdinov2", "dino": "main_dino.py",
-          "dinov2": "dinov2/train/ssl_meta_arch.py"}[method]
+  need = {
+    "simdino": "simdino/main_dino.py",
+    "simdinov2": "simdinov2",
+    "dino": "main_dino.py",
+    "dinov2": "dinov2/train/ssl_meta_arch.py",
+  }[method]
   sub = os.path.join(path, CLONES[method])
   # The clone itself first: a dinov2 clone holds a dinov2/ package folder that is not a clone.
   repo = path if os.path.exists(os.path.join(path, need)) else sub
   if not os.path.exists(os.path.join(repo, need)):
-    error(f"--official_repo={path}: {os.path.join(repo, need)} not found (method {method} needs a clone of "
-          f"the official {CLONES[method]} repository)")
+    error(
+      f"--official_repo={path}: {os.path.join(repo, need)} not found (method {method} needs a clone of "
+      f"the official {CLONES[method]} repository)"
+    )
   return repo
 
 
 def git_commit(repo: str) -> str:
   import subprocess  # pylint: disable=g-import-not-at-top
+
   try:
-    return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+      ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
@@ -138,36 +148,75 @@ def official_recipe_overrides(args) -> dict:
   """Our config fields set to mirror the official recipe on the small preset (dotted name -> value)."""
   niter, epochs = schedule_lengths(args.steps, args.epochs)
   o = {
-      "method": args.method, "seed": args.seed, "batch_size": args.batch_size,
-      "total_steps": niter * epochs, "warmup_steps": niter,  # warm-up 1 epoch
-      "data.source": "digits", "data.num_global": 2, "data.num_local": args.num_local,
-      "data.global_size": args.global_size, "data.local_size": args.local_size,
-      "model.variant": f"Ti/{args.patch_size}", "model.img_size": args.global_size, "model.drop_path_rate": 0.0,
-      "model.dtype": "float32",
-      "head.hidden_dim": args.hidden_dim, "head.out_dim": args.out_dim, "head.num_layers": 3,
-      "optim.lr": 5e-4, "optim.lr_scaling": "linear_256", "optim.min_lr": 1e-6, "optim.warmup_from_min_lr": False,
-      "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.4, "optim.clip_grad": 3.0,
-      "optim.clip_mode": "per_tensor", "optim.layer_decay": 1.0, "optim.patch_embed_lr_mult": 1.0,
-      "optim.b1": 0.9, "optim.b2": 0.999, "optim.adam_eps": 1e-8,
-      "teacher.momentum": 0.996, "teacher.momentum_end": 1.0, "teacher.self_distillation": True,
+    "method": args.method,
+    "seed": args.seed,
+    "batch_size": args.batch_size,
+    "total_steps": niter * epochs,
+    "warmup_steps": niter,  # warm-up 1 epoch
+    "data.source": "digits",
+    "data.num_global": 2,
+    "data.num_local": args.num_local,
+    "data.global_size": args.global_size,
+    "data.local_size": args.local_size,
+    "model.variant": f"Ti/{args.patch_size}",
+    "model.img_size": args.global_size,
+    "model.drop_path_rate": 0.0,
+    "model.dtype": "float32",
+    "head.hidden_dim": args.hidden_dim,
+    "head.out_dim": args.out_dim,
+    "head.num_layers": 3,
+    "optim.lr": 5e-4,
+    "optim.lr_scaling": "linear_256",
+    "optim.min_lr": 1e-6,
+    "optim.warmup_from_min_lr": False,
+    "optim.weight_decay": 0.04,
+    "optim.weight_decay_end": 0.4,
+    "optim.clip_grad": 3.0,
+    "optim.clip_mode": "per_tensor",
+    "optim.layer_decay": 1.0,
+    "optim.patch_embed_lr_mult": 1.0,
+    "optim.b1": 0.9,
+    "optim.b2": 0.999,
+    "optim.adam_eps": 1e-8,
+    "teacher.momentum": 0.996,
+    "teacher.momentum_end": 1.0,
+    "teacher.self_distillation": True,
   }
   if args.method == "simdino":
-    o.update({"loss.eps": math.sqrt(OFFICIAL_EPS), "loss.gamma_rule": "official", "loss.exclude_same_view": True,
-              "loss.expansion": "mean", "loss.groups": 1, "loss.regularizer": "coding_rate",
-              "optim.freeze_last_layer_epochs": 0.0})  # official --freeze_last_layer 1 is a no-op: no last layer
+    o.update(
+      {
+        "loss.eps": math.sqrt(OFFICIAL_EPS),
+        "loss.gamma_rule": "official",
+        "loss.exclude_same_view": True,
+        "loss.expansion": "mean",
+        "loss.groups": 1,
+        "loss.regularizer": "coding_rate",
+        "optim.freeze_last_layer_epochs": 0.0,
+      }
+    )  # official --freeze_last_layer 1 is a no-op: no last layer
   if args.method in ("dino", "dinov2"):
     o["head.num_prototypes"] = args.num_prototypes
   if args.method == "dino":
-    o.update({"head.norm_last_layer": True,
-              "dino.student_temp": 0.1, "dino.teacher_temp": 0.07, "dino.warmup_teacher_temp": 0.04,
-              "dino.warmup_teacher_temp_epochs": epochs, "dino.teacher_temp_per": "epoch",
-              "dino.center_momentum": 0.9, "dino.centering": "centering", "dino.koleo_weight": 0.0,
-              "optim.freeze_last_layer_epochs": 1.0})
+    o.update(
+      {
+        "head.norm_last_layer": True,
+        "dino.student_temp": 0.1,
+        "dino.teacher_temp": 0.07,
+        "dino.warmup_teacher_temp": 0.04,
+        "dino.warmup_teacher_temp_epochs": epochs,
+        "dino.teacher_temp_per": "epoch",
+        "dino.center_momentum": 0.9,
+        "dino.centering": "centering",
+        "dino.koleo_weight": 0.0,
+        "optim.freeze_last_layer_epochs": 1.0,
+      }
+    )
   return o
 
 
 def build_config(args, extra: dict | None = None):
   from simdino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
   config = config_lib.base_config()
   for name, value in {**official_recipe_overrides(args), **(extra or {})}.items():
     node = config
@@ -183,14 +232,20 @@ def make_batches(config, steps: int) -> list[dict]:
   """``steps`` batches of our pipeline's crops (numpy, our layout) of the config's source."""
   from simdino_jax import methods  # pylint: disable=g-import-not-at-top
   from simdino_jax.train import trainer
-  from simdino_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from simdino_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   from simdino_jax.models.vit import parse_variant  # pylint: disable=g-import-not-at-top
+
   masked = methods.get_method(config.method).uses_masks
-  it = pipeline.train_iterator(trainer.load_data(config, "train"), trainer.multicrop_config(config),
-                               batch_size=config.batch_size, seed=config.seed,
-                               mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
-                               mask_probability=config.masking.probability, mask_ratio=tuple(config.masking.ratio),
-                               mask_min_patches=config.masking.min_num_patches)
+  it = pipeline.train_iterator(
+    sources.from_config(config.data, "train"),
+    trainer.multicrop_config(config),
+    batch_size=config.batch_size,
+    seed=config.seed,
+    mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
+    mask_probability=config.masking.probability,
+    mask_ratio=tuple(config.masking.ratio),
+    mask_min_patches=config.masking.min_num_patches,
+  )
   keys = ("global", "local", "mask") if masked else ("global", "local")
   out = []
   try:
@@ -225,36 +280,55 @@ class Ours:
     self.graphdef, params = nnx.split(network)
     self.tx = trainer.make_optimizer(config, params, self.lr_fn, self.wd_fn, steps_per_epoch)
     loss_fn = self.method.make_loss(config, steps_per_epoch)
-    self.state = TrainState(step=jnp.zeros((), jnp.int32), student=params, teacher=params,
-                            opt_state=self.tx.init(params), loss_state=self.method.init_loss_state(config),
-                            rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+    self.state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      student=params,
+      teacher=params,
+      opt_state=self.tx.init(params),
+      loss_state=self.method.init_loss_state(config),
+      rng=jax.random.key_data(jax.random.key(config.seed + 1)),
+    )
     self.mask_positions = methods.mask_positions(config)
-    self._step = jax.jit(make_train_step(self.graphdef, loss_fn, self.tx, lr_fn=self.lr_fn, wd_fn=self.wd_fn,
-                                         momentum_fn=self.momentum_fn, mask_positions=self.mask_positions))
-    self._forward = jax.jit(lambda p, b, student: forward(nnx.merge(self.graphdef, p), b, key=None,
-                                                          student=student), static_argnums=2)
+    self._step = jax.jit(
+      make_train_step(
+        self.graphdef,
+        loss_fn,
+        self.tx,
+        lr_fn=self.lr_fn,
+        wd_fn=self.wd_fn,
+        momentum_fn=self.momentum_fn,
+        mask_positions=self.mask_positions,
+      )
+    )
+    self._forward = jax.jit(
+      lambda p, b, student: forward(nnx.merge(self.graphdef, p), b, key=None, student=student), static_argnums=2
+    )
     self.flavor = "dinov2" if config.method in ("simdinov2", "dinov2") else "dino"
     self.heads = dict(head="dino_head", patch_head="ibot_head") if self.flavor == "dinov2" else dict(head="head")
 
   def step(self, batch: dict) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
+
     self.state, metrics = self._step(self.state, batch)
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
   def flat(self, which: str) -> dict:
     import numpy as np  # pylint: disable=g-import-not-at-top
     from simdino_jax.tree import named_leaves  # pylint: disable=g-import-not-at-top
+
     return {k: np.asarray(v) for k, v in named_leaves(getattr(self.state, which)).items()}
 
   def torch_state(self, which: str) -> dict:
     """The student's / teacher's parameters in official names and layouts (backbone + heads)."""
     from simdino_jax.io import torch_interop  # pylint: disable=g-import-not-at-top
+
     return torch_interop.network_to_torch(self.flat(which), flavor=self.flavor, **self.heads)
 
   def head_outputs(self, batch: dict, student: bool):
     """Head outputs of the step's forward in the official row order (crop-major: view v, image b -> row v*B + b);
     DINO heads: the logits."""
     import numpy as np  # pylint: disable=g-import-not-at-top
+
     params = self.state.student if student else self.state.teacher
     out = self._forward(params, {k: batch[k] for k in ("global", "local")}, student)["cls"]
     out = np.asarray(out["logits"] if isinstance(out, dict) else out)
@@ -263,6 +337,7 @@ class Ours:
 
 def rel_diff(a, b) -> float:
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   den = np.linalg.norm(b)
   num = np.linalg.norm(a - b)
@@ -281,7 +356,7 @@ def split_key_bias(state: dict) -> dict:
     if k.endswith("attn.qkv.bias"):
       third = v.shape[0] // 3
       for i, part in enumerate("qkv"):
-        out[f"{k}[{part}]"] = v[i * third:(i + 1) * third]
+        out[f"{k}[{part}]"] = v[i * third : (i + 1) * third]
     else:
       out[k] = v
   return out
@@ -305,6 +380,7 @@ def update_rel_diff(ours: dict, theirs: dict, init: dict) -> float:
   """||(ours - init) - (theirs - init)|| / ||theirs - init|| over all leaves together (key biases left out): how well
   the whole training update agrees, insensitive to one odd element of a leaf that is still near zero."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   ours, theirs, init = split_key_bias(ours), split_key_bias(theirs), split_key_bias(init)
   num = den = 0.0
   for k in theirs:
@@ -351,13 +427,26 @@ class _Epoch:
 def to_official_images(batch: dict, torch) -> list:
   """Our batch -> the official crop list: NCHW float32 tensors, the global crops first."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   crops = [batch["global"][:, i] for i in range(batch["global"].shape[1])]
   crops += [batch["local"][:, i] for i in range(batch["local"].shape[1])]
   return [torch.from_numpy(np.ascontiguousarray(c.transpose(0, 3, 1, 2), dtype=np.float32)) for c in crops]
 
 
-def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, official_repo, threads, *,
-                    epochs, niter, ours: Ours | None = None) -> dict:
+def run_official_v1(
+  method,
+  config,
+  student_sd,
+  teacher_sd,
+  batches,
+  steps,
+  official_repo,
+  threads,
+  *,
+  epochs,
+  niter,
+  ours: Ours | None = None,
+) -> dict:
   """SimDINO v1 / DINO v1 from the clone: the official objects and train_one_epoch, from our weights.
 
   With ``ours``, runs lockstep (see the module docstring) and adds "lockstep" (per-step comparisons) and
@@ -380,8 +469,10 @@ def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, offi
     rendezvous = tempfile.NamedTemporaryFile(prefix="parity_gloo_", delete=False).name
     os.remove(rendezvous)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-  patches.append("torch.distributed: single-process gloo group (world size 1) for DINOLoss.update_center's "
-                 "all_reduce / get_world_size and MCRLoss's dist.is_initialized() (N = 1)")
+  patches.append(
+    "torch.distributed: single-process gloo group (world size 1) for DINOLoss.update_center's "
+    "all_reduce / get_world_size and MCRLoss's dist.is_initialized() (N = 1)"
+  )
   torch.Tensor.cuda = lambda self, *a, **k: self
   torch.cuda.synchronize = lambda *a, **k: None
   patches.append("torch.Tensor.cuda -> identity, torch.cuda.synchronize -> no-op (train_one_epoch's GPU moves)")
@@ -396,11 +487,18 @@ def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, offi
     if method == "simdino":
       head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, hidden_dim=h.hidden_dim, bottleneck_dim=h.out_dim)
     elif student:
-      head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, use_bn=False, norm_last_layer=h.norm_last_layer,
-                           hidden_dim=h.hidden_dim, bottleneck_dim=h.out_dim)
+      head = vits.DINOHead(
+        backbone.embed_dim,
+        h.num_prototypes,
+        use_bn=False,
+        norm_last_layer=h.norm_last_layer,
+        hidden_dim=h.hidden_dim,
+        bottleneck_dim=h.out_dim,
+      )
     else:
-      head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, False, hidden_dim=h.hidden_dim,
-                           bottleneck_dim=h.out_dim)
+      head = vits.DINOHead(
+        backbone.embed_dim, h.num_prototypes, False, hidden_dim=h.hidden_dim, bottleneck_dim=h.out_dim
+      )
     return utils.MultiCropWrapper(backbone, head)
 
   student, teacher = network(True), network(False)
@@ -422,8 +520,18 @@ def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, offi
 
   ncrops = config.data.num_global + config.data.num_local
   main_dino = os.path.join(src, "main_dino.py")
-  ns = {"torch": torch, "nn": nn, "F": F, "dist": dist, "dist_nn": dist_nn, "np": np, "math": math, "sys": sys,
-        "utils": utils, "wandb": types.SimpleNamespace(log=lambda *a, **k: None)}
+  ns = {
+    "torch": torch,
+    "nn": nn,
+    "F": F,
+    "dist": dist,
+    "dist_nn": dist_nn,
+    "np": np,
+    "math": math,
+    "sys": sys,
+    "utils": utils,
+    "wandb": types.SimpleNamespace(log=lambda *a, **k: None),
+  }
   loss_name = "MCRLoss" if method == "simdino" else "DINOLoss"
   _extract(main_dino, ("train_one_epoch", loss_name), ns)
   if method == "simdino":
@@ -431,19 +539,30 @@ def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, offi
     loss_module = ns["MCRLoss"](ncrops, 0, 1 if config.loss.expansion == "mean" else 0, config.loss.eps**2, 1.0)
   else:
     d = config.dino
-    loss_module = ns["DINOLoss"](h.num_prototypes, ncrops, d.warmup_teacher_temp, d.teacher_temp,
-                                 d.warmup_teacher_temp_epochs, epochs, student_temp=d.student_temp,
-                                 center_momentum=d.center_momentum)
+    loss_module = ns["DINOLoss"](
+      h.num_prototypes,
+      ncrops,
+      d.warmup_teacher_temp,
+      d.teacher_temp,
+      d.warmup_teacher_temp_epochs,
+      epochs,
+      student_temp=d.student_temp,
+      center_momentum=d.center_momentum,
+    )
   params_groups = utils.get_params_groups(student_ddp)
-  optimizer = torch.optim.AdamW(params_groups, fused=True) if method == "simdino" else torch.optim.AdamW(
-      params_groups)
+  optimizer = torch.optim.AdamW(params_groups, fused=True) if method == "simdino" else torch.optim.AdamW(params_groups)
   o = config.optim
   lr_schedule = utils.cosine_scheduler(o.lr * config.batch_size / 256.0, o.min_lr, epochs, niter, warmup_epochs=1)
   wd_schedule = utils.cosine_scheduler(o.weight_decay, o.weight_decay_end, epochs, niter)
   momentum_schedule = utils.cosine_scheduler(config.teacher.momentum, 1, epochs, niter)
   freeze_last_layer = int(round(o.freeze_last_layer_epochs)) if method == "dino" else 1
-  args = types.SimpleNamespace(epochs=epochs, clip_grad=o.clip_grad, freeze_last_layer=freeze_last_layer,
-                               use_simdino=method == "simdino", enable_logging=False)
+  args = types.SimpleNamespace(
+    epochs=epochs,
+    clip_grad=o.clip_grad,
+    freeze_last_layer=freeze_last_layer,
+    use_simdino=method == "simdino",
+    enable_logging=False,
+  )
 
   images = [to_official_images(b, torch) for b in batches[:steps]]
   result = {"patches": patches, "official_commit": git_commit(official_repo), "losses": []}
@@ -454,9 +573,11 @@ def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, offi
   if ours is not None:  # step-0 forward check on the first batch, before anything trains
     with torch.no_grad():
       s_off = student(images[0]).numpy()
-      t_off = teacher(images[0][:config.data.num_global]).numpy()
-    result["step0_forward"] = {"student_rel_diff": rel_diff(ours.head_outputs(batches[0], True), s_off),
-                               "teacher_rel_diff": rel_diff(ours.head_outputs(batches[0], False), t_off)}
+      t_off = teacher(images[0][: config.data.num_global]).numpy()
+    result["step0_forward"] = {
+      "student_rel_diff": rel_diff(ours.head_outputs(batches[0], True), s_off),
+      "teacher_rel_diff": rel_diff(ours.head_outputs(batches[0], False), t_off),
+    }
   lockstep = []
 
   class Recording(nn.Module):
@@ -472,20 +593,27 @@ def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, offi
         row = {"step": t}
         s_diff, s_leaf = max_leaf_diff(ours.torch_state("student"), named(student))
         t_diff, t_leaf = max_leaf_diff(ours.torch_state("teacher"), named(teacher))
-        row.update(student_param_rel_diff=s_diff, student_worst=s_leaf, teacher_param_rel_diff=t_diff,
-                   teacher_worst=t_leaf)
+        row.update(
+          student_param_rel_diff=s_diff, student_worst=s_leaf, teacher_param_rel_diff=t_diff, teacher_worst=t_leaf
+        )
         if method == "dino":
-          row["center_rel_diff"] = rel_diff(np.asarray(ours.state.loss_state["center"]),
-                                            self.inner.center.numpy())
+          row["center_rel_diff"] = rel_diff(np.asarray(ours.state.loss_state["center"]), self.inner.center.numpy())
         metrics = ours.step(batches[t])
         epoch = t // niter
-        row.update(loss_ours=to_official_loss(method, metrics["loss"]), lr_ours=metrics["lr"],
-                   lr_official=float(optimizer.param_groups[0]["lr"]), wd_ours=metrics["wd"],
-                   wd_official=float(optimizer.param_groups[0]["weight_decay"]), momentum_ours=metrics["momentum"],
-                   momentum_official=float(momentum_schedule[t]))
+        row.update(
+          loss_ours=to_official_loss(method, metrics["loss"]),
+          lr_ours=metrics["lr"],
+          lr_official=float(optimizer.param_groups[0]["lr"]),
+          wd_ours=metrics["wd"],
+          wd_official=float(optimizer.param_groups[0]["weight_decay"]),
+          momentum_ours=metrics["momentum"],
+          momentum_official=float(momentum_schedule[t]),
+        )
         if method == "dino":
-          row.update(teacher_temp_ours=metrics.get("teacher_temp", float("nan")),
-                     teacher_temp_official=float(self.inner.teacher_temp_schedule[epoch]))
+          row.update(
+            teacher_temp_ours=metrics.get("teacher_temp", float("nan")),
+            teacher_temp_official=float(self.inner.teacher_temp_schedule[epoch]),
+          )
         lockstep.append(row)
       out = self.inner(*a)
       result["losses"].append(float((out[0] if isinstance(out, tuple) else out).item()))
@@ -499,11 +627,23 @@ def run_official_v1(method, config, student_sd, teacher_sd, batches, steps, offi
   teacher.train()
   with contextlib.redirect_stdout(sys.stderr):  # the official MetricLogger prints; stdout keeps the JSON line
     for epoch in range(epochs):
-      chunk = images[epoch * niter:(epoch + 1) * niter]
+      chunk = images[epoch * niter : (epoch + 1) * niter]
       if not chunk:
         break
-      ns["train_one_epoch"](student_ddp, teacher, teacher, recording, _Epoch(chunk, niter), optimizer, lr_schedule,
-                            wd_schedule, momentum_schedule, epoch, None, args)
+      ns["train_one_epoch"](
+        student_ddp,
+        teacher,
+        teacher,
+        recording,
+        _Epoch(chunk, niter),
+        optimizer,
+        lr_schedule,
+        wd_schedule,
+        momentum_schedule,
+        epoch,
+        None,
+        args,
+      )
   result["student"], result["teacher"] = named(student), named(teacher)
   if ours is not None:
     result["lockstep"] = lockstep
@@ -515,15 +655,21 @@ def first_divergence(lockstep: list, method: str) -> dict | None:
   """The first step where a lockstep quantity leaves its tolerance, with the worst leaf and the values."""
   for row in lockstep:
     t = row["step"]
-    checks = [(key, rel_diff(row[f"{key}_ours"], row[f"{key}_official"]), 1e-6)
-              for key in ("lr", "wd", "momentum", "teacher_temp") if f"{key}_ours" in row]
+    checks = [
+      (key, rel_diff(row[f"{key}_ours"], row[f"{key}_official"]), 1e-6)
+      for key in ("lr", "wd", "momentum", "teacher_temp")
+      if f"{key}_ours" in row
+    ]
     if "center_rel_diff" in row:
       checks.append(("center (before the step)", row["center_rel_diff"], PARAM_TOL))
     if "student_param_rel_diff" in row:
-      checks += [("student params (before the step)", row["student_param_rel_diff"], PARAM_TOL),
-                 ("teacher params (before the step)", row["teacher_param_rel_diff"], PARAM_TOL)]
-    checks.append(("loss", rel_diff(row["loss_ours"], row.get("loss_official", float("nan"))),
-                   STEP0_TOL if t == 0 else LOSS_TOL))
+      checks += [
+        ("student params (before the step)", row["student_param_rel_diff"], PARAM_TOL),
+        ("teacher params (before the step)", row["teacher_param_rel_diff"], PARAM_TOL),
+      ]
+    checks.append(
+      ("loss", rel_diff(row["loss_ours"], row.get("loss_official", float("nan"))), STEP0_TOL if t == 0 else LOSS_TOL)
+    )
     for name, value, tol in checks:
       if not value <= tol:
         out = {"step": t, "quantity": name, "rel_diff": value, "tolerance": tol}
@@ -541,8 +687,10 @@ def explain(quantity: str, leaf: str, step: int, row: dict, method: str) -> str:
   if quantity in ("lr", "wd", "momentum", "teacher_temp"):
     return f"schedule mismatch: ours {row.get(quantity + '_ours')} vs official {row.get(quantity + '_official')}"
   if "last_layer" in leaf:
-    return ("the prototype layer: its Adam moments / step count or the freeze differ (official: grad=None while "
-            "frozen, so torch.optim.AdamW neither updates its moments nor counts the step)")
+    return (
+      "the prototype layer: its Adam moments / step count or the freeze differ (official: grad=None while "
+      "frozen, so torch.optim.AdamW neither updates its moments nor counts the step)"
+    )
   if quantity.startswith("center"):
     return "the DINO centre update differs"
   if quantity == "loss" and "student_param_rel_diff" not in row:
@@ -553,12 +701,16 @@ def explain(quantity: str, leaf: str, step: int, row: dict, method: str) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--method", choices=METHODS, default="simdino")
-  parser.add_argument("--official_repo", default=None,
-                      help="clone of the official repository for --method (SimDINO, dino or dinov2), or a folder "
-                      "holding SimDINO/, dino/, dinov2/")
+  parser.add_argument(
+    "--official_repo",
+    default=None,
+    help="clone of the official repository for --method (SimDINO, dino or dinov2), or a folder "
+    "holding SimDINO/, dino/, dinov2/",
+  )
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (torch.set_num_threads)")
   parser.add_argument("--epochs", type=int, default=2, help="schedule length in epochs of ceil(steps/epochs) steps")
@@ -571,8 +723,12 @@ def main(argv=None):
   parser.add_argument("--out_dim", type=int, default=256)
   parser.add_argument("--num_prototypes", type=int, default=4096)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--dump", default="", help="write both sides' final student / teacher parameters (official "
-                      "names) to this .npz, for looking into a divergence")
+  parser.add_argument(
+    "--dump",
+    default="",
+    help="write both sides' final student / teacher parameters (official "
+    "names) to this .npz, for looking into a divergence",
+  )
   args = parser.parse_args(argv)
   repo = resolve_repo(args.method, args.official_repo)
   if args.steps < 1:
@@ -580,6 +736,7 @@ def main(argv=None):
 
   start = time.time()
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity: no reduced-precision passes
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -591,8 +748,10 @@ def main(argv=None):
       sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       import _parity_official_v2 as v2  # pylint: disable=g-import-not-at-top,import-error
     except ImportError as e:
-      error(f"--method {args.method}: the official side lives in benchmarks/_parity_official_v2.py, which could not "
-            f"be imported ({e})")
+      error(
+        f"--method {args.method}: the official side lives in benchmarks/_parity_official_v2.py, which could not "
+        f"be imported ({e})"
+      )
     extra = dict(getattr(v2, "OUR_OVERRIDES", {}).get(args.method, {}))
   niter, epochs = schedule_lengths(args.steps, args.epochs)
   config = build_config(args, extra)
@@ -601,13 +760,25 @@ def main(argv=None):
   student_sd, teacher_sd = ours.torch_state("student"), ours.torch_state("teacher")
 
   if v2 is None:
-    off = run_official_v1(args.method, config, student_sd, teacher_sd, batches, args.steps, repo, args.threads,
-                          epochs=epochs, niter=niter, ours=ours)
+    off = run_official_v1(
+      args.method,
+      config,
+      student_sd,
+      teacher_sd,
+      batches,
+      args.steps,
+      repo,
+      args.threads,
+      epochs=epochs,
+      niter=niter,
+      ours=ours,
+    )
     lockstep = off.pop("lockstep")
     losses_ours = [row["loss_ours"] for row in lockstep]
     step0_forward = off.get("step0_forward")
   else:
     import inspect  # pylint: disable=g-import-not-at-top
+
     run = getattr(v2, "run_official", None)
     if run is None:
       error(f"--method {args.method}: benchmarks/_parity_official_v2.py defines no run_official")
@@ -630,9 +801,15 @@ def main(argv=None):
       lockstep.append(row)
 
   if args.dump:
-    np.savez(args.dump, **{f"{side}/{which}/{k}": v for which in ("student", "teacher")
-                           for side, sd in (("ours", ours.torch_state(which)), ("official", off[which]))
-                           for k, v in sd.items()})
+    np.savez(
+      args.dump,
+      **{
+        f"{side}/{which}/{k}": v
+        for which in ("student", "teacher")
+        for side, sd in (("ours", ours.torch_state(which)), ("official", off[which]))
+        for k, v in sd.items()
+      },
+    )
   student_diff, student_leaf = max_leaf_diff(ours.torch_state("student"), off["student"])
   teacher_diff, teacher_leaf = max_leaf_diff(ours.torch_state("teacher"), off["teacher"])
   key_bias_diff = max_leaf_diff(ours.torch_state("student"), off["student"], key_bias=True)[0]
@@ -647,29 +824,46 @@ def main(argv=None):
   n = min(len(losses_ours), len(losses_official))
   loss_diffs = [rel_diff(losses_ours[i], losses_official[i]) for i in range(n)]
   out = {
-      "method": args.method, "steps": args.steps, "official_repo": repo, "official_commit": git_commit(repo),
-      "losses_ours": losses_ours, "losses_official": losses_official,
-      "step0_rel_diff": loss_diffs[0] if loss_diffs else None,
-      "max_loss_rel_diff": max(loss_diffs) if loss_diffs else None,
-      "student_param_rel_diff": student_diff, "student_worst_leaf": student_leaf,
-      "teacher_param_rel_diff": teacher_diff, "teacher_worst_leaf": teacher_leaf,
-      "key_bias_rel_diff": key_bias_diff,  # student attn key biases, left out above (split_key_bias)
-      "student_update_rel_diff": student_update, "teacher_update_rel_diff": teacher_update,
-      "step0_forward": step0_forward, "patches": off["patches"],
-      "preset": {"variant": config.model.variant, "batch_size": config.batch_size,
-                 "crops": f"{config.data.num_global}x{config.data.global_size} + "
-                          f"{config.data.num_local}x{config.data.local_size}",
-                 "head": f"{config.head.hidden_dim}/{config.head.out_dim}", "epochs": epochs, "niter_per_ep": niter,
-                 "prototypes": config.head.num_prototypes if ours.method.prototypes else None},
+    "method": args.method,
+    "steps": args.steps,
+    "official_repo": repo,
+    "official_commit": git_commit(repo),
+    "losses_ours": losses_ours,
+    "losses_official": losses_official,
+    "step0_rel_diff": loss_diffs[0] if loss_diffs else None,
+    "max_loss_rel_diff": max(loss_diffs) if loss_diffs else None,
+    "student_param_rel_diff": student_diff,
+    "student_worst_leaf": student_leaf,
+    "teacher_param_rel_diff": teacher_diff,
+    "teacher_worst_leaf": teacher_leaf,
+    "key_bias_rel_diff": key_bias_diff,  # student attn key biases, left out above (split_key_bias)
+    "student_update_rel_diff": student_update,
+    "teacher_update_rel_diff": teacher_update,
+    "step0_forward": step0_forward,
+    "patches": off["patches"],
+    "preset": {
+      "variant": config.model.variant,
+      "batch_size": config.batch_size,
+      "crops": f"{config.data.num_global}x{config.data.global_size} + {config.data.num_local}x{config.data.local_size}",
+      "head": f"{config.head.hidden_dim}/{config.head.out_dim}",
+      "epochs": epochs,
+      "niter_per_ep": niter,
+      "prototypes": config.head.num_prototypes if ours.method.prototypes else None,
+    },
   }
   if lockstep and "student_param_rel_diff" in lockstep[0]:  # after 0, 1, ... updates (key biases left out)
     out["student_param_rel_diff_per_step"] = [row["student_param_rel_diff"] for row in lockstep]
   if off.get("notes"):
     out["official_notes"] = off["notes"]
   div = first_divergence(lockstep, args.method) if lockstep else None
-  goals = (out["step0_rel_diff"] is not None and out["step0_rel_diff"] <= STEP0_TOL
-           and out["max_loss_rel_diff"] <= LOSS_TOL and student_diff <= PARAM_TOL and teacher_diff <= PARAM_TOL
-           and len(losses_official) == args.steps)
+  goals = (
+    out["step0_rel_diff"] is not None
+    and out["step0_rel_diff"] <= STEP0_TOL
+    and out["max_loss_rel_diff"] <= LOSS_TOL
+    and student_diff <= PARAM_TOL
+    and teacher_diff <= PARAM_TOL
+    and len(losses_official) == args.steps
+  )
   if step0_forward:  # the official forward on our initial weights gives our head outputs (before any training)
     goals = goals and max(step0_forward.values()) <= FORWARD_TOL
   out["parity"] = bool(goals)

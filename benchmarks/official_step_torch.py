@@ -77,8 +77,9 @@ def main():
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  mcr_loss = load_mcr_loss(os.path.join(src, "main_dino.py"),
-                           {"torch": torch, "nn": nn, "F": F, "dist": dist, "dist_nn": dist_nn})
+  mcr_loss = load_mcr_loss(
+    os.path.join(src, "main_dino.py"), {"torch": torch, "nn": nn, "F": F, "dist": dist, "dist_nn": dist_nn}
+  )
 
   num_global, num_local, global_size, local_size = 2, 6, 32, 16
   student = vits.vit_tiny(patch_size=4, drop_path_rate=0.1, img_size=[global_size])
@@ -98,8 +99,9 @@ def main():
       group["weight_decay"] = 0.04
 
   g = torch.Generator().manual_seed(0)
-  images = ([torch.randn(args.batch_size, 3, global_size, global_size, generator=g) for _ in range(num_global)] +
-            [torch.randn(args.batch_size, 3, local_size, local_size, generator=g) for _ in range(num_local)])
+  images = [torch.randn(args.batch_size, 3, global_size, global_size, generator=g) for _ in range(num_global)] + [
+    torch.randn(args.batch_size, 3, local_size, local_size, generator=g) for _ in range(num_local)
+  ]
   student_params = list(student.parameters())
   teacher_params = list(teacher.parameters())
 
@@ -125,15 +127,29 @@ def main():
     loss = step()
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  print(json.dumps({
-      "benchmark": "official_step_torch", "preset": "cpu-vit-tiny", "model": "official vit_tiny/4",
-      "batch_size": args.batch_size, "crops": f"{num_global}x{global_size} + {num_local}x{local_size}",
-      "images_per_sec": round(args.batch_size / median, 2), "step_time_ms": round(1e3 * median, 2),
-      "step_time_ms_min": round(1e3 * min(times), 2), "step_time_ms_max": round(1e3 * max(times), 2),
-      "steps": len(times), "warmup": args.warmup, "threads": torch.get_num_threads(), "compile": args.compile,
-      "loss": loss, "torch_version": torch.__version__,
-      "allocator": tcmalloc.allocator(),
-  }), flush=True)
+  print(
+    json.dumps(
+      {
+        "benchmark": "official_step_torch",
+        "preset": "cpu-vit-tiny",
+        "model": "official vit_tiny/4",
+        "batch_size": args.batch_size,
+        "crops": f"{num_global}x{global_size} + {num_local}x{local_size}",
+        "images_per_sec": round(args.batch_size / median, 2),
+        "step_time_ms": round(1e3 * median, 2),
+        "step_time_ms_min": round(1e3 * min(times), 2),
+        "step_time_ms_max": round(1e3 * max(times), 2),
+        "steps": len(times),
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "compile": args.compile,
+        "loss": loss,
+        "torch_version": torch.__version__,
+        "allocator": tcmalloc.allocator(),
+      }
+    ),
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

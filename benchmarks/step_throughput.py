@@ -51,8 +51,12 @@ _PRESET = flags.DEFINE_enum("preset", "cpu-vit-tiny", PRESETS, "Model / crop / b
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.", lower_bound=0)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0: the preset's.")
-_DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16", "float16"],
-                           "Compute dtype; empty: the preset's (bfloat16 on GPU/TPU, float32 on CPU).")
+_DTYPE = flags.DEFINE_enum(
+  "dtype",
+  "",
+  ["", "float32", "bfloat16", "float16"],
+  "Compute dtype; empty: the preset's (bfloat16 on GPU/TPU, float32 on CPU).",
+)
 _METHOD = flags.DEFINE_string("method", "simdino", "Method of the step (any of simdino_jax.methods).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of ONE device for the MFU; 0: from the device table.")
 _PROFILE = flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the timed steps to this directory.")
@@ -60,18 +64,34 @@ _DUMP_HLO = flags.DEFINE_string("dump_hlo", "", "Dump XLA's HLO (before and afte
 _SET = flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (Python literal), e.g. model.remat=True.")
 _TCMALLOC = flags.DEFINE_bool("tcmalloc", True, "Re-execute with tcmalloc preloaded when it is installed (Linux).")
 _TORCH_PYTHON = flags.DEFINE_string(
-    "torch_python", "", "A Python with PyTorch: also time the official PyTorch step (official_step_torch.py) on the "
-    "cpu-vit-tiny preset, alternating with ours, one at a time, and report the ratio.")
+  "torch_python",
+  "",
+  "A Python with PyTorch: also time the official PyTorch step (official_step_torch.py) on the "
+  "cpu-vit-tiny preset, alternating with ours, one at a time, and report the ratio.",
+)
 _OFFICIAL_REPO = flags.DEFINE_string("official_repo", "", "Clone of RobinWu218/SimDINO, for --torch_python.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "With --torch_python: alternations of (ours, official).", lower_bound=1)
 
 # Dense bfloat16 peak TFLOP/s of one device (vendor datasheets; SXM parts). Matched in order against the lower-cased
 # device_kind, so the more specific names come first.
 PEAK_TFLOPS = (
-    ("h200", 989.0), ("h100 pcie", 756.0), ("h100", 989.0), ("gh200", 989.0), ("b200", 2250.0),
-    ("a100", 312.0), ("l40s", 362.0), ("a10g", 70.0), ("l4", 121.0), ("v100", 125.0),
-    ("tpu v6", 918.0), ("tpu v5p", 459.0), ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5", 459.0),
-    ("tpu v4", 275.0), ("tpu v3", 123.0),
+  ("h200", 989.0),
+  ("h100 pcie", 756.0),
+  ("h100", 989.0),
+  ("gh200", 989.0),
+  ("b200", 2250.0),
+  ("a100", 312.0),
+  ("l40s", 362.0),
+  ("a10g", 70.0),
+  ("l4", 121.0),
+  ("v100", 125.0),
+  ("tpu v6", 918.0),
+  ("tpu v5p", 459.0),
+  ("tpu v5 lite", 197.0),
+  ("tpu v5e", 197.0),
+  ("tpu v5", 459.0),
+  ("tpu v4", 275.0),
+  ("tpu v3", 123.0),
 )
 
 
@@ -128,8 +148,8 @@ def random_batch(config, rng):
   d = config.data
   b = config.batch_size
   batch = {
-      "global": rng.standard_normal((b, d.num_global, d.global_size, d.global_size, 3), dtype=np.float32),
-      "local": rng.standard_normal((b, d.num_local, d.local_size, d.local_size, 3), dtype=np.float32),
+    "global": rng.standard_normal((b, d.num_global, d.global_size, d.global_size, 3), dtype=np.float32),
+    "local": rng.standard_normal((b, d.num_local, d.local_size, d.local_size, 3), dtype=np.float32),
   }
   return batch
 
@@ -147,8 +167,10 @@ def random_masks(config, rng):
 def peak_memory(devices) -> dict:
   stats = [d.memory_stats() for d in devices]
   if all(s and "peak_bytes_in_use" in s for s in stats):
-    return {"peak_memory_gib": round(max(s["peak_bytes_in_use"] for s in stats) / 2**30, 3),
-            "peak_memory_source": "device memory_stats peak_bytes_in_use (max over devices)"}
+    return {
+      "peak_memory_gib": round(max(s["peak_bytes_in_use"] for s in stats) / 2**30, 3),
+      "peak_memory_source": "device memory_stats peak_bytes_in_use (max over devices)",
+    }
   rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
   return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_source": "host peak RSS (ru_maxrss)"}
 
@@ -179,8 +201,18 @@ def official_reference(batch_size: int) -> dict:
   import subprocess
 
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_step_torch.py")
-  cmd = [_TORCH_PYTHON.value, script, "--official_repo", _OFFICIAL_REPO.value, "--batch_size", str(batch_size),
-         "--steps", str(_STEPS.value), "--warmup", str(_WARMUP.value)]
+  cmd = [
+    _TORCH_PYTHON.value,
+    script,
+    "--official_repo",
+    _OFFICIAL_REPO.value,
+    "--batch_size",
+    str(batch_size),
+    "--steps",
+    str(_STEPS.value),
+    "--warmup",
+    str(_WARMUP.value),
+  ]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -194,8 +226,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DUMP_HLO.value:  # read when the backend starts, i.e. before the first computation below
     os.makedirs(_DUMP_HLO.value, exist_ok=True)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={_DUMP_HLO.value} --xla_dump_hlo_as_text").strip()
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP_HLO.value} --xla_dump_hlo_as_text"
+    ).strip()
 
   import jax
   import numpy as np
@@ -253,35 +286,49 @@ def main(argv):
     # ours / official, images/s over images/s, in each round
     ratios = [config.batch_size / m / r["images_per_sec"] for r, m in zip(references, round_medians)]
     reference = {
-        "reference": "official PyTorch SimDINO step (benchmarks/official_step_torch.py), eager",
-        "reference_images_per_sec": [r["images_per_sec"] for r in references],
-        "reference_torch_version": references[0]["torch_version"], "reference_threads": references[0]["threads"],
-        "images_per_sec_per_round": [round(config.batch_size / m, 2) for m in round_medians],
-        "ratio_to_reference_per_round": [round(r, 3) for r in ratios],
-        "ratio_to_reference": round(statistics.median(ratios), 3),
+      "reference": "official PyTorch SimDINO step (benchmarks/official_step_torch.py), eager",
+      "reference_images_per_sec": [r["images_per_sec"] for r in references],
+      "reference_torch_version": references[0]["torch_version"],
+      "reference_threads": references[0]["threads"],
+      "images_per_sec_per_round": [round(config.batch_size / m, 2) for m in round_medians],
+      "ratio_to_reference_per_round": [round(r, 3) for r in ratios],
+      "ratio_to_reference": round(statistics.median(ratios), 3),
     }
   kind = devices[0].device_kind
   peak = peak_tflops(kind)
   result = {
-      "benchmark": "step_throughput", "preset": _PRESET.value, "method": config.method,
-      "model": config.model.variant, "dtype": config.model.dtype, "remat": bool(config.model.get("remat", False)),
-      "batch_size": config.batch_size,
-      "crops": f"{config.data.num_global}x{config.data.global_size} + {config.data.num_local}x{config.data.local_size}",
-      "images_per_sec": round(config.batch_size / median, 2),
-      "step_time_ms": round(1e3 * median, 2), "step_time_ms_min": round(1e3 * min(times), 2),
-      "step_time_ms_max": round(1e3 * max(times), 2), "steps": len(times), "warmup": _WARMUP.value,
-      "compile_s": round(compile_s, 1),
-      "flops_per_image": flops / config.batch_size if flops else None,
-      "step_tflops": round(flops / 1e12, 4) if flops else None,
-      "achieved_tflops_per_device": round(flops / median / 1e12 / len(devices), 3) if flops else None,
-      "peak_tflops_per_device": peak,
-      "mfu": round(flops / median / len(devices) / (peak * 1e12), 4) if flops and peak else None,
-      **peak_memory(devices),
-      "loss": loss, "device_kind": kind, "platform": platform, "num_devices": len(devices),
-      "allocator": tcmalloc.allocator(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
-      "overrides": list(_SET.value), "profile": _PROFILE.value or None, "dump_hlo": _DUMP_HLO.value or None,
-      **reference,
+    "benchmark": "step_throughput",
+    "preset": _PRESET.value,
+    "method": config.method,
+    "model": config.model.variant,
+    "dtype": config.model.dtype,
+    "remat": bool(config.model.get("remat", False)),
+    "batch_size": config.batch_size,
+    "crops": f"{config.data.num_global}x{config.data.global_size} + {config.data.num_local}x{config.data.local_size}",
+    "images_per_sec": round(config.batch_size / median, 2),
+    "step_time_ms": round(1e3 * median, 2),
+    "step_time_ms_min": round(1e3 * min(times), 2),
+    "step_time_ms_max": round(1e3 * max(times), 2),
+    "steps": len(times),
+    "warmup": _WARMUP.value,
+    "compile_s": round(compile_s, 1),
+    "flops_per_image": flops / config.batch_size if flops else None,
+    "step_tflops": round(flops / 1e12, 4) if flops else None,
+    "achieved_tflops_per_device": round(flops / median / 1e12 / len(devices), 3) if flops else None,
+    "peak_tflops_per_device": peak,
+    "mfu": round(flops / median / len(devices) / (peak * 1e12), 4) if flops and peak else None,
+    **peak_memory(devices),
+    "loss": loss,
+    "device_kind": kind,
+    "platform": platform,
+    "num_devices": len(devices),
+    "allocator": tcmalloc.allocator(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "jax_version": jax.__version__,
+    "overrides": list(_SET.value),
+    "profile": _PROFILE.value or None,
+    "dump_hlo": _DUMP_HLO.value or None,
+    **reference,
   }
   print(json.dumps(result), flush=True)
 

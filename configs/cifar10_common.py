@@ -4,14 +4,20 @@ Not meant to be run by itself (it is the SimDINO variant without its docstring);
 
   python -m simdino_jax.train --config=configs/cifar10_simdino.py --workdir=/tmp/cifar10_simdino
 
-from the repository root (data.source is relative to the working directory: ../shared/data/cifar10/cifar10-jpeg.tar,
-an image-folder tar with train/ (50,000) and test/ (10,000) splits of 10 classes).
+with the data given by the environment variable SIMDINO_CIFAR10 (or as the config argument,
+``--config=configs/cifar10_simdino.py:/path/to/cifar10.tar``; the argument wins): an image-folder tar with train/
+(50,000) and test/ (10,000) splits of 10 classes, made by
+
+  launch/prepare_data.sh cifar10 https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz /path/to/cifar10.tar
+
+A relative path is read from the working directory. Without either, training stops before compiling with that
+instruction.
 
 Each cifar10_<method>.py loads this file by path, sets its method and changes only what that method's ImageNet
 recipe changes (the v2 files: registers, LayerScale, masks, layer decay; the DINO files: head and temperatures), so
 the six variants share data, backbone size, batch, budget and optimiser and can be compared with each other.
 
-Shared choices, scaled from the ImageNet recipes (REFERENCE.md 1.4, 2, 6, 7) to 32px images and a CPU budget of
+Shared choices, scaled from the ImageNet recipes (docs/methods.md#simdino-recipe, docs/methods.md#dino, docs/data.md#augmentation-recipe, docs/methods.md#optimisation) to 32px images and a CPU budget of
 about 10 minutes per method on 2 cores (600 steps of batch 64 = 0.77 epoch):
   * data: 2 x 32px global crops at scale (0.4, 1) and 6 x 16px local crops at scale (0.1, 0.4) (a 5% crop of a
     32px image is ~7x7 pixels, too little to recognise anything); blur radius (0.1, 0.5) px instead of the (0.1, 2.0)
@@ -29,18 +35,24 @@ about 10 minutes per method on 2 cores (600 steps of batch 64 = 0.77 epoch):
     instead of 30 of 100; the 600-step run ends inside the first epoch, so 0.04 throughout, DINO's own default),
     student 0.1, centre momentum 0.9, prototype layer frozen for the first 0.1 epoch (78 steps; DINO freezes 1 of
     100 epochs).
-Runtime / expected k-NN of each method: its file's docstring and README "Results".
+Runtime / expected k-NN of each method: its file's docstring and docs/results.md.
 """
 
 import math
+import os
 
 from simdino_jax import config as config_lib
 
-CIFAR10_TAR = "../shared/data/cifar10/cifar10-jpeg.tar"  # relative to the working directory (the repo root)
+CIFAR10_ENV = "SIMDINO_CIFAR10"  # path of the image-folder tar (or directory) when no config argument is given
+
+
+def cifar10_path(arg=None) -> str:
+  """The CIFAR-10 data: the config argument, else $SIMDINO_CIFAR10, else "" (the config loads, so its fields can be
+  read, and training refuses it before compiling with the instruction above: config.validate on data.source)."""
+  return (arg or os.environ.get(CIFAR10_ENV, "")).strip().removeprefix("folder:")
 
 
 def get_config(arg=None):
-  del arg
   c = config_lib.base_config()
   c.method = "simdino"
   c.seed = 0
@@ -50,7 +62,8 @@ def get_config(arg=None):
   c.log_every = 50
   c.checkpoint_every = 200
   c.eval_every = 0
-  c.data.source = "folder:" + CIFAR10_TAR
+  path = cifar10_path(arg)
+  c.data.source = "folder:" + path if path else ""
   c.data.num_global, c.data.num_local = 2, 6
   c.data.global_size, c.data.local_size = 32, 16
   c.data.global_scale, c.data.local_scale = (0.4, 1.0), (0.1, 0.4)
@@ -81,5 +94,5 @@ def get_config(arg=None):
   c.optim.freeze_last_layer_epochs = 0.1
   c.teacher.momentum, c.teacher.momentum_end = 0.99, 1.0
   c.eval.batch_size = 256
-  c.eval.linear.protocol = "frozen"  # small data: the fast probe on cached features
+  c.evals.linear.protocol = "frozen"  # small data: the fast probe on cached features
   return c

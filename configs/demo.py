@@ -6,7 +6,7 @@ Command (the README's main command):
 
 Runtime: about 3 minutes on 2 CPU cores with tcmalloc (166 s measured, compilation and both k-NN evaluations included).
 Expected result: DIR/eval/knn.json with the teacher backbone's k-NN top-1 around 72% against about 51% for the
-same network at initialisation (`accuracy_at_init`); README "Results" has the measured figures.
+same network at initialisation (`accuracy_at_init`); docs/results.md has the measured figures.
 
 The loss is the paper's eq. (22) (same-view pairs kept, coding rate of the student's global views) with
 Remark C.3's gamma; the multi-crop recipe is DINO's, scaled to 8x8 digits upsampled to 32px: 2 x 16px global and
@@ -50,5 +50,5 @@ def get_config(arg=None):
   c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
   c.teacher.momentum = 0.99
   c.eval.batch_size = 256
-  c.eval.linear.protocol = "frozen"  # small data: the fast probe on cached features
+  c.evals.linear.protocol = "frozen"  # small data: the fast probe on cached features
   return c

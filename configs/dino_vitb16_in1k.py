@@ -1,6 +1,6 @@
-r"""DINO ViT-B/16 on ImageNet-1k, 100 epochs: the DINO baseline of the SimDINO paper (REFERENCE.md 2, 7).
+r"""DINO ViT-B/16 on ImageNet-1k, 100 epochs: the DINO baseline of the SimDINO paper (docs/methods.md#dino, docs/methods.md#optimisation).
 
-Command (TFDS data prepared as in README "Data"):
+Command (TFDS data prepared as in docs/data.md#tfds-source):
 
   python -m simdino_jax.train --config=configs/dino_vitb16_in1k.py --workdir=gs://BUCKET/dino_vitb16
 

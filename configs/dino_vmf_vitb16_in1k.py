@@ -1,6 +1,6 @@
-r"""DINO-vMF ViT-B/16 on ImageNet-1k, 100 epochs: DINO with vMF-normalised logits (REFERENCE.md 4).
+r"""DINO-vMF ViT-B/16 on ImageNet-1k, 100 epochs: DINO with vMF-normalised logits (docs/methods.md#dino-vmf-and-ibot-vmf).
 
-Command (TFDS data prepared as in README "Data"):
+Command (TFDS data prepared as in docs/data.md#tfds-source):
 
   python -m simdino_jax.train --config=configs/dino_vmf_vitb16_in1k.py --workdir=gs://BUCKET/dino_vmf_vitb16
 
@@ -23,7 +23,7 @@ clipping, freezing); whether log C_p is differentiated in the student without a 
 the approximation and of the probability-space centre (EMA of log vs log of EMA); centre momentum 0.9; whether
 g gets weight decay (PyTorch's weight_g is (K, 1), so DINO's code decays it; simdino_jax/optim.py `decays` does
 too, although g is a 1-D (K,) leaf here).
-Few-shot evaluation (eval.fewshot) uses the DINO-vMF paper's l2 penalty lambda = 0.075, not MSN's default 0.0025.
+Few-shot evaluation (evals.fewshot) uses the DINO-vMF paper's l2 penalty lambda = 0.075, not MSN's default 0.0025.
 """
 
 import os
@@ -38,5 +38,5 @@ def get_config(arg=None):
   c.method = "dino_vmf"
   c.head.norm_last_layer = False
   c.vmf.terms = 1
-  c.eval.fewshot.lambd = 0.075  # the DINO-vMF paper's few-shot protocol (defaults.py: MSN's 0.0025)
+  c.evals.fewshot.lambd = 0.075  # the DINO-vMF paper's few-shot protocol (config.py: MSN's 0.0025)
   return c

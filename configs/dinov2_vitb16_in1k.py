@@ -1,6 +1,6 @@
-r"""DINOv2 ViT-B/16 on ImageNet-1k, 100 epochs: the DINOv2 baseline of the SimDINOv2 paper (REFERENCE.md 3, 5, 7).
+r"""DINOv2 ViT-B/16 on ImageNet-1k, 100 epochs: the DINOv2 baseline of the SimDINOv2 paper (docs/methods.md#dinov2-and-ibot, docs/methods.md#vision-transformer, docs/methods.md#optimisation).
 
-Command (TFDS data prepared as in README "Data"):
+Command (TFDS data prepared as in docs/data.md#tfds-source):
 
   python -m simdino_jax.train --config=configs/dinov2_vitb16_in1k.py --workdir=gs://BUCKET/dinov2_vitb16
 

@@ -1,7 +1,7 @@
 r"""iBOT-vMF ViT-B/16 on ImageNet-1k, 100 epochs: iBOT (cls + masked-patch self-distillation) with vMF-normalised
-logits on both branches (REFERENCE.md 3.1, 3.2, 4).
+logits on both branches (docs/data.md#block-masking, docs/methods.md#dinov2-and-ibot, docs/methods.md#dino-vmf-and-ibot-vmf).
 
-Command (TFDS data prepared as in README "Data"):
+Command (TFDS data prepared as in docs/data.md#tfds-source):
 
   python -m simdino_jax.train --config=configs/ibot_vmf_vitb16_in1k.py --workdir=gs://BUCKET/ibot_vmf_vitb16
 
@@ -49,5 +49,5 @@ def get_config(arg=None):
   c.dino.warmup_teacher_temp, c.dino.teacher_temp = 0.04, 0.07
   c.dino.warmup_teacher_temp_epochs = 30
   c.dino.ibot_weight = 1.0
-  c.eval.fewshot.lambd = 0.075  # the DINO-vMF paper's few-shot protocol, as dino_vmf_vitb16_in1k.py (MSN: 0.0025)
+  c.evals.fewshot.lambd = 0.075  # the DINO-vMF paper's few-shot protocol, as dino_vmf_vitb16_in1k.py (MSN: 0.0025)
   return c

@@ -1,6 +1,6 @@
 r"""SimDINO ViT-S/16 on ImageNet-1k, 100 epochs: the official SimDINO v1 recipe with the ViT-S backbone.
 
-Command (TFDS data prepared as in README "Data"):
+Command (TFDS data prepared as in docs/data.md#tfds-source):
 
   python -m simdino_jax.train --config=configs/simdino_vits16_in1k.py --workdir=gs://BUCKET/simdino_vits16
 
@@ -24,5 +24,5 @@ def get_config(arg=None):
   c = _VITB16["get_config"](arg)
   c.model.variant = "S/16"
   # DINO's linear-eval features for ViT-S: the cls tokens of the last 4 blocks, no avgpool.
-  c.eval.linear.n_last_blocks, c.eval.linear.avgpool = 4, False
+  c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 4, False
   return c

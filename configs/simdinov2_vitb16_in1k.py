@@ -1,6 +1,6 @@
-r"""SimDINOv2 ViT-B/16 on ImageNet-1k, 100 epochs: the official SimDINOv2 recipe (REFERENCE.md 1.5, 1.6).
+r"""SimDINOv2 ViT-B/16 on ImageNet-1k, 100 epochs: the official SimDINOv2 recipe (docs/methods.md#simdinov2-recipe).
 
-Command (TFDS ArrayRecord data prepared as in README "Data"):
+Command (TFDS ArrayRecord data prepared as in docs/data.md#tfds-source):
 
   python -m simdino_jax.train --config=configs/simdinov2_vitb16_in1k.py --workdir=gs://BUCKET/simdinov2_vitb16
 
@@ -81,8 +81,8 @@ def get_config(arg=None):
   c.eval.batch_size = 1024
   # Linear evaluation: DINO's eval_linear.py protocol (docs/evaluation.md) with DINOv2's lr grid (per 256 images,
   # x 1024 / 256); ViT-B and larger: the last block's cls + average-pooled patch tokens (DINO's choice by arch).
-  c.eval.linear.protocol, c.eval.linear.epochs, c.eval.linear.batch_size = "dino", 100, 1024
-  c.eval.linear.n_last_blocks, c.eval.linear.avgpool = 1, True
-  c.eval.linear.lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
-  c.eval.linear.crop_size, c.eval.linear.resize_size = 224, 256
+  c.evals.linear.protocol, c.evals.linear.epochs, c.evals.linear.batch_size = "dino", 100, 1024
+  c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 1, True
+  c.evals.linear.lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+  c.evals.linear.crop_size, c.evals.linear.resize_size = 224, 256
   return c

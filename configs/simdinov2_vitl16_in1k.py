@@ -1,6 +1,6 @@
 r"""SimDINOv2 ViT-L/16 on ImageNet-1k, 100 epochs: the official SimDINOv2 recipe with the ViT-L backbone.
 
-Command (TFDS data prepared as in README "Data"):
+Command (TFDS data prepared as in docs/data.md#tfds-source):
 
   python -m simdino_jax.train --config=configs/simdinov2_vitl16_in1k.py --workdir=gs://BUCKET/simdinov2_vitl16
 
@@ -23,5 +23,5 @@ _VITB16 = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 def get_config(arg=None):
   c = _VITB16["get_config"](arg)
   c.model.variant = "L/16"
-  c.eval.linear.n_last_blocks, c.eval.linear.avgpool = 1, True  # DINO's linear-eval features for ViT-B+
+  c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 1, True  # DINO's linear-eval features for ViT-B+
   return c

@@ -138,7 +138,8 @@ os.replace(tmp, out)
 print(f"wrote {counts['train']} train + {counts['test']} test images of {len(classes)} classes "
       f"({', '.join(classes)}) to {out} ({os.path.getsize(out) / 2**20:.0f} MiB, {time.time() - start:.0f} s)")
 PY
-  echo "Train with: --config.data.source=folder:$out (configs/cifar10_*.py read ../shared/data/cifar10/cifar10-jpeg.tar by default)"
+  echo "Train with: SIMDINO_CIFAR10=$out python -m simdino_jax.train --config=configs/cifar10_simdino.py --workdir=..."
+  echo "  (or --config=configs/cifar10_<method>.py:$out; other configs: --config.data.source=folder:$out)"
 }
 
 cmd_folder() {

@@ -4,10 +4,11 @@
   out = features(images)                                      # images (B, H, W, 3) float, ImageNet-normalised
   out["cls"], out["patch"]                                    # (B, D), (B, N, D) float32, after the final norm
 
-``path`` is a training workdir (the newest committed checkpoint and the config stored with it) or a file: our
-export (.safetensors / .npz, either layout) or an official PyTorch state dict (.pth with PyTorch installed, or its
-.safetensors / .npz), read by ``torch_interop.load_state_dict``. Any image size that is a multiple of the patch
-size works (the positional embedding is interpolated as in training); each new shape compiles once.
+``path`` is a training workdir (the newest committed checkpoint and the config stored with it, read by
+``io.checkpointing.restore_params``) or a file: our export (.safetensors / .npz, either layout) or an official
+PyTorch state dict (.pth with PyTorch installed, or its .safetensors / .npz), read by
+``io.torch_interop.load_state_dict``. Any image size that is a multiple of the patch size works (the positional
+embedding is interpolated as in training); each new shape compiles once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from simdino_jax.io import checkpointing, torch_interop
 
 
 class Backbone:
@@ -26,10 +32,6 @@ class Backbone:
   """
 
   def __init__(self, model, kwargs: dict, source: str, step: int | None = None):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
     self.model = model
     self.kwargs = kwargs
     self.source = source
@@ -56,24 +58,24 @@ class Backbone:
 
   def __repr__(self) -> str:
     k = self.kwargs
-    return (f"Backbone(width={k['embed_dim']}, depth={k['depth']}, heads={k['num_heads']}, patch={k['patch_size']}, "
-            f"registers={k['num_registers']}, layerscale={k['layerscale_init'] is not None}, source={self.source!r})")
+    return (
+      f"Backbone(width={k['embed_dim']}, depth={k['depth']}, heads={k['num_heads']}, patch={k['patch_size']}, "
+      f"registers={k['num_registers']}, layerscale={k['layerscale_init'] is not None}, source={self.source!r})"
+    )
 
 
-def load_backbone(path: str, *, which: str = "teacher", num_heads: int | None = None, step: int | None = None,
-                  **overrides) -> Backbone:
+def load_backbone(
+  path: str, *, which: str = "teacher", num_heads: int | None = None, step: int | None = None, **overrides
+) -> Backbone:
   """A Backbone from a training workdir (newest checkpoint, or ``step``) or an exported / official weights file.
 
   which: the teacher (default; what the papers evaluate) or the student. num_heads: only needed for official
   weights whose width is not 64 x heads (our exports carry their config). overrides: VisionTransformer arguments
   such as ``dtype=jnp.bfloat16`` or the pos-embed interpolation of an official model (``interpolate_offset=0.0,
   interpolate_antialias=True`` for SimDINOv2)."""
-  from simdino_jax import export  # pylint: disable=g-import-not-at-top
-  from simdino_jax.io import torch_interop
-
   path = os.fspath(path)
   if os.path.isdir(path):
-    arrays, restored_step, config = export.restore_params(path, which=which, step=step)
+    arrays, restored_step, config = checkpointing.restore_params(path, which=which, step=step)
     imported = torch_interop.load_state_dict(arrays, num_heads=num_heads, config=config, **overrides)
     imported.source = f"{path} (step {restored_step}, {which})"
     return Backbone(imported.build(), imported.kwargs, imported.source, restored_step)
@@ -83,5 +85,6 @@ def load_backbone(path: str, *, which: str = "teacher", num_heads: int | None = 
     raise ValueError(f"step={step} selects a checkpoint of a workdir; {path} is a file")
   imported = torch_interop.load_state_dict(path, which=which, num_heads=num_heads, **overrides)
   saved_step = imported.metadata.get("step")
-  return Backbone(imported.build(), imported.kwargs, imported.source,
-                  int(saved_step) if str(saved_step).isdigit() else None)
+  return Backbone(
+    imported.build(), imported.kwargs, imported.source, int(saved_step) if str(saved_step).isdigit() else None
+  )

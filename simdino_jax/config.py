@@ -1,7 +1,7 @@
 """The config schema with defaults, and its validation.
 
 ``base_config()`` holds every field a recipe may set, with the official SimDINO v1 ViT-B/16 ImageNet-1k values
-(REFERENCE.md 1.4) as defaults; the files in ``configs/`` start from it and override. ``validate`` refuses an
+(docs/methods.md#simdino-recipe) as defaults; the files in ``configs/`` start from it and override. ``validate`` refuses an
 invalid config with the field's name before anything is compiled.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import ml_collections
+
+from simdino_jax import evals
 from simdino_jax.errors import ConfigError
-
-
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_keep = 3  # newest checkpoints kept on disk (older ones are deleted)
   # Start-up precedence: DIR/checkpoints (resume this run) > resume > init_from > from scratch.
   c.resume = ""  # another run's workdir, checkpoints/ or checkpoints/<step>: its full state, from its step on
+  # > 0: resume from this workdir's newest checkpoint at or before this step, moving later ones aside (restarting a
+  # run that stopped on a non-finite loss, with other settings); 0: the newest checkpoint.
+  c.restart_from_step = 0
   c.init_from = ""  # exported .npz/.safetensors or a workdir: backbone (+ equal-shape heads), step 0, fresh optimizer
   c.eval_every = 0  # 0: evaluate at the end of training only
   # Metrics go to DIR/metrics.jsonl (always), DIR/tensorboard/ (event files, `tensorboard --logdir DIR`) and, when
@@ -50,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds:imagenet2012"
+  # Labelled data the evaluators read (k-NN, linear, few-shot: its train and test splits); "" = data.source. Without
+  # a labelled train and test split the label-based evaluators are off (said once) and training runs unlabelled.
+  c.data.eval_source = ""
   c.data.num_global = 2
   c.data.num_local = 10
   c.data.global_size = 224
@@ -61,11 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
   # colour jitter, greyscale, blur, solarize and normalisation run inside the jitted step (data/device_augment.py).
   c.data.augment_mode = "host"
   c.data.tfds_data_dir = ""  # tfds:NAME sources: TFDS data directory ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  # Photometric recipe (REFERENCE.md 6). blur_sigma is an absolute PIL radius in pixels, tuned for 224px crops.
-  c.data.augment = ml_collections.ConfigDict(dict(
-      flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2,
-      blur_p=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0), solarize_p=0.2,
-      resize="cv2"))  # crop resize: "pil" (the official op) or "cv2" (faster; README "Data pipeline throughput")
+  # Photometric recipe (docs/data.md#augmentation-recipe). blur_sigma is an absolute PIL radius in pixels, tuned for 224px crops.
+  c.data.augment = ml_collections.ConfigDict(
+    dict(
+      flip_p=0.5,
+      jitter_p=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_p=0.2,
+      blur_p=(1.0, 0.1, 0.5),
+      blur_sigma=(0.1, 2.0),
+      solarize_p=0.2,
+      resize="cv2",
+    )
+  )  # crop resize: "pil" (the official op) or "cv2" (faster; docs/performance.md#data-pipeline)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"  # mu, Ti, S, B, L, g  /  patch size
@@ -158,29 +175,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.momentum_end = 1.0
   c.teacher.self_distillation = True  # False: the teacher is the current student at every step (paper's ablation)
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.knn_k = 20
-  c.eval.knn_temperature = 0.07
-  c.eval.batch_size = 256
-  c.eval.image_size = 0  # 0: the global crop size
-  c.eval.knn_ks = (10, 20, 100, 200)  # k-NN reports top-1/top-5 for each k (DINO); `accuracy` is at knn_k
-  # Evaluators run every eval_every steps during training, logged as metrics: knn, linear, fewshot.
-  c.eval.periodic = ("knn",)
-  # Linear evaluation: features = cls of the last n blocks (+ avg-pooled patches); an lr sweep in one program.
-  # protocol "frozen" (evals/linear.py): features cached once, standardised, lrs used as given; fast, for small data.
-  # protocol "dino" (evals/linear_dino.py): DINO's eval_linear.py, RandomResizedCrop + flip views re-drawn every
-  # epoch through the frozen backbone, lrs per 256 images (x batch_size / 256), cosine per epoch, best epoch
-  # reported; crop_size 0: the eval image size, resize_size 0: round(crop x 256 / 224) (ImageNet: 224 / 256).
-  c.eval.linear = ml_collections.ConfigDict(dict(
-      protocol="frozen", n_last_blocks=1, avgpool=False, lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), epochs=100,
-      batch_size=256, crop_size=0, resize_size=0))
-  # Few-shot logistic regression (evals/fewshot.py): n per class and fractions of the train set, seeded splits.
-  # lambd: the l2 penalty; 0.0025 is MSN's value (its cyanure call), the default; the DINO-vMF paper's few-shot
-  # protocol states 0.075, which configs/dino_vmf_vitb16_in1k.py and configs/ibot_vmf_vitb16_in1k.py set.
-  c.eval.fewshot = ml_collections.ConfigDict(dict(
-      shots=(1, 2, 5), fractions=(0.01,), num_splits=3, lambd=0.0025))
-  # Attention maps (evals/attention.py) of the first num_images test images; image_size 0: eval.image_size.
-  c.eval.attention = ml_collections.ConfigDict(dict(num_images=4, keep=0.6, image_size=0))
+  # Feature extraction shared by every evaluator: eval batch (global) and image size (0: the global crop size).
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256, image_size=0))
+  # Evaluators (simdino_jax/evals/, docs/evaluation.md): config.evals.NAME = {type, every, final, at_init, ...}.
+  # every: steps between runs during training (-1: eval_every, 0: not during training); final: run on the final
+  # teacher (DIR/eval/NAME.json); at_init: also on the initial network (reported as *_at_init). The k-NN (DINO's
+  # weighted vote, top-1/top-5 at k and for every k of ks) runs at init, every eval_every steps and at the end; the
+  # others run during training only when their `every` is set, and on any checkpoint through evaluate.py.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.knn = evals.declare("knn", every=-1, final=True, at_init=True)
+  c.evals.linear = evals.declare("linear")
+  c.evals.fewshot = evals.declare("fewshot")
+  c.evals.attention = evals.declare("attention")
   return c
 
 
@@ -189,50 +195,96 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1,
-             num_local_devices: int | None = None) -> None:
+def validate(
+  config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1, num_local_devices: int | None = None
+) -> None:
   """Raise ConfigError naming the field for anything that would fail (or silently misbehave) later.
 
   ``num_local_devices`` (this process's devices) defaults to num_devices // num_processes."""
   from simdino_jax import methods  # local: keep this module importable without the model code
   from simdino_jax.models.vit import parse_variant
-  from simdino_jax.losses.simdino import PATCH_WEIGHTINGS
 
-  _require(config.method in methods.METHODS, "method",
-           f"unknown method {config.method!r}; choose one of {sorted(methods.METHODS)}")
+  _require(
+    config.method in methods.METHODS,
+    "method",
+    f"unknown method {config.method!r}; choose one of {sorted(methods.METHODS)}",
+  )
   _require(config.batch_size > 0, "batch_size", f"must be positive, got {config.batch_size}")
-  _require(config.batch_size % num_devices == 0, "batch_size",
-           f"{config.batch_size} is not divisible by the {num_devices} devices")
-  _require(config.batch_size % num_processes == 0, "batch_size",
-           f"{config.batch_size} is not divisible by the {num_processes} processes")
+  _require(
+    config.batch_size % num_devices == 0,
+    "batch_size",
+    f"{config.batch_size} is not divisible by the {num_devices} devices",
+  )
+  _require(
+    config.batch_size % num_processes == 0,
+    "batch_size",
+    f"{config.batch_size} is not divisible by the {num_processes} processes",
+  )
   local = num_local_devices if num_local_devices is not None else max(num_devices // num_processes, 1)
   per_process = config.batch_size // num_processes
-  _require(per_process % local == 0, "batch_size",
-           f"{config.batch_size} over {num_processes} processes gives {per_process} examples per process, "
-           f"not divisible by its {local} local devices")
-  _require(config.total_steps > 0 or config.total_epochs > 0, "total_steps",
-           "set total_steps or total_epochs to a positive value")
+  _require(
+    per_process % local == 0,
+    "batch_size",
+    f"{config.batch_size} over {num_processes} processes gives {per_process} examples per process, "
+    f"not divisible by its {local} local devices",
+  )
+  _require(
+    config.total_steps > 0 or config.total_epochs > 0,
+    "total_steps",
+    "set total_steps or total_epochs to a positive value",
+  )
   _require(config.log_every > 0, "log_every", f"must be positive, got {config.log_every}")
   _require(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
   _require(config.checkpoint_keep >= 1, "checkpoint_keep", f"must be >= 1, got {config.checkpoint_keep}")
+  _require(
+    isinstance(config.restart_from_step, int) and config.restart_from_step >= 0,
+    "restart_from_step",
+    f"must be a step >= 0 (0: the newest checkpoint), got {config.restart_from_step!r}",
+  )
   for field in ("resume", "init_from"):
-    _require(isinstance(config.get(field, ""), str), field,
-             f"must be a path (a workdir, a checkpoint directory or an exported file), got {config.get(field)!r}")
-  _require(isinstance(config.model.get("remat", False), bool), "model.remat",
-           f"must be True or False, got {config.model.get('remat')!r}")
+    _require(
+      isinstance(config.get(field, ""), str),
+      field,
+      f"must be a path (a workdir, a checkpoint directory or an exported file), got {config.get(field)!r}",
+    )
+  _require(
+    isinstance(config.model.get("remat", False), bool),
+    "model.remat",
+    f"must be True or False, got {config.model.get('remat')!r}",
+  )
 
+  _require(
+    bool(config.data.source),
+    "data.source",
+    "not set: give the training data as folder:PATH, npz:PATH, tfds:NAME or digits (the CIFAR-10 recipes take "
+    "--config=configs/cifar10_<method>.py:/path/to/cifar10.tar or $SIMDINO_CIFAR10; make the tar with "
+    "launch/prepare_data.sh cifar10 https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz /path/to/cifar10.tar)",
+  )
   sizes = [size for _, size in config.mesh]
-  _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
-           f"axis sizes must be positive with at most one -1, got {config.mesh}")
+  _require(
+    all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
+    "mesh",
+    f"axis sizes must be positive with at most one -1, got {config.mesh}",
+  )
   fixed = math.prod(s for s in sizes if s > 0)
-  _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
-           f"{config.mesh} does not fit {num_devices} devices")
+  _require(
+    num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices),
+    "mesh",
+    f"{config.mesh} does not fit {num_devices} devices",
+  )
   names = [name for name, _ in config.mesh]
-  _require(len(set(names)) == len(names) and all(n in ("data", "fsdp") for n in names), "mesh",
-           f"axis names must be distinct, each 'data' or 'fsdp', got {names}")
-  _require(isinstance(config.sharding.fsdp_min_size, int) and config.sharding.fsdp_min_size >= 0,
-           "sharding.fsdp_min_size", f"must be an integer >= 0, got {config.sharding.fsdp_min_size!r}")
+  _require(
+    len(set(names)) == len(names) and all(n in ("data", "fsdp") for n in names),
+    "mesh",
+    f"axis names must be distinct, each 'data' or 'fsdp', got {names}",
+  )
+  _require(
+    isinstance(config.sharding.fsdp_min_size, int) and config.sharding.fsdp_min_size >= 0,
+    "sharding.fsdp_min_size",
+    f"must be an integer >= 0, got {config.sharding.fsdp_min_size!r}",
+  )
   from simdino_jax import sharding  # local, as methods above
+
   sharding.compile_rules(config.sharding.rules)  # ConfigError naming config.sharding.rules[i]
 
   try:
@@ -243,140 +295,126 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
   d = config.data
   for field in ("global_size", "local_size"):
     size = d[field]
-    _require(size > 0 and size % patch == 0, f"data.{field}",
-             f"{size} is not a positive multiple of the patch size {patch} (model.variant={config.model.variant!r})")
-  _require(d.num_global in (1, 2), "data.num_global",
-           f"the DINO recipe defines one or two global crops, got {d.num_global}")
+    _require(
+      size > 0 and size % patch == 0,
+      f"data.{field}",
+      f"{size} is not a positive multiple of the patch size {patch} (model.variant={config.model.variant!r})",
+    )
+  _require(
+    d.num_global in (1, 2), "data.num_global", f"the DINO recipe defines one or two global crops, got {d.num_global}"
+  )
   _require(d.num_local >= 0, "data.num_local", f"must be >= 0, got {d.num_local}")
   for field in ("global_scale", "local_scale"):
     lo, hi = d[field]
     _require(0 < lo <= hi <= 1, f"data.{field}", f"need 0 < min <= max <= 1, got {d[field]}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-  _require(d.augment_mode in ("host", "device"), "data.augment_mode",
-           f"must be 'host' or 'device', got {d.augment_mode!r}")
-  _require(d.augment.get("resize", "cv2") in ("pil", "cv2"), "data.augment.resize",
-           f"must be 'pil' or 'cv2', got {d.augment.get('resize')!r}")
-  _require(isinstance(d.tfds_data_dir, str), "data.tfds_data_dir",
-           f"must be a directory path (or '' for $TFDS_DATA_DIR), got {d.tfds_data_dir!r}")
-  _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-           f"must be float32, bfloat16 or float16, got {config.model.dtype!r}")
-  _require(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate",
-           f"must be in [0, 1), got {config.model.drop_path_rate}")
-  _require(config.model.token_init in ("dino", "dinov2"), "model.token_init",
-           f"must be 'dino' or 'dinov2', got {config.model.token_init!r}")
-  _require(config.head.out_dim > 0 and config.head.hidden_dim > 0 and config.head.num_layers >= 1, "head",
-           "out_dim, hidden_dim must be positive and num_layers >= 1")
+  _require(
+    d.augment_mode in ("host", "device"), "data.augment_mode", f"must be 'host' or 'device', got {d.augment_mode!r}"
+  )
+  _require(
+    d.augment.get("resize", "cv2") in ("pil", "cv2"),
+    "data.augment.resize",
+    f"must be 'pil' or 'cv2', got {d.augment.get('resize')!r}",
+  )
+  _require(
+    isinstance(d.tfds_data_dir, str),
+    "data.tfds_data_dir",
+    f"must be a directory path (or '' for $TFDS_DATA_DIR), got {d.tfds_data_dir!r}",
+  )
+  _require(
+    config.model.dtype in ("float32", "bfloat16", "float16"),
+    "model.dtype",
+    f"must be float32, bfloat16 or float16, got {config.model.dtype!r}",
+  )
+  _require(
+    0.0 <= config.model.drop_path_rate < 1.0,
+    "model.drop_path_rate",
+    f"must be in [0, 1), got {config.model.drop_path_rate}",
+  )
+  _require(
+    config.model.token_init in ("dino", "dinov2"),
+    "model.token_init",
+    f"must be 'dino' or 'dinov2', got {config.model.token_init!r}",
+  )
+  _require(
+    config.head.out_dim > 0 and config.head.hidden_dim > 0 and config.head.num_layers >= 1,
+    "head",
+    "out_dim, hidden_dim must be positive and num_layers >= 1",
+  )
 
-  loss = config.loss
-  _require(loss.eps > 0, "loss.eps", f"must be positive, got {loss.eps}")
-  _require(loss.gamma_rule in methods.GAMMA_RULES, "loss.gamma_rule",
-           f"must be one of {methods.GAMMA_RULES}, got {loss.gamma_rule!r}")
-  _require(loss.expansion in ("student", "mean"), "loss.expansion",
-           f"must be 'student' or 'mean', got {loss.expansion!r}")
-  _require(loss.groups >= 1 and config.batch_size % loss.groups == 0, "loss.groups",
-           f"{loss.groups} must be >= 1 and divide batch_size={config.batch_size}")
-  if config.dino.koleo_weight > 0:
-    koleo_groups = config.dino.get("koleo_groups", 0) or num_devices
-    _require(isinstance(koleo_groups, int) and koleo_groups >= 1 and config.batch_size % koleo_groups == 0
-             and config.batch_size // koleo_groups >= 2, "dino.koleo_groups",
-             f"{config.dino.get('koleo_groups')} must be 0 (one per device) or a positive divisor of batch_size="
-             f"{config.batch_size} leaving at least 2 rows per group")
-  _require(not loss.exclude_same_view or d.num_global + d.num_local > 1, "loss.exclude_same_view",
-           "needs at least two student views")
-
-  _require(loss.regularizer in methods.REGULARIZERS, "loss.regularizer",
-           f"must be one of {methods.REGULARIZERS}, got {loss.regularizer!r}")
-  _require(loss.regularizer == "coding_rate" or config.method == "simdino", "loss.regularizer",
-           "the Table 5 regularizers replace the coding rate of method 'simdino' only")
-  _require(loss.patch_weighting in PATCH_WEIGHTINGS, "loss.patch_weighting",
-           f"must be one of {PATCH_WEIGHTINGS}, got {loss.patch_weighting!r}")
-  method = methods.get_method(config.method)
-  if method.uses_masks:
-    lo, hi = config.masking.ratio
-    _require(0 < lo <= hi < 1, "masking.ratio", f"need 0 < min <= max < 1, got {config.masking.ratio}")
-    _require(config.masking.min_num_patches >= 1, "masking.min_num_patches",
-             f"must be >= 1, got {config.masking.min_num_patches}")
-    _require(0 < config.masking.probability <= 1, "masking.probability",
-             f"must be in (0, 1], got {config.masking.probability}")
-  if method.prototypes:
-    _require(config.head.num_prototypes > 0, "head.num_prototypes", "must be positive")
-    _require(config.dino.teacher_temp_per in ("epoch", "iteration"), "dino.teacher_temp_per",
-             f"must be 'epoch' or 'iteration', got {config.dino.teacher_temp_per!r}")
-    _require(config.dino.centering in ("centering", "sinkhorn_knopp"), "dino.centering",
-             f"must be 'centering' or 'sinkhorn_knopp', got {config.dino.centering!r}")
-    _require(config.dino.centering == "centering" or config.method in ("dino", "dinov2"), "dino.centering",
-             "the vMF methods use probability-space centering only")
-    _require(not config.method.endswith("vmf") or not config.head.norm_last_layer, "head.norm_last_layer",
-             "DINO-vMF / iBOT-vMF need unnormalised prototypes: set head.norm_last_layer=False")
-    _require(1 <= config.vmf.terms <= 5, "vmf.terms", f"must be in 1..5, got {config.vmf.terms}")
+  # The method's own fields (config.loss, config.dino, config.vmf, config.masking, head.num_prototypes ...).
+  methods.get_method(config.method).validate(config, num_devices=num_devices)
 
   o = config.optim
   _require(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "lr and min_lr must be >= 0")
-  _require(o.lr_scaling in ("linear_256", "sqrt_1024", "none"), "optim.lr_scaling",
-           f"must be linear_256, sqrt_1024 or none, got {o.lr_scaling!r}")
-  _require(o.clip_mode in ("per_tensor", "global", "per_module"), "optim.clip_mode",
-           f"must be 'per_tensor', 'global' or 'per_module', got {o.clip_mode!r}")
+  _require(
+    o.lr_scaling in ("linear_256", "sqrt_1024", "none"),
+    "optim.lr_scaling",
+    f"must be linear_256, sqrt_1024 or none, got {o.lr_scaling!r}",
+  )
+  _require(
+    o.clip_mode in ("per_tensor", "global", "per_module"),
+    "optim.clip_mode",
+    f"must be 'per_tensor', 'global' or 'per_module', got {o.clip_mode!r}",
+  )
   from simdino_jax.optim import FREEZE_MODES  # local, as methods above
   from simdino_jax.schedules import WARMUP_RULES
-  _require(o.get("warmup_rule", "linspace") in WARMUP_RULES, "optim.warmup_rule",
-           f"must be one of {WARMUP_RULES}, got {o.get('warmup_rule')!r}")
-  _require(o.get("freeze_mode", "drop_grads") in FREEZE_MODES, "optim.freeze_mode",
-           f"must be one of {FREEZE_MODES}, got {o.get('freeze_mode')!r}")
-  _require(0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0, "optim.layer_decay",
-           "layer_decay must be in (0, 1] and patch_embed_lr_mult positive")
-  _require(0.0 <= config.teacher.momentum <= 1.0 and 0.0 <= config.teacher.momentum_end <= 1.0,
-           "teacher.momentum", "momentum and momentum_end must be in [0, 1]")
-  _validate_eval(config, patch, build_depth=config.model.depth or variant["depth"], num_devices=num_devices)
+
+  _require(
+    o.get("warmup_rule", "linspace") in WARMUP_RULES,
+    "optim.warmup_rule",
+    f"must be one of {WARMUP_RULES}, got {o.get('warmup_rule')!r}",
+  )
+  _require(
+    o.get("freeze_mode", "drop_grads") in FREEZE_MODES,
+    "optim.freeze_mode",
+    f"must be one of {FREEZE_MODES}, got {o.get('freeze_mode')!r}",
+  )
+  _require(
+    0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0,
+    "optim.layer_decay",
+    "layer_decay must be in (0, 1] and patch_embed_lr_mult positive",
+  )
+  _require(
+    0.0 <= config.teacher.momentum <= 1.0 and 0.0 <= config.teacher.momentum_end <= 1.0,
+    "teacher.momentum",
+    "momentum and momentum_end must be in [0, 1]",
+  )
+  _validate_eval(config, patch, depth=config.model.depth or variant["depth"], num_devices=num_devices)
 
 
-EVALUATORS = ("knn", "linear", "fewshot", "attention")  # python -m simdino_jax.evaluate --eval=...
-PERIODIC_EVALUATORS = ("knn", "linear", "fewshot")  # config.eval.periodic (attention writes images, not metrics)
-
-
-def _positive_ints(values) -> bool:
-  return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-
-
-def _validate_eval(config: ml_collections.ConfigDict, patch: int, build_depth: int, num_devices: int = 1) -> None:
+def _validate_eval(config: ml_collections.ConfigDict, patch: int, depth: int, num_devices: int = 1) -> None:
   e = config.eval
-  _require(isinstance(e.knn_k, int) and e.knn_k >= 1, "eval.knn_k", f"must be a positive integer, got {e.knn_k!r}")
-  _require(len(e.knn_ks) > 0 and _positive_ints(e.knn_ks), "eval.knn_ks",
-           f"must be a non-empty tuple of positive integers, got {e.knn_ks!r}")
-  _require(e.knn_temperature > 0, "eval.knn_temperature", f"must be positive, got {e.knn_temperature}")
   _require(e.batch_size >= 1, "eval.batch_size", f"must be positive, got {e.batch_size}")
-  _require(e.image_size == 0 or (e.image_size > 0 and e.image_size % patch == 0), "eval.image_size",
-           f"must be 0 (the global crop size) or a positive multiple of the patch size {patch}, got {e.image_size}")
-  periodic = (e.periodic,) if isinstance(e.periodic, str) else tuple(e.periodic)
-  unknown = [n for n in periodic if n not in PERIODIC_EVALUATORS]
-  _require(not unknown, "eval.periodic", f"unknown evaluator(s) {unknown}; choose from {list(PERIODIC_EVALUATORS)}")
-  lin = e.linear
-  _require(len(lin.lrs) > 0 and all(lr > 0 for lr in lin.lrs), "eval.linear.lrs",
-           f"must be a non-empty tuple of positive learning rates, got {lin.lrs!r}")
-  _require(isinstance(lin.epochs, int) and lin.epochs >= 1, "eval.linear.epochs", f"must be >= 1, got {lin.epochs!r}")
-  _require(lin.batch_size >= 1, "eval.linear.batch_size", f"must be >= 1, got {lin.batch_size}")
-  _require(1 <= lin.n_last_blocks <= build_depth, "eval.linear.n_last_blocks",
-           f"must be in [1, depth={build_depth}], got {lin.n_last_blocks}")
-  protocol = lin.get("protocol", "frozen")
-  _require(protocol in ("frozen", "dino"), "eval.linear.protocol",
-           f"must be 'frozen' (cached features) or 'dino' (DINO's eval_linear.py), got {protocol!r}")
-  crop, resize = lin.get("crop_size", 0), lin.get("resize_size", 0)
-  _require(isinstance(crop, int) and (crop == 0 or (crop > 0 and crop % patch == 0)), "eval.linear.crop_size",
-           f"must be 0 (the eval image size) or a positive multiple of the patch size {patch}, got {crop!r}")
-  eval_size = e.image_size or config.data.global_size
-  _require(isinstance(resize, int) and (resize == 0 or resize >= (crop or eval_size)), "eval.linear.resize_size",
-           f"must be 0 (crop x 256 / 224) or >= the crop size {crop or eval_size}, got {resize!r}")
-  if protocol == "dino":
-    _require(lin.batch_size % num_devices == 0, "eval.linear.batch_size",
-             f"{lin.batch_size} is not divisible by the {num_devices} devices (protocol 'dino' splits it over them)")
-  fs = e.fewshot
-  _require(_positive_ints(fs.shots), "eval.fewshot.shots", f"must be positive integers, got {fs.shots!r}")
-  _require(all(0 < f <= 1 for f in fs.fractions), "eval.fewshot.fractions",
-           f"must be fractions in (0, 1], got {fs.fractions!r}")
-  _require(len(fs.shots) + len(fs.fractions) > 0, "eval.fewshot", "shots and fractions are both empty")
-  _require(fs.num_splits >= 1, "eval.fewshot.num_splits", f"must be >= 1, got {fs.num_splits}")
-  _require(fs.lambd > 0, "eval.fewshot.lambd", f"must be positive, got {fs.lambd}")
-  att = e.attention
-  _require(att.num_images >= 1, "eval.attention.num_images", f"must be >= 1, got {att.num_images}")
-  _require(0 < att.keep < 1, "eval.attention.keep", f"must be in (0, 1), got {att.keep}")
-  _require(att.image_size == 0 or (att.image_size > 0 and att.image_size % patch == 0), "eval.attention.image_size",
-           f"must be 0 (eval.image_size) or a positive multiple of the patch size {patch}, got {att.image_size}")
+  _require(
+    e.image_size == 0 or (e.image_size > 0 and e.image_size % patch == 0),
+    "eval.image_size",
+    f"must be 0 (the global crop size) or a positive multiple of the patch size {patch}, got {e.image_size}",
+  )
+  evals.validate(config, patch=patch, depth=depth, num_devices=num_devices)
+
+
+def from_dict(stored: dict) -> ml_collections.ConfigDict:
+  """The config a run stored (DIR/config.json, or the copy saved with each checkpoint) over ``base_config()``: fields
+  the stored run did not have keep their defaults; fields this version no longer has are dropped (listed in
+  ``config.unknown_fields`` is not kept: the returned config validates like any recipe)."""
+  config = base_config()
+
+  def merge(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+      if key not in target:
+        continue  # a field of another version of the schema
+      if isinstance(target[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        merge(target[key], value, f"{prefix}{key}.")
+      elif isinstance(target[key], ml_collections.ConfigDict):
+        continue
+      else:
+        current = target[key]
+        target[key] = (
+          tuple(tuple(v) if isinstance(v, list) else v for v in value)
+          if isinstance(value, list) and isinstance(current, tuple)
+          else value
+        )
+
+  merge(config, stored, "")
+  return config

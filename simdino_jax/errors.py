@@ -20,6 +20,10 @@ class DataError(SimdinoError, ValueError):
   """A data source that cannot be read as specified (``data.source``, a file or a folder layout)."""
 
 
+class MissingDataError(DataError, FileNotFoundError):
+  """A data file, directory or split that does not exist (both a DataError and a FileNotFoundError)."""
+
+
 class CheckpointMismatchError(SimdinoError, ValueError):
   """A checkpoint that does not fit this run's config (shapes, dtypes or tree structure)."""
 

@@ -1,18 +1,16 @@
-"""Entry point: evaluate the newest checkpoint of a run.
+"""Entry point: evaluate a checkpoint of a run with the evaluators declared in its config.
 
 python -m simdino_jax.evaluate --config=configs/FILE.py --workdir=DIR --eval=knn,linear,attention[,fewshot]
     [--which=teacher|student] [--config.FIELD=VALUE ...]
 
-Restores the newest checkpoint of ``DIR/checkpoints`` onto the current devices (the Trainer's checkpointer and
-abstract state, so any mesh reads what any mesh wrote), takes the teacher (default) or student backbone, extracts
-the train and test features once for every feature evaluator, and writes (process 0):
-  DIR/eval/knn.json        weighted k-NN, `accuracy` = top-1 at eval.knn_k, `per_k` top-1/top-5 for eval.knn_ks
-                           (and `accuracy_at_init` from eval/knn_init.json when training wrote it)
-  DIR/eval/linear.json     linear evaluation (eval.linear.protocol "frozen" or "dino", docs/evaluation.md):
-                           `accuracy` = best lr's top-1, `lr`, `per_lr`, `protocol`, `epochs`, `features`
-  DIR/eval/fewshot.json    few-shot logistic regression: `accuracy` = 5-shot mean, every setting's mean/std
-  DIR/eval/attention.json  + DIR/eval/attention/*.png: last-layer cls attention maps and their 60%-mass masks
-With --which=student the files are named <name>_student.json (and attention_student/).
+Reads the ``which`` backbone (teacher by default) of the newest committed checkpoint of ``DIR/checkpoints`` without
+opening a checkpoint manager (read-only: a run training into DIR is not disturbed), builds it from the model
+config stored WITH the checkpoint (so the weights always fit), places it on this machine's mesh, and runs the
+evaluators ``--eval`` names (entries of ``config.evals``, docs/evaluation.md) through the same runner the training
+loop uses: features shared by k-NN, few-shot and the frozen linear probe are extracted once per split. Writes
+(process 0) DIR/eval/NAME.json per evaluator (and DIR/eval/attention/*.png); with --which=student the files are
+named NAME_student.json (and attention_student/). The k-NN result keeps the run's at-init figures
+(eval/knn_init.json, written by training) when the teacher is evaluated.
 """
 
 from __future__ import annotations
@@ -21,164 +19,141 @@ import json
 import os
 import sys
 
+import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
+from etils import epath
+from flax import nnx
 from ml_collections import config_flags
 
-from simdino_jax.config import EVALUATORS
+from simdino_jax import config as config_lib
+from simdino_jax import evals, sharding, stored_config
+from simdino_jax import workdir as workdir_lib
+from simdino_jax.data import sources
+from simdino_jax.errors import SimdinoError
+from simdino_jax.evals import runner
+from simdino_jax.io import checkpointing
+from simdino_jax.models.network import build_backbone
+from simdino_jax.tree import path_str
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:ARG]).",
-                                          lock_config=True)
+WHICH = ("teacher", "student")
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Config file (configs/*.py[:ARG]); default: the run's own DIR/config.json (stored_config.py). "
+  "--config.FIELD=VALUE overrides apply on top either way.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training directory whose newest checkpoint is evaluated.")
-_EVAL = flags.DEFINE_list("eval", ["knn", "linear", "attention"], f"Evaluations to run, among {list(EVALUATORS)}.")
-_WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"], "The backbone to evaluate.")
-flags.mark_flags_as_required(["config", "workdir"])
+_EVAL = flags.DEFINE_list("eval", ["knn", "linear", "attention"], "Evaluators to run: entries of config.evals.")
+_WHICH = flags.DEFINE_enum("which", "teacher", list(WHICH), "The backbone to evaluate.")
+flags.mark_flags_as_required(["workdir"])
 
 
-def parse_names(names) -> list[str]:
-  """The evaluation names, deduplicated in order; ValueError listing the valid ones for an unknown name."""
+def parse_names(names, valid=None) -> list[str]:
+  """The evaluator names, deduplicated in order; ValueError listing the valid ones (``valid``: the config's evals,
+  default the base config's) for an unknown name."""
+  valid = list(valid if valid is not None else config_lib.base_config().evals)
   if isinstance(names, str):
     names = names.split(",")
   names = [n.strip() for n in names if n.strip()]
-  unknown = [n for n in names if n not in EVALUATORS]
+  unknown = [n for n in names if n not in valid]
   if unknown or not names:
-    raise ValueError(f"--eval: unknown evaluation(s) {unknown or names}; valid: {', '.join(EVALUATORS)}")
+    raise ValueError(f"--eval: unknown evaluation(s) {unknown or names}; valid: {', '.join(valid)}")
   return list(dict.fromkeys(names))
 
 
-def restore(tr, workdir: str):
-  """(state, step) of the newest usable checkpoint of ``workdir``; FileNotFoundError naming ``workdir`` if none."""
+def load_params(config, workdir: str, which: str):
+  """(backbone graphdef, params placed on the mesh with their shardings, param sharding, mesh, step, stored model
+  config) of the newest committed checkpoint of ``workdir``; FileNotFoundError naming ``workdir`` if none."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):  # checked first: the Checkpointer would create the directory
-    raise FileNotFoundError(f"no checkpoint to evaluate: {ckpt_dir} does not exist (train into --workdir={workdir} "
-                            "first)")
-  from simdino_jax.io import checkpointing
+  if not os.path.isdir(ckpt_dir):  # checked first, naming the workdir; nothing is created
+    raise FileNotFoundError(
+      f"no checkpoint to evaluate: {ckpt_dir} does not exist (train into --workdir={workdir} first)"
+    )
+  arrays, step, stored = checkpointing.restore_params(workdir, which=which)
+  model_cfg = ml_collections.ConfigDict(stored["model"])
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_backbone(model_cfg, rngs=nnx.Rngs(0))))
+  mesh = sharding.make_mesh(config.mesh)
+  # The training run's sharding rules, on the names training gives these leaves ("teacher/backbone/...").
+  param_sharding = sharding.state_shardings({which: {"backbone": abstract}}, mesh, config)[which]["backbone"]
 
-  with tr.checkpointer() as ckpt:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint to evaluate in {ckpt_dir} (workdir {workdir})")
-    restored = ckpt.restore_latest(tr.abstract_state(), config=checkpointing.config_dict(tr.config))
-  if restored is None:
-    raise FileNotFoundError(f"no usable checkpoint in {ckpt_dir} (workdir {workdir}); see the warnings above")
-  return restored
+  def place(path, leaf, s):
+    value = np.asarray(arrays[f"backbone/{path_str(path)}"]).astype(leaf.dtype)
+    return jax.make_array_from_callback(value.shape, s, lambda index: value[index])
 
-
-class _Head:
-  """The first ``n`` examples of a source (a view, for eval_batches)."""
-
-  def __init__(self, source, n: int):
-    self.source, self.n = source, min(n, len(source))
-    self.num_classes = source.num_classes
-
-  def __len__(self) -> int:
-    return self.n
-
-  def __getitem__(self, index):
-    return self.source[index]
-
-
-def attention_eval(tr, params, out_dir: str, test_src) -> dict:
-  """Attention maps of the first config.eval.attention.num_images test images -> PNGs in ``out_dir``."""
-  import jax
-  from flax import nnx
-
-  from simdino_jax.data import augment, pipeline
-  from simdino_jax.evals import attention
-  from simdino_jax.models.network import backbone_kwargs
-
-  config = tr.config
-  ac = config.eval.attention
-  size = ac.image_size or config.eval.image_size or config.data.global_size
-  subset = _Head(test_src, ac.num_images)
-
-  def attn_fn(p, images):
-    return nnx.merge(tr.graphdef, p).backbone(images, key=None, return_attention=True)["attention"]
-
-  fn = jax.jit(attn_fn, in_shardings=(tr.state_sharding.teacher, tr.batch_sharding), out_shardings=tr.batch_sharding)
-  attn, _ = tr.features(params, subset, fn, image_size=size)
-  # The network's input, de-normalised for display (the same eval transform as the features).
-  images = np.stack([pipeline.eval_transform(subset[i]["image"], size) for i in range(len(subset))])
-  images = np.clip(np.round((images * augment.IMAGENET_STD + augment.IMAGENET_MEAN) * 255), 0, 255).astype(np.uint8)
-  kw = backbone_kwargs(config.model)
-  summary = attention.save_attention_maps(images, attn, out_dir, patch_size=kw["patch_size"],
-                                          num_registers=kw["num_registers"], keep=ac.keep) \
-      if jax.process_index() == 0 else {"num_images": len(subset)}
-  return dict(summary, image_size=int(size))
+  params = jax.tree_util.tree_map_with_path(place, abstract, param_sharding)
+  return graphdef, params, param_sharding, mesh, step, model_cfg
 
 
 def evaluate(config, workdir: str, names=("knn", "linear", "attention"), which: str = "teacher") -> dict:
-  """Runs the evaluations ``names`` on the newest checkpoint of ``workdir``; returns {name: summary} (as written)."""
-  names = parse_names(names)
-  if which not in ("teacher", "student"):
+  """Runs the evaluators ``names`` on the newest checkpoint of ``workdir``; returns {name: result} (as written).
+  ``config`` None: the run's own (DIR/config.json)."""
+  workdir = workdir_lib.resolve(workdir)
+  if config is None:
+    config = stored_config.get_config(workdir)
+  names = parse_names(names, config.evals)
+  if which not in WHICH:
     raise ValueError(f"--which: must be 'teacher' or 'student', got {which!r}")
-  from simdino_jax.train import trainer
-
-  tr = trainer.Trainer(config, workdir)  # validates the config (ConfigError naming the field) before any work
-  state, step = restore(tr, workdir)
-  params = state.teacher if which == "teacher" else state.student
-  tr.log(f"evaluating the {which} backbone of {os.path.join(workdir, 'checkpoints', str(step))}: {', '.join(names)}")
-  test_src = trainer.load_data(config, "test")
-  suffix = "" if which == "teacher" else f"_{which}"
+  config_lib.validate(
+    config,
+    num_devices=jax.device_count(),
+    num_processes=jax.process_count(),
+    num_local_devices=jax.local_device_count(),
+  )
+  graphdef, params, param_sharding, mesh, step, model_cfg = load_params(config, workdir, which)
+  if model_cfg.to_dict() != config.model.to_dict():
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: the evaluators read the stored model
+    config.model = model_cfg
   eval_dir = os.path.join(workdir, "eval")
-  if tr.is_main:
-    os.makedirs(eval_dir, exist_ok=True)
-  common = {"step": int(step), "features": f"{which} backbone"}
-
-  results = {}
-  feature_evals = [n for n in names if n != "attention"]
-  if feature_evals:
-    results.update(tr.run_evals(params, feature_evals, tr.train_source, test_src))
-  if "knn" in results:
-    r = results["knn"]
-    results["knn"] = {"accuracy": r["top1"], "top5": r["top5"], "k": config.eval.knn_k,
-                      "temperature": config.eval.knn_temperature, "per_k": r["per_k"],
-                      "num_train": r["num_train"], "num_test": r["num_test"]}
-    init_path = os.path.join(eval_dir, "knn_init.json")
-    if which == "teacher" and os.path.exists(init_path):  # written by training: keep knn.json's init figures
-      with open(init_path) as f:
-        init = json.load(f)
-      results["knn"].update(accuracy_at_init=init["top1"], top5_at_init=init["top5"])
-  if "attention" in names:
-    results["attention"] = attention_eval(tr, params, os.path.join(eval_dir, f"attention{suffix}"), test_src)
-
-  for name in names:
-    extra = dict(common)
-    if "features" in results[name]:  # the linear evaluation's feature choice, after the backbone's name
-      extra["features"] = f"{common['features']}: {results[name]['features']}"
-    results[name] = dict(results[name], **extra)
-    if tr.is_main:
-      with open(os.path.join(eval_dir, f"{name}{suffix}.json"), "w") as f:
-        json.dump(results[name], f, indent=2)
-    tr.log(f"{name}: " + _summary(name, results[name]) + f" -> {os.path.join(eval_dir, f'{name}{suffix}.json')}")
-  return results
-
-
-def _summary(name: str, r: dict) -> str:
-  if name == "knn":
-    per_k = " ".join(f"k={k} {v['top1']:.2f}/{v['top5']:.2f}" for k, v in r["per_k"].items())
-    return f"top-1 {r['accuracy']:.2f}% (k={r['k']}); top-1/top-5 {per_k}"
-  if name == "linear":
-    return (f"top-1 {r['accuracy']:.2f}% at lr {r['lr']:g} (best of {len(r['per_lr'])} lrs, {r['epochs']} epochs, "
-            f"protocol {r.get('protocol', 'frozen')})")
-  if name == "fewshot":
-    return " ".join(f"{k} {v['mean']:.2f}+-{v['std']:.2f}%" for k, v in r["settings"].items())
-  return (f"{r['num_images']} images, mean cls-attention entropy {r.get('mean_entropy', float('nan')):.3f} nats "
-          f"(uniform {r.get('max_entropy', float('nan')):.3f})")
+  ctx = runner.Context(
+    config,
+    graphdef=graphdef,
+    param_sharding=param_sharding,
+    mesh=mesh,
+    train_source=sources.from_config(config.data, "train", evaluation=True),
+    test_source=sources.from_config(config.data, "test", evaluation=True),
+    out_dir=eval_dir,
+    suffix="" if which == "teacher" else f"_{which}",
+    log=print,
+  )
+  evaluators = evals.build(config, names)
+  ctx.log(f"evaluating the {which} backbone of {os.path.join(workdir, 'checkpoints', str(step))}: {', '.join(names)}")
+  results = runner.run_round(ctx, evaluators, params)
+  init = {}
+  for name in names:  # the at-init figures training stored (teacher only: training evaluates the teacher)
+    path = epath.Path(eval_dir) / f"{name}_init.json"
+    if which == "teacher" and path.exists():
+      init[name] = json.loads(path.read_text())
+  return runner.write_results(ctx, evaluators, results, step=step, features=f"{which} backbone", init=init)
 
 
 def main(argv):
   del argv
-  from simdino_jax import sharding
-
   sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
   try:
     evaluate(_CONFIG.value, _WORKDIR.value, _EVAL.value, _WHICH.value)
-  except (ValueError, FileNotFoundError) as e:  # bad --eval, missing checkpoint, invalid config: one clear line
+  except (SimdinoError, ValueError, FileNotFoundError) as e:  # bad --eval, no checkpoint, invalid config: one line
     sys.exit(f"simdino_jax.evaluate: error: {e}")
 
 
+def with_stored_config(argv: list[str]) -> list[str]:
+  """``argv`` with ``--config=<stored_config.py>:DIR`` added when it names no --config: the run's own config, which
+  --config.FIELD overrides then modify as they would a recipe."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv):
+    return argv
+  workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
+  if workdir is None and "--workdir" in argv[:-1]:
+    workdir = argv[argv.index("--workdir") + 1]
+  if workdir is None:
+    return argv  # absl reports the missing --workdir
+  return argv[:1] + [f"--config={os.path.abspath(stored_config.__file__)}:{workdir_lib.resolve(workdir)}"] + argv[1:]
+
+
 if __name__ == "__main__":
-  from simdino_jax import tcmalloc
+  from simdino_jax import tcmalloc  # stdlib only: re-executes with tcmalloc preloaded before jax starts
 
   tcmalloc.maybe_reexec("simdino_jax.evaluate")
-  app.run(main)
+  app.run(main, argv=with_stored_config(sys.argv))

@@ -70,16 +70,23 @@ def lr_schedule(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int)
   else:
     raise ValueError(f"config.optim.lr_scaling must be 'linear_256', 'sqrt_1024' or 'none', got {rule!r}")
   init = optim_cfg.min_lr if optim_cfg.get("warmup_from_min_lr", False) else 0.0
-  return schedules.warmup_cosine(peak, optim_cfg.min_lr, total_steps, warmup_steps, warmup_init=init,
-                                 warmup_rule=optim_cfg.get("warmup_rule", "linspace"))
+  return schedules.warmup_cosine(
+    peak,
+    optim_cfg.min_lr,
+    total_steps,
+    warmup_steps,
+    warmup_init=init,
+    warmup_rule=optim_cfg.get("warmup_rule", "linspace"),
+  )
 
 
 def wd_schedule(optim_cfg, total_steps: int) -> schedules.Schedule:
   return schedules.cosine(optim_cfg.weight_decay, optim_cfg.weight_decay_end, total_steps)
 
 
-def make_optimizer(optim_cfg, params: Any, lr: schedules.Schedule, wd: schedules.Schedule, *,
-                   lr_mults: Any = None, freezes: tuple = ()) -> optax.GradientTransformation:
+def make_optimizer(
+  optim_cfg, params: Any, lr: schedules.Schedule, wd: schedules.Schedule, *, lr_mults: Any = None, freezes: tuple = ()
+) -> optax.GradientTransformation:
   """AdamW with clipping, scheduled weight decay on the masked leaves and the scheduled learning rate.
 
   lr_mults: optional tree of per-leaf lr multipliers (layer-wise decay, patch-embed multiplier).
@@ -103,15 +110,16 @@ def make_optimizer(optim_cfg, params: Any, lr: schedules.Schedule, wd: schedules
   if freezes and freeze_mode == "drop_grads":
     starts = jax.tree_util.tree_map(lambda _: 0, params)
     for mask, until in freezes:
-      starts = jax.tree_util.tree_map(lambda s, m, u=until: (-1 if u < 0 or s < 0 else max(s, u)) if m else s,
-                                      starts, mask)
+      starts = jax.tree_util.tree_map(
+        lambda s, m, u=until: (-1 if u < 0 or s < 0 else max(s, u)) if m else s, starts, mask
+      )
     adam = scale_by_adam_skipping(optim_cfg.b1, optim_cfg.b2, optim_cfg.adam_eps, starts)
   else:
     adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.adam_eps)
   parts += [
-      adam,
-      optax.add_decayed_weights(wd, mask=weight_decay_mask(params)),
-      optax.scale_by_learning_rate(lr),
+    adam,
+    optax.add_decayed_weights(wd, mask=weight_decay_mask(params)),
+    optax.scale_by_learning_rate(lr),
   ]
   if lr_mults is not None:
     parts.append(scale_by_tree(lr_mults))
@@ -182,8 +190,9 @@ def scale_by_adam_skipping(b1: float, b2: float, eps: float, starts: Any) -> opt
 
   def init_fn(params):
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros,
-                                  nu=jax.tree_util.tree_map(jnp.zeros_like, params))
+    return optax.ScaleByAdamState(
+      count=jnp.zeros((), jnp.int32), mu=zeros, nu=jax.tree_util.tree_map(jnp.zeros_like, params)
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -194,15 +203,18 @@ def scale_by_adam_skipping(b1: float, b2: float, eps: float, starts: Any) -> opt
       new_mu = jnp.where(active, b1 * mu + (1 - b1) * g, mu)
       new_nu = jnp.where(active, b2 * nu + (1 - b2) * jnp.square(g), nu)
       t = jnp.maximum(count - max(start, 0), 0).astype(jnp.float32) + 1.0  # this leaf's own step number
-      mu_hat = new_mu / (1 - b1 ** t)
-      nu_hat = new_nu / (1 - b2 ** t)
+      mu_hat = new_mu / (1 - b1**t)
+      nu_hat = new_nu / (1 - b2**t)
       out = jnp.where(active, mu_hat / (jnp.sqrt(nu_hat) + eps), jnp.zeros_like(g))
       return out.astype(g.dtype), new_mu, new_nu
 
     flat_g, treedef = jax.tree_util.tree_flatten(updates)
-    flat = [leaf(g, mu, nu, st) for g, mu, nu, st in zip(flat_g, treedef.flatten_up_to(state.mu),
-                                                          treedef.flatten_up_to(state.nu),
-                                                          treedef.flatten_up_to(starts))]
+    flat = [
+      leaf(g, mu, nu, st)
+      for g, mu, nu, st in zip(
+        flat_g, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), treedef.flatten_up_to(starts)
+      )
+    ]
     out, mu, nu = (treedef.unflatten([f[i] for f in flat]) for i in range(3))
     return out, optax.ScaleByAdamState(count=optax.safe_increment(count), mu=mu, nu=nu)
 

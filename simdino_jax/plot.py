@@ -23,16 +23,35 @@ from simdino_jax.errors import PlotError
 
 # Panel order and grouping. Keys not named here are loss terms of some method: they get a panel each, after the
 # loss. A panel is drawn only when one of its keys is present.
-_SCHEDULES = (("lr", ("lr",)), ("weight decay", ("wd",)), ("teacher momentum", ("momentum",)),
-              ("teacher temperature", ("teacher_temp",)))
-_MONITORS = (("feature_std", ("feature_std",)), ("effective_rank", ("effective_rank",)),
-             ("teacher_entropy", ("teacher_entropy",)), ("prototypes_used", ("prototypes_used",)))
+_SCHEDULES = (
+  ("lr", ("lr",)),
+  ("weight decay", ("wd",)),
+  ("teacher momentum", ("momentum",)),
+  ("teacher temperature", ("teacher_temp",)),
+)
+_MONITORS = (
+  ("feature_std", ("feature_std",)),
+  ("effective_rank", ("effective_rank",)),
+  ("teacher_entropy", ("teacher_entropy",)),
+  ("prototypes_used", ("prototypes_used",)),
+)
 _OTHER = (("grad_norm", ("grad_norm",)), ("images/s", ("images_per_sec",)))
-_NOT_TERMS = {"step", "loss", "steps_per_sec", "images_per_sec", "grad_norm", "lr", "wd", "momentum", "teacher_temp",
-              "feature_std", "effective_rank", "teacher_entropy", "prototypes_used"}
+_NOT_TERMS = {
+  "step",
+  "loss",
+  "steps_per_sec",
+  "images_per_sec",
+  "grad_norm",
+  "lr",
+  "wd",
+  "momentum",
+  "teacher_temp",
+  "feature_std",
+  "effective_rank",
+  "teacher_entropy",
+  "prototypes_used",
+}
 _TERM_ORDER = ("align", "patch_align", "rate", "gamma", "regularizer", "ce", "ibot_ce", "koleo")
-
-
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -40,8 +59,10 @@ def read_metrics(path: str) -> list[dict]:
 
   Lines that do not parse (a line cut short when a run was killed) are skipped."""
   if not os.path.isfile(path):
-    raise PlotError(f"{path}: no such file (metrics.jsonl is written by a training run: python -m simdino_jax.train "
-                    "... --workdir=DIR)")
+    raise PlotError(
+      f"{path}: no such file (metrics.jsonl is written by a training run: python -m simdino_jax.train "
+      "... --workdir=DIR)"
+    )
   by_step = {}
   with open(path) as f:
     for line in f:
@@ -65,8 +86,9 @@ def panels_for(records: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
   evals = tuple(sorted(k for k in present if k.startswith(("knn_", "linear_"))))
   rest = [k for k in present if k not in _NOT_TERMS and k not in evals]
   # Namespaced keys ("data/skipped") are bookkeeping of some component, not loss terms: after the monitors.
-  terms = sorted((k for k in rest if "/" not in k),
-                 key=lambda k: (_TERM_ORDER.index(k) if k in _TERM_ORDER else len(_TERM_ORDER), k))
+  terms = sorted(
+    (k for k in rest if "/" not in k), key=lambda k: (_TERM_ORDER.index(k) if k in _TERM_ORDER else len(_TERM_ORDER), k)
+  )
   panels = [("loss", ("loss",))] if "loss" in present else []
   panels += [(k, (k,)) for k in terms]
   panels += [(title, keys) for title, keys in _SCHEDULES + _MONITORS + _OTHER if any(k in present for k in keys)]
@@ -90,6 +112,7 @@ def plot_curves(path: str, output: str | None = None, *, columns: int = 4) -> li
   # A bare Figure renders with Agg and leaves pyplot's global backend and figure list alone (notebooks, the trainer).
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (slow import: only when drawing)
   from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+
   cols = min(columns, len(panels))
   rows = math.ceil(len(panels) / cols)
   fig = Figure(figsize=(4.0 * cols, 2.8 * rows))
@@ -109,14 +132,15 @@ def plot_curves(path: str, output: str | None = None, *, columns: int = 4) -> li
     ax.grid(alpha=0.3)
     if len(keys) > 1:
       ax.legend(fontsize=7)
-  for ax in list(axes.flat)[len(panels):]:
+  for ax in list(axes.flat)[len(panels) :]:
     ax.axis("off")
   fig.suptitle(f"{metrics_path} (steps {records[0]['step']}-{records[-1]['step']})", fontsize=9)
   # Fixed margins (in inches, so they hold for any grid): tight_layout measured every tick label and took
   # more time than drawing the figure.
   width, height = fig.get_size_inches()
-  fig.subplots_adjust(left=0.6 / width, right=1 - 0.2 / width, bottom=0.45 / height, top=1 - 0.5 / height,
-                      wspace=0.35, hspace=0.6)
+  fig.subplots_adjust(
+    left=0.6 / width, right=1 - 0.2 / width, bottom=0.45 / height, top=1 - 0.5 / height, wspace=0.35, hspace=0.6
+  )
   if os.path.dirname(output):
     os.makedirs(os.path.dirname(output), exist_ok=True)
   fig.savefig(output + ".tmp.png", dpi=90)

@@ -17,8 +17,14 @@ Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 WARMUP_RULES = ("linspace", "step_over_warmup")
 
 
-def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                  warmup_init: float = 0.0, warmup_rule: str = "linspace") -> Schedule:
+def warmup_cosine(
+  base: float,
+  final: float,
+  total_steps: int,
+  warmup_steps: int = 0,
+  warmup_init: float = 0.0,
+  warmup_rule: str = "linspace",
+) -> Schedule:
   """Linear warm-up warmup_init -> base over warmup_steps, then cosine base -> final until total_steps.
 
   DINO / DINOv2 warm up from 0; SimDINOv2 from min_lr (``warmup_init``). Past total_steps it stays at final.
@@ -54,8 +60,9 @@ def constant(value: float) -> Schedule:
   return lambda step: jnp.full((), value, jnp.float32)
 
 
-def teacher_temperature(warmup_temp: float, temp: float, warmup_epochs: int, steps_per_epoch: int,
-                        per: str = "epoch") -> Schedule:
+def teacher_temperature(
+  warmup_temp: float, temp: float, warmup_epochs: int, steps_per_epoch: int, per: str = "epoch"
+) -> Schedule:
   """The teacher temperature warm-up, then constant ``temp``.
 
   per="epoch" (DINO, iBOT): indexed by EPOCH, linspace(warmup_temp, temp, warmup_epochs)[epoch].

@@ -72,6 +72,7 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
 
 # -- parameter / optimizer-state shardings ---------------------------------------------------------------------
 
+
 def compile_rules(rules: Sequence[Sequence[str]]) -> list[tuple[re.Pattern, str]]:
   """[(compiled regex, rule)]; ConfigError (naming config.sharding.rules) for a malformed pair, a regex that does
   not compile or an unknown rule name."""
@@ -100,8 +101,7 @@ def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int, axis_name: st
   return P(*([None] * axis + [axis_name]))
 
 
-def leaf_spec(name: str, shape: Sequence[int], rules: list[tuple[re.Pattern, str]], axis_size: int,
-              min_size: int) -> P:
+def leaf_spec(name: str, shape: Sequence[int], rules: list[tuple[re.Pattern, str]], axis_size: int, min_size: int) -> P:
   """The PartitionSpec of one leaf: the first rule whose regex matches the whole name; none: replicated."""
   for pattern, rule in rules:
     if pattern.fullmatch(name):
@@ -111,29 +111,34 @@ def leaf_spec(name: str, shape: Sequence[int], rules: list[tuple[re.Pattern, str
   return P()
 
 
-def infer_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[Sequence[str]], *,
-                    fsdp_min_size: int = 2**16) -> Any:
+def infer_shardings(
+  abstract_tree: Any, mesh: Mesh, rules: Sequence[Sequence[str]], *, fsdp_min_size: int = 2**16
+) -> Any:
   """A NamedSharding per leaf of ``abstract_tree`` (arrays or ``jax.ShapeDtypeStruct``, e.g. from
   ``jax.eval_shape``), from ``rules`` (see the module docstring)."""
   compiled = compile_rules(rules)
   axis_size = dict(mesh.shape).get(FSDP_AXIS, 1)
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: NamedSharding(
-          mesh, leaf_spec(path_str(path), np.shape(leaf), compiled, axis_size, fsdp_min_size)),
-      abstract_tree)
+    lambda path, leaf: NamedSharding(
+      mesh, leaf_spec(path_str(path), np.shape(leaf), compiled, axis_size, fsdp_min_size)
+    ),
+    abstract_tree,
+  )
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, config) -> Any:
   """``infer_shardings`` with ``config.sharding`` (rules, fsdp_min_size)."""
-  return infer_shardings(abstract_state, mesh, [tuple(r) for r in config.sharding.rules],
-                         fsdp_min_size=config.sharding.fsdp_min_size)
+  return infer_shardings(
+    abstract_state, mesh, [tuple(r) for r in config.sharding.rules], fsdp_min_size=config.sharding.fsdp_min_size
+  )
 
 
 def describe(shardings: Any, abstract_tree: Any) -> dict[str, str]:
   """{leaf name: 'shape spec'} for the leaves that are not replicated (for logs)."""
   out = {}
-  for (path, s), leaf in zip(jax.tree_util.tree_flatten_with_path(shardings)[0],
-                             jax.tree_util.tree_leaves(abstract_tree)):
+  for (path, s), leaf in zip(
+    jax.tree_util.tree_flatten_with_path(shardings)[0], jax.tree_util.tree_leaves(abstract_tree)
+  ):
     if any(a is not None for a in s.spec):
       out[path_str(path)] = f"{tuple(np.shape(leaf))} {tuple(s.spec)}"
   return out
@@ -150,6 +155,7 @@ def cast_sharded(tree: Any, shardings: Any, dtype) -> Any:
   shard before XLA gathers it where it is used halves the all-gather traffic (the constraint keeps the cast on the
   shards, so the gather moves ``dtype``). Replicated leaves are left as they are (nothing to gather; the network
   casts them itself). Differentiable: the gradient flows back to the float32 leaf."""
+
   def cast(x, s):
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype or not is_sharded(s):
       return x
@@ -159,6 +165,7 @@ def cast_sharded(tree: Any, shardings: Any, dtype) -> Any:
 
 
 # -- multi-host start-up ---------------------------------------------------------------------------------------
+
 
 def _int_env(name: str, default: int = 0) -> int:
   try:
@@ -177,6 +184,7 @@ def _tpu_hosts() -> int:
     return 0
   try:
     import glob
+
     google = [p for p in glob.glob("/sys/bus/pci/devices/*/vendor") if open(p).read().strip() == "0x1ae0"]
   except OSError:
     return 0
@@ -184,9 +192,12 @@ def _tpu_hosts() -> int:
     return 0
   try:
     import urllib.request
+
     host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
-    req = urllib.request.Request(f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
-                                 headers={"Metadata-Flavor": "Google"})
+    req = urllib.request.Request(
+      f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+      headers={"Metadata-Flavor": "Google"},
+    )
     with urllib.request.urlopen(req, timeout=5) as r:
       return len([w for w in r.read().decode().split(",") if w.strip()])
   except Exception:  # pylint: disable=broad-except  (no metadata server: a single host, as far as we can tell)
@@ -203,8 +214,12 @@ def distributed_environment() -> str | None:
     return "forced"
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return "coordinator"
-  if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                                   "SLURM_LOCALID")) and _int_env("SLURM_NTASKS") > 1:
+  if (
+    all(
+      v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    )
+    and _int_env("SLURM_NTASKS") > 1
+  ):
     return "slurm"
   if "OMPI_MCA_orte_hnp_uri" in os.environ and _int_env("OMPI_COMM_WORLD_SIZE") > 1:
     return "openmpi"

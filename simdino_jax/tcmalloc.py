@@ -1,7 +1,7 @@
 """Re-execute the entry point with tcmalloc preloaded when it is installed (Linux).
 
 XLA on CPU spends seconds per step in page faults with glibc malloc; preloading tcmalloc made the SimDINO step
-~1.5x faster on the project's 2-core machines (PITFALLS.md). It must be preloaded before the process starts, so
+~1.5x faster on the project's 2-core machines (docs/performance.md#cpu-memory-allocator). It must be preloaded before the process starts, so
 the entry points call ``maybe_reexec()`` first thing. Set SIMDINO_NO_TCMALLOC=1 to opt out.
 """
 
@@ -11,8 +11,12 @@ import glob
 import os
 import sys
 
-_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-               "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
+_CANDIDATES = (
+  "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+  "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+  "/usr/lib64/libtcmalloc_minimal.so.4",
+  "/usr/lib/libtcmalloc_minimal.so.4",
+)
 
 
 def find_tcmalloc() -> str | None:

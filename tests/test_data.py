@@ -14,11 +14,8 @@ from PIL import Image, ImageFilter
 
 from simdino_jax.data import augment
 from simdino_jax.data.multicrop import MultiCrop, MultiCropConfig
-from simdino_jax.data.pipeline import (eval_batches, eval_num_batches,
-                                       eval_transform, train_dataset,
-                                       train_iterator)
-from simdino_jax.data.sources import (ArraySource, digits_split_indices,
-                                      load_source)
+from simdino_jax.data.pipeline import eval_batches, eval_num_batches, eval_transform, train_dataset, train_iterator
+from simdino_jax.data.sources import ArraySource, digits_split_indices, load_source
 
 SMALL = MultiCropConfig(global_size=16, local_size=8, num_local=3)
 
@@ -64,8 +61,14 @@ def test_npz_round_trip_rgb_grey_float(tmp_path):
   grey = rng.integers(0, 256, (4, 6, 6), dtype=np.uint8)
   fl = rng.random((3, 5, 5, 1)).astype(np.float32)
   path = tmp_path / "d.npz"
-  np.savez(path, train_images=rgb, train_labels=np.array([0, 3, 1, 2, 3]),
-           test_images=grey, val_images=fl, val_labels=np.array([1, 1, 0]))
+  np.savez(
+    path,
+    train_images=rgb,
+    train_labels=np.array([0, 3, 1, 2, 3]),
+    test_images=grey,
+    val_images=fl,
+    val_labels=np.array([1, 1, 0]),
+  )
   tr = load_source(f"npz:{path}", "train")
   np.testing.assert_array_equal(tr.images, rgb)
   np.testing.assert_array_equal(tr.labels, [0, 3, 1, 2, 3])
@@ -76,16 +79,18 @@ def test_npz_round_trip_rgb_grey_float(tmp_path):
   np.testing.assert_array_equal(te.labels, -1)
   assert te.num_classes == 0
   va = load_source(f"npz:{path}", "val")
-  np.testing.assert_array_equal(
-      va.images[..., 2], np.rint(fl[..., 0] * 255).astype(np.uint8))
+  np.testing.assert_array_equal(va.images[..., 2], np.rint(fl[..., 0] * 255).astype(np.uint8))
   assert va.images.dtype == np.uint8
 
 
 def test_npz_errors_name_file_key_and_expectation(tmp_path):
   path = tmp_path / "d.npz"
-  np.savez(path, train_images=np.zeros((2, 4, 4, 3), np.int64),
-           other_images=np.zeros((2, 4, 4, 3), np.uint8),
-           hot_images=np.full((2, 4, 4), 2.0))
+  np.savez(
+    path,
+    train_images=np.zeros((2, 4, 4, 3), np.int64),
+    other_images=np.zeros((2, 4, 4, 3), np.uint8),
+    hot_images=np.full((2, 4, 4), 2.0),
+  )
   with pytest.raises(ValueError) as e:
     load_source(f"npz:{path}", "test")
   msg = str(e.value)
@@ -136,16 +141,14 @@ def test_rrc_fallback_is_centre_crop_with_clamped_ratio():
   # A 10x1000 strip cannot fit an area >= 0.9 at ratio <= 4/3: always fallback.
   for _ in range(5):
     assert augment.rrc_params(10, 1000, rng, (0.9, 1.0)) == (0, 493, 10, 13)
-  out = augment.random_resized_crop(
-      np.zeros((10, 1000, 3), np.uint8), rng, 12, (0.9, 1.0))
+  out = augment.random_resized_crop(np.zeros((10, 1000, 3), np.uint8), rng, 12, (0.9, 1.0))
   assert out.shape == (12, 12, 3) and out.dtype == np.uint8
 
 
 def test_resized_crop_matches_pil_crop_then_bicubic_resize():
   img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
   box = (3, 7, 20, 30)
-  want = np.asarray(Image.fromarray(img).crop((7, 3, 37, 23)).resize(
-      (16, 16), Image.BICUBIC))
+  want = np.asarray(Image.fromarray(img).crop((7, 3, 37, 23)).resize((16, 16), Image.BICUBIC))
   np.testing.assert_array_equal(augment.apply_resized_crop(img, box, 16), want)
 
 
@@ -169,8 +172,7 @@ def test_color_jitter_ops_and_parameter_ranges():
   img = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   x = img.astype(np.float32)
   p = augment.JitterParams((0, 1, 2, 3), 1.3, 1.0, 1.0, 0.0)
-  np.testing.assert_array_equal(augment.apply_color_jitter(img, p),
-                                np.clip(np.rint(x * 1.3), 0, 255))
+  np.testing.assert_array_equal(augment.apply_color_jitter(img, p), np.clip(np.rint(x * 1.3), 0, 255))
   p = augment.JitterParams((1, 0, 2, 3), 1.0, 0.0, 1.0, 0.0)  # contrast 0 -> mean
   out = augment.apply_color_jitter(img, p)
   assert np.ptp(out) == 0
@@ -187,8 +189,7 @@ def test_hsv_conversion_and_hue_shift_match_colorsys():
   np.testing.assert_allclose(hsv, want, atol=1e-5)
   np.testing.assert_allclose(augment.hsv_to_rgb(hsv), rgb, atol=1e-5)
   img = np.random.default_rng(3).integers(0, 256, (5, 5, 3), dtype=np.uint8)
-  out = augment.apply_color_jitter(
-      img, augment.JitterParams((3, 0, 1, 2), 1.0, 1.0, 1.0, 0.25))
+  out = augment.apply_color_jitter(img, augment.JitterParams((3, 0, 1, 2), 1.0, 1.0, 1.0, 0.25))
   want = []
   for px in img.reshape(-1, 3) / 255.0:
     hh, ss, vv = colorsys.rgb_to_hsv(*px)
@@ -202,10 +203,13 @@ def test_hue_shift_either_sign_matches_colorsys(hue):
   # 24x24 pixels: large enough for OpenCV's vectorised HSV path (which does
   # not wrap negative hues by itself).
   img = np.random.default_rng(4).integers(0, 256, (24, 24, 3), dtype=np.uint8)
-  img[0, :6] = [[255, 0, 0], [255, 0, 1], [0, 255, 0], [0, 0, 255], [255, 0, 255],
-                [128, 128, 128]]
-  want = np.array([colorsys.hsv_to_rgb((h + hue) % 1.0, s, v) for h, s, v in
-                   (colorsys.rgb_to_hsv(*px) for px in img.reshape(-1, 3) / 255.0)])
+  img[0, :6] = [[255, 0, 0], [255, 0, 1], [0, 255, 0], [0, 0, 255], [255, 0, 255], [128, 128, 128]]
+  want = np.array(
+    [
+      colorsys.hsv_to_rgb((h + hue) % 1.0, s, v)
+      for h, s, v in (colorsys.rgb_to_hsv(*px) for px in img.reshape(-1, 3) / 255.0)
+    ]
+  )
   want = np.rint(want * 255).reshape(img.shape)
   out = augment.adjust_hue(img, hue)
   assert out.dtype == np.uint8
@@ -229,15 +233,17 @@ def test_grayscale_equal_channels_and_pil_luma():
 
 def test_brightness_contrast_saturation_match_pil_image_enhance():
   from PIL import ImageEnhance
+
   img = np.random.default_rng(5).integers(0, 256, (20, 24, 3), dtype=np.uint8)
   pil = Image.fromarray(img)
   for f in (0.0, 0.6, 0.93, 1.0, 1.21, 1.4):
     # PIL truncates where we round: at most one level apart (two for contrast,
     # whose grey level may also round differently).
     for ours, theirs, tol in (
-        (augment.adjust_brightness(img, f), ImageEnhance.Brightness(pil).enhance(f), 1),
-        (augment.adjust_contrast(img, f), ImageEnhance.Contrast(pil).enhance(f), 2),
-        (augment.adjust_saturation(img, f), ImageEnhance.Color(pil).enhance(f), 1)):
+      (augment.adjust_brightness(img, f), ImageEnhance.Brightness(pil).enhance(f), 1),
+      (augment.adjust_contrast(img, f), ImageEnhance.Contrast(pil).enhance(f), 2),
+      (augment.adjust_saturation(img, f), ImageEnhance.Color(pil).enhance(f), 1),
+    ):
       assert ours.dtype == np.uint8 and ours.shape == img.shape
       assert np.abs(ours.astype(int) - np.asarray(theirs)).max() <= tol, f
 
@@ -298,7 +304,7 @@ def test_gaussian_blur_matches_pil_and_the_box_filter_reference():
     k3 = np.convolve(np.convolve(k, k), k)
     x = np.arange(k3.size) - k3.size // 2
     assert abs(k.sum() - 1) < 1e-6
-    assert abs((k3 * x * x).sum() - radius ** 2) < 1e-3 * max(1, radius ** 2)
+    assert abs((k3 * x * x).sum() - radius**2) < 1e-3 * max(1, radius**2)
 
 
 def test_normalize_imagenet_stats():
@@ -306,14 +312,13 @@ def test_normalize_imagenet_stats():
   out = augment.normalize(x)
   assert out.dtype == np.float32
   np.testing.assert_allclose(
-      out[0, 0], [(0 - .485) / .229, (1 - .456) / .224, (128 / 255 - .406) / .225],
-      rtol=1e-5)
+    out[0, 0], [(0 - 0.485) / 0.229, (1 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225], rtol=1e-5
+  )
   # Stacks of crops, views and float input give the formula's values.
   rng = np.random.default_rng(0)
   stack = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
-  want = (stack / 255.0 - (.485, .456, .406)) / (.229, .224, .225)
-  for x, w in ((stack, want), (stack[:, ::-1, 1:], want[:, ::-1, 1:]),
-               (stack.astype(np.float64), want)):
+  want = (stack / 255.0 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)
+  for x, w in ((stack, want), (stack[:, ::-1, 1:], want[:, ::-1, 1:]), (stack.astype(np.float64), want)):
     got = augment.normalize(x)
     assert got.dtype == np.float32 and got.shape == w.shape
     np.testing.assert_allclose(got, w, atol=2e-6)
@@ -387,6 +392,7 @@ def test_multicrop_config_validation():
   with pytest.raises(ValueError, match="resize"):
     MultiCropConfig(resize="nearest")
   from simdino_jax import config as config_lib
+
   c = config_lib.base_config()
   assert c.data.augment.resize == MultiCropConfig().resize == "cv2"
   c.data.augment.resize = "nearest"
@@ -402,7 +408,7 @@ def _natural_image(size=96, seed=0):
   for _ in range(6):
     t, l = rng.integers(0, size - 8, 2)
     h, w = rng.integers(4, size // 2, 2)
-    x[t:t + h, l:l + w] = rng.integers(0, 256, 3)
+    x[t : t + h, l : l + w] = rng.integers(0, 256, 3)
   x += rng.normal(0, 4, x.shape)
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
@@ -520,8 +526,7 @@ def test_each_epoch_is_a_permutation_in_a_new_order():
   ds = train_dataset(_tiny_source(n), SMALL, batch_size=bs, seed=3)
   per_epoch = n // bs
   labels = [ds[i]["label"] for i in range(3 * per_epoch)]
-  epochs = [np.concatenate(labels[e * per_epoch:(e + 1) * per_epoch])
-            for e in range(3)]
+  epochs = [np.concatenate(labels[e * per_epoch : (e + 1) * per_epoch]) for e in range(3)]
   for e in epochs:
     assert sorted(e) == list(range(n))
   assert not np.array_equal(epochs[0], epochs[1])
@@ -532,8 +537,7 @@ def test_each_epoch_is_a_permutation_in_a_new_order():
 def test_shards_partition_the_stream():
   n, bs = 20, 5
   src = _tiny_source(n)
-  shards = [train_dataset(src, SMALL, batch_size=bs, seed=3, shard_index=k,
-                          shard_count=2) for k in range(2)]
+  shards = [train_dataset(src, SMALL, batch_size=bs, seed=3, shard_index=k, shard_count=2) for k in range(2)]
   seen = np.concatenate([shards[k][i]["label"] for k in range(2) for i in range(2)])
   assert sorted(seen) == list(range(n))
   full = train_dataset(src, SMALL, batch_size=2 * bs, seed=3)
@@ -561,8 +565,7 @@ def test_eval_batches_cover_every_example_once_with_padding(shard_count):
   src = _tiny_source(n, size=8)
   seen, counts = [], []
   for k in range(shard_count):
-    batches = list(eval_batches(src, image_size=8, batch_size=bs,
-                                shard_index=k, shard_count=shard_count))
+    batches = list(eval_batches(src, image_size=8, batch_size=bs, shard_index=k, shard_count=shard_count))
     counts.append(len(batches))
     for b in batches:
       assert b["image"].shape == (bs, 8, 8, 3) and b["image"].dtype == np.float32
@@ -595,10 +598,26 @@ def test_eval_transform_resize_and_centre_crop():
 def test_data_throughput_benchmark_prints_one_json_line(capsys, tmp_path):
   bench = _benchmark_module()
   rng = np.random.default_rng(0)
-  np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
-           test_images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
-  common = ["--source", f"npz:{tmp_path / 'd.npz'}", "--recipe", "cifar32", "--workers", "0",
-            "--num_images", "16", "--batch_size", "8", "--warmup_batches", "1", "--no-tcmalloc"]
+  np.savez(
+    tmp_path / "d.npz",
+    train_images=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+    test_images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+  )
+  common = [
+    "--source",
+    f"npz:{tmp_path / 'd.npz'}",
+    "--recipe",
+    "cifar32",
+    "--workers",
+    "0",
+    "--num_images",
+    "16",
+    "--batch_size",
+    "8",
+    "--warmup_batches",
+    "1",
+    "--no-tcmalloc",
+  ]
   bench.main(common + ["--reference", "--reference_images", "8"])
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 1
@@ -615,7 +634,12 @@ def test_data_throughput_benchmark_prints_one_json_line(capsys, tmp_path):
   # PIL reference then takes the same crops.
   cfg = bench.recipe_config("dino224", "device", "pil")
   assert (cfg.augment_mode, cfg.global_size, cfg.local_size, cfg.num_local, cfg.resize) == (
-      "device", 224, 96, 10, "pil")
+    "device",
+    224,
+    96,
+    10,
+    "pil",
+  )
   img = _natural_image(96)
   cfg = bench.recipe_config("cifar32", "device", "pil")
   ours = MultiCrop(cfg).random_map({"image": img, "label": 0}, np.random.default_rng(3))
@@ -631,4 +655,3 @@ def test_data_throughput_benchmark_prints_one_json_line(capsys, tmp_path):
   assert "--workers" in capsys.readouterr().err
   out = subprocess.run([sys.executable, str(_BENCHMARK), "--help"], capture_output=True, text=True, timeout=60)
   assert out.returncode == 0 and "--reference" in out.stdout and "images/s" in out.stdout
-

@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simdino_jax.losses.dino import (dino_cross_entropy, dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp,
-                                     teacher_targets, update_center)
+from simdino_jax.losses.dino import (
+  dino_cross_entropy,
+  dino_loss,
+  ibot_patch_loss,
+  koleo_loss,
+  sinkhorn_knopp,
+  teacher_targets,
+  update_center,
+)
 
 
 def f32(x):
@@ -48,8 +55,9 @@ def test_dino_loss_matches_numpy(exclude):
   s = rng.standard_normal((b, m, k)) * 2
   t = rng.standard_normal((b, mg, k)) * 2
   c = rng.standard_normal((1, k)) * 0.3
-  loss_fn = jax.jit(lambda s_, t_, c_: dino_loss(s_, t_, c_, student_temp=0.1, teacher_temp=0.04,
-                                                 exclude_same_view=exclude))
+  loss_fn = jax.jit(
+    lambda s_, t_, c_: dino_loss(s_, t_, c_, student_temp=0.1, teacher_temp=0.04, exclude_same_view=exclude)
+  )
   loss, metrics = loss_fn(f32(s), f32(t), f32(c))
   ref = np_dino(s, t, c, 0.1, 0.04, exclude)
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
@@ -81,7 +89,8 @@ def test_dino_teacher_and_center_get_no_gradient():
   rng = np.random.default_rng(1)
   s, t, c = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 2, 6)), rng.standard_normal((1, 6))
   grads = jax.grad(lambda s_, t_, c_: dino_loss(s_, t_, c_, teacher_temp=0.05)[0], argnums=(0, 1, 2))(
-      f32(s), f32(t), f32(c))
+    f32(s), f32(t), f32(c)
+  )
   assert float(jnp.max(jnp.abs(grads[1]))) == 0.0 and float(jnp.max(jnp.abs(grads[2]))) == 0.0
   # Student gradient: d/ds_bjk = 1/(B P tau_s) sum_{i != j} (p_bjk - q_bik).
   q = np_softmax((t - c) / 0.05)
@@ -99,8 +108,7 @@ def test_dino_cross_entropy_with_given_targets_and_errors():
   s = rng.standard_normal((2, 3, 4))
   q = np_softmax(rng.standard_normal((2, 2, 4)))
   loss, _ = dino_cross_entropy(f32(s), f32(q), student_temp=1.0)
-  ref = np.mean([np.mean(np.sum(-q[:, i] * np_log_softmax(s[:, j]), -1)) for i in range(2) for j in range(3)
-                 if i != j])
+  ref = np.mean([np.mean(np.sum(-q[:, i] * np_log_softmax(s[:, j]), -1)) for i in range(2) for j in range(3) if i != j])
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
   with pytest.raises(ValueError):
     dino_cross_entropy(f32(s[:, :1]), f32(q[:, :1]))  # no pair left

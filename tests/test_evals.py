@@ -90,8 +90,9 @@ def test_linear_sweep_equals_numpy_sgd_momentum_with_cosine_lr():
   y = rng.integers(0, c, n).astype(np.int32)
   lrs = (0.01, 0.3, 2.0)
   key = jax.random.key(5)
-  got = linear.train_sweep(jnp.asarray(x), jnp.asarray(y), jnp.asarray(lrs, jnp.float32), key, num_classes=c,
-                           epochs=epochs, batch_size=bs)
+  got = linear.train_sweep(
+    jnp.asarray(x), jnp.asarray(y), jnp.asarray(lrs, jnp.float32), key, num_classes=c, epochs=epochs, batch_size=bs
+  )
   init_key, order_key = jax.random.split(key)
   p0 = linear.init_params(init_key, d, c)
   batches = [linear.epoch_batches(order_key, e, n, bs) for e in range(epochs)]
@@ -119,10 +120,19 @@ def test_linear_probe_reports_numpy_argmax_accuracy_of_the_best_lr():
   tr_s, te_s = linear.standardize(train_x, test_x)
   np.testing.assert_allclose(tr_s.mean(0), 0, atol=1e-5)
   np.testing.assert_allclose(tr_s.std(0), 1, atol=1e-4)
-  params = linear.train_sweep(jnp.asarray(tr_s), jnp.asarray(train_y, jnp.int32), jnp.asarray(lrs, jnp.float32),
-                              jax.random.key(3), num_classes=5, epochs=4, batch_size=32)
-  accs = [100 * np.mean(np.argmax(te_s @ np.asarray(params["w"][i]) + np.asarray(params["b"][i]), 1) == test_y)
-          for i in range(len(lrs))]
+  params = linear.train_sweep(
+    jnp.asarray(tr_s),
+    jnp.asarray(train_y, jnp.int32),
+    jnp.asarray(lrs, jnp.float32),
+    jax.random.key(3),
+    num_classes=5,
+    epochs=4,
+    batch_size=32,
+  )
+  accs = [
+    100 * np.mean(np.argmax(te_s @ np.asarray(params["w"][i]) + np.asarray(params["b"][i]), 1) == test_y)
+    for i in range(len(lrs))
+  ]
   for lr, a in zip(lrs, accs):
     assert res["per_lr"][f"{lr:g}"]["top1"] == pytest.approx(a, abs=1e-9)
   assert res["accuracy"] == pytest.approx(max(accs)) and res["lr"] == lrs[int(np.argmax(accs))]
@@ -150,8 +160,9 @@ def test_fewshot_on_linearly_separable_features_is_100_percent():
   train_y, test_y = np.repeat(np.arange(4), 20), np.repeat(np.arange(4), 15)
   train_x = centers[train_y] + 0.3 * rng.standard_normal((80, 8))
   test_x = centers[test_y] + 0.3 * rng.standard_normal((60, 8))
-  res = fewshot.fewshot_eval(train_x, train_y, test_x, test_y, num_classes=4, shots=(1, 5), fractions=(0.1,),
-                             num_splits=3, seed=0)
+  res = fewshot.fewshot_eval(
+    train_x, train_y, test_x, test_y, num_classes=4, shots=(1, 5), fractions=(0.1,), num_splits=3, seed=0
+  )
   assert res["headline"] == "5shot" and res["accuracy"] == 100.0
   for name, r in res["settings"].items():
     assert r["per_split"] == [100.0] * 3 and r["std"] == 0.0, name
@@ -176,17 +187,21 @@ def test_mass_mask_keeps_the_minimal_set_of_patches_reaching_60_percent():
 
 
 # -- config and CLI errors --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value,match", [
-    ("eval.periodic", ("knn", "svm"), "config.eval.periodic: unknown evaluator(s) ['svm']"),
-    ("eval.linear.lrs", (), "config.eval.linear.lrs"),
-    ("eval.linear.lrs", (0.1, -1.0), "config.eval.linear.lrs"),
-    ("eval.linear.n_last_blocks", 3, "config.eval.linear.n_last_blocks: must be in [1, depth=2]"),
-    ("eval.knn_ks", (10, 0), "config.eval.knn_ks"),
-    ("eval.fewshot.shots", (1, -2), "config.eval.fewshot.shots"),
-    ("eval.fewshot.fractions", (1.5,), "config.eval.fewshot.fractions"),
-    ("eval.attention.keep", 1.0, "config.eval.attention.keep"),
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("evals.knn.type", "svm", "config.evals.knn.type: must be one of ['attention', 'fewshot', 'knn', 'linear']"),
+    ("evals.knn.every", -2, "config.evals.knn.every: must be -1 (config.eval_every)"),
+    ("evals.linear.lrs", (), "config.evals.linear.lrs"),
+    ("evals.linear.lrs", (0.1, -1.0), "config.evals.linear.lrs"),
+    ("evals.linear.n_last_blocks", 3, "config.evals.linear.n_last_blocks: must be in [1, depth=2]"),
+    ("evals.knn.ks", (10, 0), "config.evals.knn.ks"),
+    ("evals.fewshot.shots", (1, -2), "config.evals.fewshot.shots"),
+    ("evals.fewshot.fractions", (1.5,), "config.evals.fewshot.fractions"),
+    ("evals.attention.keep", 1.0, "config.evals.attention.keep"),
     ("eval.image_size", 18, "config.eval.image_size"),
-])
+  ],
+)
 def test_invalid_eval_config_is_refused_with_the_field_name(tiny_config, field, value, match):
   tiny_config.update_from_flattened_dict({field: value})
   with pytest.raises(config_lib.ConfigError) as e:
@@ -195,7 +210,7 @@ def test_invalid_eval_config_is_refused_with_the_field_name(tiny_config, field, 
 
 
 def test_unknown_eval_name_lists_the_valid_ones():
-  with pytest.raises(ValueError, match="unknown evaluation.*'svm'.*valid: knn, linear, fewshot, attention"):
+  with pytest.raises(ValueError, match="unknown evaluation.*'svm'.*valid: attention, fewshot, knn, linear"):
     evaluate.parse_names("knn,svm")
   assert evaluate.parse_names("linear, knn,linear") == ["linear", "knn"]
 
@@ -209,15 +224,16 @@ def test_evaluate_without_checkpoint_names_the_workdir(tiny_config, tmp_path):
 # -- end to end on a tiny trained network -----------------------------------------------------------------------
 # The end-to-end run's fields over conftest's tiny config (also written into a config file for the CLI).
 E2E_FIELDS = {
-    "total_steps": 2,
-    "data.num_local": 0,  # one crop shape: a cheaper train step to compile
-    "model.num_registers": 1,  # attention maps must leave it out
-    "eval_every": 1,  # a periodic evaluation at step 1
-    "eval.periodic": ("knn", "linear", "fewshot"),
-    "eval.linear.epochs": 2,
-    "eval.linear.lrs": (0.01, 0.1),
-    "eval.fewshot.num_splits": 2,
-    "eval.attention.num_images": 3,
+  "total_steps": 2,
+  "data.num_local": 0,  # one crop shape: a cheaper train step to compile
+  "model.num_registers": 1,  # attention maps must leave it out
+  "eval_every": 1,  # a periodic evaluation at step 1
+  "evals.linear.every": -1,  # with the k-NN, every eval_every steps
+  "evals.fewshot.every": -1,
+  "evals.linear.epochs": 2,
+  "evals.linear.lrs": (0.01, 0.1),
+  "evals.fewshot.num_splits": 2,
+  "evals.attention.num_images": 3,
 }
 
 
@@ -242,8 +258,16 @@ def test_periodic_linear_and_fewshot_are_logged_as_metrics(trained):
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   first = records[0]
   assert first["step"] == 1
-  for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "fewshot_1shot", "fewshot_2shot",
-              "fewshot_5shot", "fewshot_1pct"):
+  for key in (
+    "knn_top1",
+    "knn_top5",
+    "linear_top1",
+    "linear_top5",
+    "fewshot_1shot",
+    "fewshot_2shot",
+    "fewshot_5shot",
+    "fewshot_1pct",
+  ):
     assert 0 <= first[key] <= 100, key
   assert first["linear_lr"] in (0.01, 0.1)
   assert "linear_top1" not in records[1]  # the last step's evaluation is the final one (eval/knn.json)
@@ -286,17 +310,28 @@ def test_evaluate_writes_every_json_and_attention_pngs(trained):
 def test_cli_evaluates_the_student_and_refuses_unknown_names(trained, tmp_path):
   _, workdir = trained
   config_file = tmp_path / "tiny.py"  # the run's own config, as a config file for the CLI
-  config_file.write_text(f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
-                         "from conftest import make_tiny_config\n\n\ndef get_config():\n"
-                         f"  c = make_tiny_config()\n  c.update_from_flattened_dict({E2E_FIELDS!r})\n  return c\n")
+  config_file.write_text(
+    f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+    "from conftest import make_tiny_config\n\n\ndef get_config():\n"
+    f"  c = make_tiny_config()\n  c.update_from_flattened_dict({E2E_FIELDS!r})\n  return c\n"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu", SIMDINO_NO_TCMALLOC="1")
   base = [sys.executable, "-m", "simdino_jax.evaluate", f"--config={config_file}", f"--workdir={workdir}"]
   bad = subprocess.run(base + ["--eval=knn,svm"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "valid: knn, linear, fewshot, attention" in bad.stderr
-  out = subprocess.run(base + ["--eval=attention", "--which=student", "--config.eval.attention.num_images=2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "valid: attention, fewshot, knn, linear" in bad.stderr
+  out = subprocess.run(
+    base + ["--eval=attention", "--which=student", "--config.evals.attention.num_images=2"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   student = json.load(open(os.path.join(workdir, "eval", "attention_student.json")))
   assert student["features"] == "student backbone" and student["num_images"] == 2
   assert sorted(os.listdir(os.path.join(workdir, "eval", "attention_student"))) == [
-      "attention.npz", "attention_0.png", "attention_1.png"]
+    "attention.npz",
+    "attention_0.png",
+    "attention_1.png",
+  ]

@@ -1,6 +1,6 @@
 """Export: a 2-step CLI run's checkpoint -> safetensors / npz files whose arrays equal the checkpoint's parameters
-exactly; the safetensors file parses with a reader written here from the format's specification (and with the
-``safetensors`` package when it is installed); clear errors naming the path.
+exactly; the safetensors file parses with a reader written here from the format's specification and with the
+``safetensors`` package's NumPy API; clear errors naming the path.
 
 The training run shares its persistent XLA compilation cache with tests/test_launch.py's notebook run (same
 command-line overrides), so whichever runs second compiles nothing.
@@ -15,18 +15,30 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from simdino_jax import export
-from simdino_jax.io import checkpointing
+from simdino_jax.errors import ExportError
+from simdino_jax.io import checkpointing, formats
 from simdino_jax.train import trainer
 from simdino_jax.tree import named_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # configs/demo.py scaled down to 2 steps (the same overrides as launch/colab.ipynb's SIMDINO_COLAB_TINY mode).
-OVERRIDES = {"total_steps": 2, "checkpoint_every": 2, "warmup_steps": 1, "log_every": 1, "batch_size": 8,
-             "model.depth": 1, "model.embed_dim": 24, "head.hidden_dim": 32, "data.num_local": 1,
-             "data.global_size": 16, "data.local_size": 8}
+OVERRIDES = {
+  "total_steps": 2,
+  "checkpoint_every": 2,
+  "warmup_steps": 1,
+  "log_every": 1,
+  "batch_size": 8,
+  "model.depth": 1,
+  "model.embed_dim": 24,
+  "head.hidden_dim": 32,
+  "data.num_local": 1,
+  "data.global_size": 16,
+  "data.local_size": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +52,14 @@ def env():
 @pytest.fixture(scope="module")
 def workdir(env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("export_run")
-  cmd = [sys.executable, "-m", "simdino_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
-         *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+  cmd = [
+    sys.executable,
+    "-m",
+    "simdino_jax.train",
+    "--config=configs/demo.py",
+    f"--workdir={workdir}",
+    *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+  ]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir
@@ -54,8 +72,10 @@ def reference(workdir):
     assert ckpt.all_steps() == [2]
     config = ml_collections.ConfigDict(ckpt.restore_config(2))
     state = ckpt.restore(2, trainer.Trainer(config, str(workdir)).abstract_state())
-  return {which: {k: np.asarray(v) for k, v in named_leaves(getattr(state, which)).items()}
-          for which in ("teacher", "student")}
+  return {
+    which: {k: np.asarray(v) for k, v in named_leaves(getattr(state, which)).items()}
+    for which in ("teacher", "student")
+  }
 
 
 def assert_arrays_equal(got, expected):
@@ -70,8 +90,20 @@ def backbone(arrays):
 
 
 # ---- a safetensors reader written from the specification (https://github.com/huggingface/safetensors) ---------
-SPEC_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-               "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+SPEC_DTYPES = {
+  "F64": "<f8",
+  "F32": "<f4",
+  "F16": "<f2",
+  "I64": "<i8",
+  "I32": "<i4",
+  "I16": "<i2",
+  "I8": "i1",
+  "U64": "<u8",
+  "U32": "<u4",
+  "U16": "<u2",
+  "U8": "u1",
+  "BOOL": "?",
+}
 
 
 def spec_parse(path):
@@ -81,12 +113,12 @@ def spec_parse(path):
   tensors cover exactly, without holes or overlaps."""
   raw = open(path, "rb").read()
   n = struct.unpack("<Q", raw[:8])[0]
-  text = raw[8:8 + n].decode("utf-8")
+  text = raw[8 : 8 + n].decode("utf-8")
   assert text.startswith("{") and text.rstrip(" ") == text.rstrip()
   header = json.loads(text)
   metadata = header.pop("__metadata__", {})
   assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-  buffer = raw[8 + n:]
+  buffer = raw[8 + n :]
   tensors, covered = {}, []
   for name, info in header.items():
     assert set(info) == {"dtype", "shape", "data_offsets"}, info
@@ -105,8 +137,14 @@ def spec_parse(path):
 # ---- tests ------------------------------------------------------------------------------------------------------
 def test_cli_safetensors_export_equals_the_checkpoint_teacher_backbone(workdir, env, reference, tmp_path):
   output = tmp_path / "teacher.safetensors"
-  out = subprocess.run([sys.executable, "-m", "simdino_jax.export", f"--workdir={workdir}", "--format=safetensors",
-                        f"--output={output}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "simdino_jax.export", f"--workdir={workdir}", "--format=safetensors", f"--output={output}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   expected = backbone(reference["teacher"])
   n_params = sum(v.size for v in expected.values())
@@ -115,19 +153,14 @@ def test_cli_safetensors_export_equals_the_checkpoint_teacher_backbone(workdir, 
   assert "Restoring checkpoint" not in out.stderr  # orbax's INFO logs stay quiet
   assert "backbone/blocks/0/attn/qkv/kernel" in expected
 
-  assert_arrays_equal(export.load_arrays(output), expected)
+  assert_arrays_equal(formats.load_arrays(output), expected)
   tensors, metadata = spec_parse(output)
   assert_arrays_equal(tensors, expected)
   assert metadata["step"] == "2" and metadata["which"] == "teacher" and metadata["with_head"] == "false"
   with checkpointing.Checkpointer(workdir / "checkpoints") as ckpt:
     assert json.loads(metadata["config"]) == ckpt.restore_config(2)
-  assert export.load_metadata(output) == metadata
-
-  try:
-    from safetensors.numpy import load_file  # optional: the reference implementation
-  except ImportError:
-    return
-  assert_arrays_equal(load_file(str(output)), expected)
+  assert formats.load_metadata(output) == metadata
+  assert_arrays_equal(safetensors.numpy.load_file(str(output)), expected)  # the reference implementation
 
 
 def test_npz_export_of_the_student_with_head(workdir, reference, tmp_path, monkeypatch):
@@ -142,44 +175,59 @@ def test_npz_export_of_the_student_with_head(workdir, reference, tmp_path, monke
   summary = export.export(str(workdir), str(tmp_path / "student.npz"), which="student", with_head=True)
   monkeypatch.undo()
   assert summary["format"] == "npz" and summary["step"] == 2  # the format follows the extension
-  got = export.load_arrays(tmp_path / "student.npz")
+  got = formats.load_arrays(tmp_path / "student.npz")
   assert any(k.startswith("head/") for k in got)
   assert_arrays_equal(got, reference["student"])
   assert not all(np.array_equal(reference["student"][k], reference["teacher"][k]) for k in got)  # really the student
-  assert export.load_metadata(tmp_path / "student.npz")["which"] == "student"
+  assert formats.load_metadata(tmp_path / "student.npz")["which"] == "student"
   # Defaults: safetensors into WORKDIR/export/, the newest step, the teacher backbone.
   summary = export.export(str(workdir), step=2)
   assert summary["output"] == os.path.join(str(workdir), "export", "teacher_backbone_step2.safetensors")
-  assert_arrays_equal(export.load_arrays(summary["output"]), backbone(reference["teacher"]))
+  assert_arrays_equal(formats.load_arrays(summary["output"]), backbone(reference["teacher"]))
 
 
 def test_bfloat16_and_odd_shapes_round_trip_in_both_formats(tmp_path):
   import ml_dtypes
 
-  arrays = {"a/bf16": np.linspace(-3, 3, 12, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(3, 4),
-            "b/scalar": np.array(2.5, np.float32), "c/int": np.arange(5, dtype=np.int64),
-            "d/empty": np.zeros((0, 3), np.float16), "e/f64": np.ones((2, 1, 2))}
-  for name, save in (("x.safetensors", export.save_safetensors), ("x.npz", export.save_npz)):
+  arrays = {
+    "a/bf16": np.linspace(-3, 3, 12, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(3, 4),
+    "b/scalar": np.array(2.5, np.float32),
+    "c/int": np.arange(5, dtype=np.int64),
+    "d/empty": np.zeros((0, 3), np.float16),
+    "e/f64": np.ones((2, 1, 2)),
+    "f/transposed": np.arange(6, dtype=np.float32).reshape(2, 3).T,  # a strided view, written in index order
+    "g/f8": np.linspace(0, 1, 5).astype(ml_dtypes.float8_e4m3fn),
+  }
+  for name, save in (("x.safetensors", formats.save_safetensors), ("x.npz", formats.save_npz)):
     save(arrays, str(tmp_path / name), {"k": "v"})
-    assert_arrays_equal(export.load_arrays(tmp_path / name), arrays)
-    assert export.load_metadata(tmp_path / name) == {"k": "v"}
+    assert_arrays_equal(formats.load_arrays(tmp_path / name), arrays)
+    assert formats.load_metadata(tmp_path / name) == {"k": "v"}
   raw = (tmp_path / "x.safetensors").read_bytes()
-  assert (8 + struct.unpack("<Q", raw[:8])[0]) % 8 == 0  # header padded: the data starts 8-byte aligned
+  n = struct.unpack("<Q", raw[:8])[0]
+  assert (8 + n) % 8 == 0  # header padded: the data starts 8-byte aligned
+  header = json.loads(raw[8 : 8 + n])
+  assert header["a/bf16"]["dtype"] == "BF16" and header["g/f8"]["dtype"] == "F8_E4M3"  # what PyTorch reads back
 
 
 def test_errors_name_the_path(workdir, env, tmp_path):
-  with pytest.raises(export.ExportError, match=f"{tmp_path / 'none' / 'checkpoints'} does not exist"):
-    export.restore_params(str(tmp_path / "none"))
+  with pytest.raises(ExportError, match=f"{tmp_path / 'none' / 'checkpoints'} does not exist"):
+    checkpointing.restore_params(str(tmp_path / "none"))
   assert not (tmp_path / "none").exists()  # nothing created
   (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
-  with pytest.raises(export.ExportError, match="holds no committed checkpoint"):
+  with pytest.raises(ExportError, match="holds no committed checkpoint"):
     export.export(str(tmp_path / "empty"), str(tmp_path / "x.npz"))
-  with pytest.raises(export.ExportError, match=r"no committed checkpoint of step 7 .* available steps: \[2\]"):
-    export.restore_params(str(workdir), step=7)
+  with pytest.raises(ExportError, match=r"no committed checkpoint of step 7 .* available steps: \[2\]"):
+    checkpointing.restore_params(str(workdir), step=7)
   (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
-  with pytest.raises(export.ExportError, match="garbage.safetensors: not a safetensors file"):
-    export.load_arrays(tmp_path / "garbage.safetensors")
+  with pytest.raises(ExportError, match="garbage.safetensors: not a safetensors file"):
+    formats.load_arrays(tmp_path / "garbage.safetensors")
 
-  out = subprocess.run([sys.executable, "-m", "simdino_jax.export", f"--workdir={tmp_path / 'none'}"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "simdino_jax.export", f"--workdir={tmp_path / 'none'}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 1 and f"error: no checkpoints to export: {tmp_path / 'none' / 'checkpoints'}" in out.stderr

@@ -40,8 +40,9 @@ def np_adamw(params, grads, lr_of, skip):
 
 
 def run_ours(mode, params, grads):
-  cfg = ml_collections.ConfigDict(dict(clip_grad=0.0, clip_mode="per_tensor", b1=B1, b2=B2, adam_eps=EPS,
-                                       freeze_mode=mode))
+  cfg = ml_collections.ConfigDict(
+    dict(clip_grad=0.0, clip_mode="per_tensor", b1=B1, b2=B2, adam_eps=EPS, freeze_mode=mode)
+  )
   mask = {"backbone": False, "last_layer": True}
   tx = optim.make_optimizer(cfg, params, schedules.constant(LR), schedules.constant(WD), freezes=((mask, FROZEN),))
   state = tx.init(params)
@@ -81,8 +82,10 @@ def test_frozen_last_layer_follows_the_official_adamw(mode):
 
 
 def test_an_unknown_freeze_mode_is_refused():
-  cfg = ml_collections.ConfigDict(dict(clip_grad=0.0, clip_mode="per_tensor", b1=B1, b2=B2, adam_eps=EPS,
-                                       freeze_mode="grads_none"))
+  cfg = ml_collections.ConfigDict(
+    dict(clip_grad=0.0, clip_mode="per_tensor", b1=B1, b2=B2, adam_eps=EPS, freeze_mode="grads_none")
+  )
   with pytest.raises(ValueError, match="optim.freeze_mode"):
-    optim.make_optimizer(cfg, {"w": jnp.zeros(2)}, schedules.constant(LR), schedules.constant(WD),
-                         freezes=(({"w": True}, 1),))
+    optim.make_optimizer(
+      cfg, {"w": jnp.zeros(2)}, schedules.constant(LR), schedules.constant(WD), freezes=(({"w": True}, 1),)
+    )

@@ -57,10 +57,11 @@ def np_official_koleo(feats, devices):
 @pytest.fixture(scope="module")
 def report():
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)  # a hang guard, not a speed check
+  out = subprocess.run(
+    [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )  # a hang guard, not a speed check
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads([l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1][len("REPORT "):])
+  return json.loads([l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1][len("REPORT ") :])
 
 
 def test_koleo_on_two_devices_is_the_mean_of_the_per_device_koleo(report):
@@ -79,7 +80,7 @@ def test_koleo_gradient_is_the_average_of_the_per_device_gradients(report):
   feats = np.asarray(report["feats"], np.float64)
   grad = np.asarray(report["grad"])
   h = 1e-5
-  for (b, i, k) in [(0, 0, 0), (5, 1, 3), (6, 0, 2), (11, 1, 4)]:
+  for b, i, k in [(0, 0, 0), (5, 1, 3), (6, 0, 2), (11, 1, 4)]:
     up, down = feats.copy(), feats.copy()
     up[b, i, k] += h
     down[b, i, k] -= h

@@ -23,8 +23,14 @@ NOTEBOOK = os.path.join(LAUNCH, "colab.ipynb")
 
 
 def bash(script, *args, env=None, check_rc=None):
-  out = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, **(env or {})), timeout=600)  # a hang guard only: a loaded 2-core machine can take minutes
+  out = subprocess.run(
+    ["bash", os.path.join(LAUNCH, script), *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, **(env or {})),
+    timeout=600,
+  )  # a hang guard only: a loaded 2-core machine can take minutes
   if check_rc is not None:
     assert out.returncode == check_rc, (out.stdout[-2000:], out.stderr[-2000:])
   return out
@@ -54,50 +60,81 @@ def test_scripts_are_strict_executable_and_print_usage(script):
 
 
 def test_tpu_pod_dry_run_creates_installs_and_trains_on_every_worker():
-  env = {"DRY_RUN": "1", "ACCELERATOR_TYPE": "v4-64", "ZONE": "us-central2-b", "TFDS_DATA_DIR": "gs://b/tfds",
-         "SPOT": "1"}
-  out = bash("tpu_pod.sh", "all", "configs/simdino_vits16_in1k.py", "gs://b/runs/s16", "--config.batch_size=1024",
-             env=env, check_rc=0)
+  env = {
+    "DRY_RUN": "1",
+    "ACCELERATOR_TYPE": "v4-64",
+    "ZONE": "us-central2-b",
+    "TFDS_DATA_DIR": "gs://b/tfds",
+    "SPOT": "1",
+  }
+  out = bash(
+    "tpu_pod.sh",
+    "all",
+    "configs/simdino_vits16_in1k.py",
+    "gs://b/runs/s16",
+    "--config.batch_size=1024",
+    env=env,
+    check_rc=0,
+  )
   create, scp, copy, install, train = dry_run_commands(out.stderr)
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "simdino-pod"]
   assert {"--accelerator-type=v4-64", "--version=tpu-ubuntu2204-base", "--zone=us-central2-b", "--spot"} <= set(create)
   assert scp[4] == "scp" and "--worker=all" in scp
   for cmd in (copy, install, train):
     assert cmd[4:6] == ["ssh", "simdino-pod"] and "--worker=all" in cmd
-  (command,) = [a[len("--command="):] for a in install if a.startswith("--command=")]
+  (command,) = [a[len("--command=") :] for a in install if a.startswith("--command=")]
   assert 'pip install -q -e "./simdino_jax[tpu]"' in command
-  (command,) = [a[len("--command="):] for a in train if a.startswith("--command=")]
+  (command,) = [a[len("--command=") :] for a in train if a.startswith("--command=")]
   inner = shlex.split(command)[3]  # nohup bash -c <training command>
   assert "export TFDS_DATA_DIR=gs://b/tfds" in inner
-  assert inner.endswith("python -m simdino_jax.train --config=configs/simdino_vits16_in1k.py "
-                        "--workdir=gs://b/runs/s16 --config.batch_size=1024")
+  assert inner.endswith(
+    "python -m simdino_jax.train --config=configs/simdino_vits16_in1k.py "
+    "--workdir=gs://b/runs/s16 --config.batch_size=1024"
+  )
 
   out = bash("tpu_pod.sh", "train", "configs/demo.py", "/tmp/local", env={"DRY_RUN": "1"}, check_rc=1)
   assert "must be a gs:// path" in out.stderr
   out = bash("tpu_pod.sh", "copy", env={"DRY_RUN": "1", "CODE_SOURCE": "git"}, check_rc=1)
   assert "needs REPO_URL" in out.stderr
-  out = bash("tpu_pod.sh", "copy", env={"DRY_RUN": "1", "CODE_SOURCE": "git", "REPO_URL": "https://x/y.git"},
-             check_rc=0)
+  out = bash(
+    "tpu_pod.sh", "copy", env={"DRY_RUN": "1", "CODE_SOURCE": "git", "REPO_URL": "https://x/y.git"}, check_rc=0
+  )
   (ssh,) = dry_run_commands(out.stderr)
   assert "--worker=all" in ssh and any("git clone --quiet https://x/y.git" in a for a in ssh)
 
 
 def test_gpu_dry_run_and_its_xla_flags_are_known_to_xla():
-  out = bash("gpu.sh", "configs/cifar10_simdino.py", "/tmp/w", "--config.batch_size=256",
-             env={"DRY_RUN": "1", "VENV": "/nonexistent/venv", "XLA_FLAGS": "--xla_dump_to=/tmp/dump"}, check_rc=0)
+  out = bash(
+    "gpu.sh",
+    "configs/cifar10_simdino.py",
+    "/tmp/w",
+    "--config.batch_size=256",
+    env={"DRY_RUN": "1", "VENV": "/nonexistent/venv", "XLA_FLAGS": "--xla_dump_to=/tmp/dump"},
+    check_rc=0,
+  )
   cmds = dry_run_commands(out.stderr)
   assert cmds[0] == ["python3", "-m", "venv", "/nonexistent/venv"]
   assert cmds[2] == ["/nonexistent/venv/bin/python", "-m", "pip", "install", "-q", "-e", ".[cuda]"]
-  assert cmds[-1] == ["/nonexistent/venv/bin/python", "-m", "simdino_jax.train", "--config=configs/cifar10_simdino.py",
-                      "--workdir=/tmp/w", "--config.batch_size=256"]
+  assert cmds[-1] == [
+    "/nonexistent/venv/bin/python",
+    "-m",
+    "simdino_jax.train",
+    "--config=configs/cifar10_simdino.py",
+    "--workdir=/tmp/w",
+    "--config.batch_size=256",
+  ]
   (flags_line,) = [line for line in out.stderr.splitlines() if line.startswith("XLA_FLAGS=")]
-  xla_flags = flags_line.split(" XLA_PYTHON_CLIENT_MEM_FRACTION=")[0][len("XLA_FLAGS="):]
+  xla_flags = flags_line.split(" XLA_PYTHON_CLIENT_MEM_FRACTION=")[0][len("XLA_FLAGS=") :]
   assert "--xla_gpu_enable_latency_hiding_scheduler=true" in xla_flags and xla_flags.endswith("--xla_dump_to=/tmp/dump")
   assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in flags_line
   # XLA parses every flag (GPU ones included) on any backend and aborts on an unknown one.
-  check = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
-                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.split(" --xla_dump_to")[0]),
-                         capture_output=True, text=True, timeout=120)
+  check = subprocess.run(
+    [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+    env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.split(" --xla_dump_to")[0]),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert check.returncode == 0, check.stderr[-2000:]
 
 
@@ -127,8 +164,14 @@ def test_prepare_data_converts_cifar10_into_a_folder_source_tar(tmp_path):
   from simdino_jax.data.sources import load_source
 
   expected = fake_cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
-  out = bash("prepare_data.sh", "cifar10", str(tmp_path / "cifar-10-python.tar.gz"), str(tmp_path / "c10.tar"),
-             env={"PYTHON": sys.executable}, check_rc=0)
+  out = bash(
+    "prepare_data.sh",
+    "cifar10",
+    str(tmp_path / "cifar-10-python.tar.gz"),
+    str(tmp_path / "c10.tar"),
+    env={"PYTHON": sys.executable},
+    check_rc=0,
+  )
   assert "wrote 10 train + 2 test images of 10 classes" in out.stdout
   assert f"--config.data.source=folder:{tmp_path / 'c10.tar'}" in out.stdout
   for split in ("train", "test"):
@@ -178,11 +221,16 @@ def test_notebook_runs_on_cpu_in_tiny_mode(tmp_path):
   env.pop("XLA_FLAGS", None)
   (tmp_path / "notebook.py").write_text(notebook_script())
   work = tmp_path / "runs"
-  env.update(SIMDINO_COLAB_TINY="1", SIMDINO_COLAB_REPO_DIR=ROOT,
-             SIMDINO_COLAB_WORK_DIR=str(work), SIMDINO_COLAB_CIFAR10_TAR=str(tmp_path / "absent.tar"),
-             MPLBACKEND="Agg")
-  out = subprocess.run([sys.executable, str(tmp_path / "notebook.py")], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=600)
+  env.update(
+    SIMDINO_COLAB_TINY="1",
+    SIMDINO_COLAB_REPO_DIR=ROOT,
+    SIMDINO_COLAB_WORK_DIR=str(work),
+    SIMDINO_COLAB_CIFAR10_TAR=str(tmp_path / "absent.tar"),
+    MPLBACKEND="Agg",
+  )
+  out = subprocess.run(
+    [sys.executable, str(tmp_path / "notebook.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
   assert "tiny: True" in out.stdout
   assert f"skipped: {tmp_path / 'absent.tar'} does not exist" in out.stdout
@@ -191,7 +239,7 @@ def test_notebook_runs_on_cpu_in_tiny_mode(tmp_path):
   knn = json.loads((work / "demo" / "eval" / "knn.json").read_text())
   assert f"demo: k-NN top-1 {knn['accuracy']:.2f}%" in out.stdout
   assert (work / "curves.png").stat().st_size > 1000
-  from simdino_jax.export import load_arrays
+  from simdino_jax.io.formats import load_arrays
 
   arrays = load_arrays(work / "demo_teacher_backbone.safetensors")
   assert "backbone/blocks/0/attn/qkv/kernel" in arrays and f"{len(arrays)} arrays" in out.stdout

@@ -1,4 +1,4 @@
-"""DINO's linear evaluation protocol (eval.linear.protocol="dino", simdino_jax/evals/linear_dino.py).
+"""DINO's linear evaluation protocol (evals.linear.protocol="dino", simdino_jax/evals/linear_dino.py).
 
 Checked against independent transcriptions of facebookresearch/dino's eval_linear.py (commit 7c446df): its lr scaling
 and CosineAnnealingLR schedule, PyTorch's SGD with momentum, its feature layout per architecture; plus per-epoch
@@ -20,7 +20,7 @@ from simdino_jax import evaluate
 from simdino_jax import config as config_lib
 from simdino_jax.train import trainer
 from simdino_jax.data import augment
-from simdino_jax.evals import linear, linear_dino
+from simdino_jax.evals import linear, linear_dino, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"blue": (50, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
@@ -47,11 +47,11 @@ def _dino_config(data_root):
   c = make_tiny_config()
   c.data.source = f"folder:{data_root}"
   c.model.depth = 4  # room for DINO's ViT-S choice, the cls tokens of the last 4 blocks
-  c.eval.linear.protocol = "dino"
-  c.eval.linear.epochs = 4
-  c.eval.linear.lrs = (0.01, 0.1, 1.0)
-  c.eval.linear.batch_size = 32
-  c.eval.linear.n_last_blocks = 4
+  c.evals.linear.protocol = "dino"
+  c.evals.linear.epochs = 4
+  c.evals.linear.lrs = (0.01, 0.1, 1.0)
+  c.evals.linear.batch_size = 32
+  c.evals.linear.n_last_blocks = 4
   return c
 
 
@@ -66,6 +66,7 @@ def dino_run(tmp_path_factory):
   tr = trainer.Trainer(config, workdir)
   state = tr.init_state()
   from simdino_jax.io import checkpointing
+
   with tr.checkpointer() as ckpt:
     ckpt.save(0, state, checkpointing.config_dict(config))
     ckpt.wait()
@@ -122,10 +123,13 @@ def test_training_views_are_redrawn_every_epoch_and_reproducible():
   assert not np.allclose(v0, v1)
   # Threads and process shards do not change the views (per-example RNG).
   import concurrent.futures
+
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     np.testing.assert_array_equal(_epoch(source, 1, pool=pool)["image"], e1["image"])
-  halves = [list(linear_dino.train_batches(source, epoch=1, seed=0, batch_size=4, crop=8, shard_index=k,
-                                           shard_count=2)) for k in (0, 1)]
+  halves = [
+    list(linear_dino.train_batches(source, epoch=1, seed=0, batch_size=4, crop=8, shard_index=k, shard_count=2))
+    for k in (0, 1)
+  ]
   joined = np.concatenate([np.concatenate([a["image"], b["image"]]) for a, b in zip(*halves)])
   np.testing.assert_array_equal(joined, e1["image"])
 
@@ -153,7 +157,7 @@ def test_eval_view_is_resize_shorter_side_then_center_crop():
   # Independent: torchvision Resize(37) keeps the aspect (long side truncated), CenterCrop(32) rounds the offsets.
   resized = np.asarray(Image.fromarray(img).resize((int(37 * 45 / 30), 37), Image.BICUBIC))
   top, left = int(round((37 - 32) / 2)), int(round((resized.shape[1] - 32) / 2))
-  want = augment.normalize(resized[top:top + 32, left:left + 32])
+  want = augment.normalize(resized[top : top + 32, left : left + 32])
   np.testing.assert_allclose(linear_dino.eval_view(img, 32, 37), want, atol=1e-6)
   assert linear_dino.resolve_sizes(0, 0, 32) == (32, 37) and linear_dino.resolve_sizes(224, 256, 32) == (224, 256)
   assert linear_dino.resolve_sizes(0, 0, 224) == (224, 256)
@@ -166,25 +170,34 @@ def test_feature_choice_per_architecture_in_the_recipes():
   import runpy
 
   widths = {"S/16": 384, "B/16": 768, "L/16": 1024}
-  for name in ("simdino_vits16_in1k", "simdino_vitb16_in1k", "simdinov2_vitb16_in1k", "simdinov2_vitl16_in1k",
-               "dino_vitb16_in1k", "dinov2_vitb16_in1k", "dino_vmf_vitb16_in1k", "ibot_vmf_vitb16_in1k"):
+  for name in (
+    "simdino_vits16_in1k",
+    "simdino_vitb16_in1k",
+    "simdinov2_vitb16_in1k",
+    "simdinov2_vitl16_in1k",
+    "dino_vitb16_in1k",
+    "dinov2_vitb16_in1k",
+    "dino_vmf_vitb16_in1k",
+    "ibot_vmf_vitb16_in1k",
+  ):
     c = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]()
-    lin = c.eval.linear
+    lin = c.evals.linear
     assert lin.protocol == "dino" and lin.batch_size == 1024 and lin.epochs == 100, name
     assert (lin.crop_size, lin.resize_size) == (224, 256), name
     assert (lin.n_last_blocks, lin.avgpool) == linear_dino.dino_feature_choice(widths[c.model.variant]), name
   for name in ("demo", "cifar10_simdino"):
-    assert runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]().eval.linear.protocol == "frozen"
+    assert runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]().evals.linear.protocol == "frozen"
 
 
 @pytest.mark.parametrize("n_last_blocks,avgpool", [(4, False), (1, True)])
 def test_features_are_dinos_cls_concat_or_cls_and_avgpool(dino_run, n_last_blocks, avgpool):
   _, _, tr, state = dino_run
-  graphdef, params = tr.graphdef, state.teacher
+  graphdef, params = tr.backbone_graphdef, state.teacher["backbone"]
   images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
-  feature_fn = linear.make_feature_fn(graphdef, n_last_blocks=n_last_blocks, avgpool=avgpool)
-  intermediate = lambda p, x: nnx.merge(graphdef, p).backbone.get_intermediate_layers(x, n_last_blocks)  # noqa: E731
-  got = jax.jit(feature_fn)(params, images)["linear"]  # jitted: seconds faster than op-by-op on CPU
+  spec = ("linear", n_last_blocks, avgpool)
+  feature_fn = runner.make_feature_fn(graphdef, (spec,))
+  intermediate = lambda p, x: nnx.merge(graphdef, p).get_intermediate_layers(x, n_last_blocks)  # noqa: E731
+  got = jax.jit(feature_fn)(params, images)[runner.spec_key(spec)]  # jitted: seconds faster than op-by-op on CPU
   # DINO's computation on the token sequences [cls, patches] of the last n blocks (eval_linear.py, train()):
   #   output = cat([x[:, 0] for x in intermediate_output], -1)
   #   if avgpool: output = cat((output[..., None], mean(intermediate_output[-1][:, 1:], 1)[..., None]), -1)
@@ -214,8 +227,9 @@ def _torch_cosine_annealing(base_lr, t_max, epochs):
     elif (last_epoch - 1 - t_max) % (2 * t_max) == 0:
       lr = lr + (base_lr - eta_min) * (1 - math.cos(math.pi / t_max)) / 2
     else:
-      lr = ((1 + math.cos(math.pi * last_epoch / t_max)) / (1 + math.cos(math.pi * (last_epoch - 1) / t_max))
-            * (lr - eta_min) + eta_min)
+      lr = (1 + math.cos(math.pi * last_epoch / t_max)) / (1 + math.cos(math.pi * (last_epoch - 1) / t_max)) * (
+        lr - eta_min
+      ) + eta_min
     lrs.append(lr)
   return np.array(lrs)
 
@@ -224,11 +238,12 @@ def test_lr_scaling_and_cosine_schedule_follow_eval_linear():
   batch_size_per_gpu, world_size, epochs = 128, 8, 100
   for lr in (1e-3, 0.05):
     # eval_linear.py: torch.optim.SGD(..., args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256., ...)
-    peak = lr * (batch_size_per_gpu * world_size) / 256.
+    peak = lr * (batch_size_per_gpu * world_size) / 256.0
     assert linear_dino.scaled_lrs([lr], 1024)[0] == pytest.approx(peak, rel=1e-12)
     want = _torch_cosine_annealing(peak, epochs, epochs)
-    np.testing.assert_allclose(linear_dino.scaled_lrs([lr], 1024)[0] * linear_dino.epoch_lr_factors(epochs), want,
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+      linear_dino.scaled_lrs([lr], 1024)[0] * linear_dino.epoch_lr_factors(epochs), want, rtol=1e-9
+    )
   # The loop hands each epoch's lr (constant within the epoch) to the step, for every lr of the sweep at once.
   seen = []
 
@@ -237,9 +252,20 @@ def test_lr_scaling_and_cosine_schedule_follow_eval_linear():
     return state, jnp.zeros(lrs.shape)
 
   batches = lambda epoch: [(None, None, None)] * 2  # noqa: E731  (two steps per epoch)
-  linear_dino.run(step_fn=step_fn, batches_fn=batches, test_x=np.zeros((4, 3)), test_y=np.zeros(4, np.int32),
-                  num_classes=2, dim=3, lrs=(0.01, 0.1), batch_size=512, epochs=3, seed=0, num_train=1000,
-                  log=lambda _: None)
+  linear_dino.run(
+    step_fn=step_fn,
+    batches_fn=batches,
+    test_x=np.zeros((4, 3)),
+    test_y=np.zeros(4, np.int32),
+    num_classes=2,
+    dim=3,
+    lrs=(0.01, 0.1),
+    batch_size=512,
+    epochs=3,
+    seed=0,
+    num_train=1000,
+    log=lambda _: None,
+  )
   want = np.stack([_torch_cosine_annealing(lr * 2, 3, 3) for lr in (0.01, 0.1)], -1)  # batch 512: x 2
   np.testing.assert_allclose(np.stack(seen), np.repeat(want, 2, axis=0), rtol=1e-6)
 
@@ -254,8 +280,13 @@ def test_sgd_update_is_pytorch_sgd_momentum_on_the_mean_cross_entropy():
   batches = [(rng.normal(size=(n, d)), rng.integers(0, c, n), np.array([1, 1, 1, 1, 0, 0.0])) for _ in range(3)]
   update = jax.jit(linear_dino.sgd_update)
   for x, y, wt in batches:
-    state, _ = update(state, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32),
-                                      jnp.asarray(wt, jnp.float32), jnp.asarray(lrs, jnp.float32))
+    state, _ = update(
+      state,
+      jnp.asarray(x, jnp.float32),
+      jnp.asarray(y, jnp.int32),
+      jnp.asarray(wt, jnp.float32),
+      jnp.asarray(lrs, jnp.float32),
+    )
   for i, lr in enumerate(lrs):  # NumPy: nn.CrossEntropyLoss on the real examples, SGD(momentum=0.9), no decay
     w, b = w0.copy(), np.zeros(c)
     bw, bb = np.zeros_like(w), np.zeros_like(b)
@@ -277,22 +308,33 @@ def test_train_step_normalises_uint8_views_on_the_device_as_the_host_would():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 2, 2, 3), np.uint8)
   labels, weights, lrs = jnp.array([0, 1, 2, 0]), jnp.ones(4), jnp.array([0.1, 1.0])
-  step = jax.jit(linear_dino.make_train_step(lambda p, x: {"linear": x.reshape(len(x), -1)}))
+  step = jax.jit(linear_dino.make_train_step(lambda p, x: {"linear": x.reshape(len(x), -1)}, "linear"))
   state = linear_dino.init_classifiers(jax.random.key(0), 2, 12, 3)
-  (on_device, _), (on_host, _) = [step(dict(state), None, x, labels, weights, lrs)
-                                  for x in (jnp.asarray(images), jnp.asarray(augment.normalize(images)))]
+  (on_device, _), (on_host, _) = [
+    step(dict(state), None, x, labels, weights, lrs)
+    for x in (jnp.asarray(images), jnp.asarray(augment.normalize(images)))
+  ]
   for k in on_host:
     np.testing.assert_allclose(np.asarray(on_device[k]), np.asarray(on_host[k]), atol=1e-6)
 
 
 # -- validation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value,message", [
-    ("eval.linear.protocol", "dinov2", "config.eval.linear.protocol: must be 'frozen' (cached features) or 'dino'"),
-    ("eval.linear.crop_size", 18, "config.eval.linear.crop_size: must be 0 (the eval image size) or a positive "
-                                  "multiple of the patch size 4"),
-    ("eval.linear.resize_size", 12, "config.eval.linear.resize_size: must be 0 (crop x 256 / 224) or >= the crop "
-                                    "size 16"),
-])
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("evals.linear.protocol", "dinov2", "config.evals.linear.protocol: must be 'frozen' (cached features) or 'dino'"),
+    (
+      "evals.linear.crop_size",
+      18,
+      "config.evals.linear.crop_size: must be 0 (the eval image size) or a positive multiple of the patch size 4",
+    ),
+    (
+      "evals.linear.resize_size",
+      12,
+      "config.evals.linear.resize_size: must be 0 (crop x 256 / 224) or >= the crop size 16",
+    ),
+  ],
+)
 def test_invalid_linear_protocol_fields_are_refused_naming_the_field(tiny_config, field, value, message):
   tiny_config.update_from_flattened_dict({field: value})
   with pytest.raises(config_lib.ConfigError) as e:
@@ -301,10 +343,10 @@ def test_invalid_linear_protocol_fields_are_refused_naming_the_field(tiny_config
 
 
 def test_dino_protocol_batch_must_split_over_the_devices(tiny_config):
-  tiny_config.eval.linear.protocol = "dino"
-  tiny_config.eval.linear.batch_size = 30
+  tiny_config.evals.linear.protocol = "dino"
+  tiny_config.evals.linear.batch_size = 30
   tiny_config.batch_size = 8
-  with pytest.raises(config_lib.ConfigError, match=r"^config.eval.linear.batch_size: 30 is not divisible by the 4"):
+  with pytest.raises(config_lib.ConfigError, match=r"^config.evals.linear.batch_size: 30 is not divisible by the 4"):
     config_lib.validate(tiny_config, num_devices=4)
-  tiny_config.eval.linear.protocol = "frozen"  # the frozen probe runs on one device's copy: any batch
+  tiny_config.evals.linear.protocol = "frozen"  # the frozen probe runs on one device's copy: any batch
   config_lib.validate(tiny_config, num_devices=4)

@@ -33,14 +33,14 @@ def np_eq22(s, t, eps, gamma):
   """Paper eq. (22): 1/(2BMMg) sum_b sum_i sum_j ||t_bi - s_bj||^2 - gamma/Mg sum_i R(Z_s[:, i])."""
   b, m, _ = s.shape
   mg = t.shape[1]
-  align = sum(np.sum((t[bb, i] - s[bb, j])**2) for bb in range(b) for i in range(mg) for j in range(m))
+  align = sum(np.sum((t[bb, i] - s[bb, j]) ** 2) for bb in range(b) for i in range(mg) for j in range(m))
   align /= 2 * b * m * mg
   rate = np.mean([np_rate(s[:, i], eps) for i in range(mg)])
   return align - gamma * rate, align, rate
 
 
 def np_official_mcr(s, t, eps_official, coeff, n_devices=1):
-  """Official SimDINO v1 MCRLoss (REFERENCE.md 1.2), expa_type=1, per device, averaged over devices (DDP).
+  """Official SimDINO v1 MCRLoss (docs/methods.md#official-simdino-loss), expa_type=1, per device, averaged over devices (DDP).
 
   s: (B_global, V, p), t: (B_global, 2, p); device n holds rows [n*B, (n+1)*B).
   """
@@ -48,8 +48,8 @@ def np_official_mcr(s, t, eps_official, coeff, n_devices=1):
   b = bg // n_devices
   losses = []
   for n in range(n_devices):
-    S = np.transpose(s[n * b:(n + 1) * b], (1, 0, 2))  # (V, B, p) crop-major as in the official code
-    T = np.transpose(t[n * b:(n + 1) * b], (1, 0, 2))
+    S = np.transpose(s[n * b : (n + 1) * b], (1, 0, 2))  # (V, B, p) crop-major as in the official code
+    T = np.transpose(t[n * b : (n + 1) * b], (1, 0, 2))
     cos = lambda x, y: np.sum(x * y, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
     sim = np.array([[np.mean(cos(T[i], S[j])) for j in range(v)] for i in range(2)])
     sim[0, 0] = sim[1, 1] = 0.0
@@ -85,10 +85,10 @@ def test_coding_rate_groups_average_per_group_rates():
   rng = np.random.default_rng(2)
   z = unit_rows(rng, 48, 8)
   got = coding_rate(jnp.asarray(z, jnp.float32), 0.4, groups=3)
-  want = np.mean([np_rate(z[g * 16:(g + 1) * 16], 0.4) for g in range(3)])
+  want = np.mean([np_rate(z[g * 16 : (g + 1) * 16], 0.4) for g in range(3)])
   np.testing.assert_allclose(got, want, rtol=1e-5)
   grad = jax.grad(lambda x: coding_rate(x, 0.4, groups=3))(jnp.asarray(z, jnp.float32))
-  want_grad = np.concatenate([np_rate_grad(z[g * 16:(g + 1) * 16], 0.4) for g in range(3)]) / 3
+  want_grad = np.concatenate([np_rate_grad(z[g * 16 : (g + 1) * 16], 0.4) for g in range(3)]) / 3
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
@@ -125,7 +125,8 @@ def test_gamma_simdinov2_formula():
   assert gamma_simdinov2(eps, b, d, m, alpha, n) == pytest.approx(want, rel=1e-12)
   rate_bound = 1 / (2 * eps) * math.sqrt(d * min(d, b) / b)
   assert gamma_simdinov2(eps, b, d, m, alpha, n) * rate_bound == pytest.approx(
-      0.5 * (1 / math.sqrt(m) + math.sqrt((1 - alpha) / n)), rel=1e-12)
+    0.5 * (1 / math.sqrt(m) + math.sqrt((1 - alpha) / n)), rel=1e-12
+  )
 
 
 # ---- SimDINO loss ----
@@ -141,7 +142,8 @@ def test_simdino_loss_matches_paper_eq22_value_and_gradient():
   np.testing.assert_allclose(metrics["rate"], want_rate, rtol=1e-5)
 
   grad = jax.grad(lambda x: simdino_loss(x, jnp.asarray(t, jnp.float32), eps=eps, gamma=gamma)[0])(
-      jnp.asarray(s, jnp.float32))
+    jnp.asarray(s, jnp.float32)
+  )
   want_grad = (s - t.sum(axis=1, keepdims=True) / mg) / (b * m)  # d/ds_bj: 1/(BMMg) sum_i (s_bj - t_bi)
   for i in range(mg):
     want_grad[:, i] -= gamma / mg * np_rate_grad(s[:, i], eps)
@@ -163,9 +165,15 @@ def test_simdino_loss_equals_official_code_plus_one(n_devices):
   bg, v, p, eps_off = 16, 6, 32, 0.05
   s, t = unit_rows(rng, bg, v, p), unit_rows(rng, bg, 2, p)
   official = np_official_mcr(s, t, eps_off, coeff=1.0, n_devices=n_devices)
-  ours, _ = simdino_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
-                         eps=math.sqrt(n_devices * eps_off), gamma=1 / p + 1 / bg, exclude_same_view=True,
-                         expansion="mean", groups=n_devices)
+  ours, _ = simdino_loss(
+    jnp.asarray(s, jnp.float32),
+    jnp.asarray(t, jnp.float32),
+    eps=math.sqrt(n_devices * eps_off),
+    gamma=1 / p + 1 / bg,
+    exclude_same_view=True,
+    expansion="mean",
+    groups=n_devices,
+  )
   np.testing.assert_allclose(float(ours) - 1.0, official, rtol=1e-5, atol=1e-5)
 
 
@@ -174,7 +182,7 @@ def test_simdino_loss_exclude_same_view_drops_diagonal_pairs():
   s, t = unit_rows(rng, 5, 4, 6), unit_rows(rng, 5, 2, 6)
   _, metrics = simdino_loss(jnp.asarray(s), jnp.asarray(t), eps=0.5, gamma=0.0, exclude_same_view=True)
   pairs = [(i, j) for i in range(2) for j in range(4) if i != j]
-  want = np.mean([0.5 * np.sum((t[:, i] - s[:, j])**2, -1).mean() for i, j in pairs])
+  want = np.mean([0.5 * np.sum((t[:, i] - s[:, j]) ** 2, -1).mean() for i, j in pairs])
   np.testing.assert_allclose(metrics["align"], want, rtol=1e-5)
 
 

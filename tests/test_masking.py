@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from simdino_jax.data.masking import (BatchMasks, MaskingGenerator,
-                                      batch_masks, mask_targets)
+from simdino_jax.data.masking import BatchMasks, MaskingGenerator, batch_masks, mask_targets
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.pipeline import train_dataset, train_iterator
 from simdino_jax.data.sources import ArraySource
@@ -165,19 +164,15 @@ def test_batch_masks_are_shuffled_and_deterministic():
     m = batch_masks(np.random.default_rng(s), 64, 14, 14)
     positions.add(tuple(np.flatnonzero(m.any(1))))
   assert len(positions) == 10  # which crops are masked varies
-  assert not batch_masks(np.random.default_rng(0), 6, 4, 4,
-                         mask_probability=0.0).any()
-  assert batch_masks(np.random.default_rng(0), 6, 4, 4,
-                     mask_probability=1.0).any(1).all()
+  assert not batch_masks(np.random.default_rng(0), 6, 4, 4, mask_probability=0.0).any()
+  assert batch_masks(np.random.default_rng(0), 6, 4, 4, mask_probability=1.0).any(1).all()
   with pytest.raises(ValueError, match="grid"):
-    batch_masks(np.random.default_rng(0), 4, 4, 4,
-                generator=MaskingGenerator(5, 5))
+    batch_masks(np.random.default_rng(0), 4, 4, 4, generator=MaskingGenerator(5, 5))
 
 
 def test_batch_masks_transform_adds_mask_and_keeps_input():
   b, mg = 3, 2
-  batch = {"global": np.zeros((b, mg, 32, 32, 3), np.float32),
-           "label": np.arange(b, dtype=np.int32)}
+  batch = {"global": np.zeros((b, mg, 32, 32, 3), np.float32), "label": np.arange(b, dtype=np.int32)}
   out = BatchMasks(8).random_map(batch, np.random.default_rng(0))
   assert "mask" not in batch and out["global"] is batch["global"]
   assert out["mask"].shape == (b, mg, 16) and out["mask"].dtype == np.bool_
@@ -201,8 +196,7 @@ def _take(it, k):
 def test_pipeline_masks_shape_per_batch_counts_and_determinism():
   src = _tiny_source()
   # patch 2 on 16x16 crops: an 8x8 grid, N = 64 (targets >= int(6.4)).
-  mk = lambda seed, **kw: train_iterator(src, SMALL, batch_size=4, seed=seed,
-                                         mask_patch_size=2, **kw)
+  mk = lambda seed, **kw: train_iterator(src, SMALL, batch_size=4, seed=seed, mask_patch_size=2, **kw)
   a, b, c = _take(mk(0), 3), _take(mk(0), 3), _take(mk(1), 3)
   for x, y in zip(a, b):
     assert x["mask"].shape == (4, 2, 64) and x["mask"].dtype == np.bool_
@@ -231,8 +225,7 @@ def test_pipeline_masks_start_step_and_shards():
   for i in range(2):
     np.testing.assert_array_equal(ds[5 + i]["mask"], later[i]["mask"])
     np.testing.assert_array_equal(ds[5 + i]["global"], later[i]["global"])
-  shards = [train_dataset(src, SMALL, shard_index=k, shard_count=2, **kw)
-            for k in range(2)]
+  shards = [train_dataset(src, SMALL, shard_index=k, shard_count=2, **kw) for k in range(2)]
   assert not np.array_equal(shards[0][0]["mask"], shards[1][0]["mask"])
 
 
@@ -242,8 +235,16 @@ def test_pipeline_min_block_size_reaches_the_generator():
   src = _tiny_source()
   counts = {}
   for min_patches in (4, 16):
-    it = train_iterator(src, SMALL, batch_size=8, seed=0, mask_patch_size=2, mask_probability=1.0,
-                        mask_ratio=(0.1, 0.15), mask_min_patches=min_patches)
+    it = train_iterator(
+      src,
+      SMALL,
+      batch_size=8,
+      seed=0,
+      mask_patch_size=2,
+      mask_probability=1.0,
+      mask_ratio=(0.1, 0.15),
+      mask_min_patches=min_patches,
+    )
     counts[min_patches] = np.concatenate([x["mask"].reshape(-1, 64).sum(1) for x in _take(it, 3)])
   assert (counts[4] > 0).all()  # targets 6..9 cells are reached with small blocks
   assert (counts[16] == 0).mean() > 0.2

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import runpy
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from simdino_jax import config as config_lib
 from simdino_jax import methods, optim
 from simdino_jax.train import trainer
 from simdino_jax.train.step import masked_positions
@@ -44,6 +46,10 @@ def test_every_method_trains_from_the_demo_config(method, tmp_path):
     assert all(0 < r["prototypes_used"] <= 128 and r["teacher_entropy"] >= 0 for r in records)
   if methods.METHODS[method].uses_masks:
     assert all(math.isfinite(r.get("patch_align", r.get("ibot_ce", float("nan")))) for r in records)
+  # The progress line shows the method's loss terms: every one it declares is logged (but the optional ones).
+  optional = {"regularizer", "koleo"}  # Table 5 regularizers only / koleo_weight > 0 only
+  for r in records:
+    assert all(k in r for k in methods.METHODS[method].progress_line_keys if k not in optional)
 
 
 @pytest.mark.parametrize("regularizer", ["infonce", "uniformity", "barlow"])
@@ -84,8 +90,15 @@ def test_prototype_layer_is_frozen_for_the_first_epoch_and_g_for_good(tmp_path):
 
 
 def test_layerwise_lr_multipliers_follow_dinov2():
-  params = {"backbone": {"patch_embed": {"kernel": 0}, "cls_token": 0, "blocks": {"0": {"w": 0}, "11": {"w": 0}},
-                         "norm": {"scale": 0}}, "head": {"w": 0}}
+  params = {
+    "backbone": {
+      "patch_embed": {"kernel": 0},
+      "cls_token": 0,
+      "blocks": {"0": {"w": 0}, "11": {"w": 0}},
+      "norm": {"scale": 0},
+    },
+    "head": {"w": 0},
+  }
   m = optim.lr_multipliers(params, depth=12, layer_decay=0.9, patch_embed_mult=0.2)
   assert m["backbone"]["patch_embed"]["kernel"] == pytest.approx(0.2 * 0.9**13)
   assert m["backbone"]["cls_token"] == pytest.approx(0.9**13)
@@ -106,3 +119,75 @@ def test_mask_positions_bound_covers_the_generator():
   n = (c.data.global_size // 4) ** 2
   assert methods.mask_positions(c) == int(n * c.masking.ratio[1])
   assert methods.mask_positions(demo_config("simdino")) == 0
+
+
+def test_every_method_declares_what_the_trainer_and_step_need():
+  for name, m in methods.METHODS.items():
+    assert m.name == name
+    assert m.progress_line_keys[0] == "loss" and m.progress_line_keys[-2:] == ("feature_std", "effective_rank")
+    assert (m.build_patch_head is not None) == m.uses_masks, name
+  for name in ("dino", "dinov2", "dino_vmf", "ibot_vmf"):
+    assert "ce" in methods.METHODS[name].progress_keys and "prototypes_used" in methods.METHODS[name].progress_keys
+  assert "ibot_ce" in methods.METHODS["dinov2"].progress_keys and "ibot_ce" not in methods.METHODS["dino"].progress_keys
+  with pytest.raises(ValueError, match="build_patch_head"):
+    methods.Method("masked", build_head=lambda *a: None, make_loss=lambda *a: None, uses_masks=True)
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_optimizer_freezes_hold_the_prototype_layer(method):
+  # 89 steps per epoch: the last layer frozen for round(2 / 89 * 89) = 2 steps; g for good with norm_last_layer.
+  config = demo_config(method, **{"optim.freeze_last_layer_epochs": 2 / 89, "head.norm_last_layer": True})
+  params = nnx.split(nnx.eval_shape(lambda: methods.build_network(config)))[1]
+  freezes = methods.get_method(method).optimizer_freezes(config, params, 89)
+  if not methods.get_method(method).prototypes:
+    assert freezes == ()
+    return
+  (g_mask, g_until), (layer_mask, layer_until) = freezes
+  assert (g_until, layer_until) == (-1, 2)
+  assert [k for k, v in named_leaves(g_mask).items() if v] == ["head/last_layer/weight_g"]
+  assert sorted(k for k, v in named_leaves(layer_mask).items() if v) == [
+    "head/last_layer/weight_g",
+    "head/last_layer/weight_v",
+  ]
+  config.head.norm_last_layer, config.optim.freeze_last_layer_epochs = False, 0.0
+  assert methods.get_method(method).optimizer_freezes(config, params, 89) == ()
+
+
+@pytest.mark.parametrize("method", ["dino", "dino_vmf", "ibot_vmf"])
+def test_vmf_heads_output_their_prototype_norms(method):
+  config = demo_config(method, **{"head.separate_patch_head": True, "head.patch_num_prototypes": 32})
+  net = methods.build_network(config)
+  x = jnp.ones((2, 3, 48), jnp.float32)
+  out = net.head(x)
+  assert out["logits"].shape == (2, 3, 128)
+  if method == "dino":  # the step adds nothing: only the vMF heads carry norms
+    assert set(out) == {"z", "logits"}
+    return
+  np.testing.assert_array_equal(out["prototype_norms"], np.abs(np.asarray(net.head.last_layer.weight_g[...])))
+  if method == "ibot_vmf":
+    assert net.head.__class__ is net.patch_head.__class__ and net.patch_head(x)["prototype_norms"].shape == (32,)
+
+
+@pytest.mark.parametrize(
+  "method,field,value,match",
+  [
+    ("simdinov2", "loss.regularizer", "infonce", "config.loss.regularizer: the Table 5 regularizers"),
+    ("simdinov2", "masking.ratio", (0.1, 1.0), "config.masking.ratio"),
+    ("dinov2", "dino.koleo_weight", 0.1, "config.dino.koleo_groups"),
+    ("dino", "dino.centering", "mean", "config.dino.centering: must be 'centering' or 'sinkhorn_knopp'"),
+    ("dino", "data.num_local", 0, "config.data.num_local: the DINO-family cross-entropy"),
+    ("dino_vmf", "dino.centering", "sinkhorn_knopp", "config.dino.centering: the vMF methods"),
+    ("ibot_vmf", "head.norm_last_layer", True, "config.head.norm_last_layer"),
+    ("dino_vmf", "vmf.terms", 0, "config.vmf.terms"),
+  ],
+)
+def test_each_method_checks_its_own_fields(method, field, value, match):
+  config = demo_config(method, **{field: value})
+  if field == "data.num_local":
+    config.data.num_global = 1
+  if field == "dino.koleo_weight":
+    config.dino.koleo_groups = 3  # does not divide batch_size 16
+  with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
+    config_lib.validate(config, num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
+    methods.get_method(method).validate(config, num_devices=1)

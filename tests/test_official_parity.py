@@ -56,21 +56,39 @@ def test_refuses_a_clone_of_the_wrong_repository(tmp_path):
 def test_parity_with_the_official_trainer(method):
   python, clones = os.environ.get("SIMDINO_TORCH_PYTHON"), os.environ.get("SIMDINO_OFFICIAL_DIR")
   if not python or not clones:
-    pytest.skip("needs SIMDINO_TORCH_PYTHON (a Python with torch and simdino_jax) and SIMDINO_OFFICIAL_DIR (clones "
-                "SimDINO/, dino/, dinov2/ of the official repositories)")
+    pytest.skip(
+      "needs SIMDINO_TORCH_PYTHON (a Python with torch and simdino_jax) and SIMDINO_OFFICIAL_DIR (clones "
+      "SimDINO/, dino/, dinov2/ of the official repositories)"
+    )
   if not os.path.isdir(os.path.join(clones, CLONES[method])):
     pytest.skip(f"SIMDINO_OFFICIAL_DIR={clones} has no {CLONES[method]}/ clone")
-  if method in ("simdinov2", "dinov2") and not os.path.isfile(os.path.join(ROOT, "benchmarks",
-                                                                            "_parity_official_v2.py")):
+  if method in ("simdinov2", "dinov2") and not os.path.isfile(
+    os.path.join(ROOT, "benchmarks", "_parity_official_v2.py")
+  ):
     pytest.skip("benchmarks/_parity_official_v2.py (the official side of the v2 methods) is absent")
-  out = _run(["--method", method, "--official_repo", clones, "--steps", str(STEPS), "--threads", "2"],
-             python=python, timeout=3600)
+  out = _run(
+    ["--method", method, "--official_repo", clones, "--steps", str(STEPS), "--threads", "2"],
+    python=python,
+    timeout=3600,
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   lines = [l for l in out.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, out.stdout[-2000:]
   r = json.loads(lines[0])
-  report = json.dumps({k: r.get(k) for k in ("losses_ours", "losses_official", "first_divergence", "lockstep_transient",
-                                             "student_worst_leaf", "teacher_worst_leaf", "student_update_rel_diff")})
+  report = json.dumps(
+    {
+      k: r.get(k)
+      for k in (
+        "losses_ours",
+        "losses_official",
+        "first_divergence",
+        "lockstep_transient",
+        "student_worst_leaf",
+        "teacher_worst_leaf",
+        "student_update_rel_diff",
+      )
+    }
+  )
   assert r["method"] == method and r["steps"] == STEPS and len(r["losses_official"]) == STEPS, report
   assert r["step0_rel_diff"] <= STEP0_TOL, report
   assert r["max_loss_rel_diff"] <= LOSS_TOL, report

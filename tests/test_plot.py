@@ -27,9 +27,21 @@ def write_metrics(workdir, records, tail=""):
 def simdino_records(n=12):
   out = []
   for s in range(1, n + 1):
-    r = dict(step=s, loss=-1.0 - 0.1 * s, align=0.5 / s, rate=3.0 + 0.1 * s, gamma=0.01, lr=1e-4 * s, wd=0.04,
-             momentum=0.996, grad_norm=1.0, feature_std=0.05, effective_rank=10.0 + s, steps_per_sec=2.0,
-             images_per_sec=64.0)
+    r = dict(
+      step=s,
+      loss=-1.0 - 0.1 * s,
+      align=0.5 / s,
+      rate=3.0 + 0.1 * s,
+      gamma=0.01,
+      lr=1e-4 * s,
+      wd=0.04,
+      momentum=0.996,
+      grad_norm=1.0,
+      feature_std=0.05,
+      effective_rank=10.0 + s,
+      steps_per_sec=2.0,
+      images_per_sec=64.0,
+    )
     if s % 4 == 0:
       r.update(knn_top1=20.0 + s, knn_top5=50.0 + s)
     out.append(r)
@@ -46,8 +58,20 @@ def test_simdino_metrics_draw_a_png_with_loss_terms_schedules_monitors_and_knn(t
   # A cut-short last line (killed run) and a re-logged step (resume) must not break the plot.
   write_metrics(tmp_path, simdino_records() + [dict(simdino_records()[-1], loss=-5.0)], tail='{"step": 13, "lo')
   panels = plot.plot_curves(str(tmp_path))
-  assert panels == ["loss", "align", "rate", "gamma", "lr", "weight decay", "teacher momentum", "feature_std",
-                    "effective_rank", "grad_norm", "images/s", "k-NN accuracy (%)"]
+  assert panels == [
+    "loss",
+    "align",
+    "rate",
+    "gamma",
+    "lr",
+    "weight decay",
+    "teacher momentum",
+    "feature_std",
+    "effective_rank",
+    "grad_norm",
+    "images/s",
+    "k-NN accuracy (%)",
+  ]
   pixels = decode(tmp_path / "curves.png")
   assert pixels.shape == (3 * 252, 4 * 360, 3)  # 12 panels in a 3 x 4 grid at 90 dpi
   colours = np.unique(pixels.astype(np.int64) @ np.array([65536, 256, 1]))
@@ -56,14 +80,41 @@ def test_simdino_metrics_draw_a_png_with_loss_terms_schedules_monitors_and_knn(t
 
 
 def test_dino_family_and_unknown_terms_are_discovered_not_hard_coded(tmp_path):
-  records = [dict(step=s, loss=5.0 - s, ce=4.0, ibot_ce=3.0, koleo=-0.1, my_new_term=s * 2.0, teacher_temp=0.04,
-                  teacher_entropy=2.0, prototypes_used=100 + s, lr=1e-3, wd=0.04, momentum=0.99, note="text",
-                  **{"data/skipped": 0})
-             for s in range(1, 6)]
+  records = [
+    dict(
+      step=s,
+      loss=5.0 - s,
+      ce=4.0,
+      ibot_ce=3.0,
+      koleo=-0.1,
+      my_new_term=s * 2.0,
+      teacher_temp=0.04,
+      teacher_entropy=2.0,
+      prototypes_used=100 + s,
+      lr=1e-3,
+      wd=0.04,
+      momentum=0.99,
+      note="text",
+      **{"data/skipped": 0},
+    )
+    for s in range(1, 6)
+  ]
   out = tmp_path / "plots" / "dino.png"
   panels = plot.plot_curves(str(write_metrics(tmp_path, records)), str(out))
-  assert panels == ["loss", "ce", "ibot_ce", "koleo", "my_new_term", "lr", "weight decay", "teacher momentum",
-                    "teacher temperature", "teacher_entropy", "prototypes_used", "data/skipped"]
+  assert panels == [
+    "loss",
+    "ce",
+    "ibot_ce",
+    "koleo",
+    "my_new_term",
+    "lr",
+    "weight decay",
+    "teacher momentum",
+    "teacher temperature",
+    "teacher_entropy",
+    "prototypes_used",
+    "data/skipped",
+  ]
   assert decode(out).shape == (3 * 252, 4 * 360, 3)
 
 
@@ -78,13 +129,25 @@ def test_missing_or_empty_metrics_fail_naming_the_path(tmp_path):
 def test_command_line_writes_curves_png_and_reports_a_missing_file(tmp_path):
   write_metrics(tmp_path, simdino_records(3))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  ok = subprocess.run([sys.executable, "-m", "simdino_jax.plot", f"--workdir={tmp_path}"], cwd=ROOT, env=env,
-                      capture_output=True, text=True, timeout=120)
+  ok = subprocess.run(
+    [sys.executable, "-m", "simdino_jax.plot", f"--workdir={tmp_path}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "-> " + str(tmp_path / "curves.png") in ok.stdout and decode(tmp_path / "curves.png").size
   missing = tmp_path / "nowhere"
-  bad = subprocess.run([sys.executable, "-m", "simdino_jax.plot", f"--workdir={missing}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    [sys.executable, "-m", "simdino_jax.plot", f"--workdir={missing}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode == 1 and f"{missing / 'metrics.jsonl'}: no such file" in bad.stderr
 
 

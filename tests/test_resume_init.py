@@ -24,6 +24,7 @@ from test_step import fixed_batch
 from simdino_jax import export
 from simdino_jax.io import checkpointing
 from simdino_jax.train import trainer
+from simdino_jax.train.metrics import JsonLinesWriter
 from simdino_jax.tree import named_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +90,11 @@ def test_workdir_checkpoint_wins_over_resume_and_init_from(source, tmp_path):
 def test_resume_restores_the_full_state_and_continues_from_its_step(source, tmp_path, form):
   workdir, want = source
   config = make_tiny_config()  # seed 0: its own init differs from the source run's
-  config.resume = {"workdir": workdir, "checkpoints": os.path.join(workdir, "checkpoints"),
-                   "step_dir": os.path.join(workdir, "checkpoints", str(SOURCE_STEPS))}[form]
+  config.resume = {
+    "workdir": workdir,
+    "checkpoints": os.path.join(workdir, "checkpoints"),
+    "step_dir": os.path.join(workdir, "checkpoints", str(SOURCE_STEPS)),
+  }[form]
   config.init_from = workdir  # resume wins
   _, state, step = restore_or_init(config, tmp_path)
   assert step == SOURCE_STEPS
@@ -105,9 +109,9 @@ def test_init_from_workdir_loads_its_teacher_into_student_and_teacher_at_step_0(
   fresh = host(tr.init_state())
   got = host(state)
   assert step == 0 and int(got["step"]) == 0
-  teacher = {k[len("teacher/"):]: v for k, v in src.items() if k.startswith("teacher/")}
+  teacher = {k[len("teacher/") :]: v for k, v in src.items() if k.startswith("teacher/")}
   for which in ("student", "teacher"):
-    assert_trees_equal({k[len(which) + 1:]: v for k, v in got.items() if k.startswith(which + "/")}, teacher)
+    assert_trees_equal({k[len(which) + 1 :]: v for k, v in got.items() if k.startswith(which + "/")}, teacher)
   # A fresh optimizer: AdamW moments of zero (the source run's are not), the rng of this run's seed.
   moments = [v for k, v in got.items() if k.startswith("opt_state/") and re.search(r"/(mu|nu)/", k)]
   assert moments and all(not np.any(m) for m in moments)
@@ -123,9 +127,10 @@ def test_init_from_exported_backbone_keeps_a_fresh_head(source, tmp_path):
   config.init_from = path
   tr, state, _ = restore_or_init(config, tmp_path / "run")
   got, fresh = host(state), host(tr.init_state())
-  src_backbone = {k[len("teacher/"):]: v for k, v in src.items() if k.startswith("teacher/backbone/")}
-  assert_trees_equal({k[len("student/"):]: v for k, v in got.items() if k.startswith("student/backbone/")},
-                     src_backbone)
+  src_backbone = {k[len("teacher/") :]: v for k, v in src.items() if k.startswith("teacher/backbone/")}
+  assert_trees_equal(
+    {k[len("student/") :]: v for k, v in got.items() if k.startswith("student/backbone/")}, src_backbone
+  )
   assert_trees_equal(got, fresh, "teacher/head/")
   assert not np.array_equal(got["student/backbone/pos_embed"], fresh["student/backbone/pos_embed"])
 
@@ -140,8 +145,9 @@ def test_init_from_npz_with_a_head_of_another_shape_loads_the_backbone_only(sour
   tr, state, _ = restore_or_init(config, tmp_path / "run")
   got, fresh = host(state), host(tr.init_state())
   assert_trees_equal(got, fresh, "student/head/")
-  np.testing.assert_array_equal(got["student/backbone/blocks/0/attn/qkv/kernel"],
-                                src["teacher/backbone/blocks/0/attn/qkv/kernel"])
+  np.testing.assert_array_equal(
+    got["student/backbone/blocks/0/attn/qkv/kernel"], src["teacher/backbone/blocks/0/attn/qkv/kernel"]
+  )
   assert "head not loaded (head/mlp/2/bias: (16,) in the source, (24,) here)" in capsys.readouterr().out
 
 
@@ -162,9 +168,11 @@ def test_missing_paths_and_mismatched_shapes_are_named(source, tmp_path):
   config = make_tiny_config()
   config.model.img_size = 32  # a 8x8 pos-embed grid against the source's 4x4
   config.init_from = workdir
-  with pytest.raises(checkpointing.ResumeError,
-                     match=r"config.init_from: parameter backbone/pos_embed has shape \(1, 17, 32\) in the source, "
-                           r"\(1, 65, 32\) in this run"):
+  with pytest.raises(
+    checkpointing.ResumeError,
+    match=r"config.init_from: parameter backbone/pos_embed has shape \(1, 17, 32\) in the source, "
+    r"\(1, 65, 32\) in this run",
+  ):
     restore_or_init(config, tmp_path / "run_shape")
   config.init_from = ""
   config.resume = workdir
@@ -177,7 +185,7 @@ def test_resumed_run_trains_on_and_writes_its_files_through_epath(source, tmp_pa
   config = make_tiny_config()
   config.total_steps = SOURCE_STEPS + 1
   config.resume = workdir
-  config.eval.periodic = ()
+  config.evals.knn.every = 0
   out = epath.Path(tmp_path) / "run"
   result = trainer.Trainer(config, os.fspath(out)).run()
   assert result["step"] == SOURCE_STEPS + 1
@@ -194,7 +202,7 @@ def test_resumed_run_trains_on_and_writes_its_files_through_epath(source, tmp_pa
 @pytest.mark.parametrize("append", [True, False])
 def test_metrics_writer_keeps_lines_when_appending_or_rewriting(tmp_path, append):
   path = epath.Path(tmp_path) / "metrics.jsonl"
-  writer = trainer._JsonLinesWriter(path, ['{"step": 1}\n'], append=append)
+  writer = JsonLinesWriter(path, ['{"step": 1}\n'], append=append)
   for step in (2, 3):
     writer.write(json.dumps({"step": step}) + "\n")
     writer.flush()
@@ -262,13 +270,22 @@ def test_bfloat16_fsdp_all_gathers_bfloat16_parameters_while_the_state_stays_flo
   dump = str(tmp_path / "hlo")
   # The HLO right after SPMD partitioning: XLA:CPU later widens bfloat16 collectives to float32 (it has no bf16
   # all-gather), GPU and TPU keep them; what the partitioner gathers is what the program asks for.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} "
-                       "--xla_dump_hlo_pass_re=spmd-partitioning --xla_dump_hlo_module_re=.*train_step.*")
-  out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT.format(tests=os.path.join(ROOT, "tests"))], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} "
+    "--xla_dump_hlo_pass_re=spmd-partitioning --xla_dump_hlo_module_re=.*train_step.*",
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", FSDP_SCRIPT.format(tests=os.path.join(ROOT, "tests"))],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
-  report = json.loads([l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1][len("REPORT "):])
+  report = json.loads([l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1][len("REPORT ") :])
 
   def gathers(name):
     files = glob.glob(os.path.join(dump, f"*jit_{name}.*after_spmd-partitioning*"))

@@ -24,14 +24,13 @@ def test_warmup_cosine_matches_official_scheduler(warmup, init):
   total = 57
   fn = jax.jit(schedules.warmup_cosine(1e-3, 1e-6, total, warmup, warmup_init=init))
   got = np.array([fn(i) for i in range(total)])
-  np.testing.assert_allclose(got, official_cosine_scheduler(1e-3, 1e-6, total, warmup, init), rtol=1e-5,
-                             atol=1e-10)
+  np.testing.assert_allclose(got, official_cosine_scheduler(1e-3, 1e-6, total, warmup, init), rtol=1e-5, atol=1e-10)
 
 
 def test_momentum_and_weight_decay_schedules():
   m = schedules.cosine(0.996, 1.0, 100)
   np.testing.assert_allclose(m(0), 0.996, rtol=1e-7)
-  # REFERENCE.md 7: m(it) = 1 - 1/2 (1 - m0)(1 + cos(pi it / T))
+  # docs/methods.md#optimisation: m(it) = 1 - 1/2 (1 - m0)(1 + cos(pi it / T))
   for it in (1, 37, 99):
     np.testing.assert_allclose(m(it), 1 - 0.5 * 0.004 * (1 + np.cos(np.pi * it / 100)), rtol=1e-6)
   wd = schedules.cosine(0.04, 0.4, 100)
@@ -45,11 +44,17 @@ def test_schedule_rejects_bad_warmup():
 
 def test_weight_decay_mask_skips_biases_norms_layerscale_only():
   params = {
-      "cls_token": jnp.zeros((1, 1, 4)), "pos_embed": jnp.zeros((1, 5, 4)), "mask_token": jnp.zeros((1, 4)),
-      "patch_embed": {"kernel": jnp.zeros((2, 2, 3, 4)), "bias": jnp.zeros((4,))},
-      "blocks": {"0": {"norm1": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
-                       "attn": {"qkv": {"kernel": jnp.zeros((4, 12)), "bias": jnp.zeros(12)}},
-                       "ls1": {"gamma": jnp.ones(4)}}},
+    "cls_token": jnp.zeros((1, 1, 4)),
+    "pos_embed": jnp.zeros((1, 5, 4)),
+    "mask_token": jnp.zeros((1, 4)),
+    "patch_embed": {"kernel": jnp.zeros((2, 2, 3, 4)), "bias": jnp.zeros((4,))},
+    "blocks": {
+      "0": {
+        "norm1": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+        "attn": {"qkv": {"kernel": jnp.zeros((4, 12)), "bias": jnp.zeros(12)}},
+        "ls1": {"gamma": jnp.ones(4)},
+      }
+    },
   }
   mask = optim.weight_decay_mask(params)
   assert mask["cls_token"] and mask["pos_embed"] and mask["mask_token"]
@@ -73,7 +78,7 @@ def _optim_cfg(**kw):
 
 
 def test_lr_scaling_rules():
-  for rule, want in [("linear_256", 5e-4 * 512 / 256), ("sqrt_1024", 5e-4 * (512 / 1024)**0.5), ("none", 5e-4)]:
+  for rule, want in [("linear_256", 5e-4 * 512 / 256), ("sqrt_1024", 5e-4 * (512 / 1024) ** 0.5), ("none", 5e-4)]:
     fn = optim.lr_schedule(_optim_cfg(lr_scaling=rule), 512, 100, 10)
     np.testing.assert_allclose(fn(9), want, rtol=1e-6)  # end of warm-up = peak
   with pytest.raises(ValueError, match="lr_scaling"):
@@ -90,8 +95,7 @@ def test_adamw_update_matches_hand_computation_with_decay_mask():
   updates, _ = tx.update(grads, tx.init(params), params)
   # optax's bias correction 1 - b2**t runs in float32: 1 - float32(0.999) is 1.3e-5 off 1e-3, so g / sqrt(nu_hat)
   # is 6.4e-6 short of sign(g) (8e-6 relative on the -0.008 entry): 3e-5, not 1e-5.
-  np.testing.assert_allclose(updates["w"], -0.01 * (np.sign([[0.1, 0.2]]) + 0.1 * np.array([[1.0, -2.0]])),
-                             rtol=3e-5)
+  np.testing.assert_allclose(updates["w"], -0.01 * (np.sign([[0.1, 0.2]]) + 0.1 * np.array([[1.0, -2.0]])), rtol=3e-5)
   np.testing.assert_allclose(updates["bias"], [0.01], rtol=3e-5)
 
 
@@ -107,10 +111,12 @@ def test_per_module_clipping_clips_each_submodule_and_keeps_nnx_state():
   grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 10.0), params)
   clipped, _ = optim.clip_per_module(1.0).update(grads, optax.EmptyState())
   for key in ("backbone", "head"):
-    np.testing.assert_allclose(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(clipped[key]))), 1.0,
-                               rtol=1e-5)
-  tx = optim.make_optimizer(_optim_cfg(clip_mode="per_module"), params, schedules.constant(0.1),
-                            schedules.constant(0.0))
+    np.testing.assert_allclose(
+      np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(clipped[key]))), 1.0, rtol=1e-5
+    )
+  tx = optim.make_optimizer(
+    _optim_cfg(clip_mode="per_module"), params, schedules.constant(0.1), schedules.constant(0.0)
+  )
   updates, _ = tx.update(grads, tx.init(params), params)  # the whole chain accepts the clipped State
   assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
 
@@ -163,8 +169,11 @@ def simdinov2_cosine_scheduler(base, final, total, warmup, start):
 
 
 def test_step_over_warmup_rule_matches_the_simdinov2_fork_scheduler():
-  got = np.asarray(jax.vmap(schedules.warmup_cosine(4e-3, 1e-6, 30, 10, warmup_init=1e-6,
-                                                    warmup_rule="step_over_warmup"))(jnp.arange(30)))
+  got = np.asarray(
+    jax.vmap(schedules.warmup_cosine(4e-3, 1e-6, 30, 10, warmup_init=1e-6, warmup_rule="step_over_warmup"))(
+      jnp.arange(30)
+    )
+  )
   np.testing.assert_allclose(got, simdinov2_cosine_scheduler(4e-3, 1e-6, 30, 10, 1e-6), rtol=1e-5, atol=1e-9)
   linspace = np.asarray(jax.vmap(schedules.warmup_cosine(4e-3, 1e-6, 30, 10, warmup_init=1e-6))(jnp.arange(30)))
   assert abs(linspace[9] - 4e-3) < 1e-9 and got[9] < 3.7e-3  # linspace reaches base one step earlier

@@ -130,13 +130,17 @@ print("REPORT " + json.dumps(report))
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
-  script = SCRIPT.format(tests=os.path.join(ROOT, "tests"), n=NUM_DEVICES, min_size=FSDP_MIN_SIZE, rules=FSDP_RULES,
-                         workdir=str(tmp_path_factory.mktemp("checkpoints")))
-  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+  script = SCRIPT.format(
+    tests=os.path.join(ROOT, "tests"),
+    n=NUM_DEVICES,
+    min_size=FSDP_MIN_SIZE,
+    rules=FSDP_RULES,
+    workdir=str(tmp_path_factory.mktemp("checkpoints")),
+  )
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1]
-  return json.loads(line[len("REPORT "):])
+  return json.loads(line[len("REPORT ") :])
 
 
 def assert_metrics_match(metrics, reference):
@@ -208,23 +212,31 @@ def test_fsdp_step_gathers_parameters_not_activations(report):
   # simdino_jax/sharding.py). Gradients come back reduced (all-reduce or reduce-scatter).
   params = {tuple(shape) for k, shape in r["shapes"].items() if k.startswith("student/") and r["declared"][k] != "()"}
   allowed = params | {(math.prod(s[:-1]), s[-1]) for s in params}
-  gathered = [tuple(int(d) for d in re.search(r"= \w+\[([\d,]*)\]", line).group(1).split(",") if d)
-              for line in r["all_gathers"]]
+  gathered = [
+    tuple(int(d) for d in re.search(r"= \w+\[([\d,]*)\]", line).group(1).split(",") if d) for line in r["all_gathers"]
+  ]
   assert gathered and set(gathered) <= allowed, (set(gathered) - allowed, r["all_gathers"])
 
 
 # -- config errors (this process) ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value,match", [
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("sharding.rules", [(".*", "shard")], r"config\.sharding\.rules\[0\]: unknown rule 'shard'"),
-    ("sharding.rules", [(".*pos_embed", "replicate"), ("blocks/(", "fsdp")],
-     r"config\.sharding\.rules\[1\]: regex 'blocks/\(' does not compile"),
+    (
+      "sharding.rules",
+      [(".*pos_embed", "replicate"), ("blocks/(", "fsdp")],
+      r"config\.sharding\.rules\[1\]: regex 'blocks/\(' does not compile",
+    ),
     ("sharding.rules", [(".*", "fsdp", 2)], r"config\.sharding\.rules\[0\]: expected a \(regex, rule\) pair"),
     ("sharding.fsdp_min_size", -1, r"config\.sharding\.fsdp_min_size"),
     ("mesh", [("data", -1), ("fdsp", 1)], r"config\.mesh: axis names must be distinct, each 'data' or 'fsdp'"),
     ("mesh", [("data", -1), ("data", 1)], r"config\.mesh: axis names must be distinct"),
     ("mesh", [("data", 1), ("fsdp", 2)], r"config\.mesh: .* does not fit 1 devices"),
-])
+  ],
+)
 def test_bad_mesh_or_rule_is_a_config_error(tiny_config, tmp_path, field, value, match):
   tiny_config.update_from_flattened_dict({field: value})
   with pytest.raises(config_lib.ConfigError, match=match):
@@ -234,8 +246,11 @@ def test_bad_mesh_or_rule_is_a_config_error(tiny_config, tmp_path, field, value,
 
 def test_per_process_batch_must_divide_over_local_devices(tiny_config):
   tiny_config.batch_size = 24  # 2 processes: 12 per process, and 8 local devices each
-  with pytest.raises(config_lib.ConfigError, match=r"config\.batch_size: 24 over 2 processes gives 12 examples per "
-                                                 r"process, not divisible by its 8 local devices"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"config\.batch_size: 24 over 2 processes gives 12 examples per "
+    r"process, not divisible by its 8 local devices",
+  ):
     config_lib.validate(tiny_config, num_devices=12, num_processes=2, num_local_devices=8)
   config_lib.validate(tiny_config, num_devices=4, num_processes=2)  # 12 per process over 2 local devices: fine
 
@@ -266,9 +281,20 @@ def test_single_device_trainer_state_is_replicated(tiny_config, tmp_path):
 
 # -- multi-host start-up ---------------------------------------------------------------------------------------
 
-LAUNCHER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                 "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS",
-                 "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES", "SIMDINO_DISTRIBUTED")
+LAUNCHER_VARS = (
+  "JAX_COORDINATOR_ADDRESS",
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+  "OMPI_MCA_orte_hnp_uri",
+  "OMPI_COMM_WORLD_SIZE",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+  "TPU_PROCESS_ADDRESSES",
+  "TPU_WORKER_HOSTNAMES",
+  "SIMDINO_DISTRIBUTED",
+)
 
 
 @pytest.fixture
@@ -292,15 +318,20 @@ def test_distributed_start_is_a_no_op_on_one_host(clean_env):
   assert jax.config.jax_threefry_partitionable
 
 
-@pytest.mark.parametrize("env,kind", [
-    (dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="n[1-2]", SLURM_NTASKS="2", SLURM_PROCID="0", SLURM_LOCALID="0"),
-     "slurm"),
+@pytest.mark.parametrize(
+  "env,kind",
+  [
+    (
+      dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="n[1-2]", SLURM_NTASKS="2", SLURM_PROCID="0", SLURM_LOCALID="0"),
+      "slurm",
+    ),
     (dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:1234", JAX_NUM_PROCESSES="4", JAX_PROCESS_ID="3"), "coordinator"),
     (dict(TPU_WORKER_HOSTNAMES="w0,w1,w2,w3"), "tpu"),
     (dict(TPU_WORKER_HOSTNAMES="w0"), None),
     (dict(OMPI_MCA_orte_hnp_uri="1.0;tcp://10.0.0.1:1", OMPI_COMM_WORLD_SIZE="2"), "openmpi"),
     (dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:1234", SIMDINO_DISTRIBUTED="0"), None),
-])
+  ],
+)
 def test_distributed_start_detects_launchers(clean_env, env, kind):
   for k, v in env.items():
     clean_env.setenv(k, v)

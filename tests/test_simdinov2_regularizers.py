@@ -43,17 +43,21 @@ def np_eq42(sc, tc, sp, tp, mask, eps, gamma):
   distances divided by N (ALL of its patch tokens), then the mean over all B * Mg crops, masked or not."""
   b, m, _ = sc.shape
   mg, n = tc.shape[1], tp.shape[2]
-  cls = sum(np.sum((tc[x, i] - sc[x, j])**2) for x in range(b) for i in range(mg) for j in range(m)) / (2 * b * m * mg)
-  patch = sum(np.sum((tp[x, i, t] - sp[x, i, t])**2) * mask[x, i, t]
-              for x in range(b) for i in range(mg) for t in range(n)) / (2 * b * mg * n)
+  cls = sum(np.sum((tc[x, i] - sc[x, j]) ** 2) for x in range(b) for i in range(mg) for j in range(m)) / (
+    2 * b * m * mg
+  )
+  patch = sum(
+    np.sum((tp[x, i, t] - sp[x, i, t]) ** 2) * mask[x, i, t] for x in range(b) for i in range(mg) for t in range(n)
+  ) / (2 * b * mg * n)
   rate = np.mean([np_rate(sc[:, i], eps) for i in range(mg)])
   return 0.5 * (cls + patch) - gamma * rate
 
 
 def test_simdinov2_paper_weighting_is_eq42():
   sc, tc, sp, tp, mask = setup()
-  got, metrics = simdinov2_loss(*(jnp.asarray(a) for a in (sc, tc, sp, tp, mask)), eps=0.5, gamma=0.2,
-                                weighting="paper")
+  got, metrics = simdinov2_loss(
+    *(jnp.asarray(a) for a in (sc, tc, sp, tp, mask)), eps=0.5, gamma=0.2, weighting="paper"
+  )
   # float32 against float64 loops over <= 100 terms: 1e-5 relative is float32 reassociation, not slack.
   np.testing.assert_allclose(got, np_eq42(sc, tc, sp, tp, mask, 0.5, 0.2), rtol=1e-5, atol=1e-6)
   assert set(metrics) >= {"align", "patch_align", "rate"}
@@ -66,21 +70,30 @@ def test_simdinov2_paper_weighting_on_a_gathered_subset_divides_by_all_patches()
   order = np.argsort(~mask, axis=-1, kind="stable")[..., :6]  # masked positions first; no crop has more than 6
   assert mask.sum(-1).max() <= 6
   take = lambda a: np.take_along_axis(a, order[..., None], axis=2)  # noqa: E731
-  got, _ = simdinov2_loss(*(jnp.asarray(a) for a in (sc, tc, take(sp), take(tp),
-                                                      np.take_along_axis(mask, order, axis=-1))),
-                          eps=0.5, gamma=0.3, weighting="paper", num_patches=10)
+  got, _ = simdinov2_loss(
+    *(jnp.asarray(a) for a in (sc, tc, take(sp), take(tp), np.take_along_axis(mask, order, axis=-1))),
+    eps=0.5,
+    gamma=0.3,
+    weighting="paper",
+    num_patches=10,
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_simdinov2_masked_mean_weighting_averages_over_masked_crops():
   sc, tc, sp, tp, mask = setup(2)
   b, mg = tc.shape[:2]
-  cls = np.mean([0.5 * np.sum((tc[x, i] - sc[x, j])**2) for x in range(b) for i in range(mg) for j in range(4)])
-  per_crop = [np.mean([0.5 * np.sum((tp[x, i, t] - sp[x, i, t])**2) for t in np.nonzero(mask[x, i])[0]])
-              for x in range(b) for i in range(mg) if mask[x, i].any()]
+  cls = np.mean([0.5 * np.sum((tc[x, i] - sc[x, j]) ** 2) for x in range(b) for i in range(mg) for j in range(4)])
+  per_crop = [
+    np.mean([0.5 * np.sum((tp[x, i, t] - sp[x, i, t]) ** 2) for t in np.nonzero(mask[x, i])[0]])
+    for x in range(b)
+    for i in range(mg)
+    if mask[x, i].any()
+  ]
   want = 0.5 * (cls + np.mean(per_crop)) - 0.2 * np.mean([np_rate(sc[:, i], 0.5) for i in range(mg)])
-  got, _ = simdinov2_loss(*(jnp.asarray(a) for a in (sc, tc, sp, tp, mask)), eps=0.5, gamma=0.2,
-                          weighting="masked_mean")
+  got, _ = simdinov2_loss(
+    *(jnp.asarray(a) for a in (sc, tc, sp, tp, mask)), eps=0.5, gamma=0.2, weighting="masked_mean"
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -101,8 +114,13 @@ def test_simdinov2_official_weighting_equals_official_code():
       for t in idx:
         ibot -= np.sum(tp[x, i, t] * sp[x, i, t]) / len(idx) / (2 * b)
   official = -comp - gamma * r + ibot
-  ours, _ = simdinov2_loss(*(jnp.asarray(a) for a in (sc, tc, sp, tp, mask)), eps=math.sqrt(eps_off), gamma=gamma,
-                           weighting="official", exclude_same_view=True)
+  ours, _ = simdinov2_loss(
+    *(jnp.asarray(a) for a in (sc, tc, sp, tp, mask)),
+    eps=math.sqrt(eps_off),
+    gamma=gamma,
+    weighting="official",
+    exclude_same_view=True,
+  )
   masked_crops = int(np.sum(mask.any(-1)))
   # 1 - cos = 1/2 ||t - s||^2 for unit vectors: ours = official + 1 + (masked crops)/(2B).
   np.testing.assert_allclose(float(ours), official + 1 + masked_crops / (2 * b), rtol=1e-5, atol=1e-5)
@@ -110,7 +128,7 @@ def test_simdinov2_official_weighting_equals_official_code():
 
 def test_uniformity_matches_numpy():
   z = unit(np.random.default_rng(2), 10, 5)
-  pairs = [np.exp(-2 * np.sum((z[i] - z[j])**2)) for i in range(10) for j in range(10) if i != j]
+  pairs = [np.exp(-2 * np.sum((z[i] - z[j]) ** 2)) for i in range(10) for j in range(10) if i != j]
   np.testing.assert_allclose(regularizers.uniformity(jnp.asarray(z)), np.log(np.mean(pairs)), rtol=1e-5)
 
 
@@ -130,5 +148,5 @@ def test_barlow_twins_matches_numpy():
   za = (a - a.mean(0)) / (a.std(0) + 1e-6)
   zb = (b - b.mean(0)) / (b.std(0) + 1e-6)
   c = za.T @ zb / 16
-  want = np.sum((1 - np.diag(c))**2) + 5e-3 * (np.sum(c**2) - np.sum(np.diag(c)**2))
+  want = np.sum((1 - np.diag(c)) ** 2) + 5e-3 * (np.sum(c**2) - np.sum(np.diag(c) ** 2))
   np.testing.assert_allclose(regularizers.barlow_twins(jnp.asarray(a), jnp.asarray(b)), want, rtol=1e-4)

@@ -14,9 +14,7 @@ from PIL import Image
 from simdino_jax.data import sources
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.pipeline import train_iterator
-from simdino_jax.data.sources import (CorruptImageWarning, FolderSource,
-                                      TarFolderSource, load_folder,
-                                      load_source)
+from simdino_jax.data.sources import CorruptImageWarning, FolderSource, TarFolderSource, load_folder, load_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIRS = ("/work/shared/data", os.path.join(ROOT, "..", "shared", "data"))
@@ -27,8 +25,9 @@ def _real(rel):
     p = os.path.join(d, rel)
     if os.path.isfile(p):
       return p
-  pytest.skip(f"real data {rel} not found under {' or '.join(DATA_DIRS)} "
-              "(../shared/data exists only on the project machines)")
+  pytest.skip(
+    f"real data {rel} not found under {' or '.join(DATA_DIRS)} (../shared/data exists only on the project machines)"
+  )
 
 
 def _rgb(seed, h=10, w=12):
@@ -53,9 +52,17 @@ def _jpeg_bytes(img):
 
 
 # Files of the train split in source order (class, then path) and their labels.
-TRAIN_ORDER = ["cat/a.png", "cat/b.JPEG", "dog/c.png", "dog/d.jpg", "dog/e.png",
-               "dog/zz_bad.jpg", "emu/f.jpg", "emu/g_trunc.jpg",
-               "emu/nested/h.png"]
+TRAIN_ORDER = [
+  "cat/a.png",
+  "cat/b.JPEG",
+  "dog/c.png",
+  "dog/d.jpg",
+  "dog/e.png",
+  "dog/zz_bad.jpg",
+  "emu/f.jpg",
+  "emu/g_trunc.jpg",
+  "emu/nested/h.png",
+]
 TRAIN_LABELS = [0, 0, 1, 1, 1, 1, 2, 2, 2]
 BAD = {5: 6, 7: 8}  # undecodable index -> the index returned instead
 
@@ -77,7 +84,7 @@ def _make_tree(root):
     f.write(b"this is not an image at all" * 10)
   with open(f"{tr}/emu/g_trunc.jpg", "wb") as f:
     data = _jpeg_bytes(Image.fromarray(_rgb(9, 64, 64)))
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   for junk in (f"{tr}/cat/readme.txt", f"{tr}/notes.txt", f"{tr}/cat/._a.png"):
     with open(junk, "wb") as f:
       f.write(b"ignored")
@@ -140,17 +147,20 @@ def test_corrupt_files_are_replaced_counted_and_warned_once(tree):
   with pytest.warns(CorruptImageWarning) as rec:
     ex = src[5]
   assert len(rec) == 1 and "zz_bad.jpg" in str(rec[0].message)
-  assert ex["label"] == 2 and src.skipped == 1
+  assert ex["label"] == 2 and src.skipped == 1 and ex["skipped"] == 1
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no second warning for the same file
     ex2 = src[5]
   np.testing.assert_array_equal(ex["image"], ex2["image"])
-  assert src.skipped == 2 and src.num_skipped() == 2
+  assert src.skipped == 1 and src.num_skipped() == 1  # a file counts once, however often it is drawn
   with pytest.warns(CorruptImageWarning, match="g_trunc.jpg"):
-    src[7]  # truncated JPEG
-  assert src.skipped == 3 and sources.num_skipped() == total0 + 3
-  src[4]  # a good file does not count
-  assert src.skipped == 3
+    assert src[7]["skipped"] == 1  # truncated JPEG
+  assert src.skipped == 2 and sources.num_skipped() == total0 + 2
+  assert src[4]["skipped"] == 0 and src[6]["skipped"] == 0  # a good file does not count
+  assert src.skipped == 2
+  # Evaluation: the bad file is left out (None), not replaced, and not counted again.
+  assert src.try_example(5) is None and src.try_example(7) is None
+  assert src.try_example(4)["label"] == 1 and src.skipped == 2
   assert src[-1]["label"] == 2
   with pytest.raises(IndexError):
     src[len(src)]
@@ -167,7 +177,7 @@ def test_tar_source_matches_directory_source(tree, tmp_path, arcname):
     src[5]
   assert src.skipped == 1
   exs = _check_train(src)
-  assert src.skipped == 3  # passes over bad files 5 and 7 in _check_train
+  assert src.skipped == 2  # bad files 5 and 7, each counted once
   ref = load_folder(tree, "train")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", CorruptImageWarning)
@@ -204,8 +214,7 @@ def test_missing_split_empty_and_missing_path_errors(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     load_folder(str(root), "test")
   msg = str(e.value)
-  for s in (str(root), "'test/'", "'val/'", "train", "README",
-            "<root>/<split>/<class>/<image>"):
+  for s in (str(root), "'test/'", "'val/'", "train", "README", "<root>/<split>/<class>/<image>"):
     assert s in msg, s
   tar = _make_tar(str(root), tmp_path / "t.tar", "top")
   with pytest.raises(FileNotFoundError) as e:
@@ -257,8 +266,7 @@ def test_real_cifar10_tar():
   tr = load_source(f"folder:{tar}", "train")
   te = load_source(f"folder:{tar}", "test")
   assert (len(tr), len(te)) == (50000, 10000)
-  assert tr.class_names == ("airplane", "automobile", "bird", "cat", "deer",
-                            "dog", "frog", "horse", "ship", "truck")
+  assert tr.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
   assert tr.num_classes == te.num_classes == 10
   np.testing.assert_array_equal(np.bincount(tr.labels), [5000] * 10)
   np.testing.assert_array_equal(np.bincount(te.labels), [1000] * 10)

@@ -18,11 +18,17 @@ def build(config, momentum=0.9):
   lr = schedules.constant(config.optim.lr)
   wd = schedules.constant(0.04)
   tx = optim.make_optimizer(config.optim, params, lr, wd)
-  state = TrainState(step=jnp.zeros((), jnp.int32), student=params,
-                     teacher=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params),
-                     loss_state={}, rng=jax.random.key_data(jax.random.key(1)))
-  step = make_train_step(graphdef, method.make_loss(config, 100), tx, lr_fn=lr, wd_fn=wd,
-                         momentum_fn=schedules.constant(momentum))
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    student=params,
+    teacher=jax.tree_util.tree_map(jnp.copy, params),
+    opt_state=tx.init(params),
+    loss_state={},
+    rng=jax.random.key_data(jax.random.key(1)),
+  )
+  step = make_train_step(
+    graphdef, method.make_loss(config, 100), tx, lr_fn=lr, wd_fn=wd, momentum_fn=schedules.constant(momentum)
+  )
   return state, step
 
 
@@ -30,10 +36,12 @@ def fixed_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   d = config.data
   return {
-      "global": jnp.asarray(rng.standard_normal((config.batch_size, d.num_global, d.global_size, d.global_size, 3)),
-                            jnp.float32),
-      "local": jnp.asarray(rng.standard_normal((config.batch_size, d.num_local, d.local_size, d.local_size, 3)),
-                           jnp.float32),
+    "global": jnp.asarray(
+      rng.standard_normal((config.batch_size, d.num_global, d.global_size, d.global_size, 3)), jnp.float32
+    ),
+    "local": jnp.asarray(
+      rng.standard_normal((config.batch_size, d.num_local, d.local_size, d.local_size, 3)), jnp.float32
+    ),
   }
 
 
@@ -105,8 +113,9 @@ def test_bfloat16_step_tracks_float32_step_and_keeps_a_float32_state(tiny_config
 
   # The update itself (lr 1e-3 Adam: ~1e-3 per weight) agrees in direction: bf16 noise does not flip it.
   def update(new_state):
-    return np.concatenate([np.ravel(np.asarray(a) - b) for a, b in zip(jax.tree_util.tree_leaves(new_state.student),
-                                                                        start)])
+    return np.concatenate(
+      [np.ravel(np.asarray(a) - b) for a, b in zip(jax.tree_util.tree_leaves(new_state.student), start)]
+    )
 
   d32, d16 = update(new32), update(new16)
   cosine = float(d32 @ d16 / (np.linalg.norm(d32) * np.linalg.norm(d16)))

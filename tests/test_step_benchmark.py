@@ -9,15 +9,36 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "step_throughput.py")
-TINY = ["--preset", "cpu-vit-tiny", "--batch_size", "4", "--steps", "2", "--warmup", "1", "--notcmalloc",
-        "--set", "model.variant=mu/4", "--set", "model.embed_dim=32", "--set", "model.depth=2",
-        "--set", "model.num_heads=2", "--set", "head.hidden_dim=64", "--set", "head.out_dim=16"]
+TINY = [
+  "--preset",
+  "cpu-vit-tiny",
+  "--batch_size",
+  "4",
+  "--steps",
+  "2",
+  "--warmup",
+  "1",
+  "--notcmalloc",
+  "--set",
+  "model.variant=mu/4",
+  "--set",
+  "model.embed_dim=32",
+  "--set",
+  "model.depth=2",
+  "--set",
+  "model.num_heads=2",
+  "--set",
+  "head.hidden_dim=64",
+  "--set",
+  "head.out_dim=16",
+]
 
 
 def run(args, tmp_path, devices=1):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  out = subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run(
+    [sys.executable, SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [l for l in out.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, out.stdout
@@ -27,7 +48,8 @@ def run(args, tmp_path, devices=1):
 def test_step_benchmark_reports_consistent_figures_and_the_ratio_to_a_reference(tmp_path):
   # A stand-in for the torch Python: it checks the arguments it is given and reports a fixed rate.
   fake = tmp_path / "fake_torch_python"
-  fake.write_text(textwrap.dedent(f"""\
+  fake.write_text(
+    textwrap.dedent(f"""\
       #!{sys.executable}
       import json, sys
       args = sys.argv[2:]
@@ -36,7 +58,8 @@ def test_step_benchmark_reports_consistent_figures_and_the_ratio_to_a_reference(
       assert args[args.index("--batch_size") + 1] == "4", args
       print("noise before the result line")
       print(json.dumps({{"images_per_sec": 0.5, "torch_version": "fake", "threads": 2}}))
-      """))
+      """)
+  )
   fake.chmod(0o755)
   r = run([*TINY, "--rounds", "2", "--torch_python", str(fake), "--official_repo", "/some/SimDINO"], tmp_path)
   assert r["batch_size"] == 4 and r["steps"] == 4 and r["crops"] == "2x32 + 6x16"
@@ -67,6 +90,12 @@ def test_step_flops_and_mfu_count_every_device(tmp_path):
 
 
 def test_step_benchmark_refuses_a_reference_without_the_official_repo(tmp_path):
-  out = subprocess.run([sys.executable, SCRIPT, "--torch_python", sys.executable, "--notcmalloc"], cwd=tmp_path,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, SCRIPT, "--torch_python", sys.executable, "--notcmalloc"],
+    cwd=tmp_path,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode != 0 and "--official_repo" in out.stderr

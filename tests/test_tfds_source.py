@@ -25,7 +25,14 @@ from PIL import Image
 
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data.pipeline import train_dataset
-from simdino_jax.data.sources import CorruptImageWarning, TfdsSource, load_source, tfds_split_for
+from simdino_jax.data.sources import (
+  CorruptImageWarning,
+  DataError,
+  TfdsSource,
+  has_labelled_split,
+  load_source,
+  tfds_split_for,
+)
 
 NUM_TRAIN, NUM_VAL, NUM_CLASSES = 24, 8, 3
 BAD_INDEX = 5  # train example whose bytes are not an image
@@ -65,25 +72,34 @@ def _example(split: str, i: int):
   if split == "train" and i == PALETTE_INDEX:
     pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=8)
     data = _encode(pal, "PNG")
-    lut = np.asarray(pal.getpalette()[:3 * 256] + [0] * (768 - len(pal.getpalette()[:768])), np.uint8).reshape(256, 3)
+    lut = np.asarray(pal.getpalette()[: 3 * 256] + [0] * (768 - len(pal.getpalette()[:768])), np.uint8).reshape(256, 3)
     return data, lut[np.asarray(pal)], label
   return rgb, rgb, label
 
 
 class SimdinoTestImages(tfds.core.GeneratorBasedBuilder):
   """A tiny labelled image dataset with a train and a validation split."""
+
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-        "index": tfds.features.Scalar(dtype=np.int64)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+          "index": tfds.features.Scalar(dtype=np.int64),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {"train": self._generate_examples("train", NUM_TRAIN),
-            "validation": self._generate_examples("validation", NUM_VAL)}
+    return {
+      "train": self._generate_examples("train", NUM_TRAIN),
+      "validation": self._generate_examples("validation", NUM_VAL),
+    }
 
   def _generate_examples(self, split, n):
     for i in range(n):
@@ -96,8 +112,9 @@ def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
   with mock.patch.object(tfds.features.Image, "encode_example", _pil_encode_example):
     builder = SimdinoTestImages(data_dir=path, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    )
   return path
 
 
@@ -108,8 +125,10 @@ def _by_index(src):
 
 
 def test_mock_data_serves_the_tfds_source_without_tensorflow():
-  with tfds.testing.mock_data(num_examples=12), \
-      mock.patch.object(tfds.features.Image, "encode_example", _pil_encode_example):
+  with (
+    tfds.testing.mock_data(num_examples=12),
+    mock.patch.object(tfds.features.Image, "encode_example", _pil_encode_example),
+  ):
     src = load_source("tfds:mnist", "train")
     test = load_source("tfds:mnist", "test")
     ex = src[3]
@@ -124,7 +143,11 @@ def test_mock_data_serves_the_tfds_source_without_tensorflow():
 def test_tfds_source_decodes_images_to_rgb_with_their_labels(data_dir):
   src = load_source("tfds:simdino_test_images", "train", tfds_data_dir=data_dir)
   assert (len(src), src.num_classes, src.split, src.name) == (
-      NUM_TRAIN, NUM_CLASSES, "train", "tfds:simdino_test_images/train")
+    NUM_TRAIN,
+    NUM_CLASSES,
+    "train",
+    "tfds:simdino_test_images/train",
+  )
   where = _by_index(src)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", CorruptImageWarning)
@@ -150,6 +173,16 @@ def test_tfds_test_split_reads_validation_and_lists_the_splits_otherwise(data_di
     tfds_split_for("train", ["test"], "tfds:x")
 
 
+def test_tfds_has_labelled_split_reads_dataset_info(data_dir):
+  spec = "tfds:simdino_test_images"
+  assert has_labelled_split(spec, "train", tfds_data_dir=data_dir)
+  assert has_labelled_split(spec, "test", tfds_data_dir=data_dir)  # served by "validation"
+  assert not has_labelled_split(spec, "extra", tfds_data_dir=data_dir)
+  with pytest.raises(DataError, match="no dataset 'no_such_dataset_xyz'"):  # a typo is an error, not "unlabelled"
+    has_labelled_split("tfds:no_such_dataset_xyz", "test", tfds_data_dir=data_dir)
+  assert "tensorflow" not in sys.modules
+
+
 def test_tfds_data_dir_comes_from_the_environment_when_not_given(data_dir, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
   assert len(load_source("tfds:simdino_test_images", "test")) == NUM_VAL
@@ -166,7 +199,8 @@ def test_tfds_corrupt_example_is_replaced_counted_and_warned_about(data_dir):
   assert ex["label"] == nxt["label"] and ex["skipped"] == 1 and src.skipped == 1
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # warned once per example and process
-    assert src[bad]["skipped"] == 1 and src.skipped == 2
+    assert src[bad]["skipped"] == 1 and src.skipped == 1  # counted once per example
+  assert src.try_example(bad) is None and src.skipped == 1  # evaluation leaves it out
 
 
 def test_tfds_source_pickles_for_grain_workers_and_reopens(data_dir):
@@ -181,8 +215,11 @@ def test_tfds_source_pickles_for_grain_workers_and_reopens(data_dir):
 
 
 def test_tfds_missing_or_unprepared_datasets_are_clear_errors(tmp_path):
-  with pytest.raises(ValueError, match=r"no dataset 'no_such_dataset_xyz'.*tfds build no_such_dataset_xyz "
-                                       r"--file_format=array_record"):
+  with pytest.raises(
+    ValueError,
+    match=r"no dataset 'no_such_dataset_xyz'.*tfds build no_such_dataset_xyz "
+    r"--file_format=array_record",
+  ):
     load_source("tfds:no_such_dataset_xyz", "train", tfds_data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"not prepared in .*mnist.*--file_format=array_record"):
     load_source("tfds:mnist", "train", tfds_data_dir=str(tmp_path))
@@ -208,6 +245,7 @@ def test_tfds_source_is_sharded_by_process_like_every_source(data_dir):
 def test_trainer_trains_on_a_tfds_source(data_dir, tmp_path):
   from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
   from simdino_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   c = make_tiny_config()
   c.data.source = "tfds:simdino_test_images"
   c.data.tfds_data_dir = data_dir
@@ -219,5 +257,6 @@ def test_trainer_trains_on_a_tfds_source(data_dir, tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
-  assert (result["num_train"], result["num_test"]) == (NUM_TRAIN, NUM_VAL)  # k-NN on train / validation
+  # k-NN on train / validation; the undecodable train example is left out of the memory bank, not duplicated.
+  assert (result["num_train"], result["num_test"]) == (NUM_TRAIN - 1, NUM_VAL)
   assert os.path.exists(tmp_path / "eval" / "knn.json")

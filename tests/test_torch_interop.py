@@ -15,11 +15,13 @@ import pytest
 import scipy.special
 from flax import nnx
 
-from simdino_jax import export
-from simdino_jax.io import torch_interop
+from conftest import make_tiny_config
+from simdino_jax import export, methods
 from simdino_jax.backbone import load_backbone
+from simdino_jax.errors import ExportError, InteropError
+from simdino_jax.io import checkpointing, formats, torch_interop
+from simdino_jax.io.torch_interop import load_state_dict, to_torch
 from simdino_jax.models.vit import VisionTransformer
-from simdino_jax.io.torch_interop import InteropError, load_state_dict, to_torch
 from simdino_jax.tree import map_with_name, named_leaves
 
 D, P, IMG = 32, 4, 16
@@ -56,11 +58,29 @@ def test_export_names_and_shapes_follow_the_official_dino_and_dinov2_vits():
   _, v1 = random_vit()
   v1["mask_token"] = np.zeros_like(v1["mask_token"])  # untrained: DINO v1 has no mask token
   sd = to_torch(v1)
-  per_block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
-               "mlp.fc2.bias"]
-  official_v1 = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
-                 "norm.bias", *[f"blocks.{i}.{n}" for i in range(2) for n in per_block]}
+  per_block = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+  ]
+  official_v1 = {
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+    *[f"blocks.{i}.{n}" for i in range(2) for n in per_block],
+  }
   assert set(sd) == official_v1
   assert sd["patch_embed.proj.weight"].shape == (D, 3, P, P)  # Conv2d (out, in, kh, kw)
   assert sd["blocks.1.attn.qkv.weight"].shape == (3 * D, D)  # Linear (out, in)
@@ -111,7 +131,7 @@ def numpy_official_forward(sd, x_nchw, num_heads, num_registers):
     x = x + z * sd.get(f"{pre}.ls2.gamma", 1.0)
     i += 1
   x = ln(x, "norm")
-  return x[:, 0], x[:, 1 + num_registers:]
+  return x[:, 0], x[:, 1 + num_registers :]
 
 
 @pytest.mark.parametrize("kw", [{}, V2], ids=["dino", "dinov2_registers_layerscale"])
@@ -134,7 +154,7 @@ def test_patch_embedding_equals_a_numpy_convolution_with_the_exported_oihw_weigh
   expected = np.zeros((1, D, 8 // P, 12 // P))
   for i in range(8 // P):  # the sliding-window definition of a stride-p convolution
     for j in range(12 // P):
-      window = nchw[0, :, i * P:(i + 1) * P, j * P:(j + 1) * P]
+      window = nchw[0, :, i * P : (i + 1) * P, j * P : (j + 1) * P]
       expected[0, :, i, j] = np.tensordot(weight, window, axes=([1, 2, 3], [0, 1, 2])) + bias
   got = np.asarray(model.patch_embed(jnp.asarray(x)))  # (1, N, D), patches row-major as torch's flatten(2)
   np.testing.assert_allclose(got, expected.reshape(1, D, -1).transpose(0, 2, 1), atol=1e-5)
@@ -148,7 +168,7 @@ def test_export_then_import_gives_identical_features(kw, tmp_path):
   want = forward(model, x)
   sd = to_torch(params)
   path = str(tmp_path / "vit.safetensors")
-  export.save_safetensors(sd, path)
+  formats.save_safetensors(sd, path)
   for source in (sd, path):
     imported = load_state_dict(source, num_heads=2)
     assert imported.kwargs["num_registers"] == kw.get("num_registers", 0)
@@ -167,10 +187,15 @@ def test_import_accepts_official_checkpoint_prefixes_and_chunked_blocks():
   # DINOv2's BlockChunk layout blocks.<chunk>.<i>, inside a training checkpoint with both networks and heads.
   chunked = {k.replace("blocks.1.", "blocks.1.1.").replace("blocks.0.", "blocks.0.0."): v for k, v in sd.items()}
   student = {k: v + 1.0 for k, v in chunked.items()}
-  ckpt = {"model": {**{f"module.teacher.backbone.{k}": v for k, v in chunked.items()},
-                    **{f"module.student.backbone.{k}": v for k, v in student.items()},
-                    "module.teacher.dino_head.mlp.0.weight": np.zeros((3, D), np.float32)},
-          "optimizer": {"state": {}}, "iteration": np.int64(3)}
+  ckpt = {
+    "model": {
+      **{f"module.teacher.backbone.{k}": v for k, v in chunked.items()},
+      **{f"module.student.backbone.{k}": v for k, v in student.items()},
+      "module.teacher.dino_head.mlp.0.weight": np.zeros((3, D), np.float32),
+    },
+    "optimizer": {"state": {}},
+    "iteration": np.int64(3),
+  }
   teacher = load_state_dict(ckpt, num_heads=2)
   assert teacher.ignored == ["module.teacher.dino_head.mlp.0.weight"]
   np.testing.assert_array_equal(teacher.params["blocks/1/attn/qkv/kernel"], params["blocks/1/attn/qkv/kernel"])
@@ -180,8 +205,10 @@ def test_import_accepts_official_checkpoint_prefixes_and_chunked_blocks():
     load_state_dict(ckpt, num_heads=2, strict=True)
   # DINO v1's checkpoint.pth: {"student": {"module.backbone.*", "module.head.*"}, "teacher": {...}}; no mask token.
   v1 = {k: v for k, v in sd.items() if k != "mask_token"}
-  dino = {"teacher": {**{f"backbone.{k}": v for k, v in v1.items()}, "head.last_layer.weight_g": np.ones((1, 1))},
-          "epoch": 3}
+  dino = {
+    "teacher": {**{f"backbone.{k}": v for k, v in v1.items()}, "head.last_layer.weight_g": np.ones((1, 1))},
+    "epoch": 3,
+  }
   got = load_state_dict(dino, num_heads=2)
   np.testing.assert_array_equal(got.params["mask_token"], np.zeros((1, D), np.float32))
   assert got.ignored == ["head.last_layer.weight_g"]
@@ -192,11 +219,16 @@ def test_import_accepts_official_checkpoint_prefixes_and_chunked_blocks():
 def test_import_of_our_own_flax_layout_export_takes_heads_from_its_config(tmp_path):
   _, params = random_vit(**V2)
   path = str(tmp_path / "ours.npz")
-  export.save_npz({f"backbone/{k}": v for k, v in params.items()}, path,
-                  {"config": '{"model": {"variant": "mu/4", "embed_dim": 32, "depth": 2, "num_heads": 4, '
-                             '"img_size": 16, "num_registers": 2, "layerscale": 0.1, "drop_path_rate": 0.0, '
-                             '"drop_path_uniform": false, "token_init": "dinov2", "interpolate_offset": 0.0, '
-                             '"interpolate_antialias": true, "dtype": "float32"}}'})
+  formats.save_npz(
+    {f"backbone/{k}": v for k, v in params.items()},
+    path,
+    {
+      "config": '{"model": {"variant": "mu/4", "embed_dim": 32, "depth": 2, "num_heads": 4, '
+      '"img_size": 16, "num_registers": 2, "layerscale": 0.1, "drop_path_rate": 0.0, '
+      '"drop_path_uniform": false, "token_init": "dinov2", "interpolate_offset": 0.0, '
+      '"interpolate_antialias": true, "dtype": "float32"}}'
+    },
+  )
   imported = load_state_dict(path)
   # num_heads and the interpolation come from the file's config, not from the width // 64 default.
   assert imported.kwargs["num_heads"] == 4 and imported.kwargs["interpolate_antialias"] is True
@@ -238,7 +270,7 @@ def test_wrong_shape_fails_naming_the_key_expected_and_got(tmp_path):
   sd = to_torch(params)
   sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"].T.copy()  # Flax (in, out) layout by mistake
   path = str(tmp_path / "bad.safetensors")
-  export.save_safetensors(sd, path)
+  formats.save_safetensors(sd, path)
   with pytest.raises(InteropError) as e:
     load_state_dict(path, num_heads=2)
   msg = str(e.value)
@@ -267,11 +299,15 @@ def test_pth_file_loads_back_and_patch_embedding_matches_torch_conv2d(tmp_path):
   for name, value in params.items():
     np.testing.assert_array_equal(imported.params[name], value, err_msg=name)
   x = images()
-  conv = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                                    torch.from_numpy(sd["patch_embed.proj.weight"]),
-                                    torch.from_numpy(sd["patch_embed.proj.bias"]), stride=P)
-  np.testing.assert_allclose(np.asarray(model.patch_embed(jnp.asarray(x))),
-                             conv.flatten(2).transpose(1, 2).numpy(), atol=1e-5)
+  conv = torch.nn.functional.conv2d(
+    torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+    torch.from_numpy(sd["patch_embed.proj.weight"]),
+    torch.from_numpy(sd["patch_embed.proj.bias"]),
+    stride=P,
+  )
+  np.testing.assert_allclose(
+    np.asarray(model.patch_embed(jnp.asarray(x))), conv.flatten(2).transpose(1, 2).numpy(), atol=1e-5
+  )
 
 
 # ---- workdir -> export --format=torch -> load_backbone ----------------------------------------------------------
@@ -279,19 +315,14 @@ def test_pth_file_loads_back_and_patch_embedding_matches_torch_conv2d(tmp_path):
 def run_dir(tmp_path_factory):
   """A workdir with a committed checkpoint of step 3 of a tiny SimDINOv2-shaped run (random student and teacher,
   saved the way the trainer saves them; only the parts export reads), an input batch and the teacher's features."""
-  from conftest import make_tiny_config
-  from simdino_jax import methods
-  from simdino_jax.io import checkpointing
-  from simdino_jax.train import trainer
-
   config = make_tiny_config()
   config.model.num_registers, config.model.layerscale, config.model.token_init = 2, 0.1, "dinov2"
   config.model.num_heads = 4  # not width // 64: must come from the stored config
   workdir = tmp_path_factory.mktemp("interop_run")
-  method = methods.get_method(config.method)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: methods.build_network(config)))
-  student, teacher = (map_with_name(lambda name, _, v=random_params(abstract, seed): v[name], abstract)
-                      for seed in (1, 2))
+  student, teacher = (
+    map_with_name(lambda name, _, v=random_params(abstract, seed): v[name], abstract) for seed in (1, 2)
+  )
   with checkpointing.Checkpointer(workdir / "checkpoints") as ckpt:
     ckpt.save(3, {"step": np.int32(3), "student": student, "teacher": teacher}, checkpointing.config_dict(config))
     ckpt.wait()
@@ -322,7 +353,7 @@ def test_load_backbone_from_a_workdir_and_from_its_torch_export(run_dir):
   np.testing.assert_allclose(np.asarray(got["patch"]), np.asarray(want["patch"]), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
     from_file(x.transpose(0, 3, 1, 2))
-  with pytest.raises(export.ExportError, match="backbone only"):
+  with pytest.raises(ExportError, match="backbone only"):
     export.export(str(path), fmt="torch", with_head=True)
 
 
@@ -331,8 +362,10 @@ def test_network_state_dict_run_by_a_numpy_dino_head_gives_our_logits_and_round_
   # The official DINOHead (dino/vision_transformer.py): x = mlp(x) (Linear, GELU, ..., Linear; a bare Linear when
   # nlayers == 1); x = F.normalize(x, dim=-1); x = last_layer(x) with weight = g * v / ||v|| (weight_norm, dim 0).
   from simdino_jax.models.heads import DINOHead  # pylint: disable=import-outside-toplevel
-  head = DINOHead(12, hidden_dim=16, bottleneck_dim=8, num_layers=num_layers, num_prototypes=10,
-                  rngs=nnx.Rngs(params=0))
+
+  head = DINOHead(
+    12, hidden_dim=16, bottleneck_dim=8, num_layers=num_layers, num_prototypes=10, rngs=nnx.Rngs(params=0)
+  )
   head.last_layer.weight_g[...] = jnp.linspace(0.5, 2.0, 10)  # g != 1 so its (K, 1) layout matters
   params = {f"head/{k}": np.asarray(v) for k, v in named_leaves(nnx.state(head, nnx.Param)).items()}
   params.update({f"backbone/{k}": v for k, v in random_vit(seed=3)[1].items()})

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from simdino_jax import config as config_lib
+from simdino_jax.errors import ResumeError
 from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,30 @@ def test_trainer_stops_on_non_finite_loss_naming_the_step(tiny_config, tmp_path)
     trainer.train(tiny_config, str(tmp_path))
 
 
-@pytest.mark.parametrize("field,value,match", [
+def test_a_diverged_run_restarts_from_a_named_checkpoint_with_a_lower_lr(tiny_config, tmp_path):
+  tiny_config.total_steps, tiny_config.checkpoint_every, tiny_config.checkpoint_keep = 6, 1, 10
+  tiny_config.optim.lr = 1e6  # explodes within a few steps
+  tiny_config.evals.knn.at_init = False
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    trainer.train(tiny_config, str(tmp_path))
+  bad = e.value.step
+  assert 2 <= bad <= 6 and f"--config.restart_from_step={bad - 1}" in str(e.value)
+  assert sorted(map(int, os.listdir(tmp_path / "checkpoints"))) == list(range(1, bad))  # none of the bad step
+  # Re-running as it is would resume into the divergence: refused, with the instruction.
+  with pytest.raises(ResumeError, match=rf"non-finite loss at step {bad}.*--config.restart_from_step"):
+    trainer.train(tiny_config, str(tmp_path))
+  tiny_config.restart_from_step, tiny_config.optim.lr = 1, 1e-3  # the first checkpoint, before the explosion
+  result = trainer.train(tiny_config, str(tmp_path))
+  assert result["step"] == 6 and not (tmp_path / "nonfinite.json").exists()
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and all(math.isfinite(r["loss"]) for r in records)
+  kept = os.listdir(tmp_path / "checkpoints")
+  assert {n.split(".")[0] for n in kept if ".superseded-" in n} == {str(s) for s in range(2, bad)}  # kept aside
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("method", "byol", "config.method"),
     ("batch_size", 0, "config.batch_size"),
     ("data.global_size", 18, "config.data.global_size"),
@@ -47,7 +71,8 @@ def test_trainer_stops_on_non_finite_loss_naming_the_step(tiny_config, tmp_path)
     ("optim.clip_mode", "norm", "config.optim.clip_mode"),
     ("model.dtype", "float64", "config.model.dtype"),
     ("mesh", [("data", 3)], "config.mesh"),
-])
+  ],
+)
 def test_invalid_config_is_refused_with_the_field_name(tiny_config, tmp_path, field, value, match):
   tiny_config.update_from_flattened_dict({field: value})
   with pytest.raises(config_lib.ConfigError, match=match.replace(".", r"\.")):
@@ -78,22 +103,46 @@ def test_every_config_file_is_valid(name):
 
 def test_cli_overrides_and_writes_files(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "simdino_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}",
-         "--config.total_steps=2", "--config.warmup_steps=1", "--config.log_every=1", "--config.batch_size=8",
-         "--config.model.depth=1", "--config.model.embed_dim=24", "--config.head.hidden_dim=32",
-         "--config.data.num_local=1", "--config.data.global_size=16", "--config.data.local_size=8"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "simdino_jax.train",
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path}",
+    "--config.total_steps=3",
+    "--config.warmup_steps=1",
+    "--config.log_every=1",
+    "--config.batch_size=8",
+    "--config.model.depth=1",
+    "--config.model.embed_dim=24",
+    "--config.head.hidden_dim=32",
+    "--config.data.num_local=1",
+    "--config.data.global_size=16",
+    "--config.data.local_size=8",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "steps/s" in out.stdout and "ETA" in out.stdout and "k-NN" in out.stdout
+  lines = out.stdout.splitlines()
+  steps = [line for line in lines if line.startswith("step ")]
+  # The first line's time includes compilation: no rate or ETA there; the next lines have both, and elapsed time.
+  assert "compilation included" in steps[0] and "ETA" not in steps[0]
+  assert all("steps/s" in line and "ETA" in line and "elapsed" in line for line in steps[1:]) and len(steps) == 3
+  assert any(line.startswith("knn at init: top-1") for line in lines) and "knn: top-1" in out.stdout
   config = json.loads((tmp_path / "config.json").read_text())
-  assert config["total_steps"] == 2 and config["model"]["depth"] == 1
-  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+  assert config["total_steps"] == 3 and config["model"]["depth"] == 1
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
   assert (tmp_path / "eval" / "knn.json").exists()
 
 
 def test_cli_refuses_bad_override_before_compiling(tmp_path):
-  cmd = [sys.executable, "-m", "simdino_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}",
-         "--config.data.global_size=30"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "simdino_jax.train",
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path}",
+    "--config.data.global_size=30",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "config.data.global_size: 30 is not a positive multiple of the patch size 4" in out.stderr

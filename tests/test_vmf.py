@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from scipy.special import gammaln, ive, logsumexp
 
-from simdino_jax.losses.vmf import (log_vmf_normalizer, log_vmf_normalizer_constant, probability_centering_update,
-                                    vmf_logit_parts, vmf_logits, vmf_teacher_targets)
+from simdino_jax.losses.vmf import (
+  log_vmf_normalizer,
+  log_vmf_normalizer_constant,
+  probability_centering_update,
+  vmf_logit_parts,
+  vmf_logits,
+  vmf_teacher_targets,
+)
 
 KAPPAS = np.logspace(-3, 5, 33)
 DIMS = (4, 16, 64, 256, 1024)
@@ -29,7 +35,7 @@ def series_log_c(kappa, p, terms=400):
   """Same from the convergent power series I_nu(k) = sum_m (k/2)^(2m+nu) / (m! Gamma(m+nu+1)), in log space."""
   nu = p / 2 - 1
   m = np.arange(terms)
-  log_terms = m * np.log(kappa[:, None]**2 / 4) - gammaln(m + 1) - gammaln(nu + 1 + m)
+  log_terms = m * np.log(kappa[:, None] ** 2 / 4) - gammaln(m + 1) - gammaln(nu + 1 + m)
   log_i_over_knu = -nu * np.log(2) + logsumexp(log_terms, axis=1)  # log(I_nu(k) / k^nu)
   return -p / 2 * np.log(2 * np.pi) - log_i_over_knu
 
@@ -56,11 +62,11 @@ def ours(kappa, p, **kw):
 
 # Max |error| over KAPPAS of the expansion itself (float64), measured and rounded up ~3x, for terms = 1..5.
 EXPANSION_BOUNDS = {
-    4: (1.5e-2, 4e-4, 1.2e-5, 1e-6, 5e-8),
-    16: (1.5e-2, 4e-4, 1.2e-5, 1e-6, 5e-8),
-    64: (8e-3, 1e-4, 2e-6, 6e-8, 3e-9),
-    256: (2e-3, 6e-6, 3e-8, 3e-10, 1e-10),
-    1024: (5e-4, 4e-7, 1e-9, 1e-10, 1e-10),
+  4: (1.5e-2, 4e-4, 1.2e-5, 1e-6, 5e-8),
+  16: (1.5e-2, 4e-4, 1.2e-5, 1e-6, 5e-8),
+  64: (8e-3, 1e-4, 2e-6, 6e-8, 3e-9),
+  256: (2e-3, 6e-6, 3e-8, 3e-10, 1e-10),
+  1024: (5e-4, 4e-7, 1e-9, 1e-10, 1e-10),
 }
 
 
@@ -172,8 +178,9 @@ def test_relative_and_constant_are_consistent():
       full = ours(np.asarray(kappa, np.float64), p, terms=terms, min_order=min_order)
     assert rel[0] == 0.0
     # full and rel (two programs) reach ~2e3 at kappa = 2000 and cancel: ~10 float64 ulps of them (2.3e-13 each).
-    np.testing.assert_allclose(full - rel, log_vmf_normalizer_constant(p, terms=terms, min_order=min_order),
-                               rtol=1e-13, atol=2e-12)
+    np.testing.assert_allclose(
+      full - rel, log_vmf_normalizer_constant(p, terms=terms, min_order=min_order), rtol=1e-13, atol=2e-12
+    )
     # log C_p(0) exactly: log Gamma(nu + 1) + nu log 2 - p/2 log(2 pi)
   nu = 127.0
   exact0 = math.lgamma(nu + 1) + nu * math.log(2) - 128 * math.log(2 * math.pi)
@@ -189,8 +196,9 @@ def test_min_order_zero_is_the_literal_expansion():
       paper = -s + nu * np.log(nu + s) + 0.5 * np.log(s) - (p - 1) / 2 * np.log(2 * np.pi)
       np.testing.assert_allclose(ours(KAPPAS, p, terms=1, min_order=0.0), paper, rtol=1e-12, atol=1e-9)
   # For p >= 34 the default (min_order=16) changes nothing.
-  np.testing.assert_array_equal(ours(KAPPAS.astype(np.float32), 256, terms=2),
-                                ours(KAPPAS.astype(np.float32), 256, terms=2, min_order=0.0))
+  np.testing.assert_array_equal(
+    ours(KAPPAS.astype(np.float32), 256, terms=2), ours(KAPPAS.astype(np.float32), 256, terms=2, min_order=0.0)
+  )
 
 
 def test_bad_arguments():
@@ -217,8 +225,11 @@ def test_vmf_logits_match_numpy():
   w = _prototypes(rng, p, k)
   kappa = np.linalg.norm(w, axis=0) / tau
   ref = y @ w / tau + exact_log_c(kappa, p)  # exact log C_p, including constants
-  got = np.asarray(jax.jit(lambda a, b: vmf_logits(a, b, temperature=tau, terms=5, include_constant=True))(
-      jnp.asarray(y, jnp.float32), jnp.asarray(w, jnp.float32)))
+  got = np.asarray(
+    jax.jit(lambda a, b: vmf_logits(a, b, temperature=tau, terms=5, include_constant=True))(
+      jnp.asarray(y, jnp.float32), jnp.asarray(w, jnp.float32)
+    )
+  )
   np.testing.assert_allclose(got, ref, atol=2e-4)
   # Default: without the constant, i.e. shifted by the same amount for every prototype.
   rel = np.asarray(vmf_logits(jnp.asarray(y, jnp.float32), jnp.asarray(w, jnp.float32), temperature=tau, terms=5))
@@ -258,19 +269,26 @@ def test_probability_centering_update_matches_numpy():
   upd = jax.jit(lambda c_, t_: probability_centering_update(c_, t_, temperature=tau, momentum=m))
   got = np.asarray(upd(jnp.asarray(c, jnp.float32), jnp.asarray(t, jnp.float32)))
   np.testing.assert_allclose(got, m * c + (1 - m) * np.log(mean_p)[None], rtol=1e-5, atol=1e-5)
-  got_prob = np.asarray(probability_centering_update(jnp.asarray(c, jnp.float32), jnp.asarray(t, jnp.float32),
-                                                     temperature=tau, momentum=m, ema="prob"))
+  got_prob = np.asarray(
+    probability_centering_update(
+      jnp.asarray(c, jnp.float32), jnp.asarray(t, jnp.float32), temperature=tau, momentum=m, ema="prob"
+    )
+  )
   np.testing.assert_allclose(got_prob, np.log(m * np.exp(c) + (1 - m) * mean_p[None]), rtol=1e-5, atol=1e-5)
   # Masked rows only (iBOT patch centre, shape (1, 1, K)); no row selected leaves the centre unchanged.
   tok = rng.standard_normal((b, mg, 3, k))
   mask = rng.random((b, mg, 3)) < 0.5
   c3 = c[:, None]
-  got_m = np.asarray(probability_centering_update(jnp.asarray(c3, jnp.float32), jnp.asarray(tok, jnp.float32),
-                                                  temperature=tau, momentum=m, mask=jnp.asarray(mask)))
+  got_m = np.asarray(
+    probability_centering_update(
+      jnp.asarray(c3, jnp.float32), jnp.asarray(tok, jnp.float32), temperature=tau, momentum=m, mask=jnp.asarray(mask)
+    )
+  )
   mean_pm = np_softmax(tok / tau)[mask].mean(0)
   np.testing.assert_allclose(got_m, m * c3 + (1 - m) * np.log(mean_pm), rtol=1e-5, atol=1e-5)
-  same = probability_centering_update(jnp.asarray(c3, jnp.float32), jnp.asarray(tok, jnp.float32),
-                                      temperature=tau, mask=jnp.zeros((b, mg, 3), bool))
+  same = probability_centering_update(
+    jnp.asarray(c3, jnp.float32), jnp.asarray(tok, jnp.float32), temperature=tau, mask=jnp.zeros((b, mg, 3), bool)
+  )
   np.testing.assert_allclose(np.asarray(same), c3, rtol=1e-6)
 
 
@@ -291,5 +309,6 @@ def test_vmf_teacher_targets():
   np.testing.assert_allclose(np.asarray(q), np_softmax(logits - c), rtol=1e-5, atol=1e-7)
   # No gradient into the teacher or the centre.
   g = jax.grad(lambda l, c_: jnp.sum(vmf_teacher_targets(l, c_) * jnp.arange(5.0)), argnums=(0, 1))(
-      jnp.asarray(logits, jnp.float32), jnp.asarray(c, jnp.float32))
+    jnp.asarray(logits, jnp.float32), jnp.asarray(c, jnp.float32)
+  )
   assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in g)

@@ -16,7 +16,7 @@ official pipeline, where every transform maps an 8-bit PIL image to an 8-bit
 PIL image. Only :func:`normalize` produces float32.
 
 Semantics follow the official DINO recipe, i.e. torchvision's transforms on PIL
-images (REFERENCE.md section 6); where we compute an op differently for speed,
+images (docs/data.md#augmentation-recipe); where we compute an op differently for speed,
 the difference is stated and bounded by a test (tests/test_data.py):
 
 * ``RandomResizedCrop``: 10 tries of area ``U(scale) * H * W`` and log-uniform
@@ -100,8 +100,9 @@ def _lut(x: np.ndarray, table: np.ndarray) -> np.ndarray:
 # Random resized crop
 
 
-def rrc_params(height: int, width: int, rng: np.random.Generator,
-               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def rrc_params(
+  height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
   """torchvision's ``RandomResizedCrop`` box sampler.
 
   Returns:
@@ -131,8 +132,7 @@ def rrc_params(height: int, width: int, rng: np.random.Generator,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def apply_resized_crop(img, box: tuple[int, int, int, int], size: int,
-                       resize: str = "pil") -> np.ndarray:
+def apply_resized_crop(img, box: tuple[int, int, int, int], size: int, resize: str = "pil") -> np.ndarray:
   """Crops ``box = (top, left, h, w)`` and resizes to ``(size, size)`` (bicubic).
 
   ``resize="pil"`` is PIL's bicubic resize of the crop, exactly as the official
@@ -150,7 +150,7 @@ def apply_resized_crop(img, box: tuple[int, int, int, int], size: int,
     return np.asarray(pil)
   if resize != "cv2":
     raise ValueError(f"resize must be one of {RESIZE_BACKENDS}, got {resize!r}.")
-  crop = _u8(img)[top:top + h, left:left + w]
+  crop = _u8(img)[top : top + h, left : left + w]
   if (h, w) == (size, size):
     return np.ascontiguousarray(crop)
   # PIL antialiases when shrinking (its kernel widens with the scale); plain
@@ -159,9 +159,9 @@ def apply_resized_crop(img, box: tuple[int, int, int, int], size: int,
   return cv2.resize(crop, (size, size), interpolation=interp)
 
 
-def random_resized_crop(img, rng: np.random.Generator, size: int,
-                        scale: tuple, ratio=(3 / 4, 4 / 3),
-                        resize: str = "pil") -> np.ndarray:
+def random_resized_crop(
+  img, rng: np.random.Generator, size: int, scale: tuple, ratio=(3 / 4, 4 / 3), resize: str = "pil"
+) -> np.ndarray:
   """torchvision ``RandomResizedCrop(size, scale, ratio, BICUBIC)``; uint8 out."""
   if isinstance(img, Image.Image):
     width, height = img.size
@@ -183,6 +183,7 @@ def hflip(img) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class JitterParams:
   """Drawn colour-jitter parameters; ``order`` indexes (b, c, s, h)."""
+
   order: tuple[int, ...]
   brightness: float
   contrast: float
@@ -190,8 +191,9 @@ class JitterParams:
   hue: float
 
 
-def color_jitter_params(rng: np.random.Generator, brightness=0.4, contrast=0.4,
-                        saturation=0.2, hue=0.1) -> JitterParams:
+def color_jitter_params(
+  rng: np.random.Generator, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
+) -> JitterParams:
   """torchvision ``ColorJitter.get_params`` (permutation, then the 4 factors)."""
   order = tuple(int(i) for i in rng.permutation(4))
   b = rng.uniform(max(0.0, 1.0 - brightness), 1.0 + brightness)
@@ -283,10 +285,10 @@ def adjust_hue(img, hue: float) -> np.ndarray:
 
 
 _JITTER_OPS = (
-    lambda x, p: adjust_brightness(x, p.brightness),
-    lambda x, p: adjust_contrast(x, p.contrast),
-    lambda x, p: adjust_saturation(x, p.saturation),
-    lambda x, p: adjust_hue(x, p.hue),
+  lambda x, p: adjust_brightness(x, p.brightness),
+  lambda x, p: adjust_contrast(x, p.contrast),
+  lambda x, p: adjust_saturation(x, p.saturation),
+  lambda x, p: adjust_hue(x, p.hue),
 )
 
 
@@ -298,11 +300,9 @@ def apply_color_jitter(img, p: JitterParams) -> np.ndarray:
   return x
 
 
-def color_jitter(img, rng: np.random.Generator, brightness=0.4, contrast=0.4,
-                 saturation=0.2, hue=0.1) -> np.ndarray:
+def color_jitter(img, rng: np.random.Generator, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1) -> np.ndarray:
   """torchvision ``ColorJitter`` (always applied; wrap in a coin flip)."""
-  return apply_color_jitter(
-      img, color_jitter_params(rng, brightness, contrast, saturation, hue))
+  return apply_color_jitter(img, color_jitter_params(rng, brightness, contrast, saturation, hue))
 
 
 def to_grayscale(img) -> np.ndarray:

@@ -9,7 +9,7 @@ jitted train step, as jittable functions vmapped over the crops and the examples
   local crop, radius ~ U(``blur_sigma``)) -> solarize (p ``solarize_p``, global crop 2 only) -> ImageNet
   normalisation.
 
-The sampling rules are those of the host path (:mod:`simdino_jax.data.multicrop`, REFERENCE.md section 6): every
+The sampling rules are those of the host path (:mod:`simdino_jax.data.multicrop`, docs/data.md#augmentation-recipe): every
 decision is drawn independently per crop with the same probabilities and factor ranges; only the random numbers
 differ (JAX keys instead of the host's numpy generator). Randomness is explicit: one key per example, split from
 the step's key, then one per crop.
@@ -49,14 +49,15 @@ class CropDraws(NamedTuple):
   ``order`` is the colour-jitter permutation of (brightness, contrast, saturation, hue) = (0, 1, 2, 3), as in
   torchvision's ``ColorJitter.get_params``; ``factors`` the four drawn factors in that (b, c, s, h) layout.
   """
-  flip: jax.Array       # bool
-  jitter: jax.Array     # bool
-  order: jax.Array      # (4,) int32
-  factors: jax.Array    # (4,) float32: brightness, contrast, saturation, hue
+
+  flip: jax.Array  # bool
+  jitter: jax.Array  # bool
+  order: jax.Array  # (4,) int32
+  factors: jax.Array  # (4,) float32: brightness, contrast, saturation, hue
   grayscale: jax.Array  # bool
-  blur: jax.Array       # bool
-  sigma: jax.Array      # float32 PIL GaussianBlur radius
-  solarize: jax.Array   # bool
+  blur: jax.Array  # bool
+  sigma: jax.Array  # float32 PIL GaussianBlur radius
+  solarize: jax.Array  # bool
 
 
 # ----------------------------------------------------------------------------
@@ -73,20 +74,26 @@ def draws_from_uniforms(u: jax.Array, cfg, *, blur_p, solarize_p) -> CropDraws:
   ``lo + (hi - lo) u``; the jitter order is the argsort of four uniforms, a uniformly random permutation like
   torchvision's ``randperm(4)``. ``blur_p`` and ``solarize_p`` may be traced (one per crop position)."""
   coin = lambda v, p: jnp.logical_or(v < p, p >= 1.0)  # noqa: E731
-  bounds = np.array([[max(0.0, 1.0 - cfg.brightness), 1.0 + cfg.brightness],
-                     [max(0.0, 1.0 - cfg.contrast), 1.0 + cfg.contrast],
-                     [max(0.0, 1.0 - cfg.saturation), 1.0 + cfg.saturation],
-                     [-cfg.hue, cfg.hue]], np.float32)
+  bounds = np.array(
+    [
+      [max(0.0, 1.0 - cfg.brightness), 1.0 + cfg.brightness],
+      [max(0.0, 1.0 - cfg.contrast), 1.0 + cfg.contrast],
+      [max(0.0, 1.0 - cfg.saturation), 1.0 + cfg.saturation],
+      [-cfg.hue, cfg.hue],
+    ],
+    np.float32,
+  )
   lo, hi = cfg.blur_sigma
   return CropDraws(
-      flip=coin(u[0], cfg.flip_p),
-      jitter=coin(u[1], cfg.jitter_p),
-      order=jnp.argsort(u[10:14]).astype(jnp.int32),
-      factors=bounds[:, 0] + (bounds[:, 1] - bounds[:, 0]) * u[2:6],
-      grayscale=coin(u[6], cfg.grayscale_p),
-      blur=coin(u[7], blur_p),
-      sigma=lo + (hi - lo) * u[8],
-      solarize=coin(u[9], solarize_p))
+    flip=coin(u[0], cfg.flip_p),
+    jitter=coin(u[1], cfg.jitter_p),
+    order=jnp.argsort(u[10:14]).astype(jnp.int32),
+    factors=bounds[:, 0] + (bounds[:, 1] - bounds[:, 0]) * u[2:6],
+    grayscale=coin(u[6], cfg.grayscale_p),
+    blur=coin(u[7], blur_p),
+    sigma=lo + (hi - lo) * u[8],
+    solarize=coin(u[9], solarize_p),
+  )
 
 
 def crop_probabilities(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -94,8 +101,8 @@ def crop_probabilities(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
   Global crop 1 / 2 blur with ``blur_p[0]`` / ``blur_p[1]``, locals with ``blur_p[2]``; only global crop 2
   solarizes."""
-  g_blur = np.array(cfg.blur_p[:cfg.num_global], np.float32)
-  g_sol = np.array([0.0, cfg.solarize_p][:cfg.num_global], np.float32)
+  g_blur = np.array(cfg.blur_p[: cfg.num_global], np.float32)
+  g_sol = np.array([0.0, cfg.solarize_p][: cfg.num_global], np.float32)
   l_blur = np.full((cfg.num_local,), cfg.blur_p[2], np.float32)
   return g_blur, g_sol, l_blur, np.zeros((cfg.num_local,), np.float32)
 
@@ -108,15 +115,23 @@ def sample_example(key: jax.Array, cfg) -> tuple[CropDraws, CropDraws]:
   g_blur, g_sol, l_blur, l_sol = crop_probabilities(cfg)
   u = jax.random.uniform(key, (cfg.num_global + cfg.num_local, _NUM_UNIFORMS))
   draw = jax.vmap(lambda v, b, s: draws_from_uniforms(v, cfg, blur_p=b, solarize_p=s))
-  glob = draw(u[:cfg.num_global], g_blur, g_sol)
-  loc = draw(u[cfg.num_global:], l_blur, l_sol) if cfg.num_local else _empty_draws()
+  glob = draw(u[: cfg.num_global], g_blur, g_sol)
+  loc = draw(u[cfg.num_global :], l_blur, l_sol) if cfg.num_local else _empty_draws()
   return glob, loc
 
 
 def _empty_draws() -> CropDraws:
   b = jnp.zeros((0,), bool)
-  return CropDraws(flip=b, jitter=b, order=jnp.zeros((0, 4), jnp.int32), factors=jnp.zeros((0, 4), jnp.float32),
-                   grayscale=b, blur=b, sigma=jnp.zeros((0,), jnp.float32), solarize=b)
+  return CropDraws(
+    flip=b,
+    jitter=b,
+    order=jnp.zeros((0, 4), jnp.int32),
+    factors=jnp.zeros((0, 4), jnp.float32),
+    grayscale=b,
+    blur=b,
+    sigma=jnp.zeros((0,), jnp.float32),
+    solarize=b,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -179,8 +194,12 @@ def adjust_hue(x: jax.Array, h: jax.Array) -> jax.Array:
 def color_jitter(x: jax.Array, order: jax.Array, factors: jax.Array) -> jax.Array:
   """The four jitter ops in ``order`` (indices into brightness, contrast, saturation, hue), torchvision's random
   order. Under vmap the branch becomes a select, so each of the four slots evaluates all four ops."""
-  branches = (lambda y: adjust_brightness(y, factors[0]), lambda y: adjust_contrast(y, factors[1]),
-              lambda y: adjust_saturation(y, factors[2]), lambda y: adjust_hue(y, factors[3]))
+  branches = (
+    lambda y: adjust_brightness(y, factors[0]),
+    lambda y: adjust_contrast(y, factors[1]),
+    lambda y: adjust_saturation(y, factors[2]),
+    lambda y: adjust_hue(y, factors[3]),
+  )
   # A loop, not 4 unrolled slots: one copy of the ops in the compiled program (compile time).
   return jax.lax.fori_loop(0, 4, lambda i, y: jax.lax.switch(order[i], branches, y), x)
 

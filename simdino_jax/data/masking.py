@@ -1,7 +1,7 @@
 """DINOv2 / iBOT block masking of the global crops' patch grid (host side).
 
-Two levels, as in DINOv2's ``masking.py`` and ``collate.py`` (REFERENCE.md
-section 3.1; SimDINOv2 uses the same code):
+Two levels, as in DINOv2's ``masking.py`` and ``collate.py`` (docs/data.md#block-masking;
+SimDINOv2 uses the same code):
 
 * :class:`MaskingGenerator` draws one ``(grid_h, grid_w)`` boolean mask with
   about ``n`` masked cells, built from random rectangles ("blocks"). Repeat
@@ -52,9 +52,16 @@ class MaskingGenerator:
     max_aspect: largest aspect ratio; ``None`` means ``1 / min_aspect``.
   """
 
-  def __init__(self, grid_h: int, grid_w: int, *, min_num_patches: int = 4,
-               max_num_patches: float | None = None, min_aspect: float = 0.3,
-               max_aspect: float | None = None):
+  def __init__(
+    self,
+    grid_h: int,
+    grid_w: int,
+    *,
+    min_num_patches: int = 4,
+    max_num_patches: float | None = None,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+  ):
     if grid_h <= 0 or grid_w <= 0:
       raise ValueError(f"grid must be positive, got {grid_h} x {grid_w}.")
     if min_aspect <= 0:
@@ -62,24 +69,23 @@ class MaskingGenerator:
     if max_aspect is None:
       max_aspect = 1.0 / min_aspect
     if max_aspect < min_aspect:
-      raise ValueError(
-          f"need min_aspect <= max_aspect, got {min_aspect}, {max_aspect}.")
+      raise ValueError(f"need min_aspect <= max_aspect, got {min_aspect}, {max_aspect}.")
     self.grid_h = int(grid_h)
     self.grid_w = int(grid_w)
     self.num_patches = self.grid_h * self.grid_w
     self.min_num_patches = min_num_patches
-    self.max_num_patches = (0.5 * self.num_patches if max_num_patches is None
-                            else max_num_patches)
+    self.max_num_patches = 0.5 * self.num_patches if max_num_patches is None else max_num_patches
     self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
   def __repr__(self) -> str:
-    return (f"MaskingGenerator({self.grid_h}x{self.grid_w}, block area >= "
-            f"{self.min_num_patches}, <= {self.max_num_patches} per block, "
-            f"aspect in [{math.exp(self.log_aspect[0]):.3f}, "
-            f"{math.exp(self.log_aspect[1]):.3f}])")
+    return (
+      f"MaskingGenerator({self.grid_h}x{self.grid_w}, block area >= "
+      f"{self.min_num_patches}, <= {self.max_num_patches} per block, "
+      f"aspect in [{math.exp(self.log_aspect[0]):.3f}, "
+      f"{math.exp(self.log_aspect[1]):.3f}])"
+    )
 
-  def _add_block(self, mask: np.ndarray, budget: float,
-                 rng: np.random.Generator) -> int:
+  def _add_block(self, mask: np.ndarray, budget: float, rng: np.random.Generator) -> int:
     """One round: tries to mask one block adding ``(0, budget]`` new cells."""
     lo, hi = self.min_num_patches, budget
     for _ in range(MAX_ATTEMPTS):
@@ -91,15 +97,14 @@ class MaskingGenerator:
       if h < self.grid_h and w < self.grid_w:
         top = int(rng.integers(0, self.grid_h - h + 1))
         left = int(rng.integers(0, self.grid_w - w + 1))
-        block = mask[top:top + h, left:left + w]
+        block = mask[top : top + h, left : left + w]
         new = h * w - int(block.sum())
         if 0 < new <= budget:
           block[...] = True
           return new
     return 0
 
-  def __call__(self, num_masking_patches: int,
-               rng: np.random.Generator) -> np.ndarray:
+  def __call__(self, num_masking_patches: int, rng: np.random.Generator) -> np.ndarray:
     """A ``(grid_h, grid_w)`` bool mask with ``<= num_masking_patches`` cells."""
     mask = np.zeros((self.grid_h, self.grid_w), bool)
     count = 0
@@ -112,9 +117,14 @@ class MaskingGenerator:
     return mask
 
 
-def mask_targets(rng: np.random.Generator, num_crops: int, num_tokens: int, *,
-                 mask_probability: float = 0.5,
-                 ratio_min_max: tuple[float, float] = (0.1, 0.5)) -> np.ndarray:
+def mask_targets(
+  rng: np.random.Generator,
+  num_crops: int,
+  num_tokens: int,
+  *,
+  mask_probability: float = 0.5,
+  ratio_min_max: tuple[float, float] = (0.1, 0.5),
+) -> np.ndarray:
   """Per-crop target counts before shuffling, ``(num_crops,)`` int64.
 
   Entry ``i < int(num_crops * mask_probability)`` is ``int(num_tokens *
@@ -123,12 +133,9 @@ def mask_targets(rng: np.random.Generator, num_crops: int, num_tokens: int, *,
   """
   rmin, rmax = (float(r) for r in ratio_min_max)
   if not 0.0 <= rmin <= rmax <= 1.0:
-    raise ValueError(
-        f"mask ratio_min_max must satisfy 0 <= min <= max <= 1, got "
-        f"{ratio_min_max}.")
+    raise ValueError(f"mask ratio_min_max must satisfy 0 <= min <= max <= 1, got {ratio_min_max}.")
   if not 0.0 <= mask_probability <= 1.0:
-    raise ValueError(
-        f"mask_probability must be in [0, 1], got {mask_probability}.")
+    raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}.")
   n_masked = int(num_crops * mask_probability)
   edges = np.linspace(rmin, rmax, n_masked + 1)
   targets = np.zeros((num_crops,), np.int64)
@@ -137,11 +144,17 @@ def mask_targets(rng: np.random.Generator, num_crops: int, num_tokens: int, *,
   return targets
 
 
-def batch_masks(rng: np.random.Generator, num_crops: int, grid_h: int,
-                grid_w: int, *, mask_probability: float = 0.5,
-                ratio_min_max: tuple[float, float] = (0.1, 0.5),
-                generator: MaskingGenerator | None = None,
-                return_targets: bool = False):
+def batch_masks(
+  rng: np.random.Generator,
+  num_crops: int,
+  grid_h: int,
+  grid_w: int,
+  *,
+  mask_probability: float = 0.5,
+  ratio_min_max: tuple[float, float] = (0.1, 0.5),
+  generator: MaskingGenerator | None = None,
+  return_targets: bool = False,
+):
   """DINOv2 collate masks for one batch of ``num_crops`` global crops.
 
   Args:
@@ -163,13 +176,9 @@ def batch_masks(rng: np.random.Generator, num_crops: int, grid_h: int,
   if generator is None:
     generator = MaskingGenerator(grid_h, grid_w)
   elif (generator.grid_h, generator.grid_w) != (grid_h, grid_w):
-    raise ValueError(
-        f"generator grid {generator.grid_h}x{generator.grid_w} != "
-        f"{grid_h}x{grid_w}.")
+    raise ValueError(f"generator grid {generator.grid_h}x{generator.grid_w} != {grid_h}x{grid_w}.")
   n_tokens = grid_h * grid_w
-  targets = mask_targets(rng, num_crops, n_tokens,
-                         mask_probability=mask_probability,
-                         ratio_min_max=ratio_min_max)
+  targets = mask_targets(rng, num_crops, n_tokens, mask_probability=mask_probability, ratio_min_max=ratio_min_max)
   masks = np.zeros((num_crops, n_tokens), bool)
   for i, t in enumerate(targets):
     if t > 0:
@@ -197,39 +206,44 @@ class BatchMasks(grain.transforms.RandomMap):
       :class:`MaskingGenerator`.
   """
 
-  def __init__(self, patch_size: int, *, mask_probability: float = 0.5,
-               ratio_min_max: tuple[float, float] = (0.1, 0.5),
-               min_num_patches: int = 4, max_num_patches: float | None = None,
-               min_aspect: float = 0.3, max_aspect: float | None = None):
+  def __init__(
+    self,
+    patch_size: int,
+    *,
+    mask_probability: float = 0.5,
+    ratio_min_max: tuple[float, float] = (0.1, 0.5),
+    min_num_patches: int = 4,
+    max_num_patches: float | None = None,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+  ):
     if patch_size <= 0:
       raise ValueError(f"patch_size must be positive, got {patch_size}.")
     self.patch_size = int(patch_size)
     self.mask_probability = float(mask_probability)
     self.ratio_min_max = tuple(float(r) for r in ratio_min_max)
     self.generator_kwargs = dict(
-        min_num_patches=min_num_patches, max_num_patches=max_num_patches,
-        min_aspect=min_aspect, max_aspect=max_aspect)
+      min_num_patches=min_num_patches, max_num_patches=max_num_patches, min_aspect=min_aspect, max_aspect=max_aspect
+    )
     # Validates the arguments once, up front.
-    mask_targets(np.random.default_rng(0), 0, 1,
-                 mask_probability=self.mask_probability,
-                 ratio_min_max=self.ratio_min_max)
+    mask_targets(
+      np.random.default_rng(0), 0, 1, mask_probability=self.mask_probability, ratio_min_max=self.ratio_min_max
+    )
 
   def grid(self, height: int, width: int) -> tuple[int, int]:
     """Patch grid of a ``height x width`` crop."""
     gh, gw = height // self.patch_size, width // self.patch_size
     if gh == 0 or gw == 0:
-      raise ValueError(
-          f"global crops of {height}x{width} are smaller than the patch size "
-          f"{self.patch_size}.")
+      raise ValueError(f"global crops of {height}x{width} are smaller than the patch size {self.patch_size}.")
     return gh, gw
 
   def random_map(self, element, rng: np.random.Generator):
     b, mg, height, width = np.shape(element["global"])[:4]
     gh, gw = self.grid(height, width)
     generator = MaskingGenerator(gh, gw, **self.generator_kwargs)
-    masks = batch_masks(rng, b * mg, gh, gw,
-                        mask_probability=self.mask_probability,
-                        ratio_min_max=self.ratio_min_max, generator=generator)
+    masks = batch_masks(
+      rng, b * mg, gh, gw, mask_probability=self.mask_probability, ratio_min_max=self.ratio_min_max, generator=generator
+    )
     out = dict(element)
     out["mask"] = masks.reshape(b, mg, gh * gw)
     return out

@@ -1,6 +1,6 @@
 """DINO / SimDINO multi-crop augmentation as a grain random map.
 
-Per crop, in this order (REFERENCE.md section 6): random resized crop (bicubic)
+Per crop, in this order (docs/data.md#augmentation-recipe): random resized crop (bicubic)
 -> horizontal flip (p ``flip_p``) -> colour jitter (p ``jitter_p``) -> greyscale
 (p ``grayscale_p``) -> Gaussian blur (p ``blur_p[0]`` for global crop 1,
 ``blur_p[1]`` for global crop 2, ``blur_p[2]`` for every local crop) ->
@@ -27,6 +27,7 @@ from simdino_jax.data import augment
 @dataclasses.dataclass(frozen=True)
 class MultiCropConfig:
   """Multi-crop recipe; defaults are DINO v1 / SimDINO (ImageNet)."""
+
   global_size: int = 224
   local_size: int = 96
   num_global: int = 2
@@ -41,42 +42,39 @@ class MultiCropConfig:
   hue: float = 0.1
   grayscale_p: float = 0.2
   blur_p: tuple = (1.0, 0.1, 0.5)  # global 1, global 2, each local crop
-  blur_sigma: tuple = (0.1, 2.0)   # PIL GaussianBlur radius range
-  solarize_p: float = 0.2          # global crop 2 only
+  blur_sigma: tuple = (0.1, 2.0)  # PIL GaussianBlur radius range
+  solarize_p: float = 0.2  # global crop 2 only
   solarize_threshold: int = 128
-  resize: str = "cv2"              # "pil" (the official op, exact) or "cv2" (faster)
+  resize: str = "cv2"  # "pil" (the official op, exact) or "cv2" (faster)
   # "device": crops only (uint8 out); flip, photometric ops and normalisation
   # run in the train step (data/device_augment.py).
   augment_mode: str = "host"
 
   def __post_init__(self):
     if self.num_global not in (1, 2):
-      raise ValueError(
-          f"num_global must be 1 or 2 (the recipe defines global crops 1 and "
-          f"2), got {self.num_global}.")
+      raise ValueError(f"num_global must be 1 or 2 (the recipe defines global crops 1 and 2), got {self.num_global}.")
     if self.num_local < 0:
       raise ValueError(f"num_local must be >= 0, got {self.num_local}.")
     if len(self.blur_p) != 3:
       raise ValueError(f"blur_p must be (global1, global2, local), got {self.blur_p}.")
     if self.augment_mode not in ("host", "device"):
-      raise ValueError(f"augment_mode must be 'host' or 'device', got "
-                       f"{self.augment_mode!r}.")
+      raise ValueError(f"augment_mode must be 'host' or 'device', got {self.augment_mode!r}.")
     if self.resize not in augment.RESIZE_BACKENDS:
-      raise ValueError(f"resize must be one of {augment.RESIZE_BACKENDS}, got "
-                       f"{self.resize!r}.")
+      raise ValueError(f"resize must be one of {augment.RESIZE_BACKENDS}, got {self.resize!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class CropParams:
   """All random decisions for one crop."""
-  kind: str                         # "global" or "local"
-  index: int                        # index within its kind
-  size: int                         # output side length
-  box: tuple[int, int, int, int]    # (top, left, h, w) in the source image
+
+  kind: str  # "global" or "local"
+  index: int  # index within its kind
+  size: int  # output side length
+  box: tuple[int, int, int, int]  # (top, left, h, w) in the source image
   flip: bool
   jitter: augment.JitterParams | None  # None = not applied
   grayscale: bool
-  blur_radius: float | None         # None = not applied
+  blur_radius: float | None  # None = not applied
   solarize: bool
 
 
@@ -102,8 +100,7 @@ class MultiCrop(grain.transforms.RandomMap):
     flip = bool(rng.random() < c.flip_p)
     jitter = None
     if rng.random() < c.jitter_p:
-      jitter = augment.color_jitter_params(
-          rng, c.brightness, c.contrast, c.saturation, c.hue)
+      jitter = augment.color_jitter_params(rng, c.brightness, c.contrast, c.saturation, c.hue)
     gray = bool(rng.random() < c.grayscale_p)
     blur_p = c.blur_p[index] if is_global else c.blur_p[2]
     # DINO v1's GaussianBlur applies when U(0,1) <= p (so p = 1 always blurs).
@@ -111,13 +108,10 @@ class MultiCrop(grain.transforms.RandomMap):
     sol = bool(is_global and index == 1 and rng.random() < c.solarize_p)
     return CropParams(kind, index, size, box, flip, jitter, gray, radius, sol)
 
-  def sample_params(self, rng: np.random.Generator, height: int,
-                    width: int) -> list[CropParams]:
+  def sample_params(self, rng: np.random.Generator, height: int, width: int) -> list[CropParams]:
     """Draws every crop's decisions: globals first, then locals."""
-    out = [self._crop_params(rng, height, width, "global", i)
-           for i in range(self.cfg.num_global)]
-    out += [self._crop_params(rng, height, width, "local", i)
-            for i in range(self.cfg.num_local)]
+    out = [self._crop_params(rng, height, width, "global", i) for i in range(self.cfg.num_global)]
+    out += [self._crop_params(rng, height, width, "local", i) for i in range(self.cfg.num_local)]
     return out
 
   def apply_crop(self, img, p: CropParams) -> np.ndarray:
@@ -141,18 +135,20 @@ class MultiCrop(grain.transforms.RandomMap):
     params = self.sample_params(rng, height, width)
     c = self.cfg
     # The PIL resize takes a PIL image (converted once for all crops).
-    src = (Image.fromarray(augment.to_uint8(image)) if c.resize == "pil"
-           else augment.to_uint8(image))
+    src = Image.fromarray(augment.to_uint8(image)) if c.resize == "pil" else augment.to_uint8(image)
     glob = np.empty((c.num_global, c.global_size, c.global_size, 3), np.uint8)
     loc = np.empty((c.num_local, c.local_size, c.local_size, 3), np.uint8)
     crops_only = c.augment_mode == "device"
     for p in params:
       (glob if p.kind == "global" else loc)[p.index] = (
-          augment.apply_resized_crop(src, p.box, p.size, c.resize) if crops_only
-          else self.apply_crop(src, p))
+        augment.apply_resized_crop(src, p.box, p.size, c.resize) if crops_only else self.apply_crop(src, p)
+      )
     if not crops_only:
       glob, loc = augment.normalize(glob), augment.normalize(loc)
     # "skipped": undecodable images the source passed over for this example.
-    return {"global": glob, "local": loc,
-            "label": np.asarray(element["label"], np.int32),
-            "skipped": np.int32(element.get("skipped", 0))}
+    return {
+      "global": glob,
+      "local": loc,
+      "label": np.asarray(element["label"], np.int32),
+      "skipped": np.int32(element.get("skipped", 0)),
+    }

@@ -23,8 +23,16 @@ Training (``train_iterator``), a ``grain.MapDataset``:
   index)`` where the mask seed is derived from ``(seed, shard_index)``, so
   shards draw independent masks and a ``start_step`` skip (which comes after)
   reproduces them exactly.
+* Undecodable images (decoding sources, :class:`~simdino_jax.data.sources.SkippingSource`) are replaced, so
+  batches stay full; each example's ``"skipped"`` (1 when its own image was replaced) is kept for the first
+  epoch only (elements ``[0, N)`` of the global stream), so summing it over every batch of every shard counts
+  each bad file exactly once, whatever the number of epochs, workers or processes, and a resumed run
+  (``start_step``) does not count again what it skips.
 * Everything is index-addressed, so the output depends only on ``seed`` (and the
   shard), not on ``num_workers``/threads, and ``start_step`` is an O(1) skip.
+
+Evaluation (``eval_batches``) never replaces: an undecodable image leaves its slot ``valid=False`` (the evaluators
+drop those slots, as they drop padding) and marks it in ``"skipped"``.
 """
 
 from __future__ import annotations
@@ -37,18 +45,31 @@ import numpy as np
 from PIL import Image
 
 from simdino_jax.data import augment
+from simdino_jax.data.sources import eval_example
 from simdino_jax.data.masking import BatchMasks
 from simdino_jax.data.multicrop import MultiCrop, MultiCropConfig
 
 
 def _derive_seed(seed: int, *stream: int) -> int:
-  return int(np.random.SeedSequence(
-      [int(seed), *map(int, stream)]).generate_state(1)[0])
+  return int(np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(1)[0])
+
+
+class _FirstEpochSkips:
+  """Zeroes an element's ``"skipped"`` after the first epoch (stream index >= ``n``): a bad file is drawn once
+  per epoch and must count once per run."""
+
+  def __init__(self, n: int):
+    self.n = int(n)
+
+  def __call__(self, index: int, element):
+    if index >= self.n and isinstance(element, dict) and element.get("skipped", 0):
+      element = dict(element, skipped=np.int32(0))
+    return element
 
 
 def _ensure_absl_flags_parsed() -> None:
   # grain's worker processes read absl flags; an unparsed FlagValues raises
-  # UnparsedFlagAccessError there (PITFALLS.md). Marking them parsed is a no-op
+  # UnparsedFlagAccessError there (docs/data.md#grain-worker-processes). Marking them parsed is a no-op
   # when the program already ran absl.app.run.
   try:
     from absl import flags  # pylint: disable=g-import-not-at-top
@@ -58,34 +79,42 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
-                  shard_index: int = 0, shard_count: int = 1,
-                  start_step: int = 0, mask_patch_size: int = 0,
-                  mask_probability: float = 0.5,
-                  mask_ratio: tuple[float, float] = (0.1, 0.5),
-                  mask_min_patches: int = 4) -> grain.MapDataset:
+def train_dataset(
+  source,
+  cfg: MultiCropConfig,
+  *,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  start_step: int = 0,
+  mask_patch_size: int = 0,
+  mask_probability: float = 0.5,
+  mask_ratio: tuple[float, float] = (0.1, 0.5),
+  mask_min_patches: int = 4,
+) -> grain.MapDataset:
   """The (infinite) batched training ``MapDataset``; see module doc and
   :func:`train_iterator` for the arguments."""
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"need 0 <= shard_index < shard_count, got "
-                     f"{shard_index}, {shard_count}.")
+    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   if len(source) == 0:
     raise ValueError("empty data source.")
   if mask_patch_size < 0:
-    raise ValueError(
-        f"mask_patch_size must be >= 0 (0 = no masks), got {mask_patch_size}.")
+    raise ValueError(f"mask_patch_size must be >= 0 (0 = no masks), got {mask_patch_size}.")
   masks = None
   if mask_patch_size:
-    masks = BatchMasks(mask_patch_size, mask_probability=mask_probability,
-                       ratio_min_max=mask_ratio, min_num_patches=mask_min_patches)
+    masks = BatchMasks(
+      mask_patch_size, mask_probability=mask_probability, ratio_min_max=mask_ratio, min_num_patches=mask_min_patches
+    )
     masks.grid(cfg.global_size, cfg.global_size)  # fails early if too small
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=_derive_seed(seed, 0))
   ds = ds.repeat()  # infinite; reseeds the shuffle each epoch
+  ds = ds.map_with_index(_FirstEpochSkips(len(source)))  # each bad file counted once per run
   ds = ds.random_map(MultiCrop(cfg), seed=_derive_seed(seed, 1))
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
@@ -98,12 +127,23 @@ def train_dataset(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
   return ds
 
 
-def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
-                   num_workers: int = 0, shard_index: int = 0,
-                   shard_count: int = 1, start_step: int = 0,
-                   mask_patch_size: int = 0, mask_probability: float = 0.5,
-                   mask_ratio: tuple[float, float] = (0.1, 0.5),
-                   mask_min_patches: int = 4, num_threads: int = 2, prefetch_batches: int = 4):
+def train_iterator(
+  source,
+  cfg: MultiCropConfig,
+  *,
+  batch_size: int,
+  seed: int,
+  num_workers: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  start_step: int = 0,
+  mask_patch_size: int = 0,
+  mask_probability: float = 0.5,
+  mask_ratio: tuple[float, float] = (0.1, 0.5),
+  mask_min_patches: int = 4,
+  num_threads: int = 2,
+  prefetch_batches: int = 4,
+):
   """Infinite iterator of multi-crop batches (dicts of numpy arrays).
 
   Yields ``{"global": (b, Mg, Hg, Wg, 3) float32, "local": (b, Ml, Hl, Wl, 3)
@@ -140,19 +180,25 @@ def train_iterator(source, cfg: MultiCropConfig, *, batch_size: int, seed: int,
   Returns:
     A grain ``DatasetIterator`` (supports ``next``, ``close``, ``get_state``).
   """
-  ds = train_dataset(source, cfg, batch_size=batch_size, seed=seed,
-                     shard_index=shard_index, shard_count=shard_count,
-                     start_step=start_step, mask_patch_size=mask_patch_size,
-                     mask_probability=mask_probability, mask_ratio=mask_ratio,
-                     mask_min_patches=mask_min_patches)
+  ds = train_dataset(
+    source,
+    cfg,
+    batch_size=batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    start_step=start_step,
+    mask_patch_size=mask_patch_size,
+    mask_probability=mask_probability,
+    mask_ratio=mask_ratio,
+    mask_min_patches=mask_min_patches,
+  )
   num_threads = max(0, int(num_threads))
-  read = grain.ReadOptions(num_threads=num_threads,
-                           prefetch_buffer_size=max(prefetch_batches, num_threads))
+  read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads))
   it_ds = ds.to_iter_dataset(read_options=read)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=1))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=1))
   return iter(it_ds)
 
 
@@ -182,16 +228,15 @@ def eval_transform(image: np.ndarray, image_size: int) -> np.ndarray:
   return augment.normalize(np.asarray(pil))
 
 
-def eval_num_batches(num_examples: int, batch_size: int,
-                     shard_count: int = 1) -> int:
+def eval_num_batches(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
   """Batches per shard; the same for every shard."""
   per_shard = math.ceil(num_examples / shard_count)
   return math.ceil(per_shard / batch_size)
 
 
-def eval_batches(source, *, image_size: int, batch_size: int,
-                 shard_index: int = 0, shard_count: int = 1, transform=None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  source, *, image_size: int, batch_size: int, shard_index: int = 0, shard_count: int = 1, transform=None
+) -> Iterator[dict[str, np.ndarray]]:
   """Deterministic, unaugmented batches covering every example exactly once.
 
   ``transform(image) -> (image_size, image_size, 3) float32`` replaces
@@ -202,24 +247,30 @@ def eval_batches(source, *, image_size: int, batch_size: int,
   multi-host collectives line up); missing slots are padded with zeros, label
   ``-1`` and ``valid=False``.
 
+  An undecodable image is not replaced (a duplicate of another image under its
+  label would be scored): its slot is zeros, label ``-1``, ``valid=False`` and
+  ``skipped=1``, so evaluators drop it with the padding; ``batch["skipped"].sum()``
+  over the batches is the number left out (each file once per pass).
+
   Yields:
     ``{"image": (batch_size, S, S, 3) float32, "label": (batch_size,) int32,
-    "valid": (batch_size,) bool}``.
+    "valid": (batch_size,) bool, "skipped": (batch_size,) int32}``.
   """
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"need 0 <= shard_index < shard_count, got "
-                     f"{shard_index}, {shard_count}.")
+    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
   indices = np.arange(shard_index, len(source), shard_count)
   n_batches = eval_num_batches(len(source), batch_size, shard_count)
   for b in range(n_batches):
     image = np.zeros((batch_size, image_size, image_size, 3), np.float32)
     label = np.full((batch_size,), -1, np.int32)
     valid = np.zeros((batch_size,), bool)
-    for slot, idx in enumerate(indices[b * batch_size:(b + 1) * batch_size]):
-      ex = source[int(idx)]
-      image[slot] = (eval_transform(ex["image"], image_size) if transform is None
-                     else transform(ex["image"]))
+    skipped = np.zeros((batch_size,), np.int32)
+    for slot, idx in enumerate(indices[b * batch_size : (b + 1) * batch_size]):
+      ex = eval_example(source, int(idx))
+      if ex is None:  # undecodable: left out, not replaced
+        skipped[slot] = 1
+        continue
+      image[slot] = eval_transform(ex["image"], image_size) if transform is None else transform(ex["image"])
       label[slot] = ex["label"]
       valid[slot] = True
-    yield {"image": image, "label": label, "valid": valid}
-
+    yield {"image": image, "label": label, "valid": valid, "skipped": skipped}

@@ -8,7 +8,7 @@ Features are preprocessed as MSN does (cyanure's ``preprocess(centering=True, no
 each feature vector minus its own mean over dimensions, then L2-normalised. The l2 penalty follows MSN's
 cyanure call (``lambd / n`` on the averaged loss), which is scikit-learn's ``C = 1 / lambd`` on the summed loss.
 The default ``lambd = 0.0025`` is MSN's value; the DINO-vMF paper's few-shot protocol states 0.075, which the vMF
-recipes (configs/dino_vmf_vitb16_in1k.py, configs/ibot_vmf_vitb16_in1k.py) set as eval.fewshot.lambd.
+recipes (configs/dino_vmf_vitb16_in1k.py, configs/ibot_vmf_vitb16_in1k.py) set as evals.fewshot.lambd.
 
 Splits: ``n``-shot draws n distinct examples of every class without replacement; the 1% split draws
 max(1, round(1% of the class's examples)) per class (class-balanced, as ImageNet's 1% subset is about 13 per
@@ -21,9 +21,12 @@ import warnings
 
 import numpy as np
 
+from simdino_jax.evals import runner
 
-def split_indices(labels: np.ndarray, *, num_classes: int, shots: int | None = None, fraction: float | None = None,
-                  seed: int = 0) -> np.ndarray:
+
+def split_indices(
+  labels: np.ndarray, *, num_classes: int, shots: int | None = None, fraction: float | None = None, seed: int = 0
+) -> np.ndarray:
   """Sorted training indices of one split: ``shots`` per class, or ``fraction`` of each class (at least one).
 
   Raises ValueError naming the class when a class has fewer than ``shots`` examples (the split would not hold
@@ -76,8 +79,19 @@ def setting_name(shots: int | None = None, fraction: float | None = None) -> str
   return f"{shots}shot" if shots is not None else f"{100 * fraction:g}pct"
 
 
-def fewshot_eval(train_x, train_y, test_x, test_y, *, num_classes: int, shots=(1, 2, 5), fractions=(0.01,),
-                 num_splits: int = 3, seed: int = 0, lambd: float = 0.0025) -> dict:
+def fewshot_eval(
+  train_x,
+  train_y,
+  test_x,
+  test_y,
+  *,
+  num_classes: int,
+  shots=(1, 2, 5),
+  fractions=(0.01,),
+  num_splits: int = 3,
+  seed: int = 0,
+  lambd: float = 0.0025,
+) -> dict:
   """Mean and std (over ``num_splits`` seeded splits) of the test accuracy for each setting.
 
   Returns {"accuracy": mean of the 5-shot setting (else the first setting), "settings": {name: {"mean", "std",
@@ -97,8 +111,63 @@ def fewshot_eval(train_x, train_y, test_x, test_y, *, num_classes: int, shots=(1
       idx = split_indices(train_y, num_classes=num_classes, shots=shot, fraction=frac, seed=seed + split)
       accs.append(logistic_accuracy(np.asarray(train_x)[idx], train_y[idx], test_p, test_y, lambd=lambd))
       sizes.append(int(len(idx)))
-    results[setting_name(shot, frac)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
-                                         "per_split": accs, "num_train": sizes}
+    results[setting_name(shot, frac)] = {
+      "mean": float(np.mean(accs)),
+      "std": float(np.std(accs)),
+      "per_split": accs,
+      "num_train": sizes,
+    }
   headline = "5shot" if "5shot" in results else next(iter(results))
-  return {"accuracy": results[headline]["mean"], "headline": headline, "settings": results,
-          "num_splits": num_splits, "num_test": int(len(test_y)), "lambd": lambd}
+  return {
+    "accuracy": results[headline]["mean"],
+    "headline": headline,
+    "settings": results,
+    "num_splits": num_splits,
+    "num_test": int(len(test_y)),
+    "lambd": lambd,
+  }
+
+
+class FewshotEvaluator(runner.Evaluator):
+  """``type="fewshot"``: few-shot logistic regression on the cls features (``fewshot_eval``); DIR/eval/NAME.json
+  holds ``accuracy`` (the 5-shot mean) and every setting's mean / std / per-split accuracies."""
+
+  DEFAULTS = dict(shots=(1, 2, 5), fractions=(0.01,), num_splits=3, lambd=0.0025)
+  init_keys = ("accuracy",)
+
+  def feature_specs(self) -> tuple:
+    return (("cls",),)
+
+  def run(self, ctx, params, feats) -> dict:
+    c = self.cfg
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    return fewshot_eval(
+      train_f["cls"],
+      train_y,
+      test_f["cls"],
+      test_y,
+      num_classes=ctx.num_classes,
+      shots=tuple(c.shots),
+      fractions=tuple(c.fractions),
+      num_splits=c.num_splits,
+      seed=self.config.seed,
+      lambd=c.lambd,
+    )
+
+  def metrics(self, result: dict) -> dict:
+    return {k: v["mean"] for k, v in result["settings"].items()}
+
+  def summary(self, r: dict) -> str:
+    return " ".join(f"{k} {v['mean']:.2f}+-{v['std']:.2f}%" for k, v in r["settings"].items())
+
+  @classmethod
+  def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
+    runner.require(runner.positive_ints(cfg.shots), f"{field}.shots", f"must be positive integers, got {cfg.shots!r}")
+    runner.require(
+      all(0 < f <= 1 for f in cfg.fractions),
+      f"{field}.fractions",
+      f"must be fractions in (0, 1], got {cfg.fractions!r}",
+    )
+    runner.require(len(cfg.shots) + len(cfg.fractions) > 0, field, "shots and fractions are both empty")
+    runner.require(cfg.num_splits >= 1, f"{field}.num_splits", f"must be >= 1, got {cfg.num_splits}")
+    runner.require(cfg.lambd > 0, f"{field}.lambd", f"must be positive, got {cfg.lambd}")

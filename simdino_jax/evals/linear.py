@@ -1,6 +1,6 @@
 """Linear probe on frozen features (DINO's eval_linear, with the learning-rate sweep run as one program).
 
-Features (``make_feature_fn``): the cls tokens of the last ``n_last_blocks`` blocks, each after the final
+Features (``runner.make_feature_fn``, spec ("linear", n, avgpool)): the cls tokens of the last ``n_last_blocks`` blocks, each after the final
 LayerNorm, concatenated (oldest block first), optionally followed by the average of the last block's patch tokens
 (registers excluded). DINO v1 interleaves [cls, avgpool] element-wise; we concatenate as DINOv2 does (the same
 information, a permuted layout). They are extracted once per split, without augmentation (DINO trains the probe on
@@ -30,27 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def make_feature_fn(graphdef: nnx.GraphDef, *, n_last_blocks: int = 1, avgpool: bool = False):
-  """(params, images (B, H, W, 3)) -> {"cls": (B, D), "linear": (B, n D [+ D])} float32, deterministic.
-
-  "cls" is the last block's cls token (the k-NN / few-shot feature, equal to the backbone's ``__call__`` output),
-  taken from the same forward pass as the probe's features."""
-
-  def features(params, images):
-    net = nnx.merge(graphdef, params)
-    layers = net.backbone.get_intermediate_layers(images, n_last_blocks)  # oldest first
-    parts = [layer["cls"] for layer in layers]
-    if avgpool:
-      parts.append(jnp.mean(layers[-1]["patch"].astype(jnp.float32), axis=1))
-    return {"cls": layers[-1]["cls"].astype(jnp.float32),
-            "linear": jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)}
-
-  return features
 
 
 def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,8 +39,8 @@ def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
   train, test = np.asarray(train, np.float32), np.asarray(test, np.float32)
   # float64 statistics accumulated over row chunks: no float64 copy of a large (ImageNet-size) feature matrix.
   chunks = range(0, len(train), 65536)
-  mean = sum(train[i:i + 65536].sum(0, dtype=np.float64) for i in chunks) / len(train)
-  var = sum(((train[i:i + 65536] - mean) ** 2).sum(0) for i in chunks) / len(train)
+  mean = sum(train[i : i + 65536].sum(0, dtype=np.float64) for i in chunks) / len(train)
+  var = sum(((train[i : i + 65536] - mean) ** 2).sum(0) for i in chunks) / len(train)
   std = np.where(np.sqrt(var) > 1e-8, np.sqrt(var), 1.0)
   mean32, inv32 = mean.astype(np.float32), (1.0 / std).astype(np.float32)
   return (train - mean32) * inv32, (test - mean32) * inv32
@@ -82,8 +63,10 @@ def epoch_batches(key: jax.Array, epoch, num_train: int, batch_size: int) -> tup
 
 def init_params(key: jax.Array, dim: int, num_classes: int) -> dict:
   """DINO's LinearClassifier init: weight N(0, 0.01), bias 0 (the same start for every lr of the sweep)."""
-  return {"w": 0.01 * jax.random.normal(key, (dim, num_classes), jnp.float32),
-          "b": jnp.zeros((num_classes,), jnp.float32)}
+  return {
+    "w": 0.01 * jax.random.normal(key, (dim, num_classes), jnp.float32),
+    "b": jnp.zeros((num_classes,), jnp.float32),
+  }
 
 
 def _loss(params, x, y, w):
@@ -93,8 +76,9 @@ def _loss(params, x, y, w):
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size", "momentum"))
-def train_sweep(train_x, train_y, lrs, key, *, num_classes: int, epochs: int, batch_size: int,
-                momentum: float = 0.9) -> dict:
+def train_sweep(
+  train_x, train_y, lrs, key, *, num_classes: int, epochs: int, batch_size: int, momentum: float = 0.9
+) -> dict:
   """Linear classifiers trained for every lr of ``lrs`` (L,) at once: {"w": (L, D, C), "b": (L, C)}.
 
   ``key`` drives the init (split 0) and the batch order (split 1, see ``epoch_batches``)."""
@@ -153,8 +137,18 @@ def accuracies(params: dict, test_x, test_y, *, chunk: int = 4096) -> np.ndarray
   return 100.0 * hits / test_x.shape[0]
 
 
-def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int, lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-                 epochs: int = 100, batch_size: int = 256, seed: int = 0) -> dict:
+def linear_probe(
+  train_x,
+  train_y,
+  test_x,
+  test_y,
+  *,
+  num_classes: int,
+  lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+  epochs: int = 100,
+  batch_size: int = 256,
+  seed: int = 0,
+) -> dict:
   """Sweep of linear classifiers on frozen features; summary with the best lr's test accuracy (see module doc).
 
   Returns {"accuracy" (best top-1, percent), "top5" (of that lr), "lr" (the best), "per_lr": {lr: {"top1", "top5"}},
@@ -168,11 +162,25 @@ def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int, lrs=(1e-
   if len(train_y) == 0 or len(test_y) == 0:
     raise ValueError(f"the linear probe needs training and test examples, got {len(train_y)} and {len(test_y)}")
   batch_size = min(batch_size, len(train_y))
-  params = train_sweep(jnp.asarray(train_x), jnp.asarray(train_y), jnp.asarray(lrs, jnp.float32),
-                       jax.random.key(seed), num_classes=num_classes, epochs=epochs, batch_size=batch_size)
+  params = train_sweep(
+    jnp.asarray(train_x),
+    jnp.asarray(train_y),
+    jnp.asarray(lrs, jnp.float32),
+    jax.random.key(seed),
+    num_classes=num_classes,
+    epochs=epochs,
+    batch_size=batch_size,
+  )
   acc = accuracies(params, test_x, test_y)
   best = int(np.argmax(acc[:, 0]))  # the first of equal accuracies: the smallest such lr
-  return {"accuracy": float(acc[best, 0]), "top5": float(acc[best, 1]), "lr": lrs[best],
-          "per_lr": {f"{lr:g}": {"top1": float(a[0]), "top5": float(a[1])} for lr, a in zip(lrs, acc)},
-          "epochs": epochs, "batch_size": batch_size, "num_train": int(len(train_y)), "num_test": int(len(test_y)),
-          "feature_dim": int(train_x.shape[1])}
+  return {
+    "accuracy": float(acc[best, 0]),
+    "top5": float(acc[best, 1]),
+    "lr": lrs[best],
+    "per_lr": {f"{lr:g}": {"top1": float(a[0]), "top5": float(a[1])} for lr, a in zip(lrs, acc)},
+    "epochs": epochs,
+    "batch_size": batch_size,
+    "num_train": int(len(train_y)),
+    "num_test": int(len(test_y)),
+    "feature_dim": int(train_x.shape[1]),
+  }

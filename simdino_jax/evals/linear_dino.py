@@ -1,4 +1,4 @@
-"""DINO's linear evaluation protocol (``config.eval.linear.protocol = "dino"``), with its lr sweep in one program.
+"""DINO's linear evaluation protocol (``config.evals.linear.protocol = "dino"``), with its lr sweep in one program.
 
 What DINO's ``eval_linear.py`` (facebookresearch/dino, also SimDINO's) does, and what we do:
 
@@ -9,7 +9,7 @@ What DINO's ``eval_linear.py`` (facebookresearch/dino, also SimDINO's) does, and
 * Evaluation view: ``Resize(resize, bicubic)`` of the shorter side + ``CenterCrop(crop)`` (``eval_view``); crop 224 /
   resize 256 on ImageNet, scaled for small data (``resolve_sizes``). The view is deterministic, so its features are
   computed once and every epoch's validation reuses them (DINO recomputes the same numbers every epoch).
-* Features (``linear.make_feature_fn``): cls tokens of the last ``n_last_blocks`` blocks after the final norm,
+* Features (``runner.make_feature_fn``, spec ("linear", n, avgpool)): cls tokens of the last ``n_last_blocks`` blocks after the final norm,
   plus the average of the last block's patch tokens with ``avgpool``. DINO's choice by architecture
   (``dino_feature_choice``): ViT-S and smaller 4 blocks, no avgpool; ViT-B and larger 1 block + avgpool. DINO
   interleaves [cls, avg] element-wise; we concatenate, a permutation of the same vector (the N(0, 0.01) init is
@@ -40,10 +40,9 @@ import optax
 from PIL import Image
 
 from simdino_jax.data import augment, device_augment
-from simdino_jax.evals import linear
+from simdino_jax.evals import linear  # accuracies: the frozen probe's scoring, shared
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-PROTOCOLS = ("frozen", "dino")
 RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults, which eval_linear.py keeps
 RRC_RATIO = (3 / 4, 4 / 3)
 
@@ -80,6 +79,7 @@ def _resize(img: Image.Image | np.ndarray, size: tuple[int, int], backend: str, 
     pil = img if isinstance(img, Image.Image) else Image.fromarray(augment.to_uint8(img))
     return np.asarray(pil.resize(size, Image.BICUBIC if bicubic else Image.BILINEAR))
   import cv2  # pylint: disable=g-import-not-at-top  (augment already imports it)
+
   arr = np.ascontiguousarray(augment.to_uint8(np.asarray(img)))
   shrink = size[0] < arr.shape[1] or size[1] < arr.shape[0]
   interp = cv2.INTER_AREA if shrink else (cv2.INTER_CUBIC if bicubic else cv2.INTER_LINEAR)
@@ -91,7 +91,7 @@ def train_view(image: np.ndarray, rng: np.random.Generator, crop: int, resize: s
   ``make_train_step``)."""
   image = augment.to_uint8(image)
   top, left, h, w = augment.rrc_params(image.shape[0], image.shape[1], rng, RRC_SCALE, RRC_RATIO)
-  patch = image[top:top + h, left:left + w]
+  patch = image[top : top + h, left : left + w]
   x = patch if (h, w) == (crop, crop) else _resize(patch, (crop, crop), resize, bicubic=False)
   if rng.random() < 0.5:
     x = x[:, ::-1]
@@ -112,7 +112,7 @@ def eval_view(image: np.ndarray, crop: int, resize_to: int) -> np.ndarray:
     image = np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
     h, w = image.shape[:2]
   top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-  return augment.normalize(image[top:top + crop, left:left + crop])
+  return augment.normalize(image[top : top + crop, left : left + crop])
 
 
 def epoch_order(seed: int, epoch: int, num_train: int) -> np.ndarray:
@@ -126,9 +126,18 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, 0x11AF, epoch, index])
 
 
-def train_batches(source, *, epoch: int, seed: int, batch_size: int, crop: int, resize: str = "pil",
-                  shard_index: int = 0, shard_count: int = 1, pool: concurrent.futures.Executor | None = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  source,
+  *,
+  epoch: int,
+  seed: int,
+  batch_size: int,
+  crop: int,
+  resize: str = "pil",
+  shard_index: int = 0,
+  shard_count: int = 1,
+  pool: concurrent.futures.Executor | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's part of each global batch of ``epoch``: ``{"image": (b, crop, crop, 3) uint8, "label": (b,)
   int32, "weight": (b,) float32}`` with ``b = batch_size // shard_count`` (process ``k`` holds slots
   ``[k b, (k + 1) b)``); slots past the end of the epoch are zeros with weight 0. Views are computed by ``pool``
@@ -144,7 +153,7 @@ def train_batches(source, *, epoch: int, seed: int, batch_size: int, crop: int, 
 
   def submit(step):
     lo = step * batch_size + shard_index * per
-    idx = order[lo:min(lo + per, n)] if lo < n else order[:0]
+    idx = order[lo : min(lo + per, n)] if lo < n else order[:0]
     return [pool.submit(one, i) for i in idx] if pool is not None else list(idx)
 
   def assemble(work):
@@ -167,8 +176,12 @@ def init_classifiers(key: jax.Array, num_lrs: int, dim: int, num_classes: int) -
   """Every lr's LinearClassifier starts from the same N(0, 0.01) / 0 init; momentum buffers 0."""
   p = linear.init_params(key, dim, num_classes)
   rep = lambda a: jnp.broadcast_to(a, (num_lrs,) + a.shape)  # noqa: E731
-  return {"w": rep(p["w"]), "b": rep(p["b"]), "mw": jnp.zeros((num_lrs, dim, num_classes), jnp.float32),
-          "mb": jnp.zeros((num_lrs, num_classes), jnp.float32)}
+  return {
+    "w": rep(p["w"]),
+    "b": rep(p["b"]),
+    "mw": jnp.zeros((num_lrs, dim, num_classes), jnp.float32),
+    "mb": jnp.zeros((num_lrs, num_classes), jnp.float32),
+  }
 
 
 def _loss(wb, x, y, weight):
@@ -177,8 +190,9 @@ def _loss(wb, x, y, weight):
   return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def sgd_update(state: dict, x: jax.Array, y: jax.Array, weight: jax.Array, lrs: jax.Array,
-               momentum: float = 0.9) -> tuple[dict, jax.Array]:
+def sgd_update(
+  state: dict, x: jax.Array, y: jax.Array, weight: jax.Array, lrs: jax.Array, momentum: float = 0.9
+) -> tuple[dict, jax.Array]:
   """One SGD step of every classifier on features ``x`` (B, D): PyTorch's momentum (buf = m buf + g; p -= lr buf,
   dampening 0, no weight decay); the loss is the mean cross-entropy over the weighted examples. Returns the new
   state and the (L,) losses."""
@@ -192,7 +206,7 @@ def sgd_update(state: dict, x: jax.Array, y: jax.Array, weight: jax.Array, lrs: 
   return {"w": w, "b": b, "mw": mw, "mb": mb}, loss
 
 
-def make_train_step(feature_fn: Callable) -> Callable:
+def make_train_step(feature_fn: Callable, key: str) -> Callable:
   """(state, backbone params, images, labels, weights, lrs (L,)) -> (state, losses (L,)): the frozen backbone's
   features of the batch (computed once, shared by every lr) and one SGD step of every classifier. uint8 images
   (``train_view``) are normalised here, as ``augment.normalize`` does on the host."""
@@ -200,15 +214,28 @@ def make_train_step(feature_fn: Callable) -> Callable:
   def step(state, params, images, labels, weights, lrs):
     if images.dtype == jnp.uint8:
       images = device_augment.normalize(images.astype(jnp.float32))
-    x = jax.lax.stop_gradient(feature_fn(params, images)["linear"])
+    x = jax.lax.stop_gradient(feature_fn(params, images)[key])
     return sgd_update(state, x, labels, weights, lrs)
 
   return step
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------
-def run(*, step_fn: Callable, batches_fn: Callable[[int], Iterator], test_x, test_y, num_classes: int, dim: int,
-        lrs, batch_size: int, epochs: int, seed: int, num_train: int, log: Callable[[str], None] = print) -> dict:
+def run(
+  *,
+  step_fn: Callable,
+  batches_fn: Callable[[int], Iterator],
+  test_x,
+  test_y,
+  num_classes: int,
+  dim: int,
+  lrs,
+  batch_size: int,
+  epochs: int,
+  seed: int,
+  num_train: int,
+  log: Callable[[str], None] = print,
+) -> dict:
   """The protocol's epochs: ``batches_fn(epoch)`` yields device batches (images, labels, weights), ``step_fn(state,
   images, labels, weights, lrs)`` trains every classifier on one; after each epoch every classifier is validated
   on the test features. Returns the summary written to linear.json (module doc)."""
@@ -229,27 +256,49 @@ def run(*, step_fn: Callable, batches_fn: Callable[[int], Iterator], test_x, tes
       now = time.time()
       if now - last_log > 60 and i + 1 < steps:  # long (ImageNet) epochs: a line a minute
         done = epoch + (i + 1) / steps
-        log(f"linear (dino) epoch {epoch + 1}/{epochs} step {i + 1}/{steps} | elapsed {_hms(now - t0)} "
-            f"ETA {_hms((now - t0) * (epochs - done) / done)}")
+        log(
+          f"linear (dino) epoch {epoch + 1}/{epochs} step {i + 1}/{steps} | elapsed {_hms(now - t0)} "
+          f"ETA {_hms((now - t0) * (epochs - done) / done)}"
+        )
         last_log = now
     curve[epoch] = linear.accuracies({"w": state["w"], "b": state["b"]}, test_x, test_y)
     mean_loss = np.mean(np.stack([np.asarray(v) for v in losses]), axis=0)
     now, last_log = time.time(), time.time()
     best = int(np.argmax(curve[epoch, :, 0]))
-    log(f"linear (dino) epoch {epoch + 1}/{epochs} | loss {mean_loss[best]:.4f} top-1 {curve[epoch, best, 0]:.2f}% "
-        f"(lr {base[best]:g}) | elapsed {_hms(now - t0)} ETA {_hms((now - t0) * (epochs - epoch - 1) / (epoch + 1))}")
+    log(
+      f"linear (dino) epoch {epoch + 1}/{epochs} | loss {mean_loss[best]:.4f} top-1 {curve[epoch, best, 0]:.2f}% "
+      f"(lr {base[best]:g}) | elapsed {_hms(now - t0)} ETA {_hms((now - t0) * (epochs - epoch - 1) / (epoch + 1))}"
+    )
 
   best_epoch = np.argmax(curve[:, :, 0], axis=0)  # per lr: DINO's "max accuracy so far" (first of equal values)
   best_top1 = curve[best_epoch, np.arange(len(base)), 0]
   b = int(np.argmax(best_top1))  # the first of equal accuracies: the smallest such lr
-  per_lr = {f"{lr:g}": {"top1": float(best_top1[i]), "top5": float(curve[best_epoch[i], i, 1]),
-                        "best_epoch": int(best_epoch[i]) + 1, "last_top1": float(curve[-1, i, 0]),
-                        "scaled_lr": float(peak[i]), "top1_per_epoch": [float(v) for v in curve[:, i, 0]]}
-            for i, lr in enumerate(base)}
-  return {"accuracy": float(best_top1[b]), "top5": per_lr[f"{base[b]:g}"]["top5"], "lr": base[b],
-          "scaled_lr": float(peak[b]), "best_epoch": int(best_epoch[b]) + 1, "last_top1": float(curve[-1, b, 0]),
-          "per_lr": per_lr, "epochs": epochs, "batch_size": batch_size, "num_train": int(num_train),
-          "num_test": int(test_x.shape[0]), "feature_dim": int(dim), "seconds": time.time() - t0}
+  per_lr = {
+    f"{lr:g}": {
+      "top1": float(best_top1[i]),
+      "top5": float(curve[best_epoch[i], i, 1]),
+      "best_epoch": int(best_epoch[i]) + 1,
+      "last_top1": float(curve[-1, i, 0]),
+      "scaled_lr": float(peak[i]),
+      "top1_per_epoch": [float(v) for v in curve[:, i, 0]],
+    }
+    for i, lr in enumerate(base)
+  }
+  return {
+    "accuracy": float(best_top1[b]),
+    "top5": per_lr[f"{base[b]:g}"]["top5"],
+    "lr": base[b],
+    "scaled_lr": float(peak[b]),
+    "best_epoch": int(best_epoch[b]) + 1,
+    "last_top1": float(curve[-1, b, 0]),
+    "per_lr": per_lr,
+    "epochs": epochs,
+    "batch_size": batch_size,
+    "num_train": int(num_train),
+    "num_test": int(test_x.shape[0]),
+    "feature_dim": int(dim),
+    "seconds": time.time() - t0,
+  }
 
 
 def default_threads() -> int:

@@ -20,6 +20,15 @@ one is tried; if none is usable, ``restore_latest`` returns None and training st
 The data stream is a pure function of (seed, step) (``pipeline.train_iterator(start_step=...)``) and the step's
 randomness is ``fold_in(state.rng, state.step)``, so the restored state alone resumes the run exactly: no data
 iterator state is stored.
+
+Read-only access to any run's checkpoints (no CheckpointManager, so nothing is cleaned up or moved aside, which
+makes reading a run that is training right now safe): ``committed_steps``, ``find_checkpoint`` (config.resume /
+config.init_from paths), ``restore_params`` (one network's parameters on the host: export, load_backbone,
+init_from), ``restore_external`` (a whole TrainState: config.resume) and ``load_init_arrays`` /
+``match_init_arrays`` (config.init_from).
+
+Python API: ``Checkpointer``, ``abstract_target``, ``config_dict``, ``committed_steps``, ``find_checkpoint``,
+``restore_params``, ``restore_external``, ``load_init_arrays``, ``match_init_arrays``; ``COMMIT_MARKER``, ``WHICH``.
 """
 
 from __future__ import annotations
@@ -32,17 +41,24 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
-from simdino_jax.errors import CheckpointMismatchError, ResumeError
+
+from simdino_jax import methods
+from simdino_jax.errors import CheckpointMismatchError, ExportError, ResumeError
+from simdino_jax.io import formats
+from simdino_jax.tree import named_leaves
 
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into the step directory as the last act of a save
 _ITEMS = ("state", "config")
+WHICH = ("teacher", "student")  # the networks of a TrainState that restore_params reads
 
 
 def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
@@ -52,10 +68,9 @@ def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
   """
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree_util.tree_map(lambda _: shardings, abstract_tree)
-  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract_tree, shardings)
-
-
+  return jax.tree_util.tree_map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+  )
 
 
 class Checkpointer:
@@ -70,10 +85,10 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        create=True,
-        cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
-        enable_async_checkpointing=async_save,
+      max_to_keep=max_to_keep,
+      create=True,
+      cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
+      enable_async_checkpointing=async_save,
     )
     _quiet_orbax_info_logs()
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
@@ -158,12 +173,17 @@ class Checkpointer:
       reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another process"
       if diff:
         raise CheckpointMismatchError(
-            f"{self.path(step)} does not fit this run's config (it was written with {'; '.join(diff)}) and "
-            f"restoring it failed ({_first_line(reason)}). Use another --workdir, or move {self.directory} "
-            "away to start from scratch.")
+          f"{self.path(step)} does not fit this run's config (it was written with {'; '.join(diff)}) and "
+          f"restoring it failed ({_first_line(reason)}). Use another --workdir, or move {self.directory} "
+          "away to start from scratch."
+        )
       aside = self._move_aside(step)
-      log.warning("checkpoint %s is unusable (%s); moved it to %s and falling back to the previous checkpoint",
-                  self.path(step), _first_line(reason), aside)
+      log.warning(
+        "checkpoint %s is unusable (%s); moved it to %s and falling back to the previous checkpoint",
+        self.path(step),
+        _first_line(reason),
+        aside,
+      )
     if self.all_steps() or any(self.directory.glob("*.unusable-*")):
       log.warning("no usable checkpoint in %s; starting from scratch", self.directory)
     return None
@@ -177,12 +197,17 @@ class Checkpointer:
     diff = [f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in _flat_diff(stored, config)]
     return diff if len(diff) <= 12 else diff[:12] + [f"... ({len(diff) - 12} more)"]
 
-  def _move_aside(self, step: int) -> str:
+  def move_aside_after(self, step: int) -> list[str]:
+    """Moves the checkpoints later than ``step`` aside (``N.superseded-TIME``: kept, no longer resumed from), so that
+    a run restarted from ``step`` can write those steps again; returns where they went."""
+    return [self._move_aside(s, "superseded") for s in self.all_steps() if s > step]
+
+  def _move_aside(self, step: int, why: str = "unusable") -> str:
     src = self.directory / str(step)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dst, n = self.directory / f"{step}.unusable-{stamp}", 1
+    dst, n = self.directory / f"{step}.{why}-{stamp}", 1
     while dst.exists():  # the same step moved aside twice within a second
-      dst, n = self.directory / f"{step}.unusable-{stamp}-{n}", n + 1
+      dst, n = self.directory / f"{step}.{why}-{stamp}-{n}", n + 1
     if jax.process_index() == 0 and src.exists():
       src.rename(dst)
     multihost_utils.sync_global_devices(f"simdino_jax checkpoint moved aside {step}")
@@ -280,13 +305,78 @@ def config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-# -- another run's checkpoint (config.resume) and initial weights (config.init_from) ---------------------------------
+# -- read-only: any run's checkpoints (export, load_backbone, config.resume, config.init_from) -----------------------
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+  """Steps under ``directory`` (a ``checkpoints/`` directory) whose save completed: orbax's commit marker and the
+  state item present. Ascending."""
+  return sorted(
+    int(p.name)
+    for p in epath.Path(directory).iterdir()
+    if p.name.isdigit() and (p / COMMIT_MARKER).exists() and (p / "state").exists()
+  )
 
 
+def _stored_config(step_dir: epath.Path, workdir: str) -> dict:
+  """The config stored with the checkpoint in ``step_dir`` (orbax JSON item ``config``), else workdir/config.json."""
+  try:
+    config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config", args=ocp.args.JsonRestore())
+  except Exception:  # pylint: disable=broad-except  (no or unreadable stored config: use the workdir's copy)
+    config = None
+  if config:
+    return dict(config)
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise ExportError(f"checkpoint {step_dir} has no readable stored config and {path} does not exist")
+  return json.loads(path.read_text())
 
-def _committed_steps(directory: epath.Path) -> list[int]:
-  return sorted(int(p.name) for p in directory.iterdir()
-                if p.name.isdigit() and (p / COMMIT_MARKER).exists() and (p / "state").exists())
+
+def restore_params(
+  workdir: str, *, which: str = "teacher", step: int | None = None, with_head: bool = False
+) -> tuple[dict[str, np.ndarray], int, dict]:
+  """({name: array}, step, config dict) of the ``which`` network of a checkpoint of ``workdir``, on the host.
+
+  The newest committed checkpoint unless ``step`` is given. Names are slash paths starting with ``backbone/``
+  (and ``head/``, ``patch_head/`` with ``with_head``). Only those parameters (and the step) are read: no optimizer
+  state, no data source. The restore target is ``methods.build_network`` of the stored config. Raises ExportError
+  naming the path when there is nothing to read.
+  """
+  if which not in WHICH:
+    raise ExportError(f"which must be one of {WHICH}, got {which!r}")
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise ExportError(f"no checkpoints to export: {directory} does not exist (train into {workdir} first)")
+  steps = committed_steps(directory)
+  if not steps:
+    raise ExportError(f"no checkpoints to export: {directory} holds no committed checkpoint")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ExportError(f"no committed checkpoint of step {step} in {directory}; available steps: {steps}")
+
+  # Read-only: no orbax CheckpointManager here, whose start-up deletes unfinished saves ("*.orbax-checkpoint-tmp-*"),
+  # i.e. those of a training run writing into the same workdir right now.
+  step_dir = directory / str(step)
+  config = _stored_config(step_dir, workdir)
+  abstract = nnx.eval_shape(lambda: methods.build_network(ml_collections.ConfigDict(config)))
+  params = nnx.split(abstract)[1]
+  subtree = params if with_head else {"backbone": params["backbone"]}
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  target = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=cpu), which: abstract_target(subtree, cpu)}
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  try:  # a partial restore: only `which` (and the step) are read
+    restored = ocp.PyTreeCheckpointer().restore(
+      step_dir / "state", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    )
+  except Exception as e:  # pylint: disable=broad-except  (re-raised with the path and the likely cause)
+    raise ExportError(
+      f"could not read the {which} parameters of {step_dir} with the network of its config "
+      f"({type(e).__name__}: {_first_line(str(e) or type(e).__name__)})"
+    ) from e
+  saved_step = int(np.asarray(restored["step"]))
+  if saved_step != step:
+    raise ExportError(f"{step_dir} holds the state of step {saved_step}, not {step}")
+  arrays = {name: np.asarray(a) for name, a in named_leaves(restored[which]).items()}
+  return arrays, step, config
 
 
 def find_checkpoint(path: str, field: str = "config.resume") -> epath.Path:
@@ -301,11 +391,13 @@ def find_checkpoint(path: str, field: str = "config.resume") -> epath.Path:
     return root
   for directory in (root / "checkpoints", root):
     if directory.is_dir():
-      steps = _committed_steps(directory)
+      steps = committed_steps(directory)
       if steps:
         return directory / str(steps[-1])
-  raise ResumeError(f"{field}: {path} holds no committed checkpoint (expected a workdir with checkpoints/<step>/, "
-                    "a checkpoints/ directory or one checkpoints/<step> directory)")
+  raise ResumeError(
+    f"{field}: {path} holds no committed checkpoint (expected a workdir with checkpoints/<step>/, "
+    "a checkpoints/ directory or one checkpoints/<step> directory)"
+  )
 
 
 def restore_external(path: str, target: Any) -> tuple[Any, int, str]:
@@ -316,8 +408,11 @@ def restore_external(path: str, target: Any) -> tuple[Any, int, str]:
     with ocp.StandardCheckpointer() as reader:
       state = reader.restore(step_dir / "state", target)
   except Exception as e:  # pylint: disable=broad-except  (re-raised naming the path and the likely cause)
-    raise ResumeError(f"config.resume: {step_dir} does not fit this run's state (a different model, head, method or "
-                      f"optimizer?): {type(e).__name__}: {_first_line(str(e) or type(e).__name__)}") from e
+    _quiet_closed_loop_callbacks()  # the failed read's pending callbacks: noise, as in restore_latest
+    raise ResumeError(
+      f"config.resume: {step_dir} does not fit this run's state (a different model, head, method or "
+      f"optimizer?): {type(e).__name__}: {_first_line(str(e) or type(e).__name__)}"
+    ) from e
   return state, int(np.asarray(jax.device_get(state.step))), str(step_dir)
 
 
@@ -325,21 +420,19 @@ def load_init_arrays(path: str) -> tuple[dict[str, np.ndarray], str]:
   """({name: array}, description) of the weights ``config.init_from`` names: an exported ``.npz`` / ``.safetensors``
   file (``simdino_jax.export``) or a workdir / checkpoint directory (the teacher of its newest checkpoint, backbone
   and heads). Names are slash paths such as ``backbone/blocks/0/attn/qkv/kernel`` and ``head/mlp/0/kernel``."""
-  from simdino_jax import export  # local: export is an entry point that imports the trainer lazily
-
   root = epath.Path(path)
   if not root.exists():
     raise ResumeError(f"config.init_from: {path} does not exist")
   if root.is_file():
     try:
-      return export.load_arrays(str(root)), f"exported file {path}"
-    except export.ExportError as e:
+      return formats.load_arrays(str(root)), f"exported file {path}"
+    except ExportError as e:
       raise ResumeError(f"config.init_from: {e}") from None
   step_dir = find_checkpoint(path, "config.init_from")
   workdir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
   try:
-    arrays, step, _ = export.restore_params(str(workdir), which="teacher", step=int(step_dir.name), with_head=True)
-  except export.ExportError as e:
+    arrays, step, _ = restore_params(str(workdir), which="teacher", step=int(step_dir.name), with_head=True)
+  except ExportError as e:
     raise ResumeError(f"config.init_from: {e}") from None
   return arrays, f"teacher of {step_dir} (step {step})"
 
@@ -354,20 +447,26 @@ def match_init_arrays(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
   backbone = sorted(n for n in params if n.startswith("backbone/"))
   for name in backbone:
     if name not in arrays:
-      raise ResumeError(f"config.init_from: parameter {name} {tuple(np.shape(params[name]))} is not in the source "
-                        f"(it has {len([a for a in arrays if a.startswith('backbone/')])} backbone arrays)")
+      raise ResumeError(
+        f"config.init_from: parameter {name} {tuple(np.shape(params[name]))} is not in the source "
+        f"(it has {len([a for a in arrays if a.startswith('backbone/')])} backbone arrays)"
+      )
     if tuple(np.shape(arrays[name])) != tuple(np.shape(params[name])):
-      raise ResumeError(f"config.init_from: parameter {name} has shape {tuple(np.shape(arrays[name]))} in the source, "
-                        f"{tuple(np.shape(params[name]))} in this run's network (check model.variant, "
-                        "model.img_size, model.num_registers, ...)")
+      raise ResumeError(
+        f"config.init_from: parameter {name} has shape {tuple(np.shape(arrays[name]))} in the source, "
+        f"{tuple(np.shape(params[name]))} in this run's network (check model.variant, "
+        "model.img_size, model.num_registers, ...)"
+      )
     out[name] = arrays[name]
   for prefix in sorted({n.split("/", 1)[0] for n in params} - {"backbone"}):
     names = sorted(n for n in params if n.startswith(prefix + "/"))
     bad = [n for n in names if n not in arrays or tuple(np.shape(arrays[n])) != tuple(np.shape(params[n]))]
     if bad:
-      notes.append(f"{prefix} not loaded ({bad[0]}: "
-                   f"{'absent' if bad[0] not in arrays else tuple(np.shape(arrays[bad[0]]))} in the source, "
-                   f"{tuple(np.shape(params[bad[0]]))} here)")
+      notes.append(
+        f"{prefix} not loaded ({bad[0]}: "
+        f"{'absent' if bad[0] not in arrays else tuple(np.shape(arrays[bad[0]]))} in the source, "
+        f"{tuple(np.shape(params[bad[0]]))} here)"
+      )
     else:
       out.update({n: arrays[n] for n in names})
       notes.append(f"{prefix} loaded")

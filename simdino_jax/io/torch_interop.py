@@ -31,7 +31,8 @@ load too.
 Python API: ``to_torch(params)``, ``network_to_torch(params)`` / ``network_from_torch(state, like)`` (backbone
 and heads: ``head.mlp.<2i>.*``, ``head.last_layer.weight_g`` (K, 1) / ``weight_v`` (K, in)),
 ``load_state_dict(source, ...)`` -> ``ImportedViT`` (``.params``, ``.kwargs``, ``.build()``),
-``read_state_dict(path)``, ``infer_vit_kwargs(state_dict)``.
+``read_state_dict(path)`` (.pth through PyTorch, imported only then; .safetensors / .npz through ``io.formats``),
+``infer_vit_kwargs(state_dict)``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,14 @@ import re
 import zipfile
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
-from simdino_jax.errors import InteropError
+from flax import nnx
+
+from simdino_jax.errors import ExportError, InteropError
+from simdino_jax.io import formats
+from simdino_jax.models.vit import VisionTransformer, parse_variant
+from simdino_jax.tree import map_with_name, named_leaves
 
 FLAVORS = ("auto", "dino", "dinov2")
 WHICH = ("teacher", "student")
@@ -58,8 +65,6 @@ PTH_METADATA_KEY = "simdino_jax"
 _CONTAINER_KEYS = ("model", "state_dict", "module", "params")
 
 logger = logging.getLogger(__name__)
-
-
 
 
 # ---- names and layouts --------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ def _strip_backbone(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if has_prefix:
       if not k.startswith("backbone/"):
         continue  # head/..., patch_head/...: not part of the backbone
-      k = k[len("backbone/"):]
+      k = k[len("backbone/") :]
     out[k] = np.asarray(v)
   return out
 
@@ -128,8 +133,10 @@ def to_torch(params: Mapping[str, Any], *, flavor: str = "auto") -> dict[str, np
   params = _strip_backbone(params)
   for required in ("cls_token", "pos_embed", "patch_embed/kernel"):
     if required not in params:
-      raise InteropError(f"not the parameters of our ViT backbone: {required!r} is missing "
-                         f"(got {sorted(params)[:8]}{' ...' if len(params) > 8 else ''})")
+      raise InteropError(
+        f"not the parameters of our ViT backbone: {required!r} is missing "
+        f"(got {sorted(params)[:8]}{' ...' if len(params) > 8 else ''})"
+      )
   if flavor == "auto":
     v2 = any(re.search(r"(^|/)(ls1|ls2|w12|w3)/", k) for k in params) or "register_tokens" in params
     mask = params.get("mask_token")
@@ -174,8 +181,9 @@ def _head_layers(params: Mapping[str, Any], prefix: str) -> int:
   return len({k.split("/")[-2] for k in params if re.match(rf"{prefix}/(proj/)?mlp/\d+/kernel$", k)})
 
 
-def network_to_torch(params: Mapping[str, Any], *, flavor: str = "auto", head: str = "head",
-                     patch_head: str = "ibot_head") -> dict[str, np.ndarray]:
+def network_to_torch(
+  params: Mapping[str, Any], *, flavor: str = "auto", head: str = "head", patch_head: str = "ibot_head"
+) -> dict[str, np.ndarray]:
   """Our whole network {name: array} (slash names: backbone/..., head/..., patch_head/...) -> one official state
   dict with ``backbone.``, ``<head>.`` and ``<patch_head>.`` prefixes: DINO's / SimDINO's MultiCropWrapper is
   ``head="head"``; DINOv2's / SimDINOv2's SSLMetaArch student and teacher are ``head="dino_head"`` (and
@@ -187,13 +195,14 @@ def network_to_torch(params: Mapping[str, Any], *, flavor: str = "auto", head: s
     for name, a in params.items():
       if not name.startswith(ours + "/"):
         continue
-      tname, layout = head_torch_name(name[len(ours) + 1:], layers)
+      tname, layout = head_torch_name(name[len(ours) + 1 :], layers)
       out[f"{theirs}.{tname}"] = a.reshape(-1, 1) if layout == "column" else _to_torch_layout(a, layout)
   return out
 
 
-def network_from_torch(state: Mapping[str, Any], like: Mapping[str, Any], *, head: str = "head",
-                       patch_head: str = "ibot_head") -> dict[str, np.ndarray]:
+def network_from_torch(
+  state: Mapping[str, Any], like: Mapping[str, Any], *, head: str = "head", patch_head: str = "ibot_head"
+) -> dict[str, np.ndarray]:
   """The inverse of ``network_to_torch`` for the names in ``like`` (our flat parameter names -> arrays, for their
   names and shapes): {our name: array in our layout}. Raises InteropError naming the first missing key."""
   out = {}
@@ -229,7 +238,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _torch():
-  import torch  # pylint: disable=g-import-not-at-top  (optional: only for .pth files and torch tensors)
+  import torch  # pylint: disable=g-import-not-at-top  (optional, never a dependency: only for .pth files and tensors)
+
   return torch
 
 
@@ -256,31 +266,32 @@ def _file_kind(path: str) -> str:
 
 def read_state_dict(path: str) -> tuple[dict[str, Any], dict[str, str]]:
   """({key: array or nested dict}, metadata) of a .pth (needs torch), .safetensors or .npz file."""
-  from simdino_jax import export  # pylint: disable=g-import-not-at-top
-
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise InteropError(f"{path}: no such file")
   kind = _file_kind(path)
   if kind != "pth":
     try:
-      return export._read(path)  # pylint: disable=protected-access  (the exporter's own reader)
-    except (export.ExportError, ValueError, OSError) as e:
+      return formats.read_arrays(path)
+    except (ExportError, ValueError, OSError) as e:
       raise InteropError(f"{path}: not a readable {kind} file ({e})") from None
   try:
     torch = _torch()
   except ImportError:
-    raise InteropError(f"{path}: reading a PyTorch .pth file needs PyTorch (pip install torch); or export it "
-                       "as .safetensors (python -m simdino_jax.export --format=torch without torch installed "
-                       "writes one)") from None
+    raise InteropError(
+      f"{path}: reading a PyTorch .pth file needs PyTorch (pip install torch); or export it "
+      "as .safetensors (python -m simdino_jax.export --format=torch without torch installed "
+      "writes one)"
+    ) from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (re-raised with the path)
     raise InteropError(
-        f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: "
-        f"{(str(e).strip().splitlines() or [''])[0][:200]}). A training checkpoint "
-        "that also pickles Python objects (e.g. DINO's argparse `args`) is not read here: if you trust the file, "
-        "load it with torch.load(path, weights_only=False) and pass the resulting dict") from None
+      f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: "
+      f"{(str(e).strip().splitlines() or [''])[0][:200]}). A training checkpoint "
+      "that also pickles Python objects (e.g. DINO's argparse `args`) is not read here: if you trust the file, "
+      "load it with torch.load(path, weights_only=False) and pass the resulting dict"
+    ) from None
   if not isinstance(obj, Mapping):
     raise InteropError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
   metadata = (getattr(obj, "_metadata", None) or {}).get(PTH_METADATA_KEY) or {}
@@ -327,10 +338,10 @@ def _normalise_keys(arrays: Mapping[str, Any], which: str, where: str) -> tuple[
     if not any(b.startswith(f"{which}.") for b in bare.values()):
       raise InteropError(f"{where}: no '{which}.' keys to import (it holds '{other}.' ones; pass which='{other}')")
     ignored = [k for k, b in bare.items() if not b.startswith((f"{which}.", f"{other}."))]
-    bare = {k: b[len(which) + 1:] for k, b in bare.items() if b.startswith(f"{which}.")}
+    bare = {k: b[len(which) + 1 :] for k, b in bare.items() if b.startswith(f"{which}.")}
   if any(b.startswith("backbone.") for b in bare.values()):
     ignored += [k for k, b in bare.items() if not b.startswith("backbone.")]
-    bare = {k: b[len("backbone."):] for k, b in bare.items() if b.startswith("backbone.")}
+    bare = {k: b[len("backbone.") :] for k, b in bare.items() if b.startswith("backbone.")}
   chunked = any(re.match(r"blocks\.\d+\.\d+\.", b) for b in bare.values())
   out = {}
   for k, b in bare.items():
@@ -368,13 +379,17 @@ def infer_vit_kwargs(state: Mapping[str, Any], *, num_heads: int | None = None, 
   _, _, dim = _shape(state, "cls_token", where, 3)
   d, c, ph, pw = _shape(state, "patch_embed.proj.weight", where, 4)
   if ph != pw or c != 3 or d != dim:
-    raise InteropError(f"{where}: 'patch_embed.proj.weight' has shape {[d, c, ph, pw]}, expected "
-                       f"[{dim}, 3, p, p] (a square patch over RGB)")
+    raise InteropError(
+      f"{where}: 'patch_embed.proj.weight' has shape {[d, c, ph, pw]}, expected "
+      f"[{dim}, 3, p, p] (a square patch over RGB)"
+    )
   _, tokens, pdim = _shape(state, "pos_embed", where, 3)
   grid = math.isqrt(tokens - 1)
   if grid * grid != tokens - 1 or pdim != dim:
-    raise InteropError(f"{where}: 'pos_embed' has shape {[1, tokens, pdim]}, expected [1, 1 + g*g, {dim}] "
-                       "(a cls entry and a square patch grid)")
+    raise InteropError(
+      f"{where}: 'pos_embed' has shape {[1, tokens, pdim]}, expected [1, 1 + g*g, {dim}] "
+      "(a cls entry and a square patch grid)"
+    )
   indices = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
   if not indices:
     raise InteropError(f"{where}: no 'blocks.<i>.*' keys")
@@ -396,13 +411,23 @@ def infer_vit_kwargs(state: Mapping[str, Any], *, num_heads: int | None = None, 
   if num_heads is None:
     num_heads = dim // 64
     if num_heads < 1 or dim % num_heads:
-      raise InteropError(f"{where}: the number of attention heads is not stored in the weights and width {dim} "
-                         "has no default (embed_dim // 64); pass num_heads")
+      raise InteropError(
+        f"{where}: the number of attention heads is not stored in the weights and width {dim} "
+        "has no default (embed_dim // 64); pass num_heads"
+      )
   elif num_heads < 1 or dim % num_heads:
     raise InteropError(f"num_heads={num_heads} does not divide the width {dim} of {where}")
-  return dict(patch_size=ph, embed_dim=dim, depth=depth, num_heads=int(num_heads), mlp_ratio=ratio, ffn=ffn,
-              img_size=grid * ph, num_registers=registers,
-              layerscale_init=1.0 if "blocks.0.ls1.gamma" in state else None)
+  return dict(
+    patch_size=ph,
+    embed_dim=dim,
+    depth=depth,
+    num_heads=int(num_heads),
+    mlp_ratio=ratio,
+    ffn=ffn,
+    img_size=grid * ph,
+    num_registers=registers,
+    layerscale_init=1.0 if "blocks.0.ls1.gamma" in state else None,
+  )
 
 
 # ---- importing ----------------------------------------------------------------------------------------------
@@ -418,12 +443,6 @@ class ImportedViT:
 
   def build(self):
     """The VisionTransformer (Flax NNX) holding these parameters."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
-    from simdino_jax.models.vit import VisionTransformer  # pylint: disable=g-import-not-at-top
-    from simdino_jax.tree import map_with_name  # pylint: disable=g-import-not-at-top
-
     abstract = nnx.eval_shape(lambda: VisionTransformer(**self.kwargs, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     state = map_with_name(lambda name, _: jnp.asarray(self.params[name]), state)
@@ -432,11 +451,6 @@ class ImportedViT:
 
 def _expected(kwargs: dict) -> dict[str, tuple]:
   """{our name: shape} of VisionTransformer(**kwargs), without computing anything."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from simdino_jax.models.vit import VisionTransformer  # pylint: disable=g-import-not-at-top
-  from simdino_jax.tree import named_leaves  # pylint: disable=g-import-not-at-top
-
   abstract = nnx.eval_shape(lambda: VisionTransformer(**kwargs, rngs=nnx.Rngs(0)))
   return {k: tuple(v.shape) for k, v in named_leaves(nnx.split(abstract)[1]).items()}
 
@@ -447,8 +461,6 @@ def _config_kwargs(config: Mapping[str, Any] | None) -> dict:
   out = {}
   heads = model.get("num_heads") or 0
   if not heads and model.get("variant"):
-    from simdino_jax.models.vit import parse_variant  # pylint: disable=g-import-not-at-top
-
     try:
       heads = parse_variant(model["variant"])["num_heads"]
     except ValueError:
@@ -461,8 +473,15 @@ def _config_kwargs(config: Mapping[str, Any] | None) -> dict:
   return out
 
 
-def load_state_dict(source: Any, *, which: str = "teacher", num_heads: int | None = None, strict: bool = False,
-                    config: Mapping[str, Any] | None = None, **overrides) -> ImportedViT:
+def load_state_dict(
+  source: Any,
+  *,
+  which: str = "teacher",
+  num_heads: int | None = None,
+  strict: bool = False,
+  config: Mapping[str, Any] | None = None,
+  **overrides,
+) -> ImportedViT:
   """An official (or our own exported) backbone state dict -> ImportedViT for our VisionTransformer.
 
   source: a path (.pth with torch installed, .safetensors, .npz) or a dict of arrays / torch tensors, with official
@@ -516,7 +535,8 @@ def load_state_dict(source: Any, *, which: str = "teacher", num_heads: int | Non
   ignored = sorted(ignored + [k for k in state if k not in used])
   if ignored:
     if strict:
-      raise InteropError(f"{where}: {len(ignored)} unexpected keys (strict=True): {ignored[:20]}"
-                         f"{' ...' if len(ignored) > 20 else ''}")
+      raise InteropError(
+        f"{where}: {len(ignored)} unexpected keys (strict=True): {ignored[:20]}{' ...' if len(ignored) > 20 else ''}"
+      )
     logger.debug("%s: ignored %d keys that are not backbone parameters: %s", where, len(ignored), ignored)
   return ImportedViT(kwargs=kwargs, params=params, ignored=ignored, source=where, metadata=metadata)

@@ -28,7 +28,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _half_logdet_identity_plus(gram: jax.Array, scale: jax.Array | float) -> jax.Array:
   """1/2 logdet(I + scale * gram) for one symmetric PSD 2-D matrix, via Cholesky.
 
-  Kept 2-D on purpose: batched Cholesky deadlocks on simulated multi-device CPU (PITFALLS.md).
+  Kept 2-D on purpose: batched Cholesky deadlocks on simulated multi-device CPU (docs/distributed.md#simulated-cpu-devices).
   """
   k = gram.shape[0]
   mat = jnp.eye(k, dtype=jnp.float32) + scale * gram
@@ -65,7 +65,7 @@ def coding_rate(z: jax.Array, eps: float, *, groups: int = 1, form: str = "auto"
   scale = d / (eps**2 * m)
   rates = []
   for g in range(groups):  # static, small: one 2-D decomposition per group (see _half_logdet_identity_plus)
-    zg = z[g * m:(g + 1) * m]
+    zg = z[g * m : (g + 1) * m]
     if use_gram:
       gram = jnp.matmul(zg, zg.T, precision=_HIGHEST)  # (m, m): reduces over the feature axis
     else:
@@ -83,12 +83,16 @@ def gamma_simdino(eps: float, batch_size: int, dim: int, num_views: int) -> floa
   return 2.0 * eps * math.sqrt(batch_size / (dim * num_views * min(dim, batch_size)))
 
 
-def gamma_simdinov2(eps: float, batch_size: int, dim: int, num_views: int, mask_ratio: float,
-                    num_patches: int) -> float:
+def gamma_simdinov2(
+  eps: float, batch_size: int, dim: int, num_views: int, mask_ratio: float, num_patches: int
+) -> float:
   """Remark C.3 for SimDINOv2: eps (1/sqrt(M) + sqrt((1 - alpha) / N_glo)) sqrt(B / (d min(d, B))).
 
   mask_ratio alpha is the fraction of a global view's patches that are masked, num_patches N_glo the number of
   patch tokens of a global view (196 for 224/16).
   """
-  return eps * (1.0 / math.sqrt(num_views) + math.sqrt((1.0 - mask_ratio) / num_patches)) * math.sqrt(
-      batch_size / (dim * min(dim, batch_size)))
+  return (
+    eps
+    * (1.0 / math.sqrt(num_views) + math.sqrt((1.0 - mask_ratio) / num_patches))
+    * math.sqrt(batch_size / (dim * min(dim, batch_size)))
+  )

@@ -37,8 +37,9 @@ def _pair_mask(mg: int, m: int, exclude_same_view: bool) -> jax.Array:
   return jnp.ones((mg, m), jnp.float32)
 
 
-def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, *, student_temp: float = 0.1,
-                       exclude_same_view: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+def dino_cross_entropy(
+  student_logits: jax.Array, teacher_probs: jax.Array, *, student_temp: float = 0.1, exclude_same_view: bool = True
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Multi-crop cross-entropy between given teacher targets and the student, averaged over view pairs.
 
   L = 1/P sum_{(i, j) pairs} mean_b [ -sum_k q_{b,i,k} log softmax(s_{b,j} / student_temp)_k ],
@@ -59,8 +60,10 @@ def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, *, s
     of q over the batch and teacher views, float32).
   """
   if student_logits.ndim != 3 or teacher_probs.ndim != 3:
-    raise ValueError(f"dino loss expects student (B, M, K) and teacher (B, Mg, K), got {student_logits.shape} and "
-                     f"{teacher_probs.shape}")
+    raise ValueError(
+      f"dino loss expects student (B, M, K) and teacher (B, Mg, K), got {student_logits.shape} and "
+      f"{teacher_probs.shape}"
+    )
   b, m, k = student_logits.shape
   mg = teacher_probs.shape[1]
   if teacher_probs.shape[0] != b or teacher_probs.shape[2] != k or mg > m:
@@ -81,17 +84,23 @@ def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, *, s
   top = jnp.argmax(q, axis=-1).reshape(-1)
   used = jnp.zeros((k,), jnp.bool_).at[top].set(True)
   metrics = {
-      "ce": loss,
-      "kl": loss - ent_pairs,
-      "teacher_entropy": jnp.mean(ent),
-      "prototypes_used": jnp.sum(used).astype(jnp.float32),
+    "ce": loss,
+    "kl": loss - ent_pairs,
+    "teacher_entropy": jnp.mean(ent),
+    "prototypes_used": jnp.sum(used).astype(jnp.float32),
   }
   return loss, metrics
 
 
-def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array, *,
-              student_temp: float = 0.1, teacher_temp: float | jax.Array,
-              exclude_same_view: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+def dino_loss(
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  center: jax.Array,
+  *,
+  student_temp: float = 0.1,
+  teacher_temp: float | jax.Array,
+  exclude_same_view: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DINO v1 loss (REFERENCE 2.1): centred, sharpened teacher targets against the student over view pairs.
 
   q = softmax((t - center) / teacher_temp) (stop-gradient), p = softmax(s / student_temp);
@@ -111,8 +120,9 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
   return dino_cross_entropy(student_logits, q, student_temp=student_temp, exclude_same_view=exclude_same_view)
 
 
-def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float | jax.Array = 0.9, *,
-                  mask: jax.Array | None = None) -> jax.Array:
+def update_center(
+  center: jax.Array, teacher_logits: jax.Array, momentum: float | jax.Array = 0.9, *, mask: jax.Array | None = None
+) -> jax.Array:
   """EMA centre: center * m + (1 - m) * mean of the raw teacher logits over every axis but the last.
 
   Args:
@@ -141,8 +151,9 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float 
   return jnp.where(has_rows, new, center)
 
 
-def sinkhorn_knopp(logits: jax.Array, temperature: float | jax.Array, num_iters: int = 3, *,
-                   mask: jax.Array | None = None) -> jax.Array:
+def sinkhorn_knopp(
+  logits: jax.Array, temperature: float | jax.Array, num_iters: int = 3, *, mask: jax.Array | None = None
+) -> jax.Array:
   """DINOv2's Sinkhorn-Knopp teacher (REFERENCE 3.3): balanced soft assignments of the n rows to K prototypes.
 
   Q = exp(logits / T) (K x n in the official layout, here kept as (n, K)); Q /= sum(Q); then ``num_iters`` times:
@@ -185,9 +196,15 @@ def sinkhorn_knopp(logits: jax.Array, temperature: float | jax.Array, num_iters:
   return jax.lax.stop_gradient(q.reshape(shape))
 
 
-def teacher_targets(teacher_logits: jax.Array, *, mode: str, temperature: float | jax.Array,
-                    center: jax.Array | None = None, num_iters: int = 3,
-                    mask: jax.Array | None = None) -> jax.Array:
+def teacher_targets(
+  teacher_logits: jax.Array,
+  *,
+  mode: str,
+  temperature: float | jax.Array,
+  center: jax.Array | None = None,
+  num_iters: int = 3,
+  mask: jax.Array | None = None,
+) -> jax.Array:
   """Teacher probabilities from raw teacher logits (..., K), so a method can switch the centring scheme.
 
   mode "centering": softmax((t - center) / temperature) over K, per row (``center`` broadcasts, e.g. (1, K)).
@@ -205,8 +222,9 @@ def teacher_targets(teacher_logits: jax.Array, *, mode: str, temperature: float 
   raise ValueError(f"teacher_targets: mode must be one of {_TARGET_MODES}, got {mode!r}")
 
 
-def ibot_patch_loss(student_patch_logits: jax.Array, teacher_patch_targets: jax.Array, mask: jax.Array, *,
-                    student_temp: float = 0.1) -> tuple[jax.Array, dict[str, jax.Array]]:
+def ibot_patch_loss(
+  student_patch_logits: jax.Array, teacher_patch_targets: jax.Array, mask: jax.Array, *, student_temp: float = 0.1
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DINOv2 iBOT masked-patch loss (REFERENCE 3.2), dense over all N tokens with the mask as weights.
 
   L = -1/(B Mg) sum_{b, i} sum_{masked t} w_bit sum_k q_bitk log softmax(s_bit / student_temp)_k,
@@ -223,8 +241,10 @@ def ibot_patch_loss(student_patch_logits: jax.Array, teacher_patch_targets: jax.
     (loss, metrics) with "ibot_ce" (= loss) and "masked_fraction" (mean of the mask).
   """
   if student_patch_logits.ndim != 4 or student_patch_logits.shape != teacher_patch_targets.shape:
-    raise ValueError(f"ibot_patch_loss expects student and teacher (B, Mg, N, K) of one shape, got "
-                     f"{student_patch_logits.shape} and {teacher_patch_targets.shape}")
+    raise ValueError(
+      f"ibot_patch_loss expects student and teacher (B, Mg, N, K) of one shape, got "
+      f"{student_patch_logits.shape} and {teacher_patch_targets.shape}"
+    )
   if mask.shape != student_patch_logits.shape[:3]:
     raise ValueError(f"ibot_patch_loss: mask {mask.shape} does not match tokens {student_patch_logits.shape[:3]}")
   b, mg = mask.shape[:2]

@@ -36,9 +36,16 @@ def _alignment(student: jax.Array, teacher: jax.Array, exclude_same_view: bool) 
   return jnp.mean(dist)
 
 
-def simdino_loss(student: jax.Array, teacher: jax.Array, *, eps: float, gamma: float,
-                 exclude_same_view: bool = False, expansion: str = "student",
-                 groups: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+def simdino_loss(
+  student: jax.Array,
+  teacher: jax.Array,
+  *,
+  eps: float,
+  gamma: float,
+  exclude_same_view: bool = False,
+  expansion: str = "student",
+  groups: int = 1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SimDINO objective on head outputs.
 
   Args:
@@ -55,13 +62,16 @@ def simdino_loss(student: jax.Array, teacher: jax.Array, *, eps: float, gamma: f
     (loss, metrics) with metrics "align" (the alignment term) and "rate" (mean R over global views).
   """
   if student.ndim != 3 or teacher.ndim != 3:
-    raise ValueError(f"simdino_loss expects student (B, M, d) and teacher (B, Mg, d), got {student.shape} "
-                     f"and {teacher.shape}")
+    raise ValueError(
+      f"simdino_loss expects student (B, M, d) and teacher (B, Mg, d), got {student.shape} and {teacher.shape}"
+    )
   b, m, d = student.shape
   mg = teacher.shape[1]
   if teacher.shape[0] != b or teacher.shape[2] != d or mg > m:
-    raise ValueError(f"simdino_loss: teacher {teacher.shape} does not match student {student.shape} "
-                     "(need the same batch and dim, and at most as many teacher views as student views)")
+    raise ValueError(
+      f"simdino_loss: teacher {teacher.shape} does not match student {student.shape} "
+      "(need the same batch and dim, and at most as many teacher views as student views)"
+    )
   if expansion not in _EXPANSIONS:
     raise ValueError(f"simdino_loss: expansion must be one of {_EXPANSIONS}, got {expansion!r}")
   student = student.astype(jnp.float32)
@@ -82,8 +92,14 @@ def simdino_loss(student: jax.Array, teacher: jax.Array, *, eps: float, gamma: f
 PATCH_WEIGHTINGS = ("paper", "official", "masked_mean")
 
 
-def masked_patch_alignment(student_patch: jax.Array, teacher_patch: jax.Array, mask: jax.Array, *,
-                           weighting: str = "paper", num_patches: int | None = None) -> jax.Array:
+def masked_patch_alignment(
+  student_patch: jax.Array,
+  teacher_patch: jax.Array,
+  mask: jax.Array,
+  *,
+  weighting: str = "paper",
+  num_patches: int | None = None,
+) -> jax.Array:
   """Masked-patch alignment 1/2 ||t - s||^2 between the student's masked patches and the unmasked teacher's.
 
   student_patch, teacher_patch: (B, Mg, U, d); mask: (B, Mg, U) bool, True where the student's patch was masked.
@@ -116,10 +132,21 @@ def masked_patch_alignment(student_patch: jax.Array, teacher_patch: jax.Array, m
   return jnp.sum(per_crop * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
-def simdinov2_loss(student_cls: jax.Array, teacher_cls: jax.Array, student_patch: jax.Array,
-                   teacher_patch: jax.Array, mask: jax.Array, *, eps: float, gamma: float,
-                   weighting: str = "paper", exclude_same_view: bool = False, expansion: str = "student",
-                   groups: int = 1, num_patches: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def simdinov2_loss(
+  student_cls: jax.Array,
+  teacher_cls: jax.Array,
+  student_patch: jax.Array,
+  teacher_patch: jax.Array,
+  mask: jax.Array,
+  *,
+  eps: float,
+  gamma: float,
+  weighting: str = "paper",
+  exclude_same_view: bool = False,
+  expansion: str = "student",
+  groups: int = 1,
+  num_patches: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SimDINOv2 (paper eq. (42)): 1/2 (cls alignment + masked-patch alignment) - gamma R_eps(student global cls).
 
   student_cls (B, M, d) with the Mg (masked) global views first; teacher_cls (B, Mg, d) from unmasked crops;
@@ -134,8 +161,15 @@ def simdinov2_loss(student_cls: jax.Array, teacher_cls: jax.Array, student_patch
   crops (an earlier reading of eq. (42), kept for comparison).
   metrics: "align" (cls), "patch_align", "rate".
   """
-  _, metrics = simdino_loss(student_cls, teacher_cls, eps=eps, gamma=0.0, exclude_same_view=exclude_same_view,
-                            expansion=expansion, groups=groups)
+  _, metrics = simdino_loss(
+    student_cls,
+    teacher_cls,
+    eps=eps,
+    gamma=0.0,
+    exclude_same_view=exclude_same_view,
+    expansion=expansion,
+    groups=groups,
+  )
   patch = masked_patch_alignment(student_patch, teacher_patch, mask, weighting=weighting, num_patches=num_patches)
   scale = 1.0 if weighting == "official" else 0.5
   loss = scale * (metrics["align"] + patch) - gamma * metrics["rate"]

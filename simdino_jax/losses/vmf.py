@@ -55,10 +55,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # v_k(x) = U_k(t) / t^k as polynomials in x = t^2, DLMF 10.41.10 (coefficients in increasing powers of x) / denom.
 _V_POLYS = (
-    ((3.0, -5.0), 24.0),
-    ((81.0, -462.0, 385.0), 1152.0),
-    ((30375.0, -369603.0, 765765.0, -425425.0), 414720.0),
-    ((4465125.0, -94121676.0, 349922430.0, -446185740.0, 185910725.0), 39813120.0),
+  ((3.0, -5.0), 24.0),
+  ((81.0, -462.0, 385.0), 1152.0),
+  ((30375.0, -369603.0, 765765.0, -425425.0), 414720.0),
+  ((4465125.0, -94121676.0, 349922430.0, -446185740.0, 185910725.0), 39813120.0),
 )
 MAX_TERMS = len(_V_POLYS) + 1
 _CENTER_EMAS = ("log", "prob")
@@ -101,8 +101,7 @@ def _order_shift(nu: float, min_order: float) -> int:
 def _const_expansion(nu: float, terms: int) -> float:
   """log C_p(0) of the plain expansion at order nu (p = 2 nu + 2), float64."""
   corr0 = _correction(1.0, 1.0 / nu, terms)
-  return (-nu + nu * math.log(2.0 * nu) + 0.5 * math.log(nu) - (nu + 0.5) * math.log(2.0 * math.pi) -
-          math.log1p(corr0))
+  return -nu + nu * math.log(2.0 * nu) + 0.5 * math.log(nu) - (nu + 0.5) * math.log(2.0 * math.pi) - math.log1p(corr0)
 
 
 def _rel_expansion(kappa: jax.Array, nu: float, terms: int) -> jax.Array:
@@ -113,7 +112,7 @@ def _rel_expansion(kappa: jax.Array, nu: float, terms: int) -> jax.Array:
   rel = -delta + nu * jnp.log1p(delta / (2.0 * nu)) + 0.5 * jnp.log1p(delta / nu)
   if terms > 1:
     inv_s = 1.0 / s
-    x = (nu * inv_s)**2  # t^2
+    x = (nu * inv_s) ** 2  # t^2
     corr = _correction(x, inv_s, terms)
     corr0 = _correction(1.0, 1.0 / nu, terms)
     rel = rel - (jnp.log1p(corr) - math.log1p(corr0))
@@ -129,12 +128,19 @@ def _log_rho_expansion(kappa: jax.Array, mu: float, terms: int) -> jax.Array:
   s0 = jnp.hypot(jnp.asarray(mu, kappa.dtype), kappa)
   s1 = jnp.hypot(jnp.asarray(mu + 1.0, kappa.dtype), kappa)
   ds = (2.0 * mu + 1.0) / (s0 + s1)  # s1 - s0
-  out = (ds - mu * jnp.log1p((1.0 + ds) / (mu + s0)) - jnp.log(mu + 1.0 + s1) -
-         0.25 * jnp.log1p((2.0 * mu + 1.0) / (s0 * s0)))
+  out = (
+    ds
+    - mu * jnp.log1p((1.0 + ds) / (mu + s0))
+    - jnp.log(mu + 1.0 + s1)
+    - 0.25 * jnp.log1p((2.0 * mu + 1.0) / (s0 * s0))
+  )
   if terms > 1:
     inv0, inv1 = 1.0 / s0, 1.0 / s1
-    out = (out - jnp.log1p(_correction((mu * inv0)**2, inv0, terms)) +
-           jnp.log1p(_correction(((mu + 1.0) * inv1)**2, inv1, terms)))
+    out = (
+      out
+      - jnp.log1p(_correction((mu * inv0) ** 2, inv0, terms))
+      + jnp.log1p(_correction(((mu + 1.0) * inv1) ** 2, inv1, terms))
+    )
   return out
 
 
@@ -147,12 +153,14 @@ def log_vmf_normalizer_constant(dim: int, *, terms: int = 1, min_order: float = 
   nu = _check(dim, terms, min_order)
   n = _order_shift(nu, min_order)
   # Order shift (see log_vmf_normalizer): at kappa = 0 the recurrence gives rho_{nu+j} = 1 / (2 (nu + j + 1)).
-  return (_const_expansion(nu + n, terms) + n * math.log(2.0 * math.pi) -
-          sum(math.log(2.0 * (nu + j + 1)) for j in range(n)))
+  return (
+    _const_expansion(nu + n, terms) + n * math.log(2.0 * math.pi) - sum(math.log(2.0 * (nu + j + 1)) for j in range(n))
+  )
 
 
-def log_vmf_normalizer(kappa: jax.Array, dim: int, *, terms: int = 1, relative: bool = False,
-                       min_order: float = 16.0) -> jax.Array:
+def log_vmf_normalizer(
+  kappa: jax.Array, dim: int, *, terms: int = 1, relative: bool = False, min_order: float = 16.0
+) -> jax.Array:
   """log C_p(kappa) of the p = ``dim`` dimensional von Mises-Fisher density, elementwise.
 
   Args:
@@ -194,8 +202,9 @@ def log_vmf_normalizer(kappa: jax.Array, dim: int, *, terms: int = 1, relative: 
   return rel + jnp.asarray(log_vmf_normalizer_constant(dim, terms=terms, min_order=min_order), dtype)
 
 
-def vmf_logit_parts(y: jax.Array, prototypes: jax.Array, *, temperature: float | jax.Array,
-                    terms: int = 1) -> tuple[jax.Array, jax.Array]:
+def vmf_logit_parts(
+  y: jax.Array, prototypes: jax.Array, *, temperature: float | jax.Array, terms: int = 1
+) -> tuple[jax.Array, jax.Array]:
   """The two parts of the vMF logits: (<w_k, y> / tau with shape (..., K), log C_p(||w_k|| / tau) with shape (K,)).
 
   The second part is the relative normaliser (``log_vmf_normalizer(..., relative=True)``): it differs from the full
@@ -212,8 +221,9 @@ def vmf_logit_parts(y: jax.Array, prototypes: jax.Array, *, temperature: float |
   return dots, log_c
 
 
-def vmf_logits(y: jax.Array, prototypes: jax.Array, *, temperature: float | jax.Array, terms: int = 1,
-               include_constant: bool = False) -> jax.Array:
+def vmf_logits(
+  y: jax.Array, prototypes: jax.Array, *, temperature: float | jax.Array, terms: int = 1, include_constant: bool = False
+) -> jax.Array:
   """DINO-vMF logits l_k(y) = <w_k, y> / tau + log C_p(||w_k|| / tau) (REFERENCE section 4, paper eqs. (6)-(7)).
 
   Args:
@@ -244,9 +254,15 @@ def init_probability_center(num_prototypes: int) -> jax.Array:
   return jnp.full((1, num_prototypes), -math.log(num_prototypes), jnp.float32)
 
 
-def probability_centering_update(center: jax.Array, teacher_logits: jax.Array, *, temperature: float | jax.Array,
-                                 momentum: float | jax.Array = 0.9, mask: jax.Array | None = None,
-                                 ema: str = "log") -> jax.Array:
+def probability_centering_update(
+  center: jax.Array,
+  teacher_logits: jax.Array,
+  *,
+  temperature: float | jax.Array,
+  momentum: float | jax.Array = 0.9,
+  mask: jax.Array | None = None,
+  ema: str = "log",
+) -> jax.Array:
   """Probability-space centre update, DINO-vMF eq. (9): c <- m c + (1 - m) log(mean_b softmax(t_b / tau_t)).
 
   Args:

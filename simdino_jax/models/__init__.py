@@ -1,0 +1,1 @@
+"""Models: the ViT backbone, the projection and DINO heads, and the network that joins them."""

@@ -23,16 +23,16 @@ def backbone_kwargs(model_cfg) -> dict:
     if model_cfg.get(field, 0):
       kw[field] = model_cfg[field]
   kw.update(
-      img_size=model_cfg.img_size,
-      num_registers=model_cfg.num_registers,
-      layerscale_init=model_cfg.layerscale if model_cfg.layerscale > 0 else None,
-      drop_path_rate=model_cfg.drop_path_rate,
-      drop_path_uniform=model_cfg.drop_path_uniform,
-      token_init=model_cfg.token_init,
-      interpolate_offset=model_cfg.interpolate_offset,
-      interpolate_antialias=model_cfg.interpolate_antialias,
-      remat=bool(model_cfg.get("remat", False)),
-      dtype=compute_dtype(model_cfg.dtype),
+    img_size=model_cfg.img_size,
+    num_registers=model_cfg.num_registers,
+    layerscale_init=model_cfg.layerscale if model_cfg.layerscale > 0 else None,
+    drop_path_rate=model_cfg.drop_path_rate,
+    drop_path_uniform=model_cfg.drop_path_uniform,
+    token_init=model_cfg.token_init,
+    interpolate_offset=model_cfg.interpolate_offset,
+    interpolate_antialias=model_cfg.interpolate_antialias,
+    remat=bool(model_cfg.get("remat", False)),
+    dtype=compute_dtype(model_cfg.dtype),
   )
   return kw
 

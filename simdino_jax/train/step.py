@@ -3,7 +3,7 @@
 ``make_train_step`` returns ``train_step(state, batch) -> (state, metrics)``; the trainer jits it once with
 explicit shardings and donates the state. Batch arrays are batch-major, (B, views, H, W, 3), and stay so:
 views are folded into the batch axis with a reshape that keeps the batch axis outermost, so a data-sharded
-batch never needs an all-gather (PITFALLS.md).
+batch never needs an all-gather (docs/distributed.md#batch-major-layout).
 """
 
 from __future__ import annotations
@@ -38,13 +38,21 @@ def masked_positions(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
   return order, jnp.take_along_axis(mask, order, axis=-1)
 
 
-def forward(network, batch: dict, *, key: jax.Array | None, student: bool, masks: jax.Array | None = None,
-            positions: jax.Array | None = None) -> dict:
+def forward(
+  network,
+  batch: dict,
+  *,
+  key: jax.Array | None,
+  student: bool,
+  masks: jax.Array | None = None,
+  positions: jax.Array | None = None,
+) -> dict:
   """Backbone + head on the crops of a batch (views in global-then-local order, batch axis first).
 
   Returns {"cls": head(cls tokens) (B, views, ...), "backbone_cls": (B, Mg, D) global-crop cls tokens} and, when
   ``positions`` (B, Mg, U) is given, "patch": head(patch tokens at those positions) (B, Mg, U, ...). Head outputs
-  are arrays or dicts of arrays (DINO heads: "z", "logits"); "prototype_norms" is added for prototype heads.
+  are arrays or dicts of arrays (DINO heads: "z", "logits"; vMF heads also their "prototype_norms"): whatever the
+  method's loss reads, the step adds nothing method-specific.
   The teacher (student=False) sees only the global crops, unmasked; the student also the local crops, with the
   global crops' masked patches replaced by the mask token. One backbone call per resolution: two static shapes.
   """
@@ -65,17 +73,13 @@ def forward(network, batch: dict, *, key: jax.Array | None, student: bool, masks
     patch = jnp.take_along_axis(patch, positions[..., None], axis=2)  # (B, Mg, U, D)
     patch_head = network.patch_head if network.patch_head is not None else network.head
     out["patch"] = patch_head(patch)
-  if hasattr(network.head, "prototype_norms"):
-    out["prototype_norms"] = network.head.prototype_norms()
-    if network.patch_head is not None:
-      out["patch_prototype_norms"] = network.patch_head.prototype_norms()
   return out
 
 
 def collapse_monitors(features: jax.Array) -> dict:
   """Feature std across the batch and effective rank (exp entropy of the normalised singular values) of
   l2-normalised features (B, D); 0 std / rank 1 means collapse. Reduces over the batch (one 2-D eigvalsh; never
-  batched, see PITFALLS.md)."""
+  batched, see docs/distributed.md#simulated-cpu-devices)."""
   f = features.astype(jnp.float32)
   f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
   std = jnp.mean(jnp.std(f, axis=0))
@@ -95,9 +99,18 @@ def global_norm(tree: Any) -> jax.Array:
 _AUGMENT_STREAM = 0x61756720  # fold_in constant of the on-device augmentation's key ("aug ")
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation, *,
-                    lr_fn: Callable, wd_fn: Callable, momentum_fn: Callable, mask_positions: int = 0,
-                    augment: Callable | None = None, cast_params: Callable | None = None) -> Callable:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  loss_fn: Callable,
+  tx: optax.GradientTransformation,
+  *,
+  lr_fn: Callable,
+  wd_fn: Callable,
+  momentum_fn: Callable,
+  mask_positions: int = 0,
+  augment: Callable | None = None,
+  cast_params: Callable | None = None,
+) -> Callable:
   """Build the pure step.
 
   Args:
@@ -143,14 +156,22 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     momentum = momentum_fn(state.step)
     teacher = optax.incremental_update(student, state.teacher, step_size=1.0 - momentum)
 
-    new_state = state.replace(step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state,
-                              loss_state=loss_state)
+    new_state = state.replace(
+      step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, loss_state=loss_state
+    )
     # A non-finite loss leaves the state untouched (the trainer stops and names the step), so the last
     # checkpointable state is the last good one.
     finite = jnp.isfinite(loss)
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics = dict(metrics, loss=loss, lr=lr_fn(state.step), wd=wd_fn(state.step), momentum=momentum,
-                   grad_norm=global_norm(grads), **collapse_monitors(teacher_out["backbone_cls"][:, 0]))
+    metrics = dict(
+      metrics,
+      loss=loss,
+      lr=lr_fn(state.step),
+      wd=wd_fn(state.step),
+      momentum=momentum,
+      grad_norm=global_norm(grads),
+      **collapse_monitors(teacher_out["backbone_cls"][:, 0]),
+    )
     return new_state, metrics
 
   return train_step

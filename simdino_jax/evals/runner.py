@@ -1,0 +1,246 @@
+"""What every evaluator is given, the one feature-extraction loop they share, and an evaluation round.
+
+An evaluator (``Evaluator`` below, one file per evaluator in this package, registered in ``evals/__init__.py``) is
+declared in the config as ``config.evals.NAME = {type, every, ...}`` and run the same way by the training loop (the
+teacher, periodically and at the end) and by ``python -m simdino_jax.evaluate`` (any checkpoint). It sees a frozen
+ViT backbone only: ``Context`` holds the backbone's graph, its parameter sharding on the mesh, the data sources and
+the output directory; the evaluator's ``run(ctx, params, feats)`` returns its JSON result.
+
+Shared features: evaluators name the features they read (``feature_specs``: "cls", or a linear-probe feature of the
+last n blocks' cls tokens with optional patch average); a round extracts their union in ONE pass per split
+(``extract``) and hands the same arrays to every evaluator of the round (k-NN, few-shot and the frozen linear probe
+share one pass). Evaluators with their own protocol (DINO's linear views, attention maps) extract for themselves
+through ``ctx.extract`` with their own function and transform.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from simdino_jax import sharding
+from simdino_jax.data import pipeline
+from simdino_jax.errors import ConfigError
+
+# A feature spec: ("cls",) or ("linear", n_last_blocks, avgpool). Its key in the feature dicts is ``spec_key``.
+FeatureSpec = tuple
+
+
+def spec_key(spec: FeatureSpec) -> str:
+  if spec[0] == "cls":
+    return "cls"
+  _, n, avgpool = spec
+  return f"linear_{n}" + ("_avgpool" if avgpool else "")
+
+
+def make_feature_fn(graphdef: nnx.GraphDef, specs) -> Callable:
+  """(backbone params, images (B, H, W, 3)) -> {spec_key: (B, F) float32} for every spec, from ONE deterministic
+  forward pass (no drop path). A linear spec is the cls tokens of the last n blocks after the final norm,
+  concatenated oldest first, then (avgpool) the average of the last block's patch tokens (registers excluded)."""
+  specs = tuple(sorted(set(specs)))
+  depth_needed = max([s[1] for s in specs if s[0] == "linear"] + [1])
+
+  def features(params, images):
+    backbone = nnx.merge(graphdef, params)
+    layers = backbone.get_intermediate_layers(images, depth_needed)  # oldest first; the last = the output
+    out = {}
+    for spec in specs:
+      if spec[0] == "cls":
+        out["cls"] = layers[-1]["cls"].astype(jnp.float32)
+      else:
+        _, n, avgpool = spec
+        parts = [layer["cls"].astype(jnp.float32) for layer in layers[-n:]]
+        if avgpool:
+          parts.append(jnp.mean(layers[-1]["patch"].astype(jnp.float32), axis=1))
+        out[spec_key(spec)] = jnp.concatenate(parts, axis=-1)
+    return out
+
+  return features
+
+
+class Context:
+  """A frozen backbone on the mesh and the data an evaluation reads; built by the trainer or by evaluate.py.
+
+  graphdef: the backbone's NNX graph (a VisionTransformer); param_sharding: a tree of NamedShardings matching the
+  backbone parameters the evaluators are called with; train_source / test_source: labelled sources (the train split
+  is what k-NN / linear / few-shot fit on, the test split what they score); out_dir: DIR/eval (results, pictures);
+  suffix: appended to every result file and picture folder (evaluate.py's "_student").
+  Compiled functions are cached on the context, so periodic evaluations compile once per run."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    *,
+    graphdef: nnx.GraphDef,
+    param_sharding: Any,
+    mesh,
+    train_source,
+    test_source,
+    out_dir: str,
+    suffix: str = "",
+    log: Callable[[str], None] = print,
+  ):
+    self.config = config
+    self.graphdef = graphdef
+    self.param_sharding = param_sharding
+    self.mesh = mesh
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.replicated = sharding.replicated(mesh)
+    self.train_source = train_source
+    self.test_source = test_source
+    self.out_dir = out_dir
+    self.suffix = suffix  # appended to result names: "_student" when evaluate.py evaluates the student
+    self.is_main = jax.process_index() == 0
+    self._log = log
+    self._compiled: dict[Any, Callable] = {}
+
+  def log(self, msg: str) -> None:
+    if self.is_main:
+      self._log(msg)
+
+  @property
+  def image_size(self) -> int:
+    """The evaluation image size: config.eval.image_size, else the global crop size."""
+    return self.config.eval.image_size or self.config.data.global_size
+
+  @property
+  def num_classes(self) -> int:
+    n = max(self.train_source.num_classes, self.test_source.num_classes)
+    if n < 1:
+      raise ConfigError(
+        f"config.data.source: {self.config.data.source!r} has no labels, which this evaluation "
+        "needs (npz without train_labels/test_labels, or an unlabelled folder)"
+      )
+    return n
+
+  def compiled(self, key, build: Callable[[], Callable]) -> Callable:
+    """``build()`` once per ``key`` for the context's lifetime (a jitted function, typically)."""
+    if key not in self._compiled:
+      self._compiled[key] = build()
+    return self._compiled[key]
+
+  def backbone_fn(self, key, fn: Callable) -> Callable:
+    """``fn(params, images)`` jitted with the backbone's parameter sharding and batch-sharded images/outputs."""
+    return self.compiled(
+      ("backbone_fn", key),
+      lambda: jax.jit(fn, in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=self.batch_sharding),
+    )
+
+  def extract(self, params, source, fn: Callable, *, image_size: int = 0, transform=None) -> tuple[Any, np.ndarray]:
+    """(features, labels) of every example of ``source`` exactly once: ``fn`` (a ``backbone_fn``) on the eval view
+    of each image (resize + centre crop to ``image_size``, default ``self.image_size``, or ``transform``), batches
+    of config.eval.batch_size split over the devices and processes; padding dropped."""
+    n_dev = jax.device_count()
+    batch_size = max(n_dev, (self.config.eval.batch_size // n_dev) * n_dev)
+    feats, labels = [], []
+    for batch in pipeline.eval_batches(
+      source,
+      image_size=image_size or self.image_size,
+      batch_size=batch_size // jax.process_count(),
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+      transform=transform,
+    ):
+      images = jax.make_array_from_process_local_data(self.batch_sharding, batch["image"])
+      out = multihost_utils.process_allgather(fn(params, images), tiled=True)
+      valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
+      lab = multihost_utils.process_allgather(batch["label"], tiled=True)
+      feats.append(jax.tree.map(lambda a: np.asarray(a)[valid], out))
+      labels.append(np.asarray(lab)[valid])
+    return jax.tree.map(lambda *a: np.concatenate(a), *feats), np.concatenate(labels)
+
+  def shared_features(self, params, specs) -> dict:
+    """{"train": (feats, labels), "test": (feats, labels)} with feats = {spec_key: array} for ``specs``."""
+    specs = tuple(sorted(set(specs)))
+    fn = self.backbone_fn(("features", specs), make_feature_fn(self.graphdef, specs))
+    return {"train": self.extract(params, self.train_source, fn), "test": self.extract(params, self.test_source, fn)}
+
+
+class Evaluator:
+  """Base of the evaluator plug-ins. ``name``: the key in config.evals (and the result file DIR/eval/NAME.json);
+  ``cfg``: config.evals[name] (``type``, ``every`` and the type's own fields, defaults in ``DEFAULTS``).
+
+  Subclasses set ``DEFAULTS`` (their fields with default values), ``needs_labels`` and implement ``run``; they may
+  read shared features (``feature_specs``), report scalars for the metrics log (``metrics``) and a log line
+  (``summary``), and check their fields (``validate``, raising ConfigError naming ``config.evals.NAME.FIELD``)."""
+
+  DEFAULTS: dict = {}
+  needs_labels = True
+  init_keys: tuple = ()  # result keys also reported "at init" (<key>_at_init) when the evaluator runs at init
+
+  def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
+    self.name, self.cfg, self.config = name, cfg, config
+
+  def feature_specs(self) -> tuple:
+    return ()
+
+  def run(self, ctx: Context, params, feats: dict | None) -> dict:
+    raise NotImplementedError
+
+  def metrics(self, result: dict) -> dict:
+    return {}
+
+  def summary(self, result: dict) -> str:
+    return ""
+
+  @classmethod
+  def validate(cls, cfg, field: str, *, config, patch: int, depth: int, num_devices: int) -> None:
+    """Raise ConfigError naming ``field`` (e.g. "evals.knn") for an invalid value; the default checks nothing."""
+
+
+def require(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def positive_ints(values) -> bool:
+  return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def every(evaluator: Evaluator, config) -> int:
+  """Steps between this evaluator's runs during training: its ``every``; -1 means config.eval_every; 0 never."""
+  e = evaluator.cfg.get("every", 0)
+  return config.eval_every if e == -1 else e
+
+
+def run_round(ctx: Context, evaluators: dict[str, Evaluator], params) -> dict[str, dict]:
+  """{name: result} of ``evaluators`` on the backbone ``params``, the shared features extracted once."""
+  specs = {spec for e in evaluators.values() for spec in e.feature_specs()}
+  feats = ctx.shared_features(params, specs) if specs else None
+  return {name: e.run(ctx, params, feats) for name, e in evaluators.items()}
+
+
+def write_results(
+  ctx: Context,
+  evaluators: dict[str, Evaluator],
+  results: dict[str, dict],
+  *,
+  step: int,
+  features: str,
+  init: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+  """Adds ``step``, ``features`` (what was evaluated) and the at-init figures (``init``: {name: result at step 0})
+  to each result, writes DIR/eval/NAME{ctx.suffix}.json (main process) and logs a line each; returns the results."""
+  out = {}
+  for name, result in results.items():
+    e = evaluators[name]
+    r = dict(result)
+    if init and name in init:
+      r.update({f"{k}_at_init": init[name][k] for k in e.init_keys if k in init[name]})
+    r["step"] = int(step)
+    r["features"] = f"{features}: {result['features']}" if "features" in result else features
+    out[name] = r
+    path = epath.Path(ctx.out_dir) / f"{name}{ctx.suffix}.json"  # epath: a gs:// workdir works as a local one
+    if ctx.is_main:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(r, indent=2))
+    ctx.log(f"{name}: {e.summary(r)} -> {path}")
+  return out

@@ -1,0 +1,189 @@
+"""DINO and DINOv2 (iBOT patch loss, KoLeo): prototype heads, the cross-entropy losses with a centred or
+Sinkhorn-Knopp teacher, their centres (the loss state), the prototype-layer freezing and the ``config.dino`` checks.
+
+The prototype pieces (heads, teacher temperature, freezing, checks) are shared with the vMF methods (``vmf.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from simdino_jax import schedules
+from simdino_jax.losses import dino as dl
+from simdino_jax.methods.base import Method, require, validate_masking
+from simdino_jax.models.heads import DINOHead
+from simdino_jax.models.network import compute_dtype
+from simdino_jax.tree import map_with_name
+
+CENTERINGS = ("centering", "sinkhorn_knopp")
+
+
+# ---- heads -------------------------------------------------------------------------------------------------
+def dino_head(config, in_dim: int, rngs: nnx.Rngs, num_prototypes: int = 0, head_class=DINOHead) -> nnx.Module:
+  """MLP -> l2-normalised ``head.out_dim`` bottleneck -> weight-normalised prototypes (``head.num_prototypes``
+  unless ``num_prototypes``); ``head_class`` a DINOHead subclass (vmf.VMFHead)."""
+  h = config.head
+  return head_class(
+    in_dim,
+    hidden_dim=h.hidden_dim,
+    bottleneck_dim=h.out_dim,
+    num_layers=h.num_layers,
+    num_prototypes=num_prototypes or h.num_prototypes,
+    dtype=compute_dtype(config.model.dtype),
+    rngs=rngs,
+  )
+
+
+def dino_patch_head(config, in_dim: int, rngs: nnx.Rngs) -> nnx.Module:
+  """DINOv2's separate iBOT head: ``head.patch_num_prototypes`` prototypes (0: ``head.num_prototypes``)."""
+  return dino_head(config, in_dim, rngs, config.head.patch_num_prototypes)
+
+
+def patch_prototypes(config) -> int:
+  """Prototypes of the head the patch tokens go through."""
+  h = config.head
+  return h.patch_num_prototypes if h.separate_patch_head and h.patch_num_prototypes else h.num_prototypes
+
+
+# ---- optimiser extras --------------------------------------------------------------------------------------
+def prototype_freezes(config, params, steps_per_epoch: int) -> tuple:
+  """The prototype layers' (``last_layer/``) frozen leaves: g for good with ``head.norm_last_layer`` (unit
+  prototypes), the whole layer for the first ``optim.freeze_last_layer_epochs`` epochs."""
+  freezes = []
+  if config.head.norm_last_layer:  # unit prototypes: g stays 1 for good
+    freezes.append((map_with_name(lambda name, _: "last_layer/" in name and name.endswith("weight_g"), params), -1))
+  freeze_steps = int(round(config.optim.freeze_last_layer_epochs * steps_per_epoch))
+  if freeze_steps > 0:
+    freezes.append((map_with_name(lambda name, _: "last_layer/" in name, params), freeze_steps))
+  return tuple(freezes)
+
+
+# ---- losses ------------------------------------------------------------------------------------------------
+def teacher_temp_fn(config, steps_per_epoch: int):
+  d = config.dino
+  return schedules.teacher_temperature(
+    d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs, steps_per_epoch, per=d.teacher_temp_per
+  )
+
+
+def koleo_groups(config) -> int:
+  """Row groups KoLeo is computed over: ``dino.koleo_groups``, or 0 = one per device of this run (DINOv2's per-GPU
+  KoLeo)."""
+  return config.dino.koleo_groups or jax.device_count()
+
+
+def koleo(feats: jax.Array, groups: int) -> jax.Array:
+  """DINOv2: KoLeo of the student backbone's cls per global-crop chunk, summed over the chunks, each the mean over
+  devices (row groups) of the per-device value; feats (B, Mg, D)."""
+  return sum(dl.koleo_per_group(feats[:, i], groups) for i in range(feats.shape[1]))
+
+
+def make_dino_loss(config, steps_per_epoch: int, *, with_patches: bool):
+  """DINO (cls only) and DINOv2 (cls + iBOT masked patches + KoLeo), centering or Sinkhorn-Knopp teacher."""
+  d = config.dino
+  temp_fn = teacher_temp_fn(config, steps_per_epoch)
+  groups = koleo_groups(config) if d.koleo_weight > 0 else 1
+
+  def loss(student, teacher, loss_state, step):
+    t_temp = temp_fn(step)
+    t_logits = teacher["cls"]["logits"]
+    q = dl.teacher_targets(t_logits, mode=d.centering, temperature=t_temp, center=loss_state["center"])
+    value, metrics = dl.dino_cross_entropy(
+      student["cls"]["logits"], q, student_temp=d.student_temp, exclude_same_view=True
+    )
+    new_state = dict(loss_state)
+    if d.centering == "centering":
+      new_state["center"] = dl.update_center(loss_state["center"], t_logits, d.center_momentum)
+    if with_patches:
+      mask = student["patch_mask"]
+      tp = teacher["patch"]["logits"]
+      qp = dl.teacher_targets(tp, mode=d.centering, temperature=t_temp, center=loss_state["patch_center"], mask=mask)
+      ibot, ibot_metrics = dl.ibot_patch_loss(student["patch"]["logits"], qp, mask, student_temp=d.student_temp)
+      metrics.update(ibot_metrics)
+      value = value + d.ibot_weight * ibot
+      if d.centering == "centering":
+        new_state["patch_center"] = dl.update_center(loss_state["patch_center"], tp, d.center_momentum, mask=mask)
+    if d.koleo_weight > 0:
+      metrics["koleo"] = koleo(student["backbone_cls"], groups)
+      value = value + d.koleo_weight * metrics["koleo"]
+    metrics["teacher_temp"] = t_temp
+    return value, metrics, new_state
+
+  return loss
+
+
+def dino_state(config, *, with_patches: bool) -> dict:
+  """The teacher centres: (1, K) for the cls logits, (1, 1, K_patch) for the patch logits."""
+  state = {"center": jnp.zeros((1, config.head.num_prototypes), jnp.float32)}
+  if with_patches:
+    state["patch_center"] = jnp.zeros((1, 1, patch_prototypes(config)), jnp.float32)
+  return state
+
+
+# ---- config checks -----------------------------------------------------------------------------------------
+def validate_views(config) -> None:
+  """The cross-entropy pairs each teacher view with the other student views only: two views at least."""
+  d = config.data
+  require(
+    d.num_global + d.num_local > 1,
+    "data.num_local",
+    "the DINO-family cross-entropy pairs different views: needs at least two student views "
+    f"(num_global={d.num_global}, num_local={d.num_local})",
+  )
+
+
+def validate_prototypes(config) -> None:
+  """The prototype head and the teacher temperature / centering fields every prototype method reads."""
+  require(config.head.num_prototypes > 0, "head.num_prototypes", "must be positive")
+  require(
+    config.dino.teacher_temp_per in ("epoch", "iteration"),
+    "dino.teacher_temp_per",
+    f"must be 'epoch' or 'iteration', got {config.dino.teacher_temp_per!r}",
+  )
+  require(
+    config.dino.centering in CENTERINGS,
+    "dino.centering",
+    f"must be 'centering' or 'sinkhorn_knopp', got {config.dino.centering!r}",
+  )
+
+
+def validate(config, *, num_devices: int, masked: bool) -> None:
+  """KoLeo's row groups, the views, ``config.masking`` when ``masked``, the prototype fields."""
+  if config.dino.koleo_weight > 0:
+    groups = config.dino.get("koleo_groups", 0) or num_devices
+    require(
+      isinstance(groups, int) and groups >= 1 and config.batch_size % groups == 0 and config.batch_size // groups >= 2,
+      "dino.koleo_groups",
+      f"{config.dino.get('koleo_groups')} must be 0 (one per device) or a positive divisor of batch_size="
+      f"{config.batch_size} leaving at least 2 rows per group",
+    )
+  validate_views(config)
+  if masked:
+    validate_masking(config)
+  validate_prototypes(config)
+
+
+# ---- the methods -------------------------------------------------------------------------------------------
+def _method(name: str, *, masked: bool, progress_keys: tuple[str, ...]) -> Method:
+  return Method(
+    name,
+    build_head=dino_head,
+    make_loss=functools.partial(make_dino_loss, with_patches=masked),
+    init_loss_state=functools.partial(dino_state, with_patches=masked),
+    validate=functools.partial(validate, masked=masked),
+    uses_masks=masked,
+    build_patch_head=dino_patch_head if masked else None,
+    prototypes=True,
+    optimizer_freezes=prototype_freezes,
+    progress_keys=progress_keys,
+  )
+
+
+DINO = _method("dino", masked=False, progress_keys=("ce", "koleo", "teacher_entropy", "prototypes_used"))
+DINOV2 = _method("dinov2", masked=True, progress_keys=("ce", "ibot_ce", "koleo", "teacher_entropy", "prototypes_used"))
+
+METHODS = (DINO, DINOV2)
