@@ -9,7 +9,8 @@
 #
 # Installs the project with the [cuda] extra (jax[cuda12]: CUDA and cuDNN come as pip wheels, only the NVIDIA
 # driver is needed) into a virtual environment, then runs python -m simdino_jax.train. Re-running the same command
-# resumes from the newest checkpoint in WORKDIR.
+# resumes from the newest checkpoint in WORKDIR; exit code 75 means the run was stopped (SIGTERM, Ctrl-C, preemption)
+# after saving a checkpoint: re-run to resume.
 #
 # Settings (environment variables, [default]):
 #   VENV [.venv-cuda]: the virtual environment (relative to the repository root); PYTHON [python3] creates it
@@ -70,4 +71,10 @@ fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export XLA_FLAGS="$GPU_XLA_FLAGS${XLA_FLAGS:+ $XLA_FLAGS}"
 echo "XLA_FLAGS=$XLA_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION" >&2
-run "$VENV/bin/python" -m simdino_jax.train --config="$config" --workdir="$workdir" "$@"
+# Exit code 75: stopped by SIGTERM / Ctrl-C / a preemption after saving a checkpoint; the same command resumes.
+rc=0
+run "$VENV/bin/python" -m simdino_jax.train --config="$config" --workdir="$workdir" "$@" || rc=$?
+if [ "$rc" = 75 ]; then
+  echo "gpu.sh: stopped after saving a checkpoint (exit 75); re-run the same command to resume" >&2
+fi
+exit "$rc"

@@ -43,6 +43,7 @@ DETACH=${DETACH:-1}
 DRY_RUN=${DRY_RUN:-0}
 LOG_FILE=simdino_train.log  # on every worker, in the home directory
 PID_FILE=simdino_train.pid
+EXIT_FILE=simdino_train.exit  # the last run's exit code: 0 done, 75 stopped after a checkpoint (resume), else failed
 
 SCRIPT=${BASH_SOURCE[0]}
 ROOT=$(cd "$(dirname "$SCRIPT")/.." && pwd)
@@ -147,7 +148,7 @@ cmd_train() {
     *) die "the workdir must be a gs:// path that every host can write, not '$workdir'" ;;
   esac
   local train
-  train="cd ~/$REMOTE_DIR && . ~/$REMOTE_VENV/bin/activate && export TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR") && exec python -m simdino_jax.train$(printf ' %q' "--config=$config" "--workdir=$workdir" "$@")"
+  train="cd ~/$REMOTE_DIR && . ~/$REMOTE_VENV/bin/activate && export TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR") && python -m simdino_jax.train$(printf ' %q' "--config=$config" "--workdir=$workdir" "$@"); rc=\$?; echo \$rc > ~/$EXIT_FILE; if [ \$rc = 75 ]; then echo 'stopped after saving a checkpoint (exit 75, preemption or stop): run the same train command to resume'; fi; exit \$rc"
   if [ "$DETACH" = 1 ]; then
     on_all_workers "nohup bash -c $(printf '%q' "$train") > ~/$LOG_FILE 2>&1 < /dev/null & echo \$! > ~/$PID_FILE"
     echo "training started on every worker of $TPU_NAME; follow it with: $SCRIPT logs" >&2
@@ -161,7 +162,7 @@ cmd_logs() {
 }
 
 cmd_status() {
-  on_all_workers "if [ -f ~/$PID_FILE ] && kill -0 \$(cat ~/$PID_FILE) 2>/dev/null; then echo \"\$(hostname): training (pid \$(cat ~/$PID_FILE))\"; else echo \"\$(hostname): not training\"; fi; tail -n 2 ~/$LOG_FILE 2>/dev/null || true"
+  on_all_workers "if [ -f ~/$PID_FILE ] && kill -0 \$(cat ~/$PID_FILE) 2>/dev/null; then echo \"\$(hostname): training (pid \$(cat ~/$PID_FILE))\"; else echo \"\$(hostname): not training (last exit code: \$(cat ~/$EXIT_FILE 2>/dev/null || echo none); 75: stopped after a checkpoint, resume with train)\"; fi; tail -n 2 ~/$LOG_FILE 2>/dev/null || true"
 }
 
 cmd_stop() {

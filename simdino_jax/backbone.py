@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from simdino_jax import workdir as workdir_lib
 from simdino_jax.io import checkpointing, torch_interop
 
 
@@ -73,7 +74,7 @@ def load_backbone(
   weights whose width is not 64 x heads (our exports carry their config). overrides: VisionTransformer arguments
   such as ``dtype=jnp.bfloat16`` or the pos-embed interpolation of an official model (``interpolate_offset=0.0,
   interpolate_antialias=True`` for SimDINOv2)."""
-  path = os.fspath(path)
+  path = workdir_lib.resolve(os.fspath(path))  # relative and ~ paths work (orbax needs absolute ones)
   if os.path.isdir(path):
     arrays, restored_step, config = checkpointing.restore_params(path, which=which, step=step)
     imported = torch_interop.load_state_dict(arrays, num_heads=num_heads, config=config, **overrides)

@@ -1,16 +1,19 @@
 """Entry point: evaluate a checkpoint of a run with the evaluators declared in its config.
 
-python -m simdino_jax.evaluate --config=configs/FILE.py --workdir=DIR --eval=knn,linear,attention[,fewshot]
-    [--which=teacher|student] [--config.FIELD=VALUE ...]
+python -m simdino_jax.evaluate --workdir=DIR --eval=knn,linear,attention[,fewshot] [--which=teacher|student]
+    [--config=configs/FILE.py] [--config.FIELD=VALUE ...] [--output=DIR2]
 
-Reads the ``which`` backbone (teacher by default) of the newest committed checkpoint of ``DIR/checkpoints`` without
-opening a checkpoint manager (read-only: a run training into DIR is not disturbed), builds it from the model
-config stored WITH the checkpoint (so the weights always fit), places it on this machine's mesh, and runs the
-evaluators ``--eval`` names (entries of ``config.evals``, docs/evaluation.md) through the same runner the training
-loop uses: features shared by k-NN, few-shot and the frozen linear probe are extracted once per split. Writes
-(process 0) DIR/eval/NAME.json per evaluator (and DIR/eval/attention/*.png); with --which=student the files are
-named NAME_student.json (and attention_student/). The k-NN result keeps the run's at-init figures
-(eval/knn_init.json, written by training) when the teacher is evaluated.
+The config is the run's own (DIR/config.json, over today's defaults: stored_config.py) unless --config names a
+recipe; --config.FIELD overrides apply on top either way. Reads the ``which`` backbone (teacher by default) of the
+newest committed checkpoint of ``DIR/checkpoints`` without opening a checkpoint manager (read-only: a run training
+into DIR is not disturbed), builds it from the model config stored WITH the checkpoint (so the weights always fit),
+places it on this machine's mesh, and runs the evaluators ``--eval`` names (entries of ``config.evals``,
+docs/evaluation.md) through the same runner the training loop uses: features shared by k-NN, few-shot and the frozen
+linear probe are extracted once per split. Writes (process 0) DIR/eval/NAME.json per evaluator (and
+DIR/eval/attention/*.png), or into --output; with --which=student the files are named NAME_student.json (and
+attention_student/). A NAME.json of another step or other data (training's own result) is kept and the new result
+named NAME-stepN-DATA.json. The k-NN result keeps the run's at-init figures (eval/knn_init.json, written by
+training) when the teacher is evaluated on the same data.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
+from simdino_jax import cli
 from simdino_jax import config as config_lib
 from simdino_jax import evals, sharding, stored_config
 from simdino_jax import workdir as workdir_lib
@@ -49,6 +53,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training directory whose newest checkpoint is evaluated.")
 _EVAL = flags.DEFINE_list("eval", ["knn", "linear", "attention"], "Evaluators to run: entries of config.evals.")
 _WHICH = flags.DEFINE_enum("which", "teacher", list(WHICH), "The backbone to evaluate.")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Directory for the results (default DIR/eval), e.g. when DIR is read-only."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -88,9 +95,13 @@ def load_params(config, workdir: str, which: str):
   return graphdef, params, param_sharding, mesh, step, model_cfg
 
 
-def evaluate(config, workdir: str, names=("knn", "linear", "attention"), which: str = "teacher") -> dict:
+def evaluate(
+  config, workdir: str, names=("knn", "linear", "attention"), which: str = "teacher", output: str | None = None
+) -> dict:
   """Runs the evaluators ``names`` on the newest checkpoint of ``workdir``; returns {name: result} (as written).
-  ``config`` None: the run's own (DIR/config.json)."""
+  ``config`` None: the run's own (DIR/config.json). ``output``: where the results go (default DIR/eval). A result
+  file of another step or other data (training's own results, say) is kept: the new one is named after what it
+  evaluated (runner.write_results)."""
   workdir = workdir_lib.resolve(workdir)
   if config is None:
     config = stored_config.get_config(workdir)
@@ -108,6 +119,7 @@ def evaluate(config, workdir: str, names=("knn", "linear", "attention"), which: 
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: the evaluators read the stored model
     config.model = model_cfg
   eval_dir = os.path.join(workdir, "eval")
+  out_dir = workdir_lib.resolve(output) if output else eval_dir
   ctx = runner.Context(
     config,
     graphdef=graphdef,
@@ -115,7 +127,7 @@ def evaluate(config, workdir: str, names=("knn", "linear", "attention"), which: 
     mesh=mesh,
     train_source=sources.from_config(config.data, "train", evaluation=True),
     test_source=sources.from_config(config.data, "test", evaluation=True),
-    out_dir=eval_dir,
+    out_dir=out_dir,
     suffix="" if which == "teacher" else f"_{which}",
     log=print,
   )
@@ -126,15 +138,19 @@ def evaluate(config, workdir: str, names=("knn", "linear", "attention"), which: 
   for name in names:  # the at-init figures training stored (teacher only: training evaluates the teacher)
     path = epath.Path(eval_dir) / f"{name}_init.json"
     if which == "teacher" and path.exists():
-      init[name] = json.loads(path.read_text())
-  return runner.write_results(ctx, evaluators, results, step=step, features=f"{which} backbone", init=init)
+      stored = json.loads(path.read_text())
+      if stored.get("data", sources.eval_spec(config.data)) == sources.eval_spec(config.data):  # the same data only
+        init[name] = stored
+  return runner.write_results(
+    ctx, evaluators, results, step=step, features=f"{which} backbone", init=init, keep_other_results=True
+  )
 
 
 def main(argv):
   del argv
   sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
   try:
-    evaluate(_CONFIG.value, _WORKDIR.value, _EVAL.value, _WHICH.value)
+    evaluate(_CONFIG.value, _WORKDIR.value, _EVAL.value, _WHICH.value, _OUTPUT.value)
   except (SimdinoError, ValueError, FileNotFoundError) as e:  # bad --eval, no checkpoint, invalid config: one line
     sys.exit(f"simdino_jax.evaluate: error: {e}")
 
@@ -156,4 +172,4 @@ if __name__ == "__main__":
   from simdino_jax import tcmalloc  # stdlib only: re-executes with tcmalloc preloaded before jax starts
 
   tcmalloc.maybe_reexec("simdino_jax.evaluate")
-  app.run(main, argv=with_stored_config(sys.argv))
+  app.run(main, argv=with_stored_config(sys.argv), flags_parser=cli.flags_parser("simdino_jax.evaluate"))

@@ -41,7 +41,9 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from simdino_jax.errors import ExportError
+from simdino_jax import cli
+from simdino_jax import workdir as workdir_lib
+from simdino_jax.errors import ExportError, SimdinoError
 from simdino_jax.io import checkpointing, formats, torch_interop
 
 FORMATS = ("safetensors", "npz", "torch")
@@ -66,6 +68,8 @@ def export(
   ``fmt`` defaults to the output's extension (``.npz`` -> npz, ``.pth`` -> torch), else safetensors; ``output``
   defaults to ``workdir/export/<which>_<backbone|network>_step<N>.<fmt>`` (``.pth`` for torch).
   """
+  workdir = workdir_lib.resolve(workdir)  # relative and ~ paths: orbax reads absolute paths only
+  output = workdir_lib.resolve(output) if output else output
   if fmt is None:
     ext = os.path.splitext(output)[1] if output is not None else ""
     fmt = {".npz": "npz", ".pth": "torch", ".pt": "torch"}.get(ext, "safetensors")
@@ -196,7 +200,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   try:
     summary = export(f.workdir, f.output, fmt=f.format, which=f.which, step=f.step, with_head=f.with_head)
-  except ExportError as e:
+  except SimdinoError as e:  # ExportError, InteropError, ...: one line
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(_summary_line(summary), flush=True)
@@ -204,4 +208,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()  # here, not at import: importing this module must not define flags in another program
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("simdino_jax.export"))

@@ -189,24 +189,52 @@ def test_checkpoint_of_another_config_is_refused_not_moved(run_a, tiny_config, t
   assert sorted(os.listdir(directory)) == ["2", "4", "6"]
 
 
-def test_sigterm_saves_and_exits_cleanly(run_a, env, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_exits_75_and_the_rerun_ends_as_an_uninterrupted_run(run_a, env, target, tmp_path, signum):
   with open(tmp_path / "stderr.log", "w") as err:
     proc = subprocess.Popen(cli(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     seen = []
-    for line in proc.stdout:  # the handler is installed before the k-NN evaluation at init
+    for line in proc.stdout:  # the handler is installed before the evaluation at init
       seen.append(line)
       if line.startswith("knn at init"):
         break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)  # SIGINT: what Ctrl-C sends
     stdout = "".join(seen) + proc.communicate(timeout=300)[0]
   # 75 (EX_TEMPFAIL, simdino_jax.train's EXIT_STOPPED): stopped after saving, re-run to resume.
   assert proc.returncode == 75, (tmp_path / "stderr.log").read_text()[-3000:]
+  assert "Traceback" not in (tmp_path / "stderr.log").read_text()
   steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   stopped = steps[-1]
   assert stopped < 6, "the run finished before the signal"
-  assert f"SIGTERM: stopped at step {stopped}/6, checkpoint {tmp_path / 'checkpoints' / str(stopped)}" in stdout
+  name = signal.Signals(signum).name
+  assert f"{name}: stopped at step {stopped}/6, checkpoint {tmp_path / 'checkpoints' / str(stopped)}" in stdout
   assert (tmp_path / "checkpoints" / str(stopped) / checkpointing.COMMIT_MARKER).exists()
   assert not (tmp_path / "eval" / "knn.json").exists()  # stopped before the final evaluation
+  assert not (tmp_path / "run.lock").exists()  # the workdir is free again
+
+  out = subprocess.run(cli(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and f"resumed from step {stopped}" in out.stdout, out.stderr[-3000:]
+  assert_trees_equal(restore(tmp_path, 6, target), restore(run_a, 6, target))  # bit-identical end state
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_detected_and_the_previous_one_used(run_a, target, tmp_path, caplog):
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(run_a / "checkpoints", directory)
+  assert all((directory / step / checkpointing.CHECKSUMS).exists() for step in ("2", "4", "6"))
+  files = [p for p in glob.glob(str(directory / "6" / "state" / "**" / "d" / "*"), recursive=True)]
+  path = max(files, key=os.path.getsize)  # an array file: same size afterwards, different content
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  caplog.set_level(logging.WARNING)
+  with checkpointing.Checkpointer(directory) as ckpt:
+    assert "corrupted after saving" in ckpt.verify(6)
+    state, step = ckpt.restore_latest(target)
+  assert step == 4 and int(state.step) == 4
+  assert any(f"checkpoint {directory / '6'} is unusable" in r.getMessage() for r in caplog.records)
+  assert any(p.startswith("6.unusable-") for p in os.listdir(directory))  # moved aside, kept
 
 
 WRITER = """

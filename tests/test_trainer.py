@@ -148,6 +148,34 @@ def test_cli_refuses_bad_override_before_compiling(tmp_path):
   assert "config.data.global_size: 30 is not a positive multiple of the patch size 4" in out.stderr
 
 
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ("--config.model.dept=3", 'Did you mean "depth" instead of "dept"?'),  # a field the config does not have
+    ("--config.model.depth=abc", "--config.model.depth=abc"),  # a value of the wrong type
+    ("--config.data.global_size=30", "config.data.global_size: 30 is not a positive multiple"),  # invalid value
+  ],
+)
+def test_cli_config_errors_are_one_line_without_traceback(tmp_path, override, message):
+  cmd = [sys.executable, "-m", "simdino_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}", override]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", SIMDINO_NO_TCMALLOC="1")
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert [line for line in out.stderr.splitlines() if "error" in line.lower()] == [out.stderr.strip().splitlines()[-1]]
+
+
+def test_train_help_says_where_the_config_fields_are_documented():
+  out = subprocess.run(
+    [sys.executable, "-m", "simdino_jax.train", "--help"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, SIMDINO_NO_TCMALLOC="1"),
+  )
+  assert "simdino_jax/config.py" in out.stdout and "--[no]force" in out.stdout
+
+
 def test_periodic_knn_is_logged_with_the_step(tiny_config, tmp_path):
   tiny_config.eval_every = 2
   tiny_config.log_every = 3

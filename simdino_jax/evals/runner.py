@@ -16,6 +16,7 @@ through ``ctx.extract`` with their own function and transform.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable
 
 import jax
@@ -27,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from simdino_jax import sharding
-from simdino_jax.data import pipeline
+from simdino_jax.data import pipeline, sources
 from simdino_jax.errors import ConfigError
 
 # A feature spec: ("cls",) or ("linear", n_last_blocks, avgpool). Its key in the feature dicts is ``spec_key``.
@@ -226,19 +227,35 @@ def write_results(
   step: int,
   features: str,
   init: dict[str, dict] | None = None,
+  keep_other_results: bool = False,
 ) -> dict[str, dict]:
-  """Adds ``step``, ``features`` (what was evaluated) and the at-init figures (``init``: {name: result at step 0})
-  to each result, writes DIR/eval/NAME{ctx.suffix}.json (main process) and logs a line each; returns the results."""
+  """Adds ``step``, ``data`` (the evaluation data), ``features`` (what was evaluated) and the at-init figures
+  (``init``: {name: result at step 0}) to each result, writes DIR/eval/NAME{ctx.suffix}.json (main process) and
+  logs a line each; returns the results.
+
+  ``keep_other_results`` (evaluate.py): a NAME.json of another step or other data (e.g. training's final result)
+  is never overwritten; this result goes to NAME{suffix}-step{step}-{data}.json beside it instead."""
   out = {}
+  data = sources.eval_spec(ctx.config.data)
   for name, result in results.items():
     e = evaluators[name]
     r = dict(result)
     if init and name in init:
       r.update({f"{k}_at_init": init[name][k] for k in e.init_keys if k in init[name]})
     r["step"] = int(step)
+    r["data"] = data
     r["features"] = f"{features}: {result['features']}" if "features" in result else features
     out[name] = r
     path = epath.Path(ctx.out_dir) / f"{name}{ctx.suffix}.json"  # epath: a gs:// workdir works as a local one
+    if keep_other_results and path.exists():
+      try:
+        existing = json.loads(path.read_text())
+      except ValueError:
+        existing = {}
+      if (existing.get("step"), existing.get("data", data)) != (r["step"], data):
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", data).strip("_")[-60:]
+        ctx.log(f"{path} holds the result of step {existing.get('step')} on {existing.get('data', '?')!r}: kept")
+        path = path.parent / f"{name}{ctx.suffix}-step{step}-{slug}.json"
     if ctx.is_main:
       path.parent.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(r, indent=2))

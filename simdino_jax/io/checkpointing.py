@@ -17,6 +17,11 @@ metadata or array file, a truncated file) is reported with a warning and moved a
 ``<step>.unusable-<time>`` (kept for inspection; a resumed run will write that step again), and the previous
 one is tried; if none is usable, ``restore_latest`` returns None and training starts from scratch.
 
+Integrity: once a checkpoint is committed, process 0 writes ``<step>/checksums.json`` (SHA-256 of every file of the
+step directory; orbax itself verifies nothing), and ``restore`` checks it first, so a silently corrupted file (a
+flipped byte, same size) makes the checkpoint unusable like an unreadable one instead of resuming into garbage.
+A checkpoint without the file (killed between commit and checksum) restores unverified.
+
 The data stream is a pure function of (seed, step) (``pipeline.train_iterator(start_step=...)``) and the step's
 randomness is ``fold_in(state.rng, state.step)``, so the restored state alone resumes the run exactly: no data
 iterator state is stored.
@@ -33,6 +38,7 @@ Python API: ``Checkpointer``, ``abstract_target``, ``config_dict``, ``committed_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +63,7 @@ from simdino_jax.tree import named_leaves
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into the step directory as the last act of a save
+CHECKSUMS = "checksums.json"  # SHA-256 of every file of a committed step directory (module docstring)
 _ITEMS = ("state", "config")
 WHICH = ("teacher", "student")  # the networks of a TrainState that restore_params reads
 
@@ -125,11 +132,39 @@ class Checkpointer:
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config or {}))
     # force: orbax's own policy may skip a step while the previous save is in flight; we decide when to save.
-    return self._manager.save(step, args=args, force=True)
+    started = self._manager.save(step, args=args, force=True)  # waits for the previous save: it is committed now
+    self._seal(exclude=step)
+    return started
 
   def wait(self) -> None:
     """Block until every started save is committed (call before exiting or reading the files)."""
     self._manager.wait_until_finished()
+    self._seal()
+
+  # -- integrity -----------------------------------------------------------------------------------------
+  def _seal(self, exclude: int | None = None) -> None:
+    """Writes checksums.json into every committed step directory that lacks it (process 0; ``exclude``: a step
+    whose save may still be in flight)."""
+    if jax.process_index() != 0:
+      return
+    for step in self.all_steps():
+      step_dir = self.directory / str(step)
+      if step != exclude and (step_dir / COMMIT_MARKER).exists() and not (step_dir / CHECKSUMS).exists():
+        tmp = step_dir / (CHECKSUMS + ".tmp")
+        tmp.write_text(json.dumps(_checksums(step_dir), indent=1, sort_keys=True))
+        tmp.replace(step_dir / CHECKSUMS)
+
+  def verify(self, step: int) -> str | None:
+    """None if checkpoint ``step`` matches its checksums.json (or has none); else what differs."""
+    step_dir = self.directory / str(step)
+    path = step_dir / CHECKSUMS
+    if not path.exists():
+      return None
+    want, got = json.loads(path.read_text()), _checksums(step_dir)
+    bad = sorted(name for name in want.keys() | got.keys() if want.get(name) != got.get(name))
+    if bad:
+      return f"{len(bad)} file(s) differ from {CHECKSUMS} (e.g. {bad[0]}): the checkpoint was corrupted after saving"
+    return None
 
   # -- restore -------------------------------------------------------------------------------------------
   def restore(self, step: int, target: Any) -> Any:
@@ -137,6 +172,10 @@ class Checkpointer:
     missing = [name for name in (COMMIT_MARKER, "state") if not (self.directory / str(step) / name).exists()]
     if missing:
       raise FileNotFoundError(f"{self.path(step)} has no {' or '.join(missing)} (the save did not complete)")
+    problem = self.verify(step) if jax.process_index() == 0 else None
+    # Every process must refuse together (process 0 checked), or the others would enter orbax's collective restore.
+    if bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))):
+      raise ValueError(f"{self.path(step)}: {problem or 'corrupted (checked by process 0)'}")
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     state = restored["state"]
     saved_step = getattr(state, "step", None)
@@ -273,6 +312,26 @@ class _AbandonedReadFilter(logging.Filter):
     message = record.getMessage()
     abandoned = message.startswith(("Future exception was never retrieved", "Task exception was never retrieved"))
     return not (abandoned and ("tensorstore" in message or "orbax" in message))
+
+
+def _checksums(step_dir: epath.Path) -> dict[str, str]:
+  """{path relative to ``step_dir``: SHA-256} of every file under it but the checksum file itself."""
+  out = {}
+
+  def walk(directory: epath.Path, prefix: str) -> None:  # epath has no recursive glob on object stores
+    for path in sorted(directory.iterdir(), key=lambda p: p.name):
+      rel = prefix + path.name
+      if path.is_dir():
+        walk(path, rel + "/")
+      elif rel not in (CHECKSUMS, CHECKSUMS + ".tmp"):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+          for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+        out[rel] = digest.hexdigest()
+
+  walk(step_dir, "")
+  return out
 
 
 def _flat_diff(a: Any, b: Any, prefix: str = "config") -> list[tuple[str, Any, Any]]:

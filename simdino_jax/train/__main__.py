@@ -11,6 +11,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from simdino_jax import cli
+
 EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again later"; launch/*.sh treat it as "re-run to resume"
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,4 +53,4 @@ if __name__ == "__main__":
   from simdino_jax import tcmalloc  # pylint: disable=g-import-not-at-top  (stdlib only)
 
   tcmalloc.maybe_reexec("simdino_jax.train")
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("simdino_jax.train"))

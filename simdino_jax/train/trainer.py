@@ -428,7 +428,7 @@ class Trainer:
     results = self.evaluate(state.teacher, at_init)
     for name, result in results.items():
       if self.is_main:
-        paths[name].write_text(json.dumps(dict(result, step=0), indent=2))
+        paths[name].write_text(json.dumps(dict(result, step=0, data=sources.eval_spec(self.config.data)), indent=2))
       self.log(f"{name} at init: {at_init[name].summary(result)}")
     return results
 
@@ -467,14 +467,12 @@ class Trainer:
       return stopped
 
     final = {name: e for name, e in self.evaluators.items() if e.cfg.final}
-    self.results = runner.write_results(
-      self.eval_context(),
-      final,
-      self.evaluate(state.teacher, final),
-      step=int(state.step),
-      features="teacher backbone",
-      init=init,
-    )
+    self.results = {}
+    if final:  # none, e.g. on unlabelled data: no evaluation data is even opened
+      results = self.evaluate(state.teacher, final)
+      self.results = runner.write_results(
+        self.eval_context(), final, results, step=int(state.step), features="teacher backbone", init=init
+      )
     return self.results.get("knn", {"step": int(state.step)})
 
   def train_loop(self, state: TrainState, start: int, ckpt: checkpointing.Checkpointer, stop_request: _StopRequest):

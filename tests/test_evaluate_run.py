@@ -1,0 +1,88 @@
+"""evaluate.py on a run: its own stored config by default, training results never overwritten, --output; and a run
+on unlabelled images (no labelled split: label-based evaluators off, training goes on)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simdino_jax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def npz_run(tmp_path_factory):
+  """A 2-step run on an npz of 48 train / 24 test images (not the demo's digits): (workdir, npz path)."""
+  from conftest import make_tiny_config
+
+  root = tmp_path_factory.mktemp("npz_run")
+  rng = np.random.default_rng(0)
+  path = str(root / "data.npz")
+  np.savez(
+    path,
+    train_images=rng.integers(0, 256, (48, 16, 16, 3), np.uint8),
+    train_labels=np.arange(48) % 3,
+    test_images=rng.integers(0, 256, (24, 16, 16, 3), np.uint8),
+    test_labels=np.arange(24) % 3,
+  )
+  config = make_tiny_config()
+  config.data.source = f"npz:{path}"
+  config.total_steps = 2
+  workdir = str(root / "run")
+  trainer.train(config, workdir)
+  return workdir, path
+
+
+def _evaluate(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", SIMDINO_NO_TCMALLOC="1")
+  out = subprocess.run(
+    [sys.executable, "-m", "simdino_jax.evaluate", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_evaluate_without_config_uses_the_runs_own_data_and_keeps_training_results(npz_run, tmp_path):
+  workdir, path = npz_run
+  trained = json.loads(open(os.path.join(workdir, "eval", "knn.json")).read())
+  assert trained["data"] == f"npz:{path}" and trained["num_test"] == 24
+
+  _evaluate(f"--workdir={workdir}", "--eval=knn")  # no --config: DIR/config.json, the run's npz
+  again = json.loads(open(os.path.join(workdir, "eval", "knn.json")).read())
+  assert again["data"] == f"npz:{path}" and again["num_test"] == 24 and again["step"] == 2
+  assert again["accuracy"] == trained["accuracy"] and again["accuracy_at_init"] == trained["accuracy_at_init"]
+
+  # Another data source (the demo recipe's digits): training's knn.json is kept, the new result has its own file.
+  _evaluate("--config=configs/demo.py", f"--workdir={workdir}", "--eval=knn", "--config.data.global_size=16")
+  assert json.loads(open(os.path.join(workdir, "eval", "knn.json")).read()) == again
+  other = json.loads(open(os.path.join(workdir, "eval", "knn-step2-digits.json")).read())
+  assert other["data"] == "digits" and other["num_test"] == 359 and "accuracy_at_init" not in other
+
+  # --output: results elsewhere (a read-only workdir), the overrides of --config.FIELD on top of the stored config.
+  _evaluate(f"--workdir={workdir}", "--eval=knn", f"--output={tmp_path / 'out'}", "--config.evals.knn.k=5")
+  assert json.loads((tmp_path / "out" / "knn.json").read_text())["k"] == 5
+
+
+def test_unlabelled_flat_folder_trains_with_label_based_evaluation_off(tiny_config, tmp_path, capsys):
+  rng = np.random.default_rng(1)
+  os.makedirs(tmp_path / "images")
+  for i in range(24):  # no split folders, no classes: self-supervised pre-training's usual data
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+  tiny_config.data.source = f"folder:{tmp_path / 'images'}"
+  tiny_config.total_steps = 2
+  result = trainer.train(tiny_config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert "has no labelled train and test split: evaluators" in out and "knn" in out
+  assert result == {"step": 2}
+  assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+  assert not os.path.exists(tmp_path / "run" / "eval" / "knn.json")
