@@ -28,7 +28,14 @@
 #
 # Setup: the wheels in .whl/ (grain, array_record, cloudpickle, portpicker, ml_collections, tensorboardX; cp312 /
 # py3, x86-64) are installed with pip --no-index --no-deps into /tmp/site and put first on PYTHONPATH; the
-# device's own jax / flax / optax / orbax / numpy are used.
+# device's own jax / flax / optax / orbax / numpy are used. To make .whl/ for a machine without network access
+# (Python 3.12, x86-64), on any machine with pip:
+#   for w in grain==0.2.18 array_record==0.8.6 cloudpickle==3.1.3 portpicker==1.6.0 ml_collections==1.1.0 \
+#            tensorboardX==2.6.5; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w"
+#   done
+# With network access, `pip install -e ".[cuda]"` instead: without .whl/ the suite uses the installed packages.
 #
 # Dry run on a CPU machine (tiny presets and sizes, no wheel install; uses the python on PATH):
 #   GPU_SUITE_DRY=1 bash benchmarks/gpu_suite.sh /tmp/gs

@@ -11,7 +11,11 @@ import math
 
 import ml_collections
 
-from simdino_jax import evals
+from simdino_jax import evals, methods, optim, schedules, sharding
+from simdino_jax.data import augment
+from simdino_jax.data.multicrop import AUGMENT_MODES
+from simdino_jax.models.network import DTYPES, backbone_kwargs
+from simdino_jax.models.vit import TOKEN_INITS, parse_variant
 from simdino_jax.errors import ConfigError
 
 
@@ -195,15 +199,17 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
+def _one_of(value, options: tuple, field: str) -> None:
+  """``value`` must be one of ``options``, the list the module that uses the field owns."""
+  _require(value in options, field, f"must be one of {', '.join(map(repr, options))}, got {value!r}")
+
+
 def validate(
   config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1, num_local_devices: int | None = None
 ) -> None:
   """Raise ConfigError naming the field for anything that would fail (or silently misbehave) later.
 
   ``num_local_devices`` (this process's devices) defaults to num_devices // num_processes."""
-  from simdino_jax import methods  # local: keep this module importable without the model code
-  from simdino_jax.models.vit import parse_variant
-
   _require(
     config.method in methods.METHODS,
     "method",
@@ -274,17 +280,15 @@ def validate(
   )
   names = [name for name, _ in config.mesh]
   _require(
-    len(set(names)) == len(names) and all(n in ("data", "fsdp") for n in names),
+    len(set(names)) == len(names) and all(n in sharding.MESH_AXES for n in names),
     "mesh",
-    f"axis names must be distinct, each 'data' or 'fsdp', got {names}",
+    f"axis names must be distinct, each 'data' or 'fsdp' (sharding.MESH_AXES), got {names}",
   )
   _require(
     isinstance(config.sharding.fsdp_min_size, int) and config.sharding.fsdp_min_size >= 0,
     "sharding.fsdp_min_size",
     f"must be an integer >= 0, got {config.sharding.fsdp_min_size!r}",
   )
-  from simdino_jax import sharding  # local, as methods above
-
   sharding.compile_rules(config.sharding.rules)  # ConfigError naming config.sharding.rules[i]
 
   try:
@@ -308,34 +312,20 @@ def validate(
     lo, hi = d[field]
     _require(0 < lo <= hi <= 1, f"data.{field}", f"need 0 < min <= max <= 1, got {d[field]}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-  _require(
-    d.augment_mode in ("host", "device"), "data.augment_mode", f"must be 'host' or 'device', got {d.augment_mode!r}"
-  )
-  _require(
-    d.augment.get("resize", "cv2") in ("pil", "cv2"),
-    "data.augment.resize",
-    f"must be 'pil' or 'cv2', got {d.augment.get('resize')!r}",
-  )
+  _one_of(d.augment_mode, AUGMENT_MODES, "data.augment_mode")
+  _one_of(d.augment.get("resize", "cv2"), augment.RESIZE_BACKENDS, "data.augment.resize")
   _require(
     isinstance(d.tfds_data_dir, str),
     "data.tfds_data_dir",
     f"must be a directory path (or '' for $TFDS_DATA_DIR), got {d.tfds_data_dir!r}",
   )
-  _require(
-    config.model.dtype in ("float32", "bfloat16", "float16"),
-    "model.dtype",
-    f"must be float32, bfloat16 or float16, got {config.model.dtype!r}",
-  )
+  _one_of(config.model.dtype, tuple(DTYPES), "model.dtype")
   _require(
     0.0 <= config.model.drop_path_rate < 1.0,
     "model.drop_path_rate",
     f"must be in [0, 1), got {config.model.drop_path_rate}",
   )
-  _require(
-    config.model.token_init in ("dino", "dinov2"),
-    "model.token_init",
-    f"must be 'dino' or 'dinov2', got {config.model.token_init!r}",
-  )
+  _one_of(config.model.token_init, TOKEN_INITS, "model.token_init")
   _require(
     config.head.out_dim > 0 and config.head.hidden_dim > 0 and config.head.num_layers >= 1,
     "head",
@@ -347,29 +337,10 @@ def validate(
 
   o = config.optim
   _require(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "lr and min_lr must be >= 0")
-  _require(
-    o.lr_scaling in ("linear_256", "sqrt_1024", "none"),
-    "optim.lr_scaling",
-    f"must be linear_256, sqrt_1024 or none, got {o.lr_scaling!r}",
-  )
-  _require(
-    o.clip_mode in ("per_tensor", "global", "per_module"),
-    "optim.clip_mode",
-    f"must be 'per_tensor', 'global' or 'per_module', got {o.clip_mode!r}",
-  )
-  from simdino_jax.optim import FREEZE_MODES  # local, as methods above
-  from simdino_jax.schedules import WARMUP_RULES
-
-  _require(
-    o.get("warmup_rule", "linspace") in WARMUP_RULES,
-    "optim.warmup_rule",
-    f"must be one of {WARMUP_RULES}, got {o.get('warmup_rule')!r}",
-  )
-  _require(
-    o.get("freeze_mode", "drop_grads") in FREEZE_MODES,
-    "optim.freeze_mode",
-    f"must be one of {FREEZE_MODES}, got {o.get('freeze_mode')!r}",
-  )
+  _one_of(o.lr_scaling, optim.LR_SCALINGS, "optim.lr_scaling")
+  _one_of(o.clip_mode, optim.CLIP_MODES, "optim.clip_mode")
+  _one_of(o.get("warmup_rule", "linspace"), schedules.WARMUP_RULES, "optim.warmup_rule")
+  _one_of(o.get("freeze_mode", "drop_grads"), optim.FREEZE_MODES, "optim.freeze_mode")
   _require(
     0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0,
     "optim.layer_decay",
@@ -380,7 +351,7 @@ def validate(
     "teacher.momentum",
     "momentum and momentum_end must be in [0, 1]",
   )
-  _validate_eval(config, patch, depth=config.model.depth or variant["depth"], num_devices=num_devices)
+  _validate_eval(config, patch, depth=backbone_kwargs(config.model)["depth"], num_devices=num_devices)
 
 
 def _validate_eval(config: ml_collections.ConfigDict, patch: int, depth: int, num_devices: int = 1) -> None:

@@ -20,6 +20,7 @@ from simdino_jax import schedules
 from simdino_jax.tree import map_with_name
 
 CLIP_MODES = ("per_tensor", "global", "per_module")
+LR_SCALINGS = ("linear_256", "sqrt_1024", "none")  # base lr x batch / 256, x sqrt(batch / 1024), or as given
 # How a frozen leaf (DINO's last layer during the first epoch(s), the weight-norm g with norm_last_layer) is held:
 #   "drop_grads": DINO v1 / iBOT set its gradients to None, so PyTorch's AdamW skips it entirely: no moment update,
 #                 no weight decay, and its own Adam step count starts when it is first updated;
@@ -68,7 +69,7 @@ def lr_schedule(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int)
   elif rule == "none":
     peak = optim_cfg.lr
   else:
-    raise ValueError(f"config.optim.lr_scaling must be 'linear_256', 'sqrt_1024' or 'none', got {rule!r}")
+    raise ValueError(f"config.optim.lr_scaling must be one of {LR_SCALINGS}, got {rule!r}")
   init = optim_cfg.min_lr if optim_cfg.get("warmup_from_min_lr", False) else 0.0
   return schedules.warmup_cosine(
     peak,

@@ -243,3 +243,10 @@ def test_notebook_runs_on_cpu_in_tiny_mode(tmp_path):
 
   arrays = load_arrays(work / "demo_teacher_backbone.safetensors")
   assert "backbone/blocks/0/attn/qkv/kernel" in arrays and f"{len(arrays)} arrays" in out.stdout
+
+
+def test_gpu_suite_is_valid_bash_and_prints_its_usage():
+  script = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
+  assert subprocess.run(["bash", "-n", script], capture_output=True, timeout=60).returncode == 0
+  out = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and "usage: bash benchmarks/gpu_suite.sh OUTDIR" in out.stderr

@@ -24,6 +24,10 @@ from PIL import Image
 from simdino_jax.data import augment
 
 
+# "host": every augmentation on the host; "device": the host only crops (uint8), the rest runs in the jitted step.
+AUGMENT_MODES = ("host", "device")
+
+
 @dataclasses.dataclass(frozen=True)
 class MultiCropConfig:
   """Multi-crop recipe; defaults are DINO v1 / SimDINO (ImageNet)."""
@@ -57,8 +61,8 @@ class MultiCropConfig:
       raise ValueError(f"num_local must be >= 0, got {self.num_local}.")
     if len(self.blur_p) != 3:
       raise ValueError(f"blur_p must be (global1, global2, local), got {self.blur_p}.")
-    if self.augment_mode not in ("host", "device"):
-      raise ValueError(f"augment_mode must be 'host' or 'device', got {self.augment_mode!r}.")
+    if self.augment_mode not in AUGMENT_MODES:
+      raise ValueError(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}.")
     if self.resize not in augment.RESIZE_BACKENDS:
       raise ValueError(f"resize must be one of {augment.RESIZE_BACKENDS}, got {self.resize!r}.")
 

@@ -166,7 +166,7 @@ class LinearEvaluator(runner.Evaluator):
       f"{field}.crop_size",
       f"must be 0 (the eval image size) or a positive multiple of the patch size {patch}, got {crop!r}",
     )
-    eval_size = config.eval.image_size or config.data.global_size
+    eval_size = runner.eval_image_size(config)
     require(
       isinstance(resize, int) and (resize == 0 or resize >= (crop or eval_size)),
       f"{field}.resize_size",

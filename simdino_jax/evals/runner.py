@@ -67,6 +67,11 @@ def make_feature_fn(graphdef: nnx.GraphDef, specs) -> Callable:
   return features
 
 
+def eval_image_size(config) -> int:
+  """The evaluation image size: config.eval.image_size, else the global crop size."""
+  return config.eval.image_size or config.data.global_size
+
+
 class Context:
   """A frozen backbone on the mesh and the data an evaluation reads; built by the trainer or by evaluate.py.
 
@@ -109,8 +114,7 @@ class Context:
 
   @property
   def image_size(self) -> int:
-    """The evaluation image size: config.eval.image_size, else the global crop size."""
-    return self.config.eval.image_size or self.config.data.global_size
+    return eval_image_size(self.config)
 
   @property
   def num_classes(self) -> int:

@@ -7,13 +7,13 @@ from flax import nnx
 
 from simdino_jax.models.vit import VisionTransformer, parse_variant
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def compute_dtype(name: str):
-  if name not in _DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-  return _DTYPES[name]
+  if name not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
 
 
 def backbone_kwargs(model_cfg) -> dict:

@@ -36,6 +36,9 @@ _LN_EPS = 1e-6
 _SQRT_HALF = float(np.sqrt(0.5))
 
 
+TOKEN_INITS = ("dino", "dinov2")  # cls / register token init: trunc-normal 0.02 (DINO) or normal 1e-6 (DINOv2)
+
+
 def parse_variant(name: str) -> dict:
   """ "S/16" -> dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, ffn="mlp")."""
   match = re.fullmatch(r"\s*([A-Za-z]+)/(\d+)\s*", name) if isinstance(name, str) else None
@@ -365,7 +368,7 @@ class VisionTransformer(nnx.Module):
   ):
     if ffn not in ("mlp", "swiglu"):
       raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
-    if token_init not in ("dino", "dinov2"):
+    if token_init not in TOKEN_INITS:
       raise ValueError(f"token_init must be 'dino' or 'dinov2', got {token_init!r}")
     if not 0.0 <= drop_path_rate < 1.0:
       raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")

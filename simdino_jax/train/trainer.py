@@ -46,9 +46,9 @@ from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.data import sources
 from simdino_jax import evals
 from simdino_jax.evals import runner
-from simdino_jax.models.network import compute_dtype
+from simdino_jax.models.network import backbone_kwargs, compute_dtype
 from simdino_jax.models.vit import parse_variant
-from simdino_jax.tree import map_with_name, named_leaves
+from simdino_jax.train import init_from
 from simdino_jax.train.metrics import MetricsLog
 from simdino_jax.train.state import TrainState
 from simdino_jax.train.step import make_train_step
@@ -145,14 +145,13 @@ def make_optimizer(config, params, lr_fn, wd_fn, steps_per_epoch: int):
   lr_mults = None
   if o.layer_decay < 1.0 or o.patch_embed_lr_mult != 1.0:
     lr_mults = optim.lr_multipliers(
-      params, depth=build_depth(config), layer_decay=o.layer_decay, patch_embed_mult=o.patch_embed_lr_mult
+      params,
+      depth=backbone_kwargs(config.model)["depth"],
+      layer_decay=o.layer_decay,
+      patch_embed_mult=o.patch_embed_lr_mult,
     )
   freezes = methods.get_method(config.method).optimizer_freezes(config, params, steps_per_epoch)
   return optim.make_optimizer(o, params, lr_fn, wd_fn, lr_mults=lr_mults, freezes=freezes)
-
-
-def build_depth(config) -> int:
-  return config.model.depth or parse_variant(config.model.variant)["depth"]
 
 
 class Trainer:
@@ -173,7 +172,7 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
-    self.skipped_local = self.skipped_base = 0  # undecodable images replaced in the batches used (data/skipped)
+    self.skipped_local = 0  # undecodable images replaced in the batches used (data/skipped)
 
     self.train_source = sources.from_config(config.data, "train")
     self.durations = durations(config, len(self.train_source))
@@ -191,7 +190,11 @@ class Trainer:
     self.tx = make_optimizer(config, abstract_params, self.lr_fn, self.wd_fn, d.steps_per_epoch)
     self.loss_fn = self.method.make_loss(config, d.steps_per_epoch)
     self.backbone_graphdef = nnx.split(abstract.backbone)[0]
-    self.abstract_state()  # sets self.state_sharding: one sharding per leaf from config.sharding.rules
+    # The state's shapes (no FLOPs) and one sharding per leaf from config.sharding.rules: all replicated on a
+    # data-only mesh; big leaves split over the "fsdp" mesh axis when it has one.
+    abstract_state = jax.eval_shape(self._init_fn())
+    self.state_sharding = sharding.state_shardings(abstract_state, self.mesh, config)
+    self._abstract_state = checkpointing.abstract_target(abstract_state, self.state_sharding)
     self.evaluators = self.labelled_evaluators(evals.build(config))
     self._eval_ctx = None
 
@@ -213,17 +216,11 @@ class Trainer:
     return init
 
   def abstract_state(self) -> TrainState:
-    """The state's shapes, dtypes and shardings (no FLOPs): the target a checkpoint is restored onto.
-
-    The shardings (``self.state_sharding``, a TrainState of NamedShardings) follow ``config.sharding.rules``:
-    all replicated on a data-only mesh; big leaves split over the "fsdp" mesh axis when it has one."""
-    abstract = jax.eval_shape(self._init_fn())
-    self.state_sharding = sharding.state_shardings(abstract, self.mesh, self.config)
-    return checkpointing.abstract_target(abstract, self.state_sharding)
+    """The state's shapes, dtypes and shardings (``self.state_sharding``): the target a checkpoint is restored onto."""
+    return self._abstract_state
 
   def init_state(self) -> TrainState:
     """The state at initialisation; a pure function of ``config.seed``."""
-    self.abstract_state()
     return jax.jit(self._init_fn(), out_shardings=self.state_sharding)()
 
   def checkpointer(self) -> checkpointing.Checkpointer:
@@ -248,7 +245,8 @@ class Trainer:
       self.log(f"resumed from step {step} of {where} (config.resume)")
       return state, step
     if config.get("init_from"):
-      return self.init_from(config.init_from), 0
+      state = init_from.load(config.init_from, self.init_state(), self.tx, self.state_sharding.opt_state, self.log)
+      return state, 0
     return self.init_state(), 0
 
   def check_restart(self, ckpt: checkpointing.Checkpointer) -> None:
@@ -268,29 +266,6 @@ class Trainer:
         f"config.restart_from_step: this run stopped on a non-finite loss at step {stopped['step']} "
         f"({marker}); resuming it as it is would diverge again. {stopped['restart']}"
       )
-
-  def init_from(self, path: str) -> TrainState:
-    """The initial state with the student and teacher parameters replaced by the weights at ``path``
-    (``checkpointing.load_init_arrays`` / ``match_init_arrays``), and the optimizer state initialised afresh."""
-    arrays, source = checkpointing.load_init_arrays(path)
-    state = self.init_state()
-    params = named_leaves(state.student)
-    loaded, notes = checkpointing.match_init_arrays(params, arrays)
-
-    def place(name, leaf):
-      if name not in loaded:
-        return leaf
-      value = np.asarray(loaded[name]).astype(leaf.dtype)
-      return jax.make_array_from_callback(value.shape, leaf.sharding, lambda index: value[index])
-
-    student = map_with_name(place, state.student)
-    teacher = map_with_name(place, state.teacher)
-    opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(student)
-    self.log(
-      f"initialised from the {source} (config.init_from): {len(loaded)} of {len(params)} parameter arrays; "
-      + ", ".join(["backbone loaded"] + notes)
-    )
-    return state.replace(student=student, teacher=teacher, opt_state=opt_state)
 
   def compiled_step(self):
     step = make_train_step(
