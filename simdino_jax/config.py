@@ -191,6 +191,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.linear = evals.declare("linear")
   c.evals.fewshot = evals.declare("fewshot")
   c.evals.attention = evals.declare("attention")
+  c.evals.davis = evals.declare("davis")
+  c.evals.segmentation = evals.declare("segmentation")
   return c
 
 

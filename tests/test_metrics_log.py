@@ -298,7 +298,8 @@ def test_wandb_init_failure_is_a_warning(tmp_path, monkeypatch, caplog):
 # -- the progress line -------------------------------------------------------------------------------------------------
 def test_progress_line_excludes_compilation_from_rate_and_eta(tmp_path):
   clock, lines = FakeClock(), []
-  with make_log(tmp_path, lines, clock=clock, total_steps=100, start_step=20, batch_size=8) as log:
+  keys = ("loss", "align")  # what the trainer passes: the method's progress_line_keys
+  with make_log(tmp_path, lines, clock=clock, total_steps=100, start_step=20, batch_size=8, progress_keys=keys) as log:
     clock.t += 90.0  # compilation + 10 steps
     log.write(30, {"loss": 1.23456, "align": 0.5, "lr": 1e-3, "momentum": 0.996, "other": 7.0})
     clock.t += 5.0  # 10 steps in 5 s

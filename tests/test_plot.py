@@ -1,19 +1,17 @@
 """Training curves: metrics.jsonl -> curves.png with panels found from the logged keys (any method), clear errors,
-and the trainer's end-of-run hook that never fails a run."""
+and the metrics log's end-of-run hook that never fails a run."""
 
 import json
 import logging
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from simdino_jax import plot
-from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,14 +149,14 @@ def test_command_line_writes_curves_png_and_reports_a_missing_file(tmp_path):
   assert bad.returncode == 1 and f"{missing / 'metrics.jsonl'}: no such file" in bad.stderr
 
 
-def test_trainer_end_of_run_hook_draws_and_never_raises(tmp_path, caplog):
-  fake = types.SimpleNamespace(is_main=True, workdir=str(tmp_path), log=lambda msg: None)
+def test_end_of_run_hook_draws_and_never_raises(tmp_path, caplog):
+  from simdino_jax.train.metrics import MetricsLog
+
   with caplog.at_level(logging.WARNING):
-    trainer.Trainer.draw_curves(fake)  # no metrics.jsonl: a warning, not an exception
+    MetricsLog(str(tmp_path / "empty"), total_steps=4, tensorboard=False).draw_curves()  # no records: a warning
   assert "could not draw the training curves" in caplog.text and "metrics.jsonl" in caplog.text
   write_metrics(tmp_path, simdino_records(4))
-  trainer.Trainer.draw_curves(fake)
+  MetricsLog(str(tmp_path), total_steps=4, start_step=4, tensorboard=False).draw_curves()  # start_step keeps them
   assert decode(tmp_path / "curves.png").size
-  other = types.SimpleNamespace(is_main=False, workdir=str(tmp_path / "x"), log=lambda msg: None)
-  trainer.Trainer.draw_curves(other)  # not the main process: nothing written, nothing read
+  MetricsLog(str(tmp_path / "x"), total_steps=4, is_main=False).draw_curves()  # not the main process: nothing
   assert not (tmp_path / "x").exists()

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from simdino_jax.evals import attention, fewshot, knn, linear_eval, runner
+from simdino_jax.evals import attention, davis, fewshot, knn, linear_eval, runner, segmentation
 
 TYPES: dict[str, type[runner.Evaluator]] = {
   "knn": knn.KnnEvaluator,
   "linear": linear_eval.LinearEvaluator,
   "fewshot": fewshot.FewshotEvaluator,
   "attention": attention.AttentionEvaluator,
+  "davis": davis.DavisEvaluator,
+  "segmentation": segmentation.SegmentationEvaluator,
 }
 COMMON = dict(every=0, final=False, at_init=False)  # fields every evaluator has (module docstring)
 
