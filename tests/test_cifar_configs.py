@@ -9,7 +9,6 @@ import math
 import os
 import runpy
 
-import jax
 import pytest
 
 from simdino_jax import methods

@@ -20,7 +20,7 @@ from simdino_jax import evaluate
 from simdino_jax import config as config_lib
 from simdino_jax.train import trainer
 from simdino_jax.data import augment
-from simdino_jax.evals import linear, linear_dino, runner
+from simdino_jax.evals import linear_dino, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"blue": (50, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}

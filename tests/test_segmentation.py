@@ -160,7 +160,7 @@ def test_bad_inputs_are_refused_naming_the_file(tmp_path):
   _png(str(root / "masks" / "train" / "b.png"), np.full((8, 8), 7))  # class 7 >= 3
   _png(str(root / "images" / "train" / "c.png"), np.zeros((8, 8, 3)))
   _png(str(root / "masks" / "train" / "c.png"), np.full((8, 8), 255))  # ignored: fine
-  with pytest.raises(DataError, match=r"masks/val"):  # the val folder is missing
+  with pytest.raises(DataError, match=r"images/val does not exist"):  # the val folders are missing
     seg_data.load(f"folder:{root}", "val", 3)
   src = seg_data.load(f"folder:{root}", "train", 3)
   with pytest.raises(DataError, match=r"masks/train/a\.png.*size 6x8 differs"):

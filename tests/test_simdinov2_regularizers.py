@@ -5,7 +5,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from simdino_jax.losses import regularizers
 from simdino_jax.losses.simdino import simdinov2_loss

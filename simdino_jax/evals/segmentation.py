@@ -228,8 +228,8 @@ def poly_warmup_lr(base: float, iterations: int, warmup: int) -> Callable:
   def lr(t):
     t = jnp.asarray(t, jnp.float32)
     regular = base * (1.0 - t / iterations)
-    k = (1.0 - t / max(warmup, 1)) * (1.0 - WARMUP_RATIO)
-    return jnp.where(t < warmup, regular * (1.0 - k), regular)
+    # mmcv: regular x (1 - k), k = (1 - t / warmup)(1 - ratio); written as ratio + (1 - ratio) t / warmup (float32)
+    return jnp.where(t < warmup, regular * (WARMUP_RATIO + (1.0 - WARMUP_RATIO) * t / max(warmup, 1)), regular)
 
   return lr
 
