@@ -193,6 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.attention = evals.declare("attention")
   c.evals.davis = evals.declare("davis")
   c.evals.segmentation = evals.declare("segmentation")
+  c.evals.retrieval = evals.declare("retrieval")
   return c
 
 

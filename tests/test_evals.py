@@ -19,6 +19,7 @@ from PIL import Image
 from simdino_jax import evaluate
 from simdino_jax import config as config_lib
 from simdino_jax.train import trainer
+from simdino_jax import evals
 from simdino_jax.evals import attention, fewshot, knn, linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +191,7 @@ def test_mass_mask_keeps_the_minimal_set_of_patches_reaching_60_percent():
 @pytest.mark.parametrize(
   "field,value,match",
   [
-    ("evals.knn.type", "svm", "config.evals.knn.type: must be one of ['attention', 'fewshot', 'knn', 'linear']"),
+    ("evals.knn.type", "svm", f"config.evals.knn.type: must be one of {sorted(evals.TYPES)}"),
     ("evals.knn.every", -2, "config.evals.knn.every: must be -1 (config.eval_every)"),
     ("evals.linear.lrs", (), "config.evals.linear.lrs"),
     ("evals.linear.lrs", (0.1, -1.0), "config.evals.linear.lrs"),
@@ -210,7 +211,9 @@ def test_invalid_eval_config_is_refused_with_the_field_name(tiny_config, field, 
 
 
 def test_unknown_eval_name_lists_the_valid_ones():
-  with pytest.raises(ValueError, match="unknown evaluation.*'svm'.*valid: attention, fewshot, knn, linear"):
+  valid = ", ".join(config_lib.base_config().evals)  # every declared evaluator, in the config's (sorted) order
+  assert {"attention", "fewshot", "knn", "linear"} <= set(config_lib.base_config().evals)
+  with pytest.raises(ValueError, match=f"unknown evaluation.*'svm'.*valid: {valid}$"):
     evaluate.parse_names("knn,svm")
   assert evaluate.parse_names("linear, knn,linear") == ["linear", "knn"]
 
@@ -318,7 +321,7 @@ def test_cli_evaluates_the_student_and_refuses_unknown_names(trained, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", SIMDINO_NO_TCMALLOC="1")
   base = [sys.executable, "-m", "simdino_jax.evaluate", f"--config={config_file}", f"--workdir={workdir}"]
   bad = subprocess.run(base + ["--eval=knn,svm"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "valid: attention, fewshot, knn, linear" in bad.stderr
+  assert bad.returncode != 0 and f"valid: {', '.join(config_lib.base_config().evals)}" in bad.stderr
   out = subprocess.run(
     base + ["--eval=attention", "--which=student", "--config.evals.attention.num_images=2"],
     cwd=ROOT,

@@ -104,6 +104,34 @@ def test_slide_windows_cover_every_pixel_and_average_as_mmseg(h, w):
   np.testing.assert_allclose(seg.assemble(window_logits, boxes, h, w, h, w, patch=1), ref, atol=1e-4)
 
 
+def test_padded_windows_keep_the_cells_over_their_content():
+  # An image shorter than the crop (21 rows, crop 32, patch 4): the window was padded to 32 rows and its logits
+  # cover 8 cells, of which the first ceil(21 / 4) = 6 lie over the content; a per-cell ramp survives upsampling.
+  h, w, crop, patch = 21, 40, 32, 4
+  boxes = seg.slide_boxes(h, w, crop, 21)
+  assert boxes == [(0, 21, 0, 32), (0, 21, 8, 40)]
+  cells = np.arange(8, dtype=np.float32)[:, None, None] * np.ones((8, 8, 2), np.float32)  # logit = row cell
+  out = seg.assemble([cells, cells], boxes, h, w, 2 * h, w, patch)
+  assert out.shape == (42, 40, 2)
+  rows = (np.arange(42) + 0.5) / 2 - 0.5  # output row -> image row -> cell coordinate, away from the clamped edges
+  expect = (rows + 0.5) / patch - 0.5
+  np.testing.assert_allclose(out[5:40, 17, 0], expect[5:40], atol=1e-4)
+  assert out[:, :, 0].min() >= 0 and out[:, :, 0].max() <= 5  # only the 6 content cells contribute
+
+
+def test_training_view_crops_pads_and_keeps_the_classes():
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (40, 60, 3)).astype(np.uint8)
+  mask = np.zeros((40, 60), np.int32)
+  mask[:, 30:] = 1
+  mask[:5] = 255
+  for i in range(8):
+    img, m, (ch, cw) = seg.train_view(image, mask, np.random.default_rng(i), 32)
+    assert img.shape == (32, 32, 3) and m.shape == (32, 32) and img.dtype == m.dtype == np.uint8
+    assert set(np.unique(m)) <= {0, 1, 255} and (m[ch:] == 255).all() and (m[:, cw:] == 255).all()
+    assert (img[ch:] == 0).all() and ch <= 32 and cw <= 32
+
+
 def test_bilinear_matrix_is_half_pixel_upsampling():
   x = np.random.default_rng(2).normal(size=(5, 7)).astype(np.float32)
   up = seg.bilinear_matrix(5, 20) @ x @ seg.bilinear_matrix(7, 28).T
@@ -227,7 +255,7 @@ def test_segmentation_through_evaluate_beats_chance_and_writes_json_and_pictures
   stored = json.load(open(path))
   assert stored["miou"] == pytest.approx(r["miou"]) and stored["step"] == 0 and "data" in stored
   assert r["protocol"] == protocol and r["iterations"] == 60 and r["num_val"] == 6 and r["num_classes"] == 3
-  assert len(r["per_class_iou"]) == 3 and r["stride"] == 21 and r["warmup"] == 2
+  assert len(r["per_class_iou"]) == 3 and r["stride"] == 21 and r["warmup"] == (2 if protocol == "dinov2_linear" else 1)
   assert r["blocks"] == ([1] if protocol == "dinov2_linear" else [0, 0, 0, 1])
   for f in r["files"]:
     im = Image.open(os.path.join(workdir, "eval", f))

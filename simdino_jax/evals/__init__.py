@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from simdino_jax.evals import attention, davis, fewshot, knn, linear_eval, runner, segmentation
+from simdino_jax.evals import attention, davis, fewshot, knn, linear_eval, retrieval, runner, segmentation
 
 TYPES: dict[str, type[runner.Evaluator]] = {
   "knn": knn.KnnEvaluator,
@@ -21,6 +21,7 @@ TYPES: dict[str, type[runner.Evaluator]] = {
   "attention": attention.AttentionEvaluator,
   "davis": davis.DavisEvaluator,
   "segmentation": segmentation.SegmentationEvaluator,
+  "retrieval": retrieval.RetrievalEvaluator,
 }
 COMMON = dict(every=0, final=False, at_init=False)  # fields every evaluator has (module docstring)
 

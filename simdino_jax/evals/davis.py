@@ -143,14 +143,17 @@ def propagate(feat_tar, context_feats, context_segs, valid, *, grid_h, grid_w, t
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
-  n, hw, _ = context_feats.shape
-  logits = jnp.einsum("td,nsd->tns", norm(feat_tar), norm(context_feats), precision=hi) / temperature
-  keep = valid[None, :, None]
+  n, hw, d = context_feats.shape
+  # (targets, context frames x sources): one matmul; the window and the unfilled slots masked out.
+  logits = jnp.matmul(norm(feat_tar), norm(context_feats).reshape(n * hw, d).T, precision=hi) / temperature
+  keep = jnp.repeat(valid, hw)[None, :]
   if radius > 0:
-    keep = keep & neighbourhood_mask(grid_h, grid_w, radius)[:, None, :]
-  logits = jnp.where(keep, logits, -jnp.inf).reshape(hw, n * hw)
+    keep = keep & jnp.tile(neighbourhood_mask(grid_h, grid_w, radius), (1, n))
+  logits = jnp.where(keep, logits, -jnp.inf)
   k = min(topk, n * hw)
-  top = jax.lax.top_k(logits, k)[0]
+  # The barrier keeps XLA from rewriting this top_k into a full sort of each row (it does so when the matrix has
+  # another consumer, the comparison below: 30x slower on CPU).
+  top = jax.lax.optimization_barrier(jax.lax.top_k(logits, k)[0])
   kept = logits >= top[:, -1:]  # ties with the k-th value kept, as `aff[aff < tk_val_min] = 0`
   # exp(logit) renormalised over the kept entries; the row max is subtracted first (the same ratios, no overflow).
   w = jnp.where(kept, jnp.exp(logits - top[:, :1]), 0.0)

@@ -143,12 +143,14 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndar
   mode = rng.integers(2)
   if mode == 1 and rng.integers(2):
     img = convert(img, alpha=rng.uniform(0.5, 1.5))
-  hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-  if rng.integers(2):
+  if rng.integers(2):  # saturation, then hue: each its own HSV round trip, as mmseg
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=rng.uniform(0.5, 1.5))
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if rng.integers(2):
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + rng.integers(-18, 18)) % 180
-  img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if mode == 0 and rng.integers(2):
     img = convert(img, alpha=rng.uniform(0.5, 1.5))
   return img
@@ -157,17 +159,22 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndar
 def train_view(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: int):
   """(image (crop, crop, 3) uint8, mask (crop, crop) uint8, (h, w) of the content at the top left) of one
   training example through the ADE20K pipeline (module doc)."""
-  ratio = rng.uniform(0.5, 2.0)
-  h, w = rescale_size(image.shape[0], image.shape[1], 4 * crop * ratio, crop * ratio)
+  ratio = rng.uniform(0.5, 2.0)  # mmseg's random_sample_ratio: the scale truncated to integers
+  h, w = rescale_size(image.shape[0], image.shape[1], int(4 * crop * ratio), int(crop * ratio))
   image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
   mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-  for _ in range(10):  # RandomCrop with cat_max_ratio
-    top, left = rng.integers(0, max(h - crop, 0) + 1), rng.integers(0, max(w - crop, 0) + 1)
+
+  def bbox():
+    return rng.integers(0, max(h - crop, 0) + 1), rng.integers(0, max(w - crop, 0) + 1)
+
+  top, left = bbox()
+  for _ in range(10):  # RandomCrop's cat_max_ratio: up to 10 redraws, the last one unchecked (as mmseg)
     m = mask[top : top + crop, left : left + crop]
     _, counts = np.unique(m[m != IGNORE], return_counts=True)
     if len(counts) > 1 and counts.max() / counts.sum() < CAT_MAX_RATIO:
       break
-  image, mask = image[top : top + crop, left : left + crop], m
+    top, left = bbox()
+  image, mask = image[top : top + crop, left : left + crop], mask[top : top + crop, left : left + crop]
   if rng.random() < 0.5:
     image, mask = image[:, ::-1], mask[:, ::-1]
   image = photometric_distortion(np.ascontiguousarray(image), rng)
@@ -191,7 +198,7 @@ def slide_boxes(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, 
   return boxes
 
 
-def assemble(window_logits, boxes, h: int, w: int, out_h: int, out_w: int, patch: int) -> np.ndarray:
+def slide_factors(window_logits, boxes, h: int, w: int, out_h: int, out_w: int, patch: int):
   """(out_h, out_w, C) logits of an h x w image from its windows' patch-grid logits (n, g, g, C), as mmseg's
   ``slide_inference`` + rescale: each window's logits upsampled bilinearly to the window, summed into the image,
   divided by the count map, then resized bilinearly to out_h x out_w. A window smaller than the grid's ``g *
@@ -209,16 +216,49 @@ def assemble(window_logits, boxes, h: int, w: int, out_h: int, out_w: int, patch
     raise ValueError(f"the windows {boxes} do not cover the {h}x{w} image")
   rh = bilinear_matrix(h, out_h) / count_h[None]
   rw = bilinear_matrix(w, out_w) / count_w[None]
-  out = None
+  left, right = [], []
   for logits, (y1, y2, x1, x2) in zip(window_logits, boxes):
     gh, gw = -(-(y2 - y1) // patch), -(-(x2 - x1) // patch)
     logits = np.asarray(logits, np.float32)[:gh, :gw]
     mh = rh[:, y1:y2] @ bilinear_matrix(gh, gh * patch)[: y2 - y1]  # (out_h, gh)
     mw = rw[:, x1:x2] @ bilinear_matrix(gw, gw * patch)[: x2 - x1]  # (out_w, gw)
-    part = np.einsum("wx,yxc->ywc", mw, logits, optimize=True)
-    part = np.einsum("hy,ywc->hwc", mh, part, optimize=True)
-    out = part if out is None else out + part
-  return out
+    left.append(mh)
+    right.append(np.matmul(mw[None], logits).reshape(gh, -1))  # (gh, out_w * C)
+  # One GEMM sums the windows: [mh_1 ... mh_n] @ [part_1; ...; part_n].
+  return np.concatenate(left, axis=1), np.concatenate(right, axis=0)
+
+
+def assemble(window_logits, boxes, h: int, w: int, out_h: int, out_w: int, patch: int) -> np.ndarray:
+  """The (out_h, out_w, C) logits of ``slide_factors`` (which see), multiplied out on the host."""
+  left, right = slide_factors(window_logits, boxes, h, w, out_h, out_w, patch)
+  return (left @ right).reshape(out_h, out_w, -1)
+
+
+def _pad_to(n: int, m: int = 64) -> int:
+  return -(-n // m) * m
+
+
+def make_argmax_fn(num_classes: int) -> Callable:
+  """(left (H, K), right (K, W * C)) -> argmax over the classes of their product (H, W) int32, on the device (the
+  product is H x W x C floats: the largest array of the evaluation)."""
+
+  def argmax(left, right):
+    out = jnp.matmul(left, right, precision=_HIGHEST)
+    return jnp.argmax(out.reshape(left.shape[0], -1, num_classes), axis=-1).astype(jnp.int32)
+
+  return argmax
+
+
+def device_argmax(fn: Callable, left: np.ndarray, right: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """``fn`` (a jitted ``make_argmax_fn``) on factors zero-padded to multiples of 64 (few distinct shapes, so few
+  compilations over a validation set of many image sizes); the (out_h, out_w) prediction."""
+  k, c = left.shape[1], right.shape[1] // out_w
+  hp, kp, wp = _pad_to(out_h), _pad_to(k), _pad_to(out_w)
+  lp = np.zeros((hp, kp), np.float32)
+  lp[:out_h, :k] = left
+  rp = np.zeros((kp, wp, c), np.float32)
+  rp[:k, :out_w] = right.reshape(k, out_w, c)
+  return np.asarray(fn(lp, rp.reshape(kp, wp * c)))[:out_h, :out_w]
 
 
 # -- the head (device) ------------------------------------------------------------------------------------------
@@ -366,7 +406,7 @@ def _hms(seconds: float) -> str:
 class SegmentationEvaluator(runner.Evaluator):
   """Linear semantic segmentation on frozen patch tokens; see the module docstring."""
 
-  # iterations / lr 0 and weight_decay / warmup -1: the protocol's; blocks (): the protocol's (ibot_linear only);
+  # iterations / lr 0 and weight_decay / warmup -1: the protocol's; blocks (): the protocol's (dinov2: the last);
   # num_classes 0: the layout's (folder sources need it); max_val_images 0: the whole validation split.
   DEFAULTS = dict(
     source="",
@@ -408,7 +448,8 @@ class SegmentationEvaluator(runner.Evaluator):
     train_src = seg_data.load(c.source, "train", c.num_classes)
     val_src = seg_data.load(c.source, "val", c.num_classes)
     num_classes = train_src.num_classes
-    depth, patch = config.model.depth, backbone_kwargs(config.model)["patch_size"]
+    kw = backbone_kwargs(config.model)  # the variant's depth unless config.model.depth overrides it
+    depth, patch = kw["depth"], kw["patch_size"]
     s = self.settings(depth)
     crop, stride = c.crop_size, int(round(c.crop_size * 2 / 3))
     final_norm = c.protocol == "dinov2_linear"
@@ -420,7 +461,14 @@ class SegmentationEvaluator(runner.Evaluator):
     state = init_head(jax.random.key(config.seed), dim, num_classes, batchnorm=final_norm)
     state["opt"] = tx.init(state["params"])
     b, r = ctx.batch_sharding, ctx.replicated
-    key = (self.name, c.protocol, tuple(s["blocks"]), crop, num_classes, s["iterations"], s["lr"], s["weight_decay"])
+    key = (
+      self.name,
+      c.protocol,
+      tuple(s["blocks"]),
+      crop,
+      num_classes,
+      *(s[k] for k in ("iterations", "lr", "weight_decay", "warmup")),
+    )
     step = ctx.compiled(
       ("segmentation_step",) + key,
       lambda: jax.jit(
@@ -516,6 +564,7 @@ class SegmentationEvaluator(runner.Evaluator):
     wb = max(n_dev, (c.batch_size // n_dev) * n_dev)  # windows per device call
     n = min(len(src), c.max_val_images) if c.max_val_images else len(src)
     conf = np.zeros((num_classes, num_classes), np.int64)
+    argmax = ctx.compiled(("segmentation_argmax", num_classes), lambda: jax.jit(make_argmax_fn(num_classes)))
     out_dir = os.path.join(ctx.out_dir, self.name + ctx.suffix)
     files = []
     t0 = last = time.time()
@@ -550,9 +599,9 @@ class SegmentationEvaluator(runner.Evaluator):
         k = 0
         for j, (ex, (h, w), boxes, _) in enumerate(items):
           mask = ex["mask"]
-          full = assemble(logits[k : k + len(boxes)], boxes, h, w, mask.shape[0], mask.shape[1], patch)
+          left, right = slide_factors(logits[k : k + len(boxes)], boxes, h, w, mask.shape[0], mask.shape[1], patch)
           k += len(boxes)
-          pred = np.argmax(full, axis=-1)
+          pred = device_argmax(argmax, left, right, mask.shape[0], mask.shape[1])
           conf += confusion(mask, pred, num_classes)
           if g0 + j < c.num_images and ctx.is_main:
             os.makedirs(out_dir, exist_ok=True)
