@@ -54,6 +54,11 @@ def get_config(arg=None):
   # Linear evaluation: DINO's eval_linear.py protocol (docs/evaluation.md) with DINOv2's lr grid (per 256 images,
   # x 1024 / 256); ViT-B and larger: the last block's cls + average-pooled patch tokens (DINO's choice by arch).
   c.evals.linear.protocol, c.evals.linear.epochs, c.evals.linear.batch_size = "dino", 100, 1024
+  # Table 3's dense evaluations: the SimDINO authors ran iBOT's linear segmentation scripts (SimDINO issue #44:
+  # blocks [3, 5, 7, 11], 1x1 linear head, 160k iterations at 512 px, AdamW 7e-4, poly) and DINO's DAVIS-2017 script
+  # (480 px, 7 context frames, neighbourhood 12, top-5, T 0.1: the davis defaults). Run them on a checkpoint with
+  # --eval=segmentation,davis and --config.evals.segmentation.source=ade20k:PATH --config.evals.davis.data_dir=PATH.
+  c.evals.segmentation.protocol = "ibot_linear"
   c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 1, True
   c.evals.linear.lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
   c.evals.linear.crop_size, c.evals.linear.resize_size = 224, 256
