@@ -194,6 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.davis = evals.declare("davis")
   c.evals.segmentation = evals.declare("segmentation")
   c.evals.retrieval = evals.declare("retrieval")
+  c.evals.maskcut = evals.declare("maskcut")
   return c
 
 

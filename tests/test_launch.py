@@ -87,10 +87,13 @@ def test_tpu_pod_dry_run_creates_installs_and_trains_on_every_worker():
   (command,) = [a[len("--command=") :] for a in train if a.startswith("--command=")]
   inner = shlex.split(command)[3]  # nohup bash -c <training command>
   assert "export TFDS_DATA_DIR=gs://b/tfds" in inner
-  assert inner.endswith(
+  train_cmd, _, after = inner.partition("; rc=$?")
+  assert train_cmd.endswith(
     "python -m simdino_jax.train --config=configs/simdino_vits16_in1k.py "
     "--workdir=gs://b/runs/s16 --config.batch_size=1024"
   )
+  # The exit code is kept for `status`; 75 (stopped after a checkpoint) is reported as "resume".
+  assert "echo $rc > ~/simdino_train.exit" in after and "exit 75" in after and after.endswith("exit $rc")
 
   out = bash("tpu_pod.sh", "train", "configs/demo.py", "/tmp/local", env={"DRY_RUN": "1"}, check_rc=1)
   assert "must be a gs:// path" in out.stderr

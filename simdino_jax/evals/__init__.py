@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from simdino_jax.evals import attention, davis, fewshot, knn, linear_eval, retrieval, runner, segmentation
+from simdino_jax.evals import attention, davis, fewshot, knn, linear_eval, maskcut, retrieval, runner, segmentation
 
 TYPES: dict[str, type[runner.Evaluator]] = {
   "knn": knn.KnnEvaluator,
@@ -22,6 +22,7 @@ TYPES: dict[str, type[runner.Evaluator]] = {
   "davis": davis.DavisEvaluator,
   "segmentation": segmentation.SegmentationEvaluator,
   "retrieval": retrieval.RetrievalEvaluator,
+  "maskcut": maskcut.MaskCutEvaluator,
 }
 COMMON = dict(every=0, final=False, at_init=False)  # fields every evaluator has (module docstring)
 

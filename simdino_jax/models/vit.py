@@ -234,8 +234,9 @@ class Attention(nnx.Module):
     self.qkv = _dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = _dense(dim, dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, batch: int, return_attention: bool = False):
-    """x: (B*T, D). Returns ((B*T, D), attention (B, heads, T, T) float32 or None)."""
+  def __call__(self, x: jax.Array, batch: int, return_attention: bool = False, return_keys: bool = False):
+    """x: (B*T, D). Returns ((B*T, D), attention (B, heads, T, T) float32 or None, keys (B, T, D) or None); the keys
+    are the key projection of every token, heads concatenated (the official qkv output's key third)."""
     bt, dim = x.shape
     t = bt // batch
     # Same (3, heads, head_dim) split of the qkv output as the official reshape, so weights port directly.
@@ -249,7 +250,7 @@ class Attention(nnx.Module):
       attn = None
       # Softmax statistics are float32 inside dot_product_attention for any input dtype.
       out = jax.nn.dot_product_attention(q, k, v, scale=self.scale)
-    return self.proj(out.reshape(bt, dim)), attn
+    return self.proj(out.reshape(bt, dim)), attn, (k.reshape(batch, t, dim) if return_keys else None)
 
 
 class Mlp(nnx.Module):
@@ -319,23 +320,34 @@ class Block(nnx.Module):
       y = (y.reshape(batch, -1, y.shape[-1]) * factor[:, None, None]).reshape(y.shape)
     return y
 
-  def __call__(self, x: jax.Array, batch: int, *, key: jax.Array | None = None, return_attention: bool = False):
+  def __call__(
+    self,
+    x: jax.Array,
+    batch: int,
+    *,
+    key: jax.Array | None = None,
+    return_attention: bool = False,
+    return_keys: bool = False,
+  ):
+    """Returns (x, attention or None, keys (B, T, D) of this block's attention or None)."""
     k_attn = k_mlp = None
     if key is not None and self.drop_path > 0.0:
       k_attn, k_mlp = jax.random.split(key)
-    y, attn = self.attn(self.norm1(x), batch, return_attention)
+    y, attn, keys = self.attn(self.norm1(x), batch, return_attention, return_keys)
     x = x + self._branch(y, self.ls1, k_attn, batch)
     x = x + self._branch(self.mlp(self.norm2(x)), self.ls2, k_mlp, batch)
-    return x, attn
+    return x, attn, keys
 
 
-def _block_call(block: Block, x: jax.Array, key: jax.Array | None, batch: int, return_attention: bool):
-  return block(x, batch, key=key, return_attention=return_attention)
+def _block_call(
+  block: Block, x: jax.Array, key: jax.Array | None, batch: int, return_attention: bool, return_keys: bool = False
+):
+  return block(x, batch, key=key, return_attention=return_attention, return_keys=return_keys)
 
 
 # model.remat: the block's activations are recomputed in the backward pass instead of stored (jax.checkpoint); the
-# values and gradients are the same. batch and return_attention are static (Python values).
-_remat_block_call = nnx.remat(_block_call, static_argnums=(3, 4))
+# values and gradients are the same. batch, return_attention and return_keys are static (Python values).
+_remat_block_call = nnx.remat(_block_call, static_argnums=(3, 4, 5))
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -457,22 +469,25 @@ class VisionTransformer(nnx.Module):
     parts.append(x)
     return jnp.concatenate(parts, axis=1)
 
-  def _blocks(self, x: jax.Array, *, key, return_attention: bool, keep_last: int = 0):
-    """Runs the blocks on (B, T, D); returns (output, last-block attention or None, last `keep_last` outputs)."""
+  def _blocks(self, x: jax.Array, *, key, return_attention: bool, keep_last: int = 0, return_keys: bool = False):
+    """Runs the blocks on (B, T, D); returns (output, last-block attention or None, last `keep_last` outputs), plus
+    the last block's attention keys (B, T, D) as a fourth element when `return_keys`."""
     b, t, d = x.shape
     x = x.reshape(b * t, d)
     keys = jax.random.split(key, self.depth) if key is not None else [None] * self.depth
-    attn = None
+    attn = last_keys = None
     kept = []
     call = _remat_block_call if self.remat else _block_call
     for i, block in enumerate(self.blocks):
       last = i == self.depth - 1
-      x, a = call(block, x, keys[i], b, return_attention and last)
+      x, a, k = call(block, x, keys[i], b, return_attention and last, return_keys and last)
       if a is not None:
         attn = a
+      if k is not None:
+        last_keys = k
       if i >= self.depth - keep_last:
         kept.append(x)
-    return x, attn, kept
+    return (x, attn, kept, last_keys) if return_keys else (x, attn, kept)
 
   def _split(self, x: jax.Array, batch: int) -> dict:
     x = self.norm(x).reshape(batch, -1, self.embed_dim)
@@ -488,16 +503,21 @@ class VisionTransformer(nnx.Module):
     masks: jax.Array | None = None,
     key: jax.Array | None = None,
     return_attention: bool = False,
+    return_keys: bool = False,
   ) -> dict:
     """images (B, H, W, 3) -> {"cls" (B, D), "patch" (B, N, D), "registers" (B, R, D)} after the final
-    LayerNorm, in the compute dtype; plus "attention" (B, heads, T, T) float32 of the last block on request.
+    LayerNorm, in the compute dtype; plus "attention" (B, heads, T, T) float32 of the last block on request, and
+    "keys" (B, N, D): the last block's attention keys of the patch tokens (cls and registers dropped; heads
+    concatenated, not scaled; MaskCut's features), from the same forward pass, on request.
 
     `key` drives stochastic depth only; None means deterministic (teacher / eval)."""
     x = self.prepare_tokens(images, masks)
-    x, attn, _ = self._blocks(x, key=key, return_attention=return_attention)
+    x, attn, _, *last_keys = self._blocks(x, key=key, return_attention=return_attention, return_keys=return_keys)
     out = self._split(x, images.shape[0])
     if return_attention:
       out["attention"] = attn
+    if return_keys:
+      out["keys"] = last_keys[0][:, 1 + self.num_registers :]
     return out
 
   def get_intermediate_layers(self, images: jax.Array, n: int = 1, *, masks: jax.Array | None = None) -> list[dict]:
