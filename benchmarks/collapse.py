@@ -16,16 +16,12 @@ Needs ../shared/data/cifar10/cifar10-jpeg.tar (or --data).
 from __future__ import annotations
 
 import argparse
-import ast
-import functools
 import json
 import os
-import runpy
 import sys
-import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import miniature  # benchmarks/miniature.py: one CIFAR-10 run
 
 
 def parse_args(argv=None):
@@ -40,11 +36,7 @@ def parse_args(argv=None):
     default="off",
     help="train without the EMA teacher (off), with it (on), or both",
   )
-  p.add_argument(
-    "--data",
-    default=os.path.join(ROOT, "..", "shared", "data", "cifar10", "cifar10-jpeg.tar"),
-    help="CIFAR-10 folder or tar (train/ and test/ inside)",
-  )
+  p.add_argument("--data", default=miniature.DEFAULT_DATA, help="CIFAR-10 folder or tar (train/ and test/ inside)")
   p.add_argument(
     "--set",
     action="append",
@@ -56,47 +48,24 @@ def parse_args(argv=None):
 
 
 def run_one(method: str, self_distillation: bool, args) -> dict:
-  from simdino_jax.train import trainer
-
-  config = runpy.run_path(os.path.join(ROOT, "configs", f"cifar10_{method}.py"))["get_config"]()
-  config.data.source = f"folder:{os.path.abspath(args.data)}"
-  config.total_steps = args.steps
-  config.warmup_steps = min(config.warmup_steps, args.steps // 10)
-  config.log_every = max(1, args.steps // 10)
-  config.checkpoint_every = 0
-  config.teacher.self_distillation = self_distillation
-  for item in args.set:
-    field, value = item.split("=", 1)
-    current = functools.reduce(lambda node, key: node[key], field.split("."), config)
-    parsed = value if isinstance(current, str) else type(current)(ast.literal_eval(value))
-    config.update_from_flattened_dict({field: parsed})
-  start = time.time()
-  with tempfile.TemporaryDirectory() as workdir:
-    result = trainer.train(config, workdir)
-    last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
-  return {
-    "method": method,
-    "self_distillation": self_distillation,
-    "knn_top1": round(result["accuracy"], 2),
-    "knn_top1_at_init": round(result["accuracy_at_init"], 2),
-    "gain": round(result["accuracy"] - result["accuracy_at_init"], 2),
-    "effective_rank": round(last["effective_rank"], 2),
-    "feature_std": round(last["feature_std"], 4),
-    "prototypes_used": last.get("prototypes_used"),
-    "minutes": round((time.time() - start) / 60, 1),
-  }
+  overrides = [f"teacher.self_distillation={self_distillation}", *args.set]
+  config = miniature.recipe_config(method, args.data, overrides, steps=args.steps)
+  result = miniature.run(config)
+  gain = None if result["knn_top1"] is None else round(result["knn_top1"] - result["knn_top1_at_init"], 2)
+  return {"method": method, "self_distillation": self_distillation, **result, "gain": gain}
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if argv is None:  # run as a script: sys.argv is what the re-executed process gets
+    miniature.preload_tcmalloc(__file__)
   if not os.path.exists(args.data):
     sys.exit(f"collapse.py: CIFAR-10 not found at {args.data} (pass --data)")
-  from absl import flags
-
-  flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+  miniature.mark_flags_parsed()
   modes = {"off": [False], "on": [True], "both": [False, True]}[args.self_distillation]
   results = [run_one(m, sd, args) for m in args.methods.split(",") for sd in modes]
   import jax
+
   from simdino_jax import tcmalloc
 
   print(
