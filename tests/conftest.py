@@ -46,6 +46,20 @@ def make_tiny_config():
   return c
 
 
+def checkpoint_at_init(config, workdir):
+  """Builds ``config``'s network at initialisation and commits it as the checkpoint of step 0 in ``workdir`` (what
+  the evaluator tests evaluate); returns (trainer, state)."""
+  from simdino_jax.io import checkpointing
+  from simdino_jax.train import trainer
+
+  tr = trainer.Trainer(config, workdir)
+  state = tr.init_state()
+  with tr.checkpointer() as ckpt:
+    ckpt.save(0, state, checkpointing.config_dict(config))
+    ckpt.wait()
+  return tr, state
+
+
 @pytest.fixture
 def tiny_config():
   return make_tiny_config()

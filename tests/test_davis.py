@@ -20,8 +20,6 @@ from PIL import Image
 from simdino_jax import evals, evaluate
 from simdino_jax.errors import ConfigError, DataError
 from simdino_jax.evals import davis
-from simdino_jax.io import checkpointing
-from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette224-mini", "imagenette224-mini.tar")
@@ -321,7 +319,7 @@ def _write_davis(root, sequences=("alpha", "beta"), listed=None):
 @pytest.fixture(scope="module")
 def davis_run(tmp_path_factory):
   """(config, workdir, data root): the tiny network at initialisation, checkpointed, and a DAVIS-layout folder."""
-  from conftest import make_tiny_config
+  from conftest import checkpoint_at_init, make_tiny_config
 
   root = tmp_path_factory.mktemp("davis")
   data = str(root / "DAVIS")
@@ -332,11 +330,7 @@ def davis_run(tmp_path_factory):
   config.evals.davis.size_multiple = 16  # 48 x 72 frames -> 48 x 64 inputs, a 12 x 16 grid of 4 px patches
   config.evals.davis.overlay_frames = 4
   workdir = str(root / "run")
-  tr = trainer.Trainer(config, workdir)
-  state = tr.init_state()
-  with tr.checkpointer() as ckpt:
-    ckpt.save(0, state, checkpointing.config_dict(config))
-    ckpt.wait()
+  checkpoint_at_init(config, workdir)
   return config, workdir, data
 
 

@@ -18,7 +18,6 @@ from PIL import Image
 
 from simdino_jax import evaluate
 from simdino_jax import config as config_lib
-from simdino_jax.train import trainer
 from simdino_jax.data import augment
 from simdino_jax.evals import linear_dino, runner
 
@@ -63,13 +62,9 @@ def dino_run(tmp_path_factory):
   _write_shapes(str(root / "data"))
   config = _dino_config(str(root / "data"))
   workdir = str(root / "run")
-  tr = trainer.Trainer(config, workdir)
-  state = tr.init_state()
-  from simdino_jax.io import checkpointing
+  from conftest import checkpoint_at_init
 
-  with tr.checkpointer() as ckpt:
-    ckpt.save(0, state, checkpointing.config_dict(config))
-    ckpt.wait()
+  tr, state = checkpoint_at_init(config, workdir)
   return config, workdir, tr, state
 
 

@@ -294,10 +294,7 @@ def _write_folder(root, n=4):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """(config, workdir, data root): the tiny network at initialisation, checkpointed; maskcut on generated data."""
-  from conftest import make_tiny_config
-
-  from simdino_jax.io import checkpointing
-  from simdino_jax.train import trainer
+  from conftest import checkpoint_at_init, make_tiny_config
 
   root = tmp_path_factory.mktemp("maskcut")
   _write_folder(str(root))
@@ -308,11 +305,7 @@ def run(tmp_path_factory):
   config.evals.maskcut.num_pictures = 2
   config.evals.maskcut_plain = evals.declare("maskcut", images=str(root / "images"), image_size=32, solver="scipy")
   workdir = str(root / "run")
-  tr = trainer.Trainer(config, workdir)
-  state = tr.init_state()
-  with tr.checkpointer() as ckpt:
-    ckpt.save(0, state, checkpointing.config_dict(config))
-    ckpt.wait()
+  checkpoint_at_init(config, workdir)
   return config, workdir, root
 
 

@@ -198,10 +198,7 @@ def _write_folder(root, n=10):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """(config, workdir): the tiny network at initialisation, checkpointed; evaluators declared on generated data."""
-  from conftest import make_tiny_config
-
-  from simdino_jax.io import checkpointing
-  from simdino_jax.train import trainer
+  from conftest import checkpoint_at_init, make_tiny_config
 
   root = tmp_path_factory.mktemp("retrieval")
   _write_revisited(str(root / "revisited"))
@@ -216,11 +213,7 @@ def run(tmp_path_factory):
     "retrieval", dataset="folder", data_dir=str(root / "folder"), image_size=0, short_side=16, multiscale=True
   )
   workdir = str(root / "run")
-  tr = trainer.Trainer(config, workdir)
-  state = tr.init_state()
-  with tr.checkpointer() as ckpt:
-    ckpt.save(0, state, checkpointing.config_dict(config))
-    ckpt.wait()
+  checkpoint_at_init(config, workdir)
   return config, workdir
 
 
