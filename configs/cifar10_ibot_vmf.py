@@ -6,8 +6,8 @@ Command (from the repository root; data.source is relative to it):
 
 Runtime: 23.8 min wall on 2 otherwise quiet cores (31-33 images/s: the patch branch puts 2 x 64 masked-crop patch
 tokens per image through the head and the 4096 prototypes; compilation and both k-NN passes included).
-Measured on the former shared budget (600 steps at lr 1e-3; not yet re-run at 1000 steps and 2e-3).
-Seed 0: teacher k-NN top-1 32.72% (top-5 80.8%) vs 29.87% at init (+2.9); 93 of 4096
+Expected result (seed 0, measured) at the former shared budget (600 steps at lr 1e-3; not yet re-run at 1000
+steps and 2e-3): teacher k-NN top-1 32.72% (top-5 80.8%) vs 29.87% at init (+2.9); 93 of 4096
 prototypes in use and effective rank 4.2 at the end (DINO-vMF: 31.09%).
 
 As configs/ibot_vmf_vitb16_in1k.py: one head and prototype layer shared by cls and patch tokens (iBOT

@@ -5,8 +5,8 @@ Command (from the repository root; data.source is relative to it):
   python -m simdino_jax.train --config=configs/cifar10_simdinov2.py --workdir=/tmp/cifar10_simdinov2
 
 Runtime: 27.4 min wall for this run on 2 cores shared with other jobs (29 images/s at the end).
-Measured on the former shared budget (600 steps at lr 1e-3; not yet re-run at 1000 steps and 2e-3).
-Seed 0: teacher k-NN top-1 39.83% (top-5 85.8%) vs 29.33% at init (+10.5), the best of
+Expected result (seed 0, measured) at the former shared budget (600 steps at lr 1e-3; not yet re-run at 1000
+steps and 2e-3): teacher k-NN top-1 39.83% (top-5 85.8%) vs 29.33% at init (+10.5), the best of
 the CIFAR-10 recipes measured. (Measured before the recipe took the fork's warm-up rule, optim.warmup_rule
 "step_over_warmup": the lr now reaches its peak one step later; not re-measured.)
 

@@ -146,7 +146,8 @@ def test_cifar10_configs_share_one_recipe():
     assert tuple(c.data.augment.blur_sigma) == (0.1, 0.5), name
     assert (c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.img_size) == (96, 4, 3, 32), name
     assert (c.head.hidden_dim, c.head.out_dim) == (1024, 128), name
-    assert (c.batch_size, c.total_steps, c.warmup_steps) == (64, 600, 60), name
+    assert (c.batch_size, c.total_steps, c.warmup_steps) == (64, 1000, 100), name
+    assert (c.optim.lr, c.optim.lr_scaling) == (8e-3, "linear_256"), name  # 2e-3 at batch 64
     if methods.get_method(c.method).prototypes:
       assert c.head.num_prototypes == 4096 and c.dino.warmup_teacher_temp_epochs == 1, name
       assert c.optim.freeze_last_layer_epochs in (0.0, 0.1), name
