@@ -51,8 +51,7 @@ def run_one(method: str, self_distillation: bool, args) -> dict:
   overrides = [f"teacher.self_distillation={self_distillation}", *args.set]
   config = miniature.recipe_config(method, args.data, overrides, steps=args.steps)
   result = miniature.run(config)
-  gain = None if result["knn_top1"] is None else round(result["knn_top1"] - result["knn_top1_at_init"], 2)
-  return {"method": method, "self_distillation": self_distillation, **result, "gain": gain}
+  return {"method": method, "self_distillation": self_distillation, **result}
 
 
 def main(argv=None):

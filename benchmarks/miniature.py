@@ -55,7 +55,8 @@ def recipe_config(method: str, data: str, overrides=(), steps: int | None = None
 def run(config, *, knn_at_init: bool = True) -> dict:
   """Train ``config`` in a temporary workdir. Returns knn_top1 (None when the loss went non-finite), knn_top1_at_init
   (when measured), nonfinite_step, effective_rank / feature_std / prototypes_used of the last logged step, steps
-  run, images/s over the logged steps after the first, and minutes of wall time (compilation and k-NN included)."""
+  run, images/s over the logged steps after the first, gain (k-NN over init, when both were measured) and minutes
+  of wall time (compilation and k-NN included)."""
   from simdino_jax.errors import NonFiniteLossError
   from simdino_jax.train import trainer
 
@@ -83,6 +84,8 @@ def run(config, *, knn_at_init: bool = True) -> dict:
     images_per_sec=round(sum(rates) / len(rates), 1) if rates else None,
     minutes=round((time.time() - start) / 60, 1),
   )
+  measured = out["knn_top1"] is not None and out["knn_top1_at_init"] is not None
+  out["gain"] = round(out["knn_top1"] - out["knn_top1_at_init"], 2) if measured else None
   return out
 
 

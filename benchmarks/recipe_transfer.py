@@ -95,7 +95,6 @@ def main(argv=None):
   for item in args.set:
     miniature.apply_override(config, item)
   result = miniature.run(config)
-  gain = None if result["knn_top1"] is None else round(result["knn_top1"] - result["knn_top1_at_init"], 2)
   from simdino_jax import tcmalloc
 
   print(
@@ -109,7 +108,6 @@ def main(argv=None):
         "overrides": args.set,
         "allocator": tcmalloc.allocator(),
         **result,
-        "gain": gain,
       }
     )
   )
