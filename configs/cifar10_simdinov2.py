@@ -13,8 +13,8 @@ Expected result (seed 0, measured) at this budget (1000 steps, lr 2e-3 at batch 
 1e-3, and before the fork's warm-up rule) it was 39.83% vs 29.33% (+10.5).
 The same file on another small dataset, only the data changed (benchmarks/recipe_transfer.py --config
 configs/cifar10_simdinov2.py: Imagenette's 1,000 train / 500 val images downscaled to 64 px, 10 classes): 39.4% vs
-28.6% (+10.8, 18.0 min) with seed 0, 41.0% vs 28.6% (+12.4, 18.3 min) with seed 1, 36.4% vs 24.8% (+11.6, 18.5 min) with seed 2; where SimDINO's recipe
-flattens at +5.4 to +9.4 over eleven runs (docs/results.md).
+28.6% (+10.8, 18.0 min) with seed 0, 41.0% vs 28.6% (+12.4, 18.3 min) with seed 1, 36.4% vs 24.8% (+11.6, 18.5 min)
+with seed 2; SimDINO's recipe flattens there at +5.4 to +9.4 over eleven runs (docs/results.md).
 
 What configs/simdinov2_vitb16_in1k.py changes with respect to SimDINO, on the shared CIFAR recipe: 4 registers,
 LayerScale 0.1, DINOv2 token init, size-based positional-embedding interpolation with antialias (offset 0), block
