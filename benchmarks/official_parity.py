@@ -298,6 +298,8 @@ class Ours:
         wd_fn=self.wd_fn,
         momentum_fn=self.momentum_fn,
         mask_positions=self.mask_positions,
+        # The trainer's packed gather on one device (its path, not a per-crop fallback).
+        mask_tokens=methods.masked_token_budget(config, host_batch=config.batch_size, shards=1),
       )
     )
     self._forward = jax.jit(

@@ -15,7 +15,8 @@ from flax import nnx
 from simdino_jax import config as config_lib
 from simdino_jax import methods, optim
 from simdino_jax.train import trainer
-from simdino_jax.train.step import masked_positions
+from simdino_jax.data.masking import batch_masks, max_masked_tokens
+from simdino_jax.train.step import masked_gather
 from simdino_jax.tree import named_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,11 +108,59 @@ def test_layerwise_lr_multipliers_follow_dinov2():
   assert m["backbone"]["norm"]["scale"] == 1.0 and m["head"]["w"] == 1.0
 
 
-def test_masked_positions_gather_every_masked_patch_first():
-  mask = jnp.array([[[False, True, False, True, True, False]], [[False] * 6]])
-  idx, valid = masked_positions(mask, 3)
-  np.testing.assert_array_equal(idx[0, 0], [1, 3, 4])
-  assert bool(valid[0, 0].all()) and not bool(valid[1, 0].any())
+def test_masked_gather_packs_each_shard_and_lays_slots_out_per_crop():
+  # Two shards of one image x two crops, N = 4: shard 0 masks 2 + 1 tokens, shard 1 masks 0 + 3.
+  mask = jnp.array(
+    [[[False, True, True, False], [True, False, False, False]], [[False] * 4, [True, True, False, True]]]
+  )
+  g = masked_gather(mask, per_crop=3, groups=2, tokens=3)
+  # Token indices into a shard's (crops x N) tokens, masked first, in crop order.
+  np.testing.assert_array_equal(g.tokens, [[1, 2, 4], [4, 5, 7]])
+  np.testing.assert_array_equal(g.valid, [[[1, 1, 0], [1, 0, 0]], [[0, 0, 0], [1, 1, 1]]])
+  slots = np.asarray(g.slots).reshape(2, 2, 3)
+  np.testing.assert_array_equal(slots[0, 0, :2], [0, 1])  # crop (0, 0)'s masked tokens are packed slots 0 and 1
+  np.testing.assert_array_equal(slots[0, 1, :1], [2])
+  np.testing.assert_array_equal(slots[1, 1], [0, 1, 2])
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_masked_gather_round_trip_equals_a_per_crop_gather(groups):
+  # Packed per shard, then laid out per crop: each crop's valid slots hold its masked tokens' features in order, as a
+  # plain per-crop loop picks them.
+  rng = np.random.default_rng(groups)
+  b, mg, n, d, per_crop = 8, 2, 16, 3, 8
+  mask = batch_masks(rng, b * mg, 4, 4, ratio_min_max=(0.1, 0.5)).reshape(b, mg, n)
+  feats = rng.standard_normal((b, mg, n, d)).astype(np.float32)
+  budget = max_masked_tokens(b * mg, n, (b // groups) * mg, ratio_min_max=(0.1, 0.5))
+  g = masked_gather(jnp.asarray(mask), per_crop=per_crop, groups=groups, tokens=budget)
+  packed = np.take_along_axis(feats.reshape(groups, -1, d), np.asarray(g.tokens)[..., None], axis=1)
+  laid = np.take_along_axis(packed, np.asarray(g.slots)[..., None], axis=1).reshape(b, mg, per_crop, d)
+  valid = np.asarray(g.valid)
+  for i in range(b):
+    for v in range(mg):
+      idx = np.flatnonzero(mask[i, v])
+      assert valid[i, v].sum() == len(idx)
+      np.testing.assert_array_equal(laid[i, v, : len(idx)], feats[i, v, idx])
+
+
+def test_max_masked_tokens_is_the_largest_targets_sum():
+  # 4 crops, half masked: bins [0.1, 0.3), [0.3, 0.5) of N = 10 -> at most 3 and 5 cells.
+  assert max_masked_tokens(4, 10, 1) == 5
+  assert max_masked_tokens(4, 10, 2) == max_masked_tokens(4, 10, 4) == 8
+  # DINOv2's settings on a 64-image batch of 8 x 8 grids: a third of the 64 x 2 x 32 per-crop bound.
+  assert max_masked_tokens(128, 64, 128) == 1216 < 128 * 32
+
+
+def test_max_masked_tokens_bounds_every_drawn_shard():
+  rng = np.random.default_rng(0)
+  crops, shard = 32, 8
+  bound = max_masked_tokens(crops, 16, shard)
+  worst = 0
+  for _ in range(300):
+    m = batch_masks(rng, crops, 4, 4).reshape(crops // shard, -1)
+    worst = max(worst, int(m.sum(-1).max()))
+  assert worst <= bound
+  assert worst >= bound // 2  # the bound is not loose by a large factor
 
 
 def test_mask_positions_bound_covers_the_generator():

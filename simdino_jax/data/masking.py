@@ -144,6 +144,29 @@ def mask_targets(
   return targets
 
 
+def max_masked_tokens(
+  num_crops: int,
+  num_tokens: int,
+  shard_crops: int,
+  *,
+  mask_probability: float = 0.5,
+  ratio_min_max: tuple[float, float] = (0.1, 0.5),
+) -> int:
+  """The most masked cells any ``shard_crops`` of one :func:`batch_masks` batch of ``num_crops`` crops can hold.
+
+  Crop ``i`` of the masked ones targets ``int(num_tokens * u)``, ``u`` in ``[edge_i, edge_i+1)``, so it gets at most
+  ``floor(num_tokens * edge_i+1)`` cells (the generator never exceeds its target); the shuffle may put the largest
+  targets in one shard, so the bound is the sum of the ``shard_crops`` largest of those. The train step gathers this
+  many tokens per batch shard instead of ``floor(N * ratio_max)`` for every crop (a third as many at DINOv2's
+  settings). Exact up to the floor: the largest targets can all come close to their upper edges.
+  """
+  mask_targets(np.random.default_rng(0), 0, 1, mask_probability=mask_probability, ratio_min_max=ratio_min_max)
+  n_masked = int(num_crops * mask_probability)
+  edges = np.linspace(float(ratio_min_max[0]), float(ratio_min_max[1]), n_masked + 1)[1:]
+  upper = np.floor(num_tokens * edges).astype(np.int64)  # ascending with the bins
+  return int(upper[::-1][: max(0, min(shard_crops, n_masked))].sum())
+
+
 def batch_masks(
   rng: np.random.Generator,
   num_crops: int,

@@ -8,8 +8,8 @@ means a ``losses/`` file, its ``Method`` in a family module (listed in ``_FAMILI
 and configs.
 
 The loss receives the step's forward outputs (see ``train.step.forward``):
-  student: {"cls": head(cls) (B, M, ...), "backbone_cls": (B, Mg, D), ["patch": (B, Mg, U, ...), "patch_mask":
-           (B, Mg, U)]} for the Mg global views (first) and the local views;
+  student: {"cls": head(cls) (B, M, ...), "backbone_cls": (B, Mg, D), ["patch": (B, Mg, P, ...), "patch_mask":
+           (B, Mg, P)]} for the Mg global views (first) and the local views (P: ``mask_positions``);
   teacher: the same for the Mg global views (unmasked), already stop-gradient;
 and returns (loss, metrics, new_loss_state). SimDINO heads output unit vectors, DINO-family heads {"z", "logits"}
 (vMF heads add their "prototype_norms" (K,)).
@@ -21,6 +21,7 @@ import math
 
 from flax import nnx
 
+from simdino_jax.data.masking import max_masked_tokens
 from simdino_jax.methods import dino, simdino, vmf
 from simdino_jax.methods.base import Method, num_patches
 from simdino_jax.models.network import Network, build_backbone
@@ -46,6 +47,22 @@ def mask_positions(config) -> int:
   if not get_method(config.method).uses_masks:
     return 0
   return max(1, int(math.floor(num_patches(config) * config.masking.ratio[1])))
+
+
+def masked_token_budget(config, *, host_batch: int, shards: int) -> int:
+  """Static number of masked patch tokens the step gathers per batch shard (0 for methods without masks): the most
+  that ``batch_size / shards`` images of a host's mask batch (``host_batch`` images, masks drawn per host batch as
+  DINOv2's collate) can hold, so nothing is ever dropped (data/masking.py max_masked_tokens)."""
+  if not get_method(config.method).uses_masks:
+    return 0
+  mg = config.data.num_global
+  return max_masked_tokens(
+    host_batch * mg,
+    num_patches(config),
+    (config.batch_size // shards) * mg,
+    mask_probability=config.masking.probability,
+    ratio_min_max=tuple(config.masking.ratio),
+  )
 
 
 def patch_head_needed(config) -> bool:

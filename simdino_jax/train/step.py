@@ -8,7 +8,7 @@ batch never needs an all-gather (docs/distributed.md#batch-major-layout).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +27,41 @@ def _unfold_views(x: jax.Array, batch: int) -> jax.Array:
   return x.reshape((batch, x.shape[0] // batch) + x.shape[1:])
 
 
-def masked_positions(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-  """Static-size gather of each crop's masked patch positions.
+class MaskedGather(NamedTuple):
+  """Where the masked patch tokens of a batch go: packed per batch shard for the head, then back per crop.
 
-  mask (B, Mg, N) bool -> (indices (B, Mg, size) int32, valid (B, Mg, size) bool): the masked positions first (in
-  order), padded with unmasked ones marked invalid. ``size`` bounds the masked count of any crop (the block-mask
-  generator never exceeds N * max ratio), so nothing is lost; per-crop gathers keep the batch axis local.
+  tokens (G, U) int32: each shard's masked token indices into its (B/G * Mg * N) patch tokens, in crop order,
+    padded with unmasked ones (U is a static bound on a shard's masked count);
+  slots (G, B/G * Mg * P) int32: for slot j of each crop, its index into the shard's U packed tokens;
+  valid (B, Mg, P) bool: slot j holds one of the crop's masked tokens (its first P masked ones, in order).
   """
-  order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True)[..., :size].astype(jnp.int32)
-  return order, jnp.take_along_axis(mask, order, axis=-1)
+
+  tokens: jax.Array
+  slots: jax.Array
+  valid: jax.Array
+
+
+def masked_gather(mask: jax.Array, per_crop: int, groups: int = 1, tokens: int | None = None) -> MaskedGather:
+  """Static-size gather of the masked patch tokens, packed per batch shard.
+
+  mask (B, Mg, N) bool. ``per_crop`` (P) bounds any crop's masked count and ``tokens`` (U) any shard's, ``groups``
+  (G) being the number of equal batch shards (data-parallel devices): each shard is gathered on its own, so a
+  sharded batch never moves between devices. The head then runs on G * U tokens instead of B * Mg * P (a third as
+  many at DINOv2's mask ratios, data/masking.py max_masked_tokens), and its outputs are laid out per crop again
+  (B, Mg, P, ...) for the losses. Default U: B/G * Mg * P (no saving, nothing can be dropped).
+  """
+  b, mg, n = mask.shape
+  if b % groups:
+    raise ValueError(f"masked_gather: batch {b} does not split into {groups} shards")
+  flat = mask.reshape(groups, (b // groups) * mg * n)
+  u = max(1, min(flat.shape[1], (b // groups) * mg * per_crop if tokens is None else tokens))
+  order = jnp.argsort(jnp.logical_not(flat), axis=-1, stable=True)[:, :u].astype(jnp.int32)
+  count = jnp.sum(mask, axis=-1, dtype=jnp.int32).reshape(groups, -1)  # (G, B/G * Mg) masked tokens per crop
+  offset = jnp.cumsum(count, axis=-1) - count  # where each crop's tokens start in its shard's packed order
+  slot = jnp.arange(per_crop, dtype=jnp.int32)
+  pos = offset[..., None] + slot  # (G, B/G * Mg, P)
+  valid = (slot < count[..., None]) & (pos < u)
+  return MaskedGather(order, jnp.minimum(pos, u - 1).reshape(groups, -1), valid.reshape(b, mg, per_crop))
 
 
 def forward(
@@ -45,12 +71,12 @@ def forward(
   key: jax.Array | None,
   student: bool,
   masks: jax.Array | None = None,
-  positions: jax.Array | None = None,
+  gather: MaskedGather | None = None,
 ) -> dict:
   """Backbone + head on the crops of a batch (views in global-then-local order, batch axis first).
 
   Returns {"cls": head(cls tokens) (B, views, ...), "backbone_cls": (B, Mg, D) global-crop cls tokens} and, when
-  ``positions`` (B, Mg, U) is given, "patch": head(patch tokens at those positions) (B, Mg, U, ...). Head outputs
+  ``gather`` is given, "patch": the head on the masked patch tokens, laid out per crop (B, Mg, P, ...). Head outputs
   are arrays or dicts of arrays (DINO heads: "z", "logits"; vMF heads also their "prototype_norms"): whatever the
   method's loss reads, the step adds nothing method-specific.
   The teacher (student=False) sees only the global crops, unmasked; the student also the local crops, with the
@@ -68,11 +94,21 @@ def forward(
     cls.append(_unfold_views(network.backbone(_fold_views(batch["local"]), key=key_l)["cls"], b))
   cls = jnp.concatenate(cls, axis=1) if len(cls) > 1 else cls[0]
   out = {"cls": network.head(cls), "backbone_cls": cls[:, :mg]}
-  if positions is not None:
-    patch = _unfold_views(out_g["patch"], b)  # (B, Mg, N, D)
-    patch = jnp.take_along_axis(patch, positions[..., None], axis=2)  # (B, Mg, U, D)
+  if gather is not None:
+    g, u = gather.tokens.shape
+    patch = out_g["patch"].reshape(g, -1, out_g["patch"].shape[-1])  # (G, B/G * Mg * N, D), shard-major
+    patch = jnp.take_along_axis(patch, gather.tokens[..., None], axis=1)  # (G, U, D)
     patch_head = network.patch_head if network.patch_head is not None else network.head
-    out["patch"] = patch_head(patch)
+    per_crop = gather.valid.shape[-1]
+
+    def per_crop_layout(a):  # (G, U, ...) -> (B, Mg, P, ...); leaves without the token axes (vMF norms) as they are
+      if a.ndim < 2 or a.shape[:2] != (g, u):
+        return a
+      index = gather.slots.reshape(gather.slots.shape + (1,) * (a.ndim - 2))
+      a = jnp.take_along_axis(a, index, axis=1)
+      return a.reshape((b, mg, per_crop) + a.shape[2:])
+
+    out["patch"] = jax.tree_util.tree_map(per_crop_layout, patch_head(patch))
   return out
 
 
@@ -108,6 +144,8 @@ def make_train_step(
   wd_fn: Callable,
   momentum_fn: Callable,
   mask_positions: int = 0,
+  mask_groups: int = 1,
+  mask_tokens: int | None = None,
   augment: Callable | None = None,
   cast_params: Callable | None = None,
 ) -> Callable:
@@ -120,8 +158,10 @@ def make_train_step(
     lr_fn, wd_fn: schedules, only evaluated for logging (tx carries its own copies).
     momentum_fn: teacher EMA momentum m(step); teacher <- m teacher + (1 - m) student after the update
       (a constant 0 is training without self-distillation: the teacher is the current student).
-    mask_positions: > 0 for masked-patch methods: the static number of patch positions gathered per global crop
-      (the batch then carries "mask" (B, Mg, N)).
+    mask_positions: > 0 for masked-patch methods: the most masked patches of one global crop (P; the batch then
+      carries "mask" (B, Mg, N)); the losses see the patch head's outputs laid out (B, Mg, P, ...).
+    mask_groups, mask_tokens: the batch's data-parallel shards (G) and the most masked patches one shard holds (U):
+      the patch head runs on G * U gathered tokens (``masked_gather``); None: B/G * Mg * P.
     augment: ``augment(key, batch) -> batch``, applied first (config.data.augment_mode="device": uint8 crops in,
       augmented normalised crops out, data/device_augment.py); its key is derived from the step's key.
     cast_params: ``cast_params(which, params) -> params`` ("student" / "teacher") applied to the parameters before
@@ -134,19 +174,19 @@ def make_train_step(
     key = jax.random.fold_in(state.rng, state.step)
     if augment is not None:  # a stream of its own: the drop-path keys below stay those of host mode
       batch = augment(jax.random.fold_in(key, _AUGMENT_STREAM), batch)
-    masks = positions = None
+    masks = gather = None
     if mask_positions:
       masks = batch["mask"]
-      positions, valid = masked_positions(masks, mask_positions)
+      gather = masked_gather(masks, mask_positions, mask_groups, mask_tokens)
 
     teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher))
-    teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, positions=positions))
+    teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, gather=gather))
 
     def objective(params):
       student_net = nnx.merge(graphdef, cast("student", params))
-      student_out = forward(student_net, batch, key=key, student=True, masks=masks, positions=positions)
+      student_out = forward(student_net, batch, key=key, student=True, masks=masks, gather=gather)
       if mask_positions:
-        student_out["patch_mask"] = valid
+        student_out["patch_mask"] = gather.valid
       loss, metrics, loss_state = loss_fn(student_out, teacher_out, state.loss_state, state.step)
       return loss, (metrics, loss_state)
 

@@ -276,6 +276,10 @@ class Trainer:
       wd_fn=self.wd_fn,
       momentum_fn=self.momentum_fn,
       mask_positions=methods.mask_positions(self.config),
+      mask_groups=self.mesh.size,  # the batch's data-parallel shards (sharding.batch_sharding)
+      mask_tokens=methods.masked_token_budget(
+        self.config, host_batch=self.config.batch_size // jax.process_count(), shards=self.mesh.size
+      ),
       augment=device_augment.make_batch_augment(multicrop_config(self.config))
       if self.config.data.augment_mode == "device"
       else None,
