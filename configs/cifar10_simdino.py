@@ -11,8 +11,9 @@ Expected result (seed 0, measured): teacher k-NN top-1 44.54% (top-5 87.7%) vs 2
 data changed (benchmarks/recipe_transfer.py: Imagenette's 1,000 train / 500 val images downscaled to 64 px):
 36.6% vs 29.0% (+7.6, 12.0 min; seed 1: +6.2): short of +10 there. Tried on that copy (docs/results.md): 10 local
 crops +8.6, lr 4e-3 +5.8, batch 32 for 2000 steps +9.4 on both seeds (on CIFAR-10 the same change gave +14.9 in
-15.2 min, no gain); none reached +10 beyond the ~2-point noise of its 500-image validation split (eleven runs,
-from +5.4 to +9.4, mean +7.4; also batch 32 for 2500 steps, global crops at scale (0.25, 1), 64 px crops with patch 8).
+15.2 min, no gain); none reached +10 beyond the ~2-point noise of its 500-image validation split (twelve runs,
+from +5.4 to +9.4, mean +7.3; also batch 32 for 2500 steps, global crops at scale (0.25, 1), 64 px crops with patch 8,
+drop path 0.1).
 configs/cifar10_simdinov2.py, with the same shared settings, gains more than +10 on both data sets.
 
 Why these settings (the shared ones are argued in cifar10_common.py):

@@ -1,20 +1,23 @@
 r"""SimDINOv2 on CIFAR-10, CPU-sized: configs/cifar10_common.py with SimDINOv2's architecture, masks and optimiser.
 
-Command (from the repository root; data.source is relative to it):
+Command (from the repository root; the data from $SIMDINO_CIFAR10, or as the config argument
+``--config=configs/cifar10_simdinov2.py:/path/to/cifar10.tar``):
 
-  python -m simdino_jax.train --config=configs/cifar10_simdinov2.py --workdir=/tmp/cifar10_simdinov2
+  export SIMDINO_CIFAR10=/path/to/cifar10.tar
+  python -m simdino_jax.train --config=configs/cifar10_simdinov2.py --workdir=runs/c10v2
 
-Runtime: 20 min 30 s wall (30 s over the 20-minute budget) on 2 quiet cores (tcmalloc; 55-66 images/s),
-compilation and both k-NN passes included (31 min when it shared the cores with another training run; the
-masked-patch branch puts the masked patch tokens of both global crops through the head, on top of what SimDINO
-computes).
-Expected result (seed 0, measured) at this budget (1000 steps, lr 2e-3 at batch 64): teacher k-NN top-1 42.09%
-(top-5 87.3%) vs 29.34% at init (+12.75); effective rank 15.3 at the end. At the former budget (600 steps at lr
-1e-3, and before the fork's warm-up rule) it was 39.83% vs 29.33% (+10.5).
+Runtime: 17 min 0 s wall on 2 quiet cores (tcmalloc; 69-76 images/s), compilation and both k-NN passes included
+(20 min 30 s and 55-66 images/s before the step packed the masked patch tokens per batch instead of reserving
+floor(64 x 0.5) = 32 head positions for every global crop: docs/performance.md#masked-patch-gather).
+Expected result (seed 0, measured) at this budget (1000 steps, lr 2e-3 at batch 64): teacher k-NN top-1 42.16%
+(top-5 87.6%) vs 29.34% at init (+12.8); effective rank 15.5 at the end (42.09% with the per-crop gather, the same
+computation up to float rounding). At the former budget (600 steps at lr 1e-3, and before the fork's warm-up rule)
+it was 39.83% vs 29.33% (+10.5).
 The same file on another small dataset, only the data changed (benchmarks/recipe_transfer.py --config
 configs/cifar10_simdinov2.py: Imagenette's 1,000 train / 500 val images downscaled to 64 px, 10 classes): 39.4% vs
 28.6% (+10.8, 18.0 min) with seed 0, 41.0% vs 28.6% (+12.4, 18.3 min) with seed 1, 36.4% vs 24.8% (+11.6, 18.5 min)
-with seed 2; SimDINO's recipe flattens there at +5.4 to +9.4 over eleven runs (docs/results.md).
+with seed 2 (timed with the per-crop gather); SimDINO's recipe flattens there at +5.4 to +9.4 over twelve runs
+(docs/results.md).
 
 What configs/simdinov2_vitb16_in1k.py changes with respect to SimDINO, on the shared CIFAR recipe: 4 registers,
 LayerScale 0.1, DINOv2 token init, size-based positional-embedding interpolation with antialias (offset 0), block
