@@ -40,7 +40,6 @@ def main():
   from simdino_jax.data.masking import batch_masks
   from simdino_jax.models.vit import parse_variant
   from simdino_jax.train import trainer
-  from simdino_jax.train.step import make_train_step
 
   config = runpy.run_path(args.config)["get_config"]()
   config.data.source = "digits"  # sizes the schedules only: the batches are random
@@ -58,25 +57,7 @@ def main():
     ).reshape(b, d.num_global, grid * grid),
   }
   batch = sharding.to_global(host, tr.batch_sharding)
-  per_crop = make_train_step(
-    tr.graphdef,
-    tr.loss_fn,
-    tr.tx,
-    lr_fn=tr.lr_fn,
-    wd_fn=tr.wd_fn,
-    momentum_fn=tr.momentum_fn,
-    mask_positions=methods.mask_positions(config),
-    mask_groups=tr.mesh.size,
-  )
-  steps = {
-    "packed": tr.compiled_step(),
-    "per_crop": jax.jit(
-      per_crop,
-      in_shardings=(tr.state_sharding, tr.batch_sharding),
-      out_shardings=(tr.state_sharding, tr.replicated),
-      donate_argnums=0,
-    ),
-  }
+  steps = {"packed": tr.compiled_step(), "per_crop": tr.compiled_step(pack_masks=False)}
   compiled, states, flops, times = {}, {}, {}, {k: [] for k in steps}
   for name, fn in steps.items():
     states[name] = tr.init_state()

@@ -267,7 +267,9 @@ class Trainer:
         f"({marker}); resuming it as it is would diverge again. {stopped['restart']}"
       )
 
-  def compiled_step(self):
+  def compiled_step(self, pack_masks: bool = True):
+    """The jitted, donated step on the mesh. pack_masks=False gathers floor(N x max ratio) patch positions for every
+    global crop instead of each shard's masked tokens (benchmarks/masked_gather.py times the two)."""
     step = make_train_step(
       self.graphdef,
       self.loss_fn,
@@ -279,7 +281,9 @@ class Trainer:
       mask_groups=self.mesh.size,  # the batch's data-parallel shards (sharding.batch_sharding)
       mask_tokens=methods.masked_token_budget(
         self.config, host_batch=self.config.batch_size // jax.process_count(), shards=self.mesh.size
-      ),
+      )
+      if pack_masks
+      else None,
       augment=device_augment.make_batch_augment(multicrop_config(self.config))
       if self.config.data.augment_mode == "device"
       else None,
