@@ -1,9 +1,11 @@
 r"""The paper's robustness claims in miniature: Tables 5, 6, 7 and 9 on CIFAR-10 at one fixed budget per run.
 
-Every cell is a configs/cifar10_<method>.py recipe trained for the same budget (``--steps`` of batch 64, warm-up a
+Every cell is a configs/cifar10_<recipe>.py recipe trained for the same budget (``--steps`` of batch 64, warm-up a
 tenth of it; the batch-size cells keep the number of images, as the paper keeps the epochs, so batch 32 runs twice
 the steps and 128 half, each with the recipe's linear lr rule) with one change, scored by the teacher's k-NN top-1
-on the full 50k/10k split, its effective rank and whether the loss went non-finite:
+on the full 50k/10k split, its effective rank and whether the loss went non-finite. SimDINO's cells start from
+cifar10_simdino_shared.py (the ViT, batch and optimiser of cifar10_dino.py), so that the two methods compare on one
+backbone, as in the paper's tables:
 
   Table 6: DINO (recipe: teacher momentum 0.99 -> 1) with momentum 0.9, without last-layer normalisation, and with a
            constant teacher temperature 0.07 (no warm-up); SimDINO (recipe: 0.9 -> 1) with DINO's 0.99;
@@ -36,21 +38,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import miniature  # benchmarks/miniature.py: one CIFAR-10 run
 
-# cell name -> (method, overrides, batch-size factor for the image budget)
+# cell name -> (recipe configs/cifar10_<recipe>.py, overrides, batch-size factor for the image budget)
 CELLS = {
-  "simdino": ("simdino", [], 1.0),
+  "simdino": ("simdino_shared", [], 1.0),
   "dino": ("dino", [], 1.0),
-  "simdino_momentum_0.99": ("simdino", ["teacher.momentum=0.99"], 1.0),
+  "simdino_momentum_0.99": ("simdino_shared", ["teacher.momentum=0.99"], 1.0),
   "dino_momentum_0.9": ("dino", ["teacher.momentum=0.9"], 1.0),
   "dino_no_last_layer_norm": ("dino", ["head.norm_last_layer=false"], 1.0),
   "dino_constant_teacher_temp": ("dino", ["dino.warmup_teacher_temp=0.07", "dino.teacher_temp=0.07"], 1.0),
-  "simdino_batch_32": ("simdino", ["batch_size=32"], 0.5),
-  "simdino_batch_128": ("simdino", ["batch_size=128"], 2.0),
-  "simdino_no_self_distillation": ("simdino", ["teacher.self_distillation=false"], 1.0),
+  "simdino_batch_32": ("simdino_shared", ["batch_size=32"], 0.5),
+  "simdino_batch_128": ("simdino_shared", ["batch_size=128"], 2.0),
+  "simdino_no_self_distillation": ("simdino_shared", ["teacher.self_distillation=false"], 1.0),
   "dino_no_self_distillation": ("dino", ["teacher.self_distillation=false"], 1.0),
-  "simdino_infonce": ("simdino", ["loss.regularizer=infonce"], 1.0),
-  "simdino_uniformity": ("simdino", ["loss.regularizer=uniformity"], 1.0),
-  "simdino_barlow": ("simdino", ["loss.regularizer=barlow"], 1.0),
+  "simdino_infonce": ("simdino_shared", ["loss.regularizer=infonce"], 1.0),
+  "simdino_uniformity": ("simdino_shared", ["loss.regularizer=uniformity"], 1.0),
+  "simdino_barlow": ("simdino_shared", ["loss.regularizer=barlow"], 1.0),
 }
 
 # VERDICT RULES (fixed before measuring; k-NN points, means over the seeds run):
@@ -175,17 +177,17 @@ class Cells:
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
-    method, overrides, factor = CELLS[name]
+    recipe, overrides, factor = CELLS[name]
     steps = max(1, round(self.args.steps / factor))
     overrides = [f"seed={seed}", *overrides, *self.args.set]
-    config = miniature.recipe_config(method, self.args.data, overrides, steps=steps)
+    config = miniature.recipe_config(recipe, self.args.data, overrides, steps=steps)
     init = self.init_knn(seed)
-    print(f"claims: cell {name} seed {seed} ({method}, {steps} steps of {config.batch_size})", flush=True)
+    print(f"claims: cell {name} seed {seed} ({recipe}, {steps} steps of {config.batch_size})", flush=True)
     result = miniature.run(config, knn_at_init=init is None)
     if init is None:
       init = result["knn_top1_at_init"]
       _write_json(os.path.join(self.dir, f"init-seed{seed}.json"), {"knn_top1_at_init": init})
-    result.update(cell=name, seed=seed, method=method, overrides=overrides, knn_top1_at_init=init)
+    result.update(cell=name, seed=seed, method=config.method, recipe=recipe, overrides=overrides, knn_top1_at_init=init)
     _write_json(path, result)
     return result
 

@@ -5,10 +5,10 @@ Trains each method on CIFAR-10 with the teacher replaced by the current student 
 k-NN top-1 next to the same network at initialisation, plus the collapse monitors at the end. The paper: SimDINO
 without self-distillation still learns; DINO without it collapses.
 
-  python benchmarks/collapse.py --steps 300 --methods simdino,dino [--self_distillation both] \
+  python benchmarks/collapse.py --steps 300 --methods simdino_shared,dino [--self_distillation both] \
       [--set batch_size=64 --set model.depth=4 ...]
 
-Prints one JSON line: {"benchmark": "collapse", "steps": ..., "results": [{method, self_distillation,
+Prints one JSON line: {"benchmark": "collapse", "steps": ..., "results": [{method, recipe, self_distillation,
 knn_top1, knn_top1_at_init, gain, effective_rank, feature_std, prototypes_used, minutes}, ...]}.
 Needs ../shared/data/cifar10/cifar10-jpeg.tar (or --data).
 """
@@ -29,7 +29,11 @@ def parse_args(argv=None):
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--steps", type=int, default=400, help="training steps per run (the fixed budget)")
-  p.add_argument("--methods", default="simdino,dino", help="comma-separated methods with a configs/cifar10_<m>.py")
+  p.add_argument(
+    "--methods",
+    default="simdino_shared,dino",
+    help="comma-separated recipes configs/cifar10_<m>.py (simdino_shared: SimDINO on cifar10_dino.py's ViT and batch)",
+  )
   p.add_argument(
     "--self_distillation",
     choices=["off", "on", "both"],
@@ -51,7 +55,7 @@ def run_one(method: str, self_distillation: bool, args) -> dict:
   overrides = [f"teacher.self_distillation={self_distillation}", *args.set]
   config = miniature.recipe_config(method, args.data, overrides, steps=args.steps)
   result = miniature.run(config)
-  return {"method": method, "self_distillation": self_distillation, **result}
+  return {"method": config.method, "recipe": method, "self_distillation": self_distillation, **result}
 
 
 def main(argv=None):

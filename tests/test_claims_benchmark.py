@@ -72,6 +72,18 @@ def test_every_claim_names_known_cells_and_every_cell_a_recipe():
     config_lib.validate(config, num_devices=1)  # every cell is a valid config (the path is not opened)
 
 
+def test_every_cell_of_a_seed_starts_from_one_backbone():
+  # Cells.init_knn measures the network at init once per seed: every cell must build the same ViT (the SimDINO cells
+  # start from cifar10_simdino_shared.py, cifar10_dino.py's backbone, not from SimDINO's CIFAR recipe).
+  def backbone(config):
+    return config.model.to_dict()
+
+  reference = backbone(miniature.recipe_config("dino", "/data/cifar10.tar"))
+  for name, (recipe, overrides, _) in claims.CELLS.items():
+    assert backbone(miniature.recipe_config(recipe, "/data/cifar10.tar", overrides, steps=10)) == reference, name
+  assert backbone(miniature.recipe_config("simdino", "/data/cifar10.tar")) != reference  # the recipe moved on
+
+
 def test_overrides_are_typed_as_the_field():
   config = miniature.recipe_config("dino", "/data/cifar10.tar")
   miniature.apply_override(config, "head.norm_last_layer=false")

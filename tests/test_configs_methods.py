@@ -139,27 +139,40 @@ def test_vmf_configs_use_unnormalised_prototypes():
 
 
 def test_cifar10_configs_share_one_recipe():
-  configs = {name: load(name) for name in CIFAR_FILES}
+  configs = {name: load(name) for name in [*CIFAR_FILES, "cifar10_simdino_shared.py"]}
   for name, c in configs.items():
     assert c.data.source == "folder:" + CIFAR_TAR, name
     assert (c.data.num_global, c.data.num_local, c.data.global_size, c.data.local_size) == (2, 6, 32, 16), name
     assert tuple(c.data.augment.blur_sigma) == (0.1, 0.5), name
     assert (c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.img_size) == (96, 4, 3, 32), name
     assert (c.head.hidden_dim, c.head.out_dim) == (1024, 128), name
-    assert (c.batch_size, c.total_steps, c.warmup_steps) == (64, 1000, 100), name
-    assert (c.optim.lr, c.optim.lr_scaling) == (8e-3, "linear_256"), name  # 2e-3 at batch 64
+    # One image budget: 64,000 images (1000 steps of 64; SimDINO's recipe: 2000 of 32), warm-up 6,400 images.
+    assert (c.batch_size * c.total_steps, c.batch_size * c.warmup_steps) == (64_000, 6_400), name
+    assert (c.batch_size, c.total_steps) in ((64, 1000), (32, 2000)), name
+    assert (c.optim.lr, c.optim.lr_scaling) == (8e-3, "linear_256"), name  # 2e-3 at batch 64, 1e-3 at 32
     if methods.get_method(c.method).prototypes:
       assert c.head.num_prototypes == 4096 and c.dino.warmup_teacher_temp_epochs == 1, name
       assert c.optim.freeze_last_layer_epochs in (0.0, 0.1), name
     config_lib.validate(c, num_devices=8)
-  # The data pipeline and the training budget are identical across methods (one shared recipe).
+  # The data pipeline and the optimiser's schedule are identical across methods (one shared recipe).
   shared = [
-    k
-    for k in flat(configs["cifar10_simdino.py"])
-    if k.startswith("data.") or k in ("batch_size", "total_steps", "warmup_steps", "optim.lr", "optim.min_lr", "seed")
+    k for k in flat(configs["cifar10_dino.py"]) if k.startswith("data.") or k in ("optim.lr", "optim.min_lr", "seed")
   ]
   for name, c in configs.items():
-    assert {k: flat(c)[k] for k in shared} == {k: flat(configs["cifar10_simdino.py"])[k] for k in shared}, name
+    assert {k: flat(c)[k] for k in shared} == {k: flat(configs["cifar10_dino.py"])[k] for k in shared}, name
+
+
+def test_cifar10_simdino_shared_is_the_dino_recipe_with_simdinos_loss():
+  # benchmarks/claims.py and collapse.py compare it with cifar10_dino.py on one backbone, batch and optimiser.
+  assert diff(load("cifar10_simdino_shared.py"), load("cifar10_dino.py")) == {"method", "teacher.momentum"}
+  assert load("cifar10_simdino_shared.py").method == "simdino"
+
+
+def test_cifar10_simdino_is_simdinov2s_backbone_at_batch_32_without_masks():
+  simdino, v2 = load("cifar10_simdino.py"), load("cifar10_simdinov2.py")
+  assert diff(simdino, v2) == {"method", "batch_size", "total_steps", "warmup_steps"}
+  assert (simdino.model.num_registers, simdino.model.layerscale, simdino.optim.layer_decay) == (4, 0.1, 0.9)
+  assert not methods.get_method(simdino.method).uses_masks  # the masked-patch term is SimDINOv2's
 
 
 @pytest.mark.parametrize("name,method", sorted(CIFAR_FILES.items()))
