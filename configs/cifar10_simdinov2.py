@@ -17,7 +17,7 @@ The same file on another small dataset, only the data changed (benchmarks/recipe
 configs/cifar10_simdinov2.py: Imagenette's 1,000 train / 500 val images downscaled to 64 px, 10 classes): 39.4% vs
 28.6% (+10.8, 18.0 min) with seed 0, 41.0% vs 28.6% (+12.4, 18.3 min) with seed 1, 36.4% vs 24.8% (+11.6, 18.5 min)
 with seed 2 (timed with the per-crop gather); SimDINO's recipe, this backbone at batch 32 without masks, gains
-+12.2 / +12.0 there, and SimDINO on the shared v1 backbone flattened at +5.4 to +9.4 over twelve runs
++12.2 / +12.0 / +16.6 there, and SimDINO on the shared v1 backbone flattened at +5.4 to +9.4 over twelve runs
 (docs/results.md).
 
 What configs/simdinov2_vitb16_in1k.py changes with respect to SimDINO, on the shared CIFAR recipe: 4 registers,
