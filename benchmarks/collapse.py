@@ -51,11 +51,11 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def run_one(method: str, self_distillation: bool, args) -> dict:
+def run_one(recipe: str, self_distillation: bool, args) -> dict:
   overrides = [f"teacher.self_distillation={self_distillation}", *args.set]
-  config = miniature.recipe_config(method, args.data, overrides, steps=args.steps)
+  config = miniature.recipe_config(recipe, args.data, overrides, steps=args.steps)
   result = miniature.run(config)
-  return {"method": config.method, "recipe": method, "self_distillation": self_distillation, **result}
+  return {"method": config.method, "recipe": recipe, "self_distillation": self_distillation, **result}
 
 
 def main(argv=None):

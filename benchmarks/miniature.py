@@ -38,8 +38,9 @@ def apply_override(config, item: str) -> None:
 
 
 def recipe_config(recipe: str, data: str, overrides=(), steps: int | None = None):
-  """The CIFAR-10 recipe configs/cifar10_<recipe>.py (a method's name, or e.g. "simdino_shared") on ``data``; ``steps`` (when given) replaces total_steps and shortens the
-  warm-up to at most a tenth of it. Overrides are applied last."""
+  """The CIFAR-10 recipe configs/cifar10_<recipe>.py (a method's name, or e.g. "simdino_shared") on ``data``;
+  ``steps`` (when given) replaces total_steps and shortens the warm-up to at most a tenth of it. Overrides are
+  applied last."""
   config = runpy.run_path(os.path.join(ROOT, "configs", f"cifar10_{recipe}.py"))["get_config"]()
   config.data.source = f"folder:{os.path.abspath(data)}"
   if steps is not None:
