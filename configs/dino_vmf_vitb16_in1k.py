@@ -23,6 +23,8 @@ clipping, freezing); whether log C_p is differentiated in the student without a 
 the approximation and of the probability-space centre (EMA of log vs log of EMA); centre momentum 0.9; whether
 g gets weight decay (PyTorch's weight_g is (K, 1), so DINO's code decays it; simdino_jax/optim.py `decays` does
 too, although g is a 1-D (K,) leaf here).
+Linear evaluation: configs/dino_vitb16_in1k.py's (DINO's paper protocol for ViT-B: 1 block + avgpool, lr swept); no
+linear figure is quoted here, and which linear protocol the DINO-vMF paper used was not checked (UNVERIFIED).
 Few-shot evaluation (evals.fewshot) uses the DINO-vMF paper's l2 penalty lambda = 0.075, not MSN's default 0.0025.
 """
 

@@ -7,7 +7,9 @@ Command (TFDS data prepared as in docs/data.md#tfds-source):
 Runtime: the SimDINOv2 ViT-B/16 run's FLOPs plus the 65536-prototype head on up to 2 x 98 gathered patch tokens per
 image (~+10%): ~7e19 FLOP for 100 epochs, roughly 2 days on one H200, ~7 h on 8 (estimate, not measured).
 Expected result (SimDINOv2 paper / official SimDINO README, "DINOv2 models that we trained"): k-NN 76.0, linear 77.2
-top-1 on ImageNet-1k val.
+top-1 on ImageNet-1k val, with the README's linear command for its v2 models, SimDINO's fork of DINOv2's
+eval/linear.py (evals.linear.protocol "simdinov2", inherited from configs/simdinov2_vitb16_in1k.py); DINOv2's own
+grid is --config.evals.linear.protocol=dinov2.
 
 The SimDINOv2 authors trained this baseline with their fork of the DINOv2 code: `simdinov2/configs/
 ssl_default_config.yaml` (DINO + iBOT losses, `use_mcr: false`) with `student.arch: vit_base`. This config follows

@@ -24,6 +24,7 @@ probability-space centring; batch 512, lr 5e-4 x B/256, drop path 0.1, per-tenso
 Differences from the original iBOT code: the patch loss is DINOv2's form (masked tokens weighted 1/(masked in
 their image), averaged over all global crops), not iBOT's per-view average; block masks come from DINOv2's
 generator (minimum block 4 patches; iBOT's is 16); the iBOT MLP is shared with the cls head as in iBOT.
+Linear evaluation: configs/dino_vitb16_in1k.py's (DINO's paper protocol for ViT-B); the paper's is UNVERIFIED.
 UNVERIFIED: the iBOT ViT-B/16 run's own batch size, lr, epochs, drop path, clipping and freezing (its args file
 was not read), and every DINO-vMF detail listed in configs/dino_vmf_vitb16_in1k.py.
 """

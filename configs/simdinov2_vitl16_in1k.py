@@ -6,7 +6,8 @@ Command (TFDS data prepared as in docs/data.md#tfds-source):
 
 Runtime: about 3.5x the FLOPs of the ViT-B/16 run (~2e20 FLOP for 100 epochs): roughly a week on one H200,
 ~1 day on 8 (estimate, not measured; the official README quotes about 1 day on 8 GPUs).
-Expected result (paper / official README): k-NN 81.1, linear 82.4 top-1 on ImageNet-1k val.
+Expected result (paper / official README): k-NN 81.1, linear 82.4 top-1 on ImageNet-1k val, with the linear protocol
+of configs/simdinov2_vitb16_in1k.py (SimDINO's fork of DINOv2's eval/linear.py, evals.linear.protocol "simdinov2").
 
 `simdinov2/configs/simdino_config.yaml` is written for ViT-L (`student.arch: vit_large`); every value is the one of
 configs/simdinov2_vitb16_in1k.py (see its docstring for the code-vs-paper choices: drop path 0.2 not 0.3,
@@ -23,5 +24,5 @@ _VITB16 = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 def get_config(arg=None):
   c = _VITB16["get_config"](arg)
   c.model.variant = "L/16"
-  c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 1, True  # DINO's linear-eval features for ViT-B+
+  c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 1, True  # DINO's ViT-B+ choice, for the "dino" option
   return c

@@ -193,7 +193,7 @@ def test_mass_mask_keeps_the_minimal_set_of_patches_reaching_60_percent():
   [
     ("evals.knn.type", "svm", f"config.evals.knn.type: must be one of {sorted(evals.TYPES)}"),
     ("evals.knn.every", -2, "config.evals.knn.every: must be -1 (config.eval_every)"),
-    ("evals.linear.lrs", (), "config.evals.linear.lrs"),
+    ("evals.linear.lrs", (0.0,), "config.evals.linear.lrs"),
     ("evals.linear.lrs", (0.1, -1.0), "config.evals.linear.lrs"),
     ("evals.linear.n_last_blocks", 3, "config.evals.linear.n_last_blocks: must be in [1, depth=2]"),
     ("evals.knn.ks", (10, 0), "config.evals.knn.ks"),

@@ -158,28 +158,63 @@ def test_eval_view_is_resize_shorter_side_then_center_crop():
   assert linear_dino.resolve_sizes(0, 0, 224) == (224, 256)
 
 
-# -- features per architecture ---------------------------------------------------------------------------------
-def test_feature_choice_per_architecture_in_the_recipes():
+# -- the recipes' protocols ------------------------------------------------------------------------------------
+DINO_SWEEP = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+
+
+@pytest.mark.parametrize(
+  "name,protocol,n_last_blocks,avgpool,lrs",
+  [
+    # The SimDINO README's command: `eval_linear.py --arch vit_base` with its argparse defaults (--n_last_blocks 4,
+    # --avgpool_patchtokens False, --lr 0.001, --epochs 100, --batch_size_per_gpu 128 on --nproc_per_node=8).
+    ("simdino_vits16_in1k", "dino", 4, False, (1e-3,)),
+    ("simdino_vitb16_in1k", "dino", 4, False, (1e-3,)),
+    # DINO's paper for ViT-B: n=1 + avgpool ("We use n=1 with ViT-Base", "True with ViT-Base"), the lr swept.
+    ("dino_vitb16_in1k", "dino", 1, True, DINO_SWEEP),
+    ("dino_vmf_vitb16_in1k", "dino", 1, True, DINO_SWEEP),
+    ("ibot_vmf_vitb16_in1k", "dino", 1, True, DINO_SWEEP),
+    # The README's simdinov2/run/eval/linear.py: SimDINO's fork of DINOv2's eval/linear.py, defaults.
+    ("simdinov2_vitb16_in1k", "simdinov2", 1, True, (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)),
+    ("simdinov2_vitl16_in1k", "simdinov2", 1, True, (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)),
+    ("dinov2_vitb16_in1k", "simdinov2", 1, True, (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)),
+  ],
+)
+def test_each_recipe_evaluates_with_the_protocol_behind_its_figure(name, protocol, n_last_blocks, avgpool, lrs):
+  import runpy
+
+  from simdino_jax.evals import linear_eval
+
+  c = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]()
+  r = linear_eval.resolve(c.evals.linear)
+  assert r["protocol"] == protocol and (r["n_last_blocks"], r["avgpool"]) == (n_last_blocks, avgpool)
+  assert r["lrs"] == lrs and r["batch_size"] == 1024 and (r["crop_size"], r["resize_size"]) == (224, 256)
+  assert r["epochs"] == (100 if protocol == "dino" else 10)
+  if protocol == "simdinov2":  # n_last_blocks_list = [1,2]; for avgpool in [True]; 10 epochs x 1250 iterations
+    assert (r["n_last_blocks_grid"], r["avgpool_grid"], r["epoch_length"]) == ((1, 2), (True,), 1250)
+
+
+def test_each_recipe_docstring_names_its_linear_protocol():
+  import runpy
+
+  for name, named in (
+    ("simdino_vits16_in1k", "eval_linear.py defaults"),
+    ("simdino_vitb16_in1k", "`eval_linear.py --arch vit_base` with its defaults"),
+    ("dino_vitb16_in1k", "DINO's paper protocol for ViT-B"),
+    ("dino_vmf_vitb16_in1k", "DINO's paper protocol for ViT-B"),
+    ("ibot_vmf_vitb16_in1k", "DINO's paper protocol for ViT-B"),
+    ("simdinov2_vitb16_in1k", 'evals.linear.protocol "simdinov2"'),
+    ("simdinov2_vitl16_in1k", 'evals.linear.protocol "simdinov2"'),
+    ("dinov2_vitb16_in1k", 'evals.linear.protocol "simdinov2"'),
+  ):
+    doc = " ".join(runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["__doc__"].split())
+    assert named in doc, name
+
+
+def test_dino_feature_choice_per_architecture_and_small_data_recipes_use_the_frozen_probe():
   assert linear_dino.dino_feature_choice(192) == (4, False) and linear_dino.dino_feature_choice(384) == (4, False)
   assert linear_dino.dino_feature_choice(768) == (1, True) and linear_dino.dino_feature_choice(1024) == (1, True)
   import runpy
 
-  widths = {"S/16": 384, "B/16": 768, "L/16": 1024}
-  for name in (
-    "simdino_vits16_in1k",
-    "simdino_vitb16_in1k",
-    "simdinov2_vitb16_in1k",
-    "simdinov2_vitl16_in1k",
-    "dino_vitb16_in1k",
-    "dinov2_vitb16_in1k",
-    "dino_vmf_vitb16_in1k",
-    "ibot_vmf_vitb16_in1k",
-  ):
-    c = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]()
-    lin = c.evals.linear
-    assert lin.protocol == "dino" and lin.batch_size == 1024 and lin.epochs == 100, name
-    assert (lin.crop_size, lin.resize_size) == (224, 256), name
-    assert (lin.n_last_blocks, lin.avgpool) == linear_dino.dino_feature_choice(widths[c.model.variant]), name
   for name in ("demo", "cifar10_simdino"):
     assert runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]().evals.linear.protocol == "frozen"
 
@@ -317,7 +352,7 @@ def test_train_step_normalises_uint8_views_on_the_device_as_the_host_would():
 @pytest.mark.parametrize(
   "field,value,message",
   [
-    ("evals.linear.protocol", "dinov2", "config.evals.linear.protocol: must be 'frozen' (cached features) or 'dino'"),
+    ("evals.linear.protocol", "dinov3", "config.evals.linear.protocol: must be 'frozen' (cached features), 'dino'"),
     (
       "evals.linear.crop_size",
       18,

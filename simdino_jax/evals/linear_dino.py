@@ -86,13 +86,15 @@ def _resize(img: Image.Image | np.ndarray, size: tuple[int, int], backend: str, 
   return cv2.resize(arr, size, interpolation=interp)
 
 
-def train_view(image: np.ndarray, rng: np.random.Generator, crop: int, resize: str = "pil") -> np.ndarray:
-  """RandomResizedCrop(crop) (bilinear) + RandomHorizontalFlip: (crop, crop, 3) uint8 (normalised on the device,
-  ``make_train_step``)."""
+def train_view(
+  image: np.ndarray, rng: np.random.Generator, crop: int, resize: str = "pil", bicubic: bool = False
+) -> np.ndarray:
+  """RandomResizedCrop(crop) (bilinear as DINO's; ``bicubic`` as DINOv2's) + RandomHorizontalFlip: (crop, crop, 3)
+  uint8 (normalised on the device, ``make_train_step``)."""
   image = augment.to_uint8(image)
   top, left, h, w = augment.rrc_params(image.shape[0], image.shape[1], rng, RRC_SCALE, RRC_RATIO)
   patch = image[top : top + h, left : left + w]
-  x = patch if (h, w) == (crop, crop) else _resize(patch, (crop, crop), resize, bicubic=False)
+  x = patch if (h, w) == (crop, crop) else _resize(patch, (crop, crop), resize, bicubic=bicubic)
   if rng.random() < 0.5:
     x = x[:, ::-1]
   return np.ascontiguousarray(x)
