@@ -71,10 +71,13 @@ fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export XLA_FLAGS="$GPU_XLA_FLAGS${XLA_FLAGS:+ $XLA_FLAGS}"
 echo "XLA_FLAGS=$XLA_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION" >&2
-# Exit code 75: stopped by SIGTERM / Ctrl-C / a preemption after saving a checkpoint; the same command resumes.
-rc=0
-run "$VENV/bin/python" -m simdino_jax.train --config="$config" --workdir="$workdir" "$@" || rc=$?
-if [ "$rc" = 75 ]; then
-  echo "gpu.sh: stopped after saving a checkpoint (exit 75); re-run the same command to resume" >&2
+# exec: this script's process becomes the trainer (same pid), so `kill -TERM <pid of gpu.sh>`, Ctrl-C or a
+# scheduler's SIGTERM reach the trainer itself, which saves a checkpoint and exits 75; the same command resumes.
+echo "gpu.sh: exit code 75 means stopped after saving a checkpoint: re-run the same command to resume" >&2
+printf '+' >&2
+printf ' %q' "$VENV/bin/python" -m simdino_jax.train --config="$config" --workdir="$workdir" "$@" >&2
+printf '\n' >&2
+if [ "$DRY_RUN" = 1 ]; then
+  exit 0
 fi
-exit "$rc"
+exec "$VENV/bin/python" -m simdino_jax.train --config="$config" --workdir="$workdir" "$@"

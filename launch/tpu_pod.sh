@@ -147,13 +147,18 @@ cmd_train() {
     gs://*) ;;
     *) die "the workdir must be a gs:// path that every host can write, not '$workdir'" ;;
   esac
-  local train
-  train="cd ~/$REMOTE_DIR && . ~/$REMOTE_VENV/bin/activate && export TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR") && python -m simdino_jax.train$(printf ' %q' "--config=$config" "--workdir=$workdir" "$@"); rc=\$?; echo \$rc > ~/$EXIT_FILE; if [ \$rc = 75 ]; then echo 'stopped after saving a checkpoint (exit 75, preemption or stop): run the same train command to resume'; fi; exit \$rc"
+  local setup python after
+  setup="cd ~/$REMOTE_DIR && . ~/$REMOTE_VENV/bin/activate && export TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR")"
+  python="python -m simdino_jax.train$(printf ' %q' "--config=$config" "--workdir=$workdir" "$@")"
+  after="rc=\$?; echo \$rc > ~/$EXIT_FILE; if [ \$rc = 75 ]; then echo 'stopped after saving a checkpoint (exit 75, preemption or stop): run the same train command to resume'; fi; exit \$rc"
   if [ "$DETACH" = 1 ]; then
-    on_all_workers "nohup bash -c $(printf '%q' "$train") > ~/$LOG_FILE 2>&1 < /dev/null & echo \$! > ~/$PID_FILE"
+    # The pid file holds the TRAINER's pid (not the nohup wrapper's), so `stop` signals the trainer itself: it saves
+    # a checkpoint and exits 75, and the wrapper, still waiting on it, records the exit code for `status`.
+    local train="$setup || { echo 1 > ~/$EXIT_FILE; exit 1; }; rm -f ~/$EXIT_FILE; $python & echo \$! > ~/$PID_FILE; wait \$!; $after"
+    on_all_workers "nohup bash -c $(printf '%q' "$train") > ~/$LOG_FILE 2>&1 < /dev/null &"
     echo "training started on every worker of $TPU_NAME; follow it with: $SCRIPT logs" >&2
   else
-    on_all_workers "$train"
+    on_all_workers "$setup && $python; $after"
   fi
 }
 

@@ -88,9 +88,10 @@ def test_tpu_pod_dry_run_creates_installs_and_trains_on_every_worker():
   inner = shlex.split(command)[3]  # nohup bash -c <training command>
   assert "export TFDS_DATA_DIR=gs://b/tfds" in inner
   train_cmd, _, after = inner.partition("; rc=$?")
+  # The trainer runs in the background of the nohup wrapper, which records ITS pid for `stop` and waits on it.
   assert train_cmd.endswith(
     "python -m simdino_jax.train --config=configs/simdino_vits16_in1k.py "
-    "--workdir=gs://b/runs/s16 --config.batch_size=1024"
+    "--workdir=gs://b/runs/s16 --config.batch_size=1024 & echo $! > ~/simdino_train.pid; wait $!"
   )
   # The exit code is kept for `status`; 75 (stopped after a checkpoint) is reported as "resume".
   assert "echo $rc > ~/simdino_train.exit" in after and "exit 75" in after and after.endswith("exit $rc")
@@ -253,3 +254,114 @@ def test_gpu_suite_is_valid_bash_and_prints_its_usage():
   assert subprocess.run(["bash", "-n", script], capture_output=True, timeout=60).returncode == 0
   out = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert out.returncode == 2 and "usage: bash benchmarks/gpu_suite.sh OUTDIR" in out.stderr
+
+
+# ---- stopping a run: the signal reaches the trainer ----------------------------------------------------------------
+# A stand-in trainer: records its pid and arguments, exits 75 on SIGTERM as simdino_jax.train does after its
+# checkpoint. The scripts' signal delivery is what is tested, not the trainer (tests/test_trainer.py covers that).
+STANDIN_TRAINER = """#!/usr/bin/env bash
+echo $$ > "${STANDIN_PID:-$HOME/trainer.pid}"
+echo "$@" > "${STANDIN_PID:-$HOME/trainer.pid}.args"
+trap 'echo "stand-in trainer: SIGTERM, exit 75"; exit 75' TERM
+while true; do sleep 0.05; done
+"""
+# A stand-in gcloud: `compute tpus tpu-vm ssh NAME --worker=all --command=CMD` runs CMD as two local workers, each with
+# its own home directory ($GCLOUD_WORKERS/w0, w1); every other gcloud command succeeds doing nothing.
+STANDIN_GCLOUD = """#!/usr/bin/env bash
+cmd=""
+for a in "$@"; do case "$a" in --command=*) cmd=${a#--command=} ;; esac; done
+[ -n "$cmd" ] || exit 0
+for w in w0 w1; do HOME="$GCLOUD_WORKERS/$w" bash -c "$cmd"; done
+"""
+
+
+def _write_exe(path, text):
+  with open(path, "w") as f:
+    f.write(text)
+  os.chmod(path, 0o755)
+
+
+def _wait_for(cond, what, timeout=120.0):
+  import time
+
+  deadline = time.monotonic() + timeout  # a hang guard only: no assertion on how long it takes
+  while time.monotonic() < deadline:
+    if cond():
+      return
+    time.sleep(0.1)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def _read(path):
+  return open(path).read().strip() if os.path.exists(path) else ""
+
+
+def test_tpu_pod_stop_signals_the_trainer_on_every_worker_and_status_reports_exit_75(tmp_path):
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  _write_exe(bindir / "gcloud", STANDIN_GCLOUD)
+  workers = [tmp_path / w for w in ("w0", "w1")]
+  for home in workers:
+    (home / "simdino_jax").mkdir(parents=True)
+    (home / "simdino_venv" / "bin").mkdir(parents=True)
+    (home / "simdino_venv" / "bin" / "activate").write_text(f'export PATH="{home}/simdino_venv/bin:$PATH"\n')
+    _write_exe(home / "simdino_venv" / "bin" / "python", STANDIN_TRAINER)
+  env = {"PATH": f"{bindir}:{os.environ['PATH']}", "GCLOUD_WORKERS": str(tmp_path)}
+  pids = []
+  try:
+    bash("tpu_pod.sh", "train", "configs/demo.py", "gs://b/run", "--config.batch_size=8", env=env, check_rc=0)
+    for home in workers:
+      _wait_for(lambda: _read(home / "trainer.pid") and _read(home / "simdino_train.pid"), f"{home} to start")
+      pids.append(int(_read(home / "trainer.pid")))
+      # The pid file holds the trainer itself, not the nohup wrapper around it.
+      assert int(_read(home / "simdino_train.pid")) == pids[-1]
+      assert _read(home / "trainer.pid.args").endswith("--workdir=gs://b/run --config.batch_size=8")
+    out = bash("tpu_pod.sh", "status", env=env, check_rc=0)
+    assert out.stdout.count(": training (pid") == 2, out.stdout
+    bash("tpu_pod.sh", "stop", env=env, check_rc=0)
+    for home, pid in zip(workers, pids):
+      _wait_for(lambda: _read(home / "simdino_train.exit") == "75", f"{home}'s exit code 75")
+      _wait_for(lambda: not _alive(pid), f"{home}'s trainer to exit")
+      assert "stopped after saving a checkpoint" in _read(home / "simdino_train.log")
+    out = bash("tpu_pod.sh", "status", env=env, check_rc=0)
+    assert out.stdout.count("not training (last exit code: 75") == 2, out.stdout
+  finally:
+    for home in workers:
+      pid = _read(home / "trainer.pid")
+      if pid and _alive(int(pid)):
+        os.kill(int(pid), 9)
+
+
+def test_gpu_sh_becomes_the_trainer_so_sigterm_to_it_stops_with_exit_75(tmp_path):
+  import signal
+
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  _write_exe(venv / "bin" / "python", STANDIN_TRAINER)
+  pid_file = tmp_path / "trainer.pid"
+  env = dict(os.environ, SKIP_INSTALL="1", VENV=str(venv), STANDIN_PID=str(pid_file))
+  proc = subprocess.Popen(
+    ["bash", os.path.join(LAUNCH, "gpu.sh"), "configs/demo.py", str(tmp_path / "run")],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    _wait_for(lambda: _read(pid_file), "the stand-in trainer to start")
+    assert int(_read(pid_file)) == proc.pid  # exec: the pid a user or scheduler signals is the trainer's
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+  finally:
+    if proc.poll() is None:
+      proc.kill()
