@@ -180,7 +180,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.self_distillation = True  # False: the teacher is the current student at every step (paper's ablation)
 
   # Feature extraction shared by every evaluator: eval batch (global) and image size (0: the global crop size).
-  c.eval = ml_collections.ConfigDict(dict(batch_size=256, image_size=0))
+  # dtype: the frozen backbone's compute dtype in every evaluation (training's rounds and evaluate.py), whatever
+  # model.dtype trained in: "float32" as DINO's evaluation scripts, or "bfloat16" (faster, not the papers' setting).
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256, image_size=0, dtype="float32"))
   # Evaluators (simdino_jax/evals/, docs/evaluation.md): config.evals.NAME = {type, every, final, at_init, ...}.
   # every: steps between runs during training (-1: eval_every, 0: not during training); final: run on the final
   # teacher (DIR/eval/NAME.json); at_init: also on the initial network (reported as *_at_init). The k-NN (DINO's
@@ -196,6 +198,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.retrieval = evals.declare("retrieval")
   c.evals.maskcut = evals.declare("maskcut")
   return c
+
+
+EVAL_DTYPES = ("float32", "bfloat16")  # config.eval.dtype
 
 
 def _require(cond: bool, field: str, message: str) -> None:
@@ -361,6 +366,7 @@ def validate(
 def _validate_eval(config: ml_collections.ConfigDict, patch: int, depth: int, num_devices: int = 1) -> None:
   e = config.eval
   _require(e.batch_size >= 1, "eval.batch_size", f"must be positive, got {e.batch_size}")
+  _one_of(e.get("dtype", "float32"), EVAL_DTYPES, "eval.dtype")
   _require(
     e.image_size == 0 or (e.image_size > 0 and e.image_size % patch == 0),
     "eval.image_size",

@@ -1,5 +1,7 @@
-"""evaluate.py on a run: its own stored config by default, training results never overwritten, --output; and a run
-on unlabelled images (no labelled split: label-based evaluators off, training goes on)."""
+"""evaluate.py on a run: its own stored config by default, training results never overwritten, --output; a failing
+evaluator costs only its own result (the others are written, the command exits 1 with one line); --weights on our
+own export gives the workdir's figures; and a run on unlabelled images (no labelled split: label-based evaluators
+off, training goes on)."""
 
 import json
 import os
@@ -38,9 +40,9 @@ def npz_run(tmp_path_factory):
   return workdir, path
 
 
-def _evaluate(*args):
+def _evaluate_status(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", SIMDINO_NO_TCMALLOC="1")
-  out = subprocess.run(
+  return subprocess.run(
     [sys.executable, "-m", "simdino_jax.evaluate", *args],
     cwd=ROOT,
     env=env,
@@ -48,6 +50,10 @@ def _evaluate(*args):
     text=True,
     timeout=600,
   )
+
+
+def _evaluate(*args):
+  out = _evaluate_status(*args)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
 
@@ -71,6 +77,57 @@ def test_evaluate_without_config_uses_the_runs_own_data_and_keeps_training_resul
   # --output: results elsewhere (a read-only workdir), the overrides of --config.FIELD on top of the stored config.
   _evaluate(f"--workdir={workdir}", "--eval=knn", f"--output={tmp_path / 'out'}", "--config.evals.knn.k=5")
   assert json.loads((tmp_path / "out" / "knn.json").read_text())["k"] == 5
+
+
+def test_a_failing_evaluator_keeps_the_others_results_and_the_command_exits_with_one_line(npz_run, tmp_path):
+  workdir, _ = npz_run
+  out_dir = tmp_path / "out"
+  # retrieval runs first and fails (its data folder does not exist: raised while it runs, not by validation).
+  out = _evaluate_status(
+    f"--workdir={workdir}",
+    "--eval=retrieval,knn",
+    f"--output={out_dir}",
+    f"--config.evals.retrieval.data_dir={tmp_path / 'absent'}",
+  )
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert sorted(os.listdir(out_dir)) == ["knn.json"]  # k-NN ran after the failure and was written
+  knn = json.loads((out_dir / "knn.json").read_text())
+  assert knn["step"] == 2 and knn["dtype"] == "float32" and knn["num_test"] == 24
+  failure_lines = [line for line in out.stdout.splitlines() if "FAILED" in line]
+  assert len(failure_lines) == 1 and failure_lines[0].startswith("retrieval: FAILED: MissingDataError: ")
+  assert "absent" in failure_lines[0]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("simdino_jax.evaluate: error: evaluator(s) retrieval failed, their figures are missing")
+  assert "Traceback" not in out.stderr
+
+
+def test_weights_of_our_own_export_give_the_workdirs_knn(npz_run, tmp_path):
+  from simdino_jax import evaluate, export, stored_config
+
+  workdir, _ = npz_run
+  trained = json.loads(open(os.path.join(workdir, "eval", "knn.json")).read())
+  path = str(tmp_path / "teacher.npz")
+  export.export(workdir, path, fmt="npz")
+  config = stored_config.get_config(workdir)  # the run's data and evaluators; the architecture comes from the file
+  got = evaluate.evaluate_weights(config, path, ["knn"], output=str(tmp_path / "out"))["knn"]
+  assert got["per_k"] == trained["per_k"] and got["accuracy"] == trained["accuracy"] and got["top5"] == trained["top5"]
+  written = json.loads((tmp_path / "out" / "knn.json").read_text())
+  assert written["weights"] == path and written["step"] == 2 and written["dtype"] == "float32"
+  assert written["features"] == "backbone of teacher.npz" and "accuracy_at_init" not in written
+
+
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (["--weights=x.npz", "--workdir=y"], "name what to evaluate: --workdir=DIR (a run) or --weights=FILE, not both"),
+    (["--weights=x.npz", "--config=configs/demo.py"], "--weights: name the directory for the results with --output"),
+  ],
+)
+def test_weights_flag_errors_are_one_line(args, message):
+  out = _evaluate_status(*args, "--eval=knn")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("simdino_jax.evaluate: error: "), out.stderr
+  assert message in lines[0]
 
 
 def test_unlabelled_flat_folder_trains_with_label_based_evaluation_off(tiny_config, tmp_path, capsys):

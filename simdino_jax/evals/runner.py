@@ -30,6 +30,8 @@ from jax.experimental import multihost_utils
 from simdino_jax import sharding
 from simdino_jax.data import pipeline, sources
 from simdino_jax.errors import ConfigError
+from simdino_jax.models.network import DTYPES
+from simdino_jax.models.vit import VisionTransformer
 
 # A feature spec: ("cls",) or ("linear", n_last_blocks, avgpool). Its key in the feature dicts is ``spec_key``.
 FeatureSpec = tuple
@@ -67,6 +69,14 @@ def make_feature_fn(graphdef: nnx.GraphDef, specs) -> Callable:
   return features
 
 
+def eval_graphdef(vit_kwargs: dict, dtype: str) -> nnx.GraphDef:
+  """The graph of ``VisionTransformer(**vit_kwargs)`` computing in ``dtype`` (config.eval.dtype: "float32", as
+  DINO's evaluation scripts, or "bfloat16"), whatever dtype it trained in: the parameters are float32 either way,
+  so the trained ones plug into it. Nothing is computed (shapes only)."""
+  kwargs = dict(vit_kwargs, dtype=DTYPES[dtype])
+  return nnx.split(nnx.eval_shape(lambda: VisionTransformer(**kwargs, rngs=nnx.Rngs(0))))[0]
+
+
 def eval_image_size(config) -> int:
   """The evaluation image size: config.eval.image_size, else the global crop size."""
   return config.eval.image_size or config.data.global_size
@@ -78,7 +88,8 @@ class Context:
   graphdef: the backbone's NNX graph (a VisionTransformer); param_sharding: a tree of NamedShardings matching the
   backbone parameters the evaluators are called with; train_source / test_source: labelled sources (the train split
   is what k-NN / linear / few-shot fit on, the test split what they score); out_dir: DIR/eval (results, pictures);
-  suffix: appended to every result file and picture folder (evaluate.py's "_student").
+  suffix: appended to every result file and picture folder (evaluate.py's "_student"); dtype: the compute dtype
+  ``graphdef`` runs in (default config.eval.dtype; build it with ``eval_graphdef``), stated in every result.
   Compiled functions are cached on the context, so periodic evaluations compile once per run."""
 
   def __init__(
@@ -93,9 +104,11 @@ class Context:
     out_dir: str,
     suffix: str = "",
     log: Callable[[str], None] = print,
+    dtype: str | None = None,
   ):
     self.config = config
     self.graphdef = graphdef
+    self.dtype = dtype or config.eval.get("dtype", "float32")
     self.param_sharding = param_sharding
     self.mesh = mesh
     self.batch_sharding = sharding.batch_sharding(mesh)
@@ -216,11 +229,106 @@ def every(evaluator: Evaluator, config) -> int:
   return config.eval_every if e == -1 else e
 
 
-def run_round(ctx: Context, evaluators: dict[str, Evaluator], params) -> dict[str, dict]:
-  """{name: result} of ``evaluators`` on the backbone ``params``, the shared features extracted once."""
+def failure_line(error: BaseException, limit: int = 300) -> str:
+  """``error`` as one line of at most ``limit`` characters: its type and the start of its message (XLA's
+  out-of-memory messages run to pages)."""
+  text = " ".join(str(error).split())
+  text = text if len(text) <= limit else text[: limit - 3] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def run_round(
+  ctx: Context,
+  evaluators: dict[str, Evaluator],
+  params,
+  *,
+  on_result: Callable[[str, dict], Any] | None = None,
+  failed: dict[str, Exception] | None = None,
+) -> dict[str, dict]:
+  """{name: result} of ``evaluators`` on the backbone ``params``, the shared features extracted once.
+
+  ``on_result(name, result)`` is called as soon as each evaluator finishes (evaluate.py and training write the
+  result file then), so a later failure loses nothing. ``failed``: when given, an evaluator that raises an Exception
+  (out of memory, unreadable data ...; a kill or Ctrl-C still stops everything) is logged in one line naming it and
+  the error, left out of the results and recorded as ``failed[name] = error``, and the others still run; a failure
+  of the shared feature extraction fails every evaluator that reads those features. Without ``failed`` the first
+  exception propagates. On several processes every process must fail alike (an out-of-memory does): a failure on
+  one process alone leaves the others waiting in the next collective."""
   specs = {spec for e in evaluators.values() for spec in e.feature_specs()}
-  feats = ctx.shared_features(params, specs) if specs else None
-  return {name: e.run(ctx, params, feats) for name, e in evaluators.items()}
+  feats, feats_error = None, None
+  if specs:
+    try:
+      feats = ctx.shared_features(params, specs)
+    except Exception as error:  # pylint: disable=broad-except  (recorded per evaluator below)
+      if failed is None:
+        raise
+      feats_error = error
+      readers = [name for name, e in evaluators.items() if e.feature_specs()]
+      ctx.log(f"{', '.join(readers)}: FAILED in the shared feature extraction: {failure_line(error)}")
+  results = {}
+  for name, e in evaluators.items():
+    if feats_error is not None and e.feature_specs():
+      failed[name] = feats_error
+      continue
+    try:
+      results[name] = e.run(ctx, params, feats)
+    except Exception as error:  # pylint: disable=broad-except  (one evaluator must not discard the others)
+      if failed is None:
+        raise
+      failed[name] = error
+      ctx.log(f"{name}: FAILED: {failure_line(error)}")
+      continue
+    if on_result is not None:
+      on_result(name, results[name])
+  return results
+
+
+def write_result(
+  ctx: Context,
+  evaluator: Evaluator,
+  result: dict,
+  *,
+  step: int | None,
+  features: str,
+  init: dict | None = None,
+  keep_other_results: bool = False,
+  weights: str | None = None,
+) -> dict:
+  """Adds ``step``, ``data`` (the evaluation data), ``features`` (what was evaluated), ``dtype`` (the compute dtype
+  of the backbone, ctx.dtype), ``weights`` (the weights file evaluated, when given) and the at-init figures
+  (``init``: the result at step 0) to ``result``, writes DIR/eval/NAME{ctx.suffix}.json (main process) and logs a
+  line; returns the result as written.
+
+  ``keep_other_results`` (evaluate.py): a NAME.json of another step, other data or other weights (e.g. training's
+  final result) is never overwritten; this result goes beside it, to NAME{suffix}-step{step}-{data}.json (a weights
+  file without a step: NAME{suffix}-{file name}-{data}.json)."""
+  name = evaluator.name
+  data = sources.eval_spec(ctx.config.data)
+  r = dict(result)
+  if init:
+    r.update({f"{k}_at_init": init[k] for k in evaluator.init_keys if k in init})
+  r["step"] = None if step is None else int(step)
+  r["data"] = data
+  r["features"] = f"{features}: {result['features']}" if "features" in result else features
+  r["dtype"] = ctx.dtype
+  if weights is not None:
+    r["weights"] = weights
+  path = epath.Path(ctx.out_dir) / f"{name}{ctx.suffix}.json"  # epath: a gs:// workdir works as a local one
+  if keep_other_results and path.exists():
+    try:
+      existing = json.loads(path.read_text())
+    except ValueError:
+      existing = {}
+    if (existing.get("step"), existing.get("data", data), existing.get("weights")) != (r["step"], data, weights):
+      slug = re.sub(r"[^A-Za-z0-9]+", "_", data).strip("_")[-60:]
+      what = f"step{step}" if weights is None else re.sub(r"[^A-Za-z0-9]+", "_", epath.Path(weights).stem)[-60:]
+      ctx.log(f"{path} holds the result of step {existing.get('step')} on {existing.get('data', '?')!r}: kept")
+      path = path.parent / f"{name}{ctx.suffix}-{what}-{slug}.json"
+  if ctx.is_main:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=2))
+  ctx.log(f"{name}: {evaluator.summary(r)} -> {path}")
+  return r
 
 
 def write_results(
@@ -228,40 +336,23 @@ def write_results(
   evaluators: dict[str, Evaluator],
   results: dict[str, dict],
   *,
-  step: int,
+  step: int | None,
   features: str,
   init: dict[str, dict] | None = None,
   keep_other_results: bool = False,
+  weights: str | None = None,
 ) -> dict[str, dict]:
-  """Adds ``step``, ``data`` (the evaluation data), ``features`` (what was evaluated) and the at-init figures
-  (``init``: {name: result at step 0}) to each result, writes DIR/eval/NAME{ctx.suffix}.json (main process) and
-  logs a line each; returns the results.
-
-  ``keep_other_results`` (evaluate.py): a NAME.json of another step or other data (e.g. training's final result)
-  is never overwritten; this result goes to NAME{suffix}-step{step}-{data}.json beside it instead."""
-  out = {}
-  data = sources.eval_spec(ctx.config.data)
-  for name, result in results.items():
-    e = evaluators[name]
-    r = dict(result)
-    if init and name in init:
-      r.update({f"{k}_at_init": init[name][k] for k in e.init_keys if k in init[name]})
-    r["step"] = int(step)
-    r["data"] = data
-    r["features"] = f"{features}: {result['features']}" if "features" in result else features
-    out[name] = r
-    path = epath.Path(ctx.out_dir) / f"{name}{ctx.suffix}.json"  # epath: a gs:// workdir works as a local one
-    if keep_other_results and path.exists():
-      try:
-        existing = json.loads(path.read_text())
-      except ValueError:
-        existing = {}
-      if (existing.get("step"), existing.get("data", data)) != (r["step"], data):
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", data).strip("_")[-60:]
-        ctx.log(f"{path} holds the result of step {existing.get('step')} on {existing.get('data', '?')!r}: kept")
-        path = path.parent / f"{name}{ctx.suffix}-step{step}-{slug}.json"
-    if ctx.is_main:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(r, indent=2))
-    ctx.log(f"{name}: {e.summary(r)} -> {path}")
-  return out
+  """``write_result`` for each of ``results`` ({name: result}; ``init``: {name: result at step 0}); returns them."""
+  return {
+    name: write_result(
+      ctx,
+      evaluators[name],
+      result,
+      step=step,
+      features=features,
+      init=(init or {}).get(name),
+      keep_other_results=keep_other_results,
+      weights=weights,
+    )
+    for name, result in results.items()
+  }

@@ -480,6 +480,7 @@ def load_state_dict(
   num_heads: int | None = None,
   strict: bool = False,
   config: Mapping[str, Any] | None = None,
+  where: str | None = None,
   **overrides,
 ) -> ImportedViT:
   """An official (or our own exported) backbone state dict -> ImportedViT for our VisionTransformer.
@@ -488,17 +489,18 @@ def load_state_dict(
   names (any of the prefixes in the module docstring) or our slash names (an export of ours, Flax layout).
   which: the network of a checkpoint holding both. num_heads: not inferable from the weights; default from the
   file's run config (our exports carry it) or `config`, else embed_dim // 64. strict: refuse keys that are not
-  backbone parameters (by default they are ignored and listed at DEBUG level). overrides: more VisionTransformer
+  backbone parameters (by default they are ignored and listed at DEBUG level). where: how errors name the source
+  (default its path, or "state dict"; e.g. the file a mapping was read from). overrides: more VisionTransformer
   arguments (interpolate_offset, interpolate_antialias, dtype ...).
 
   Missing keys and misshaped arrays raise InteropError naming the official key and the expected vs got shape; a
   missing mask_token (DINO v1 has none) is zeros."""
   metadata: dict[str, str] = {}
   if isinstance(source, (str, os.PathLike)):
-    where = os.fspath(source)
-    obj, metadata = read_state_dict(where)
+    where = where or os.fspath(source)
+    obj, metadata = read_state_dict(os.fspath(source))
   elif isinstance(source, Mapping):
-    where, obj = "state dict", source
+    where, obj = where or "state dict", source
   else:
     raise InteropError(f"source must be a path or a mapping of names to arrays, got {type(source).__name__}")
   if config is None and metadata.get("config"):

@@ -11,13 +11,21 @@ under the workdir (process 0 only, but for checkpoint arrays):
   curves.png         the training curves, drawn at the end
   checkpoints/<N>/   the TrainState after N steps (orbax; every ``checkpoint_every`` steps and at the end)
   eval/NAME_init.json  the ``at_init`` evaluators' results on the network at initialisation (k-NN by default)
-  eval/NAME.json     the ``final`` evaluators' results on the final teacher backbone (k-NN by default)
+  eval/NAME.json     the ``final`` evaluators' results on the final teacher backbone (k-NN by default), each written
+                     as soon as its evaluator finishes
   nonfinite.json     only after a stop on a non-finite loss: where to restart from (config.restart_from_step)
 
 Resume: if ``checkpoints/`` holds a checkpoint, the run continues from the newest usable one; the data stream
 is a pure function of (seed, step) and so is the step's randomness, so an interrupted-then-resumed run ends
 with the same parameters as an uninterrupted one. SIGTERM / SIGINT (single host) or a multi-host preemption notice
 saves a checkpoint at the next step boundary and returns cleanly.
+
+Evaluation: the teacher's backbone runs in ``config.eval.dtype`` (float32 by default, whatever ``model.dtype``
+trains in). An evaluator that fails (an exception: out of memory, unreadable evaluation data ...) costs only its
+own figures: it is logged in one line, its metrics are absent at that step, the other evaluators' results are kept
+(and written), training goes on, and the end of the run lists the failed evaluators with the ``evaluate`` command
+that re-runs them on the saved checkpoint (``self.eval_failures``). A ConfigError is the exception: a setting that
+cannot work (which ``config.validate`` should have refused) stops the run after the round, as it would fail again.
 """
 
 from __future__ import annotations
@@ -190,6 +198,8 @@ class Trainer:
     self.tx = make_optimizer(config, abstract_params, self.lr_fn, self.wd_fn, d.steps_per_epoch)
     self.loss_fn = self.method.make_loss(config, d.steps_per_epoch)
     self.backbone_graphdef = nnx.split(abstract.backbone)[0]
+    # The evaluators' graph: the same backbone (same float32 parameters) computing in config.eval.dtype.
+    self.eval_graphdef = runner.eval_graphdef(backbone_kwargs(config.model), config.eval.dtype)
     # The state's shapes (no FLOPs) and one sharding per leaf from config.sharding.rules: all replicated on a
     # data-only mesh; big leaves split over the "fsdp" mesh axis when it has one.
     abstract_state = jax.eval_shape(self._init_fn())
@@ -197,6 +207,7 @@ class Trainer:
     self._abstract_state = checkpointing.abstract_target(abstract_state, self.state_sharding)
     self.evaluators = self.labelled_evaluators(evals.build(config))
     self._eval_ctx = None
+    self.eval_failures: dict[str, str] = {}  # name -> "step N: one-line error" of the evaluators that failed
 
   # -- state ------------------------------------------------------------------------------------------
   def _init_fn(self):
@@ -340,13 +351,14 @@ class Trainer:
     if self._eval_ctx is None:
       self._eval_ctx = runner.Context(
         self.config,
-        graphdef=self.backbone_graphdef,
+        graphdef=self.eval_graphdef,
         param_sharding=self.state_sharding.teacher["backbone"],
         mesh=self.mesh,
         train_source=self.eval_train_source(),
         test_source=sources.from_config(self.config.data, "test", evaluation=True),
         out_dir=os.path.join(self.workdir, "eval"),
         log=self.log,
+        dtype=self.config.eval.dtype,
       )
     return self._eval_ctx
 
@@ -371,9 +383,18 @@ class Trainer:
       return self.train_source
     return sources.from_config(self.config.data, "train", evaluation=True)
 
-  def evaluate(self, params, evaluators: dict) -> dict:
-    """{name: result} of ``evaluators`` on the backbone of the network parameters ``params`` (the teacher's)."""
-    return runner.run_round(self.eval_context(), evaluators, params["backbone"])
+  def evaluate(self, params, evaluators: dict, step: int, on_result=None) -> dict:
+    """{name: result} of ``evaluators`` on the backbone of the network parameters ``params`` (the teacher's) after
+    ``step`` steps; ``on_result(name, result)`` as each finishes. A failed evaluator is left out and recorded in
+    ``eval_failures`` (module docstring); a ConfigError is raised once the others have run."""
+    failed = {}
+    results = runner.run_round(self.eval_context(), evaluators, params["backbone"], on_result=on_result, failed=failed)
+    for name, error in failed.items():
+      self.eval_failures[name] = f"step {step}: {runner.failure_line(error)}"
+    config_errors = [e for e in failed.values() if isinstance(e, config_lib.ConfigError)]
+    if config_errors:
+      raise config_errors[0]
+    return results
 
   def due_evaluators(self, step: int) -> dict:
     """The evaluators whose ``every`` (runner.every) divides ``step``; never the last step (the final evaluation)."""
@@ -387,11 +408,14 @@ class Trainer:
 
   def periodic_metrics(self, params, step: int, due: dict) -> dict:
     """The ``due`` evaluators' scalars as metrics named NAME_KEY (knn_top1, linear_lr, fewshot_5shot, ...)."""
-    results = self.evaluate(params, due)
-    values = {f"{name}_{k}": v for name, e in due.items() for k, v in e.metrics(results[name]).items()}
-    self.log(
-      f"step {step}: " + " ".join(f"{k} {v:.4g}" + ("" if k.endswith("_lr") else "%") for k, v in values.items())
-    )
+    results = self.evaluate(params, due, step)
+    values = {
+      f"{name}_{k}": v for name, e in due.items() if name in results for k, v in e.metrics(results[name]).items()
+    }
+    if values:  # none when every due evaluator failed (each said so in its own line)
+      self.log(
+        f"step {step}: " + " ".join(f"{k} {v:.4g}" + ("" if k.endswith("_lr") else "%") for k, v in values.items())
+      )
     return values
 
   def init_results(self, state: TrainState | None) -> dict:
@@ -408,12 +432,14 @@ class Trainer:
       if bool(multihost_utils.broadcast_one_to_all(np.int32(len(stored) == len(at_init)))):
         return stored
       state = self.init_state()
-    results = self.evaluate(state.teacher, at_init)
-    for name, result in results.items():
+
+    def write(name, result):
+      spec, dtype = sources.eval_spec(self.config.data), self.config.eval.dtype
       if self.is_main:
-        paths[name].write_text(json.dumps(dict(result, step=0, data=sources.eval_spec(self.config.data)), indent=2))
+        paths[name].write_text(json.dumps(dict(result, step=0, data=spec, dtype=dtype), indent=2))
       self.log(f"{name} at init: {at_init[name].summary(result)}")
-    return results
+
+    return self.evaluate(state.teacher, at_init, 0, on_result=write)
 
   # -- the loop ---------------------------------------------------------------------------------------
   def run(self) -> dict:
@@ -451,12 +477,24 @@ class Trainer:
 
     final = {name: e for name, e in self.evaluators.items() if e.cfg.final}
     self.results = {}
-    if final:  # none, e.g. on unlabelled data: no evaluation data is even opened
-      results = self.evaluate(state.teacher, final)
-      self.results = runner.write_results(
-        self.eval_context(), final, results, step=int(state.step), features="teacher backbone", init=init
+    step = int(state.step)
+
+    def write(name, result):  # as soon as each evaluator finishes: a later failure loses nothing
+      self.results[name] = runner.write_result(
+        self.eval_context(), final[name], result, step=step, features="teacher backbone", init=init.get(name)
       )
-    return self.results.get("knn", {"step": int(state.step)})
+
+    if final:  # none, e.g. on unlabelled data: no evaluation data is even opened
+      self.evaluate(state.teacher, final, step, on_result=write)
+    if self.eval_failures:
+      names = ",".join(self.eval_failures)
+      self.log(
+        "evaluators that failed in this run (their figures are missing): "
+        + "; ".join(f"{n} ({why})" for n, why in self.eval_failures.items())
+        + ". Re-run them on the saved checkpoint: "
+        + f"python -m simdino_jax.evaluate --workdir={self.workdir} --eval={names}"
+      )
+    return self.results.get("knn", {"step": step})
 
   def train_loop(self, state: TrainState, start: int, ckpt: checkpointing.Checkpointer, stop_request: _StopRequest):
     """Steps ``start`` .. total_steps with logging and checkpoints; returns (state, None | stop summary)."""
