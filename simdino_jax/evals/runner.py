@@ -33,21 +33,24 @@ from simdino_jax.errors import ConfigError
 from simdino_jax.models.network import DTYPES
 from simdino_jax.models.vit import VisionTransformer
 
-# A feature spec: ("cls",) or ("linear", n_last_blocks, avgpool). Its key in the feature dicts is ``spec_key``.
+# A feature spec: ("cls",), ("prenorm_cls",) or ("linear", n_last_blocks, avgpool). Its key in the feature dicts is
+# ``spec_key``.
 FeatureSpec = tuple
 
 
 def spec_key(spec: FeatureSpec) -> str:
-  if spec[0] == "cls":
-    return "cls"
+  if spec[0] in ("cls", "prenorm_cls"):
+    return spec[0]
   _, n, avgpool = spec
   return f"linear_{n}" + ("_avgpool" if avgpool else "")
 
 
 def make_feature_fn(graphdef: nnx.GraphDef, specs) -> Callable:
   """(backbone params, images (B, H, W, 3)) -> {spec_key: (B, F) float32} for every spec, from ONE deterministic
-  forward pass (no drop path). A linear spec is the cls tokens of the last n blocks after the final norm,
-  concatenated oldest first, then (avgpool) the average of the last block's patch tokens (registers excluded)."""
+  forward pass (no drop path). "cls": the output's cls token (after the final norm); "prenorm_cls": the last
+  block's cls token before the final norm (MSN's few-shot feature). A linear spec is the cls tokens of the last n
+  blocks after the final norm, concatenated oldest first, then (avgpool) the average of the last block's patch
+  tokens (registers excluded)."""
   specs = tuple(sorted(set(specs)))
   depth_needed = max([s[1] for s in specs if s[0] == "linear"] + [1])
 
@@ -56,8 +59,8 @@ def make_feature_fn(graphdef: nnx.GraphDef, specs) -> Callable:
     layers = backbone.get_intermediate_layers(images, depth_needed)  # oldest first; the last = the output
     out = {}
     for spec in specs:
-      if spec[0] == "cls":
-        out["cls"] = layers[-1]["cls"].astype(jnp.float32)
+      if spec[0] in ("cls", "prenorm_cls"):
+        out[spec[0]] = layers[-1][spec[0]].astype(jnp.float32)
       else:
         _, n, avgpool = spec
         parts = [layer["cls"].astype(jnp.float32) for layer in layers[-n:]]

@@ -522,9 +522,11 @@ class VisionTransformer(nnx.Module):
 
   def get_intermediate_layers(self, images: jax.Array, n: int = 1, *, masks: jax.Array | None = None) -> list[dict]:
     """Final-normed outputs of the last `n` blocks (oldest first), deterministic, for DINO-style linear eval
-    (ViT-S concatenates the cls tokens of the last 4 blocks)."""
+    (ViT-S concatenates the cls tokens of the last 4 blocks); each also holds "prenorm_cls" (B, D), the block's cls
+    token before the final norm (MSN's forward_blocks, its few-shot feature)."""
     if not 1 <= n <= self.depth:
       raise ValueError(f"n must be in [1, {self.depth}], got {n}")
     x = self.prepare_tokens(images, masks)
     _, _, kept = self._blocks(x, key=None, return_attention=False, keep_last=n)
-    return [self._split(k, images.shape[0]) for k in kept]
+    b = images.shape[0]
+    return [{**self._split(k, b), "prenorm_cls": k.reshape(b, -1, self.embed_dim)[:, 0]} for k in kept]

@@ -80,6 +80,7 @@ class TfdsSource(SkippingSource):
     data_dir: the TFDS data directory given (None: TFDS's default).
     num_classes: ``label``'s ``ClassLabel.num_classes`` (else max label + 1; 0 without labels).
     labels: ``(N,)`` int32, read on first access (one pass over the records).
+    file_name(i): record i's ``file_name`` feature, where the dataset has one (imagenet2012 does).
     skipped: distinct undecodable examples found by this object in this process.
   """
 
@@ -103,6 +104,7 @@ class TfdsSource(SkippingSource):
     # Image features: read the encoded bytes and decode them here.
     self._encoded = isinstance(features["image"], tfds.features.Image)
     self._labelled = "label" in keys
+    self._file_names = "file_name" in keys  # imagenet2012's "n01440764_10026.JPEG" (few-shot split lists)
     self._len = len(data_source)
     self._ds = data_source
     self._ds_pid = os.getpid()
@@ -142,6 +144,14 @@ class TfdsSource(SkippingSource):
     labels = np.array([self._label(ds[i]) for i in range(len(self))], np.int32)
     labels.flags.writeable = False
     return labels
+
+  def file_name(self, index: int) -> str:
+    """Record ``index``'s ``file_name`` feature (e.g. imagenet2012's ``"n01440764_10026.JPEG"``); DataError when the
+    dataset has none. Reads the whole record (image bytes included), as ``labels`` does."""
+    if not self._file_names:
+      raise DataError(f"{self.name}: the dataset has no 'file_name' feature")
+    name = self._data_source()[int(index)]["file_name"]
+    return name.decode("utf-8") if isinstance(name, (bytes, np.bytes_)) else str(name)
 
   def decode(self, index: int) -> tuple[np.ndarray, np.int32]:
     """Record ``index`` as ``((H, W, 3) uint8, int32 label)``; raises if it cannot be read or decoded."""
