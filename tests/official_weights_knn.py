@@ -1,6 +1,6 @@
 """Driver of tests/test_evaluate_weights.py, run by a Python with PyTorch (SIMDINO_TORCH_PYTHON): a randomly
 initialised official DINO ViT (facebookresearch/dino ``vision_transformer.py``) saved with torch.save in the layout
-of DINO's full checkpoints, evaluated by ``python -m simdino_jax.evaluate --weights=`` (k-NN on the demo recipe's
+of DINO's full checkpoints (teacher / student with their prefixes, a head, the argparse ``args``), evaluated by ``python -m simdino_jax.evaluate --weights=`` (k-NN on the demo recipe's
 digits), and the official ``eval_knn.py`` ``knn_classifier`` fed with ``load_backbone`` features of the same file.
 
   python tests/official_weights_knn.py DINO_CLONE WORKDIR  -> prints one JSON line: {"ours": ..., "official": ...}
@@ -9,6 +9,7 @@ digits), and the official ``eval_knn.py`` ``knn_classifier`` fed with ``load_bac
 so neither torchvision nor its main runs. ``vision_transformer.py`` imports only torch and DINO's ``utils``.
 """
 
+import argparse
 import ast
 import json
 import os
@@ -57,7 +58,8 @@ def main(dino: str, workdir: str) -> None:
   teacher["head.mlp.0.weight"] = torch.randn(32, WIDTH)  # a DINO head next to the backbone: ignored
   student = {f"module.backbone.{k}": v + 0.1 * torch.randn_like(v) for k, v in vit.state_dict().items()}
   path = os.path.join(workdir, "checkpoint.pth")
-  torch.save({"teacher": teacher, "student": student, "epoch": 1}, path)
+  args = argparse.Namespace(arch="vit_tiny", patch_size=PATCH, out_dim=32, lr=0.0005)  # main_dino.py saves its args
+  torch.save({"teacher": teacher, "student": student, "epoch": 1, "args": args}, path)
 
   out_dir = os.path.join(workdir, "out")
   overrides = [f"--config.model.embed_dim={WIDTH}", f"--config.model.num_heads={HEADS}"]

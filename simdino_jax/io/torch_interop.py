@@ -37,6 +37,7 @@ and heads: ``head.mlp.<2i>.*``, ``head.last_layer.weight_g`` (K, 1) / ``weight_v
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -284,12 +285,15 @@ def read_state_dict(path: str) -> tuple[dict[str, Any], dict[str, str]]:
       "writes one)"
     ) from None
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # DINO's and SimDINO's training checkpoints (main_dino.py's checkpoint.pth, the "full ckpt" downloads) pickle
+    # their argparse ``args`` next to the weights: a Namespace holds only plain values, so it is allowed through.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (re-raised with the path)
     raise InteropError(
       f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: "
       f"{(str(e).strip().splitlines() or [''])[0][:200]}). A training checkpoint "
-      "that also pickles Python objects (e.g. DINO's argparse `args`) is not read here: if you trust the file, "
+      "that also pickles other Python objects is not read here: if you trust the file, "
       "load it with torch.load(path, weights_only=False) and pass the resulting dict"
     ) from None
   if not isinstance(obj, Mapping):
