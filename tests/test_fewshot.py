@@ -1,7 +1,9 @@
 """Few-shot evaluation as MSN's logistic_eval.py: pre-norm cls features, MSN's / SimCLR's split lists, the cyanure
 objective solved to convergence (simdino_jax/evals/fewshot.py).
 
-The objective is checked against a NumPy transcription of what MSN runs (cyanure is not installable here):
+The objective is checked against a NumPy transcription of what MSN runs, and against cyanure itself (not a dependency:
+test_solution_equals_cyanure_on_the_same_features runs tests/cyanure_driver.py with SIMDINO_CYANURE_PYTHON, a Python
+where ``pip install cyanure`` worked):
 
   MSN logistic_eval.py:  cyan.preprocess(embs, normalize=normalize, columns=False, centering=True)
                          classifier = cyan.MultiClassifier(loss='multiclass-logistic', penalty='l2', fit_intercept=False)
@@ -15,6 +17,7 @@ minimised here by scipy's L-BFGS to a tight gradient tolerance, independently of
 """
 
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +86,32 @@ def test_solution_is_the_minimiser_of_msn_cyanure_objective(lambd):
   np.testing.assert_allclose(fit["objective"], f_ref, rtol=1e-9)
   ref_accuracy = 100.0 * np.mean(np.argmax(cyanure_preprocess(tx) @ w_ref, axis=1) == ty)
   assert fit["accuracy"] == ref_accuracy
+
+
+def test_solution_equals_cyanure_on_the_same_features(tmp_path):
+  """cyanure itself (MSN's solver; pip install cyanure in another environment) on the same features: the same
+  preprocessing, minimiser, objective and predictions when run to a tight tolerance; with MSN's settings (tol 1e-3,
+  300 epochs) it stops within its duality-gap guarantee of the minimiser."""
+  python = os.environ.get("SIMDINO_CYANURE_PYTHON")
+  if not python:
+    pytest.skip("needs SIMDINO_CYANURE_PYTHON, a Python with cyanure (pip install cyanure)")
+  x, y, tx, ty = noisy_problem(4, n_per_class=5, k=20, d=32, n_test=400)
+  fit = fewshot.logistic_fit_accuracy(x, y, tx, ty, lambd=0.0025, tol=1e-10)
+  for tol, max_iter in ((1e-10, 100000), (1e-3, 300)):
+    np.savez(tmp_path / "in.npz", x=x, y=y, tx=tx, lambd=0.0025, tol=tol, max_iter=max_iter)
+    driver = os.path.join(os.path.dirname(__file__), "cyanure_driver.py")
+    subprocess.run([python, driver, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")], check=True, timeout=300)
+    out = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(out["xp"], fewshot.preprocess(x), rtol=0, atol=1e-12)
+    gap = fewshot.duality_gap(out["xp"], y, out["w"], 0.0025)
+    if tol < 1e-3:
+      w = fit["model"].coef_.T
+      np.testing.assert_allclose(out["w"], w, rtol=0, atol=1e-4 * np.abs(w).max())
+      np.testing.assert_allclose(fewshot.objective(out["xp"], y, out["w"], 0.0025), fit["objective"], rtol=1e-9)
+      np.testing.assert_array_equal(out["pred"], fit["model"].predict(fewshot.preprocess(tx)))
+    else:
+      assert gap <= 1e-3  # cyanure's stopping rule, measured by our gap
+      assert (fewshot.objective(out["xp"], y, out["w"], 0.0025) - fit["objective"]) / fit["objective"] <= 1e-3
 
 
 def test_duality_gap_bounds_the_relative_suboptimality():

@@ -15,7 +15,7 @@ MSN (facebookresearch/msn, ``logistic_eval.py``):
   ``L(y, z) = logsumexp(z) - z_y`` (cyanure's ``MultiClassLogisticLoss::eval``), no intercept (``objective``
   below). scikit-learn's ``LogisticRegression(C=1/lambd, fit_intercept=False)`` minimises exactly this function
   (its lbfgs path minimises ``mean loss + 1/(2 C n) ||W||^2``); tests/test_fewshot.py checks the solution against
-  a scipy minimisation of the transcribed objective. ``lambd`` = 0.0025 is MSN's README command (its argparse
+  a scipy minimisation of the transcribed objective and against cyanure itself (weights to 1.5e-6 of the largest). ``lambd`` = 0.0025 is MSN's README command (its argparse
   default is 0.00025); the DINO-vMF recipes set the paper's 0.075.
 * solver: cyanure stops at a relative duality gap of 1e-3 (``tol=1e-3``) or after 300 epochs. Here L-BFGS runs
   until the relative Fenchel duality gap of the objective (``duality_gap``, the quantity cyanure's tol bounds) is at
