@@ -297,6 +297,7 @@ def evaluate_weights(
     raise ValueError("--weights: name the directory for the results with --output=DIR")
   if which not in WHICH:
     raise ValueError(f"--which: must be 'teacher' or 'student', got {which!r}")
+  parse_names(names, config.evals)  # a bad --eval before reading a large file
   weights = workdir_lib.resolve(weights)
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"--weights: {weights}: no such file")
