@@ -582,6 +582,25 @@ def test_eval_batches_cover_every_example_once_with_padding(shard_count):
   np.testing.assert_array_equal(b0["image"][0], augment.normalize(src[0]["image"]))
 
 
+@pytest.mark.parametrize("n,bs,shard_count", [(23, 5, 1), (23, 5, 2), (23, 4, 3), (7, 4, 4), (24, 3, 4), (1, 2, 3)])
+def test_eval_batches_gathered_in_shard_order_are_in_dataset_order(n, bs, shard_count):
+  # What a tiled all-gather over the processes returns, batch by batch: shard 0's batch, shard 1's, ... Its valid
+  # slots must be the examples 0..n-1 in order (the pod's features then equal one process's, issue 26 item 7).
+  src = _tiny_source(n, size=4)
+  shards = [
+    list(eval_batches(src, image_size=4, batch_size=bs, shard_index=k, shard_count=shard_count))
+    for k in range(shard_count)
+  ]
+  assert [len(s) for s in shards] == [eval_num_batches(n, bs, shard_count)] * shard_count  # collectives line up
+  labels, index, valid = (
+    np.concatenate([s[b][key] for b in range(len(shards[0])) for s in shards]) for key in ("label", "index", "valid")
+  )
+  np.testing.assert_array_equal(labels[valid], np.arange(n))  # the labels are the example indices
+  np.testing.assert_array_equal(index[valid], np.arange(n))
+  assert np.all(index[~valid] == -1) and np.all(labels[~valid] == -1)
+  assert len(valid) - n < bs * shard_count  # padding only in the last global batch
+
+
 def test_eval_transform_resize_and_centre_crop():
   img = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
   out = eval_transform(img, 32)  # shorter side 48 -> 37, crop 32

@@ -31,8 +31,18 @@ Training (``train_iterator``), a ``grain.MapDataset``:
 * Everything is index-addressed, so the output depends only on ``seed`` (and the
   shard), not on ``num_workers``/threads, and ``start_step`` is an O(1) skip.
 
-Evaluation (``eval_batches``) never replaces: an undecodable image leaves its slot ``valid=False`` (the evaluators
-drop those slots, as they drop padding) and marks it in ``"skipped"``.
+Evaluation (``eval_batches``), deterministic and unaugmented:
+
+  source -> global batch b = examples [b*G, (b+1)*G)   (G = batch_size x shard_count; the last one padded)
+         -> shard k's batch = its contiguous slice [b*G + k*batch_size, b*G + (k+1)*batch_size)
+
+* Contiguous blocks, so that the shards' batches concatenated in shard order (what a tiled all-gather over the
+  processes returns) are the examples in dataset order: gathered features, labels and every figure computed from
+  them are the same on any number of processes (tests/test_eval_multiprocess.py).
+* Every shard yields the same number of batches, ``eval_num_batches`` (multi-host collectives line up); slots past
+  the end of the dataset are padding (zeros, label -1, ``valid=False``).
+* An undecodable image is never replaced: its slot is ``valid=False`` (the evaluators drop those slots, as they
+  drop padding) and marked in ``"skipped"``.
 """
 
 from __future__ import annotations
@@ -229,9 +239,9 @@ def eval_transform(image: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def eval_num_batches(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
-  """Batches per shard; the same for every shard."""
-  per_shard = math.ceil(num_examples / shard_count)
-  return math.ceil(per_shard / batch_size)
+  """Batches per shard (``batch_size`` examples each); the same for every shard: the number of global batches of
+  ``batch_size x shard_count`` examples."""
+  return math.ceil(num_examples / (batch_size * shard_count))
 
 
 def eval_batches(
@@ -242,10 +252,11 @@ def eval_batches(
   ``transform(image) -> (image_size, image_size, 3) float32`` replaces
   :func:`eval_transform` (e.g. the DINO linear protocol's own resize / crop).
 
-  Shard ``k`` takes examples ``k, k + shard_count, ...``. Every shard yields
-  ``eval_num_batches(len(source), batch_size, shard_count)`` batches (so that
-  multi-host collectives line up); missing slots are padded with zeros, label
-  ``-1`` and ``valid=False``.
+  Global batch ``b`` holds examples ``[b G, (b + 1) G)`` with ``G = batch_size x shard_count``; shard ``k`` yields
+  its contiguous part, examples ``b G + k batch_size + [0, batch_size)``. So the shards' ``b``-th batches
+  concatenated in shard order are the examples in dataset order, whatever ``shard_count`` (the module docstring).
+  Every shard yields ``eval_num_batches(len(source), batch_size, shard_count)`` batches (so that multi-host
+  collectives line up); slots past the end are padded with zeros, label ``-1``, ``valid=False`` and index ``-1``.
 
   An undecodable image is not replaced (a duplicate of another image under its
   label would be scored): its slot is zeros, label ``-1``, ``valid=False`` and
@@ -254,18 +265,25 @@ def eval_batches(
 
   Yields:
     ``{"image": (batch_size, S, S, 3) float32, "label": (batch_size,) int32,
-    "valid": (batch_size,) bool, "skipped": (batch_size,) int32}``.
+    "valid": (batch_size,) bool, "skipped": (batch_size,) int32, "index": (batch_size,) int32}`` (``index``: the
+    slot's example in ``source``, -1 for padding).
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
-  indices = np.arange(shard_index, len(source), shard_count)
-  n_batches = eval_num_batches(len(source), batch_size, shard_count)
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  n = len(source)
+  n_batches = eval_num_batches(n, batch_size, shard_count)
   for b in range(n_batches):
     image = np.zeros((batch_size, image_size, image_size, 3), np.float32)
     label = np.full((batch_size,), -1, np.int32)
     valid = np.zeros((batch_size,), bool)
     skipped = np.zeros((batch_size,), np.int32)
-    for slot, idx in enumerate(indices[b * batch_size : (b + 1) * batch_size]):
+    start = (b * shard_count + shard_index) * batch_size  # this shard's slice of global batch b
+    indices = np.arange(start, min(start + batch_size, n))
+    index = np.full((batch_size,), -1, np.int32)
+    index[: len(indices)] = indices
+    for slot, idx in enumerate(indices):
       ex = eval_example(source, int(idx))
       if ex is None:  # undecodable: left out, not replaced
         skipped[slot] = 1
@@ -273,4 +291,4 @@ def eval_batches(
       image[slot] = eval_transform(ex["image"], image_size) if transform is None else transform(ex["image"])
       label[slot] = ex["label"]
       valid[slot] = True
-    yield {"image": image, "label": label, "valid": valid, "skipped": skipped}
+    yield {"image": image, "label": label, "valid": valid, "skipped": skipped, "index": index}

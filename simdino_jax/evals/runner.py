@@ -156,27 +156,41 @@ class Context:
     )
 
   def extract(self, params, source, fn: Callable, *, image_size: int = 0, transform=None) -> tuple[Any, np.ndarray]:
-    """(features, labels) of every example of ``source`` exactly once: ``fn`` (a ``backbone_fn``) on the eval view
-    of each image (resize + centre crop to ``image_size``, default ``self.image_size``, or ``transform``), batches
-    of config.eval.batch_size split over the devices and processes; padding dropped."""
-    n_dev = jax.device_count()
+    """(features, labels) of every example of ``source`` exactly once, in the source's order: ``fn`` (a
+    ``backbone_fn``) on the eval view of each image (resize + centre crop to ``image_size``, default
+    ``self.image_size``, or ``transform``), batches of config.eval.batch_size split over the devices and processes;
+    padding and undecodable images dropped.
+
+    The same arrays, in the same order, on any number of processes: each process feeds its contiguous slice of every
+    global batch (``pipeline.eval_batches``), and each row's example index, label and validity travel beside its
+    features as one more batch-sharded array, so the gathered rows are sorted back into dataset order whatever the
+    mesh's device order. (Before, process k fed the examples k, k + n, ...: few-shot and the linear probe, which
+    depend on the order, gave other figures on a pod.)"""
+    n_dev, n_proc = jax.device_count(), jax.process_count()
     batch_size = max(n_dev, (self.config.eval.batch_size // n_dev) * n_dev)
-    feats, labels = [], []
+    feats, rows = [], []
     for batch in pipeline.eval_batches(
       source,
       image_size=image_size or self.image_size,
-      batch_size=batch_size // jax.process_count(),
+      batch_size=batch_size // n_proc,
       shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
+      shard_count=n_proc,
       transform=transform,
     ):
       images = jax.make_array_from_process_local_data(self.batch_sharding, batch["image"])
-      out = multihost_utils.process_allgather(fn(params, images), tiled=True)
-      valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
-      lab = multihost_utils.process_allgather(batch["label"], tiled=True)
+      meta = np.stack([batch["index"], batch["label"], batch["valid"].astype(np.int32)], axis=1)
+      meta = jax.make_array_from_process_local_data(self.batch_sharding, meta)
+      out, meta = multihost_utils.process_allgather((fn(params, images), meta), tiled=True)
+      meta = np.asarray(meta)
+      valid = meta[:, 2] == 1
       feats.append(jax.tree.map(lambda a: np.asarray(a)[valid], out))
-      labels.append(np.asarray(lab)[valid])
-    return jax.tree.map(lambda *a: np.concatenate(a), *feats), np.concatenate(labels)
+      rows.append(meta[valid, :2])
+    feats = jax.tree.map(lambda *a: np.concatenate(a), *feats)
+    index, labels = np.ascontiguousarray(np.concatenate(rows).T)
+    if np.any(np.diff(index) <= 0):  # not already in dataset order (a mesh whose devices interleave the processes)
+      order = np.argsort(index, kind="stable")
+      feats, labels = jax.tree.map(lambda a: a[order], feats), labels[order]
+    return feats, labels
 
   def shared_features(self, params, specs) -> dict:
     """{"train": (feats, labels), "test": (feats, labels)} with feats = {spec_key: array} for ``specs``."""

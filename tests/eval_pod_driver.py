@@ -1,0 +1,89 @@
+"""One process of a simulated evaluation pod, run by tests/test_eval_multiprocess.py (not a test itself).
+
+``python tests/eval_pod_driver.py OUT_DIR NAME[,NAME...]``: joins the pod described by ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (none: a single process), builds the tiny test ViT from a fixed seed (the
+same weights on every process, replicated), evaluates it on a fixed slice of ``digits`` with the evaluators ``NAME``
+through ``runner.run_round`` (the path ``evaluate.py`` and the trainer take) and, on process 0, writes
+OUT_DIR/results.json (the evaluators' results), OUT_DIR/features.npz (the shared "cls" features and labels of both
+splits, as every process gathered them) and the evaluators' own files (attention arrays) under OUT_DIR/eval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest (the tiny config), before jax starts
+
+from conftest import make_tiny_config
+
+from simdino_jax import sharding
+
+NUM_TRAIN, NUM_TEST = 250, 122  # neither a multiple of the eval batch nor of the processes: padding on every split
+
+
+def config_for(names):
+  from simdino_jax import evals
+
+  c = make_tiny_config()
+  c.eval.batch_size = 64
+  c.evals.knn = evals.declare("knn", ks=(5, 20))
+  c.evals.linear = evals.declare(
+    "linear", protocol="frozen", n_last_blocks=1, epochs=10, batch_size=32, lrs=(1e-2, 1e-1)
+  )
+  # DINO's protocol: fresh random views every epoch, shuffled training order, the batch split over every device.
+  c.evals.linear_dino = evals.declare(
+    "linear", protocol="dino", n_last_blocks=1, avgpool=True, epochs=2, batch_size=32, lrs=(0.3, 3.0)
+  )
+  c.evals.fewshot = evals.declare("fewshot", shots=(1, 5), fractions=(0.05,), num_splits=2)
+  c.evals.attention = evals.declare("attention", num_images=5)
+  c.evals = {name: c.evals[name] for name in names}  # only what this run evaluates
+  return c
+
+
+def main(out_dir: str, names: list[str]) -> None:
+  sharding.maybe_initialize_distributed()
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from simdino_jax import evals
+  from simdino_jax.data import sources
+  from simdino_jax.evals import runner
+  from simdino_jax.models.network import build_backbone
+
+  config = config_for(names)
+  graphdef, state = nnx.split(build_backbone(config.model, rngs=nnx.Rngs(0)))
+  mesh = sharding.make_mesh(config.mesh)
+  param_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  params = jax.tree.map(
+    lambda v, s: jax.make_array_from_callback(np.shape(v), s, lambda index: np.asarray(v)[index]), state, param_sharding
+  )
+
+  def head(split, n):
+    src = sources.load_digits(split)
+    return sources.ArraySource(src.images[:n], src.labels[:n], name=f"digits/{split}[:{n}]", num_classes=10)
+
+  ctx = runner.Context(
+    config,
+    graphdef=graphdef,
+    param_sharding=param_sharding,
+    mesh=mesh,
+    train_source=head("train", NUM_TRAIN),
+    test_source=head("test", NUM_TEST),
+    out_dir=os.path.join(out_dir, "eval"),
+  )
+  results = runner.run_round(ctx, evals.build(config, names), params)
+  feats = ctx.shared_features(params, (("cls",),))
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump({"processes": jax.process_count(), "devices": jax.device_count(), "results": results}, f, indent=1)
+    np.savez(
+      os.path.join(out_dir, "features.npz"),
+      **{f"{split}_{k}": v for split, (f, y) in feats.items() for k, v in (("cls", f["cls"]), ("labels", y))},
+    )
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2].split(","))

@@ -1,0 +1,124 @@
+"""Evaluation figures do not depend on the number of processes (issue 26, item 7).
+
+The same seeded tiny ViT is evaluated (k-NN, the frozen and DINO's linear protocols, few-shot, attention maps) by one
+process and by a simulated 2-host pod: two python processes on 127.0.0.1 joined by ``jax.distributed`` (the
+coordinator recipe of ``sharding.maybe_initialize_distributed``), one CPU device each, and once with two devices each.
+Every figure, the gathered features and the attention arrays must equal the single process's.
+
+Before the fix (process k fed the examples k, k + n, ... and the gathered features came back in another order) the
+pod's figures differed; measured with this file on the old pipeline.eval_batches / runner.Context.extract (pod vs one
+process, both pod layouts alike): few-shot 5-shot 18.03 vs 24.18%, 1-shot 17.21 vs 15.57%, the frozen linear
+probe's lr 0.01 30.33 vs 31.15% (its best lr happened to agree), gathered feature rows up to 0.36 apart, attention
+maps beside other images; k-NN and DINO's linear protocol (its validation is order-free) agreed.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DRIVER = os.path.join(HERE, "eval_pod_driver.py")
+NAMES = "knn,linear,linear_dino,fewshot,attention"
+TIMEOUT_S = 600  # generous: two cores shared with other work; a hung collective fails the test instead of blocking
+IGNORED = {"seconds", "train_seconds", "val_seconds"}  # wall-clock times
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_pod(out_dir, processes: int, devices_per_process: int = 1) -> list:
+  """Starts the driver as ``processes`` processes of one pod (``devices_per_process`` CPU devices each)."""
+  os.makedirs(out_dir, exist_ok=True)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+  env["JAX_PLATFORMS"] = "cpu"
+  if processes > 1:
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+  procs = []
+  for k in range(processes):
+    log = open(os.path.join(out_dir, f"process{k}.log"), "w")
+    penv = dict(env, JAX_PROCESS_ID=str(k)) if processes > 1 else env
+    procs.append(
+      (subprocess.Popen([sys.executable, DRIVER, str(out_dir), NAMES], env=penv, stdout=log, stderr=log), log)
+    )
+  return procs
+
+
+def _finish_pod(out_dir, procs, processes: int, devices_per_process: int = 1) -> dict:
+  """Waits for a pod's processes; process 0's results.json (a failure shows each process's log tail)."""
+  try:
+    codes = [p.wait(timeout=TIMEOUT_S) for p, _ in procs]
+  except subprocess.TimeoutExpired:
+    codes = ["timed out"]
+  finally:
+    for p, log in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+      log.close()
+  if any(codes):
+    logs = "".join(open(os.path.join(out_dir, f"process{k}.log")).read()[-3000:] for k in range(processes))
+    pytest.fail(f"pod of {processes} process(es) x {devices_per_process} device(s) exited with {codes}:\n{logs}")
+  with open(os.path.join(out_dir, "results.json")) as f:
+    out = json.load(f)
+  assert (out["processes"], out["devices"]) == (processes, processes * devices_per_process)
+  return out["results"]
+
+
+def _assert_same(a, b, where=""):
+  """Equal JSON trees; floats to 1e-9 relative (accuracies are multiples of 1 / 122 of 100%, figures print 2-4
+  decimals): a different example order or pairing changes them by far more."""
+  if isinstance(a, dict):
+    assert set(a) == set(b), where
+    for k in a:
+      if k not in IGNORED:
+        _assert_same(a[k], b[k], f"{where}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), where
+    for i, (x, y) in enumerate(zip(a, b)):
+      _assert_same(x, y, f"{where}[{i}]")
+  elif isinstance(a, float):
+    assert b == pytest.approx(a, rel=1e-9, abs=1e-9), f"{where}: {a} on one process, {b} on the pod"
+  else:
+    assert a == b, f"{where}: {a!r} on one process, {b!r} on the pod"
+
+
+# (processes, devices per process): the reference, a pod of one device per process, a pod of two devices each.
+LAYOUTS = ((1, 1), (2, 1), (2, 2))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """{layout: (out_dir, results)}; the three runs go concurrently (the pods' processes wait on each other anyway)."""
+  dirs = {layout: tmp_path_factory.mktemp(f"pod{layout[0]}x{layout[1]}") for layout in LAYOUTS}
+  started = {}
+  try:
+    for layout in LAYOUTS:
+      started[layout] = _start_pod(dirs[layout], *layout)
+  finally:  # a failed start still reaps the processes already running
+    done = {layout: _finish_pod(dirs[layout], procs, *layout) for layout, procs in started.items()}
+  return {layout: (dirs[layout], done[layout]) for layout in LAYOUTS}
+
+
+@pytest.mark.parametrize("devices_per_process", [1, 2])
+def test_two_process_pod_reports_the_single_process_figures(runs, devices_per_process):
+  ref_dir, ref = runs[(1, 1)]
+  pod_dir, pod = runs[(2, devices_per_process)]
+  a, b = np.load(ref_dir / "features.npz"), np.load(pod_dir / "features.npz")
+  for key in a.files:  # the gathered features in dataset order, row for row (same forward pass per example)
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_array_equal(b["train_labels"], a["train_labels"])
+  attn_a = np.load(ref_dir / "eval" / "attention" / "attention.npz")
+  attn_b = np.load(pod_dir / "eval" / "attention" / "attention.npz")
+  for key in attn_a.files:  # each map beside its own image
+    np.testing.assert_allclose(attn_b[key], attn_a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert set(pod) == set(NAMES.split(","))
+  _assert_same(ref, pod)
