@@ -157,7 +157,7 @@ def test_solver_reports_when_it_did_not_converge():
 
 # -- features -----------------------------------------------------------------------------------------------------
 def test_prenorm_cls_feature_is_the_last_block_cls_token_before_the_final_norm(tiny_config):
-  model = build_backbone(tiny_config.model, rngs=nnx.Rngs(0))
+  model = nnx.jit(lambda: build_backbone(tiny_config.model, rngs=nnx.Rngs(0)))()  # one compile, not op by op
   graphdef, state = nnx.split(model)
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3), jnp.float32)
   got = jax.jit(runner.make_feature_fn(graphdef, (("prenorm_cls",), ("cls",))))(state, images)
@@ -234,7 +234,7 @@ def test_evaluator_scores_each_list_as_one_split_of_its_setting(folder, tmp_path
   config = tiny_config
   config.data.source = f"folder:{folder}"
   config.evals = {"fewshot": evals.declare("fewshot", subsets=f"{tmp_path}/s1,{tmp_path}/s2")}
-  graphdef, state = nnx.split(build_backbone(config.model, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(nnx.jit(lambda: build_backbone(config.model, rngs=nnx.Rngs(0)))())
   mesh = sharding.make_mesh(config.mesh)
   ctx = runner.Context(
     config,
