@@ -15,12 +15,32 @@ the KEY vectors of the last attention block's patch tokens (heads concatenated; 
 * drop rule (CutLER's, rounds after the first only): a mask whose IoU with the PREVIOUS round's mask exceeds 0.5,
   or which covers 1% of the patches or less, is emptied (and the next round compares with that empty mask).
 
-Solvers (``solver``): "scipy" is CutLER's call, ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])`` in float64 on
-the host; "jax" diagonalises the symmetric normalised Laplacian D^-1/2 (D - A) D^-1/2 with ``jnp.linalg.eigh`` in
-float32 on the default device and maps its second eigenvector back by D^-1/2 (the same generalised eigenvector,
-v^T D v = 1, up to sign). Timed on this 2-core CPU for a 30 x 30 patch grid (900 x 900, 384-d keys, median of 15,
-machine under load): scipy 0.11-0.25 s, jax float32 0.06-0.14 s (jax float64 0.14-0.25 s); the two vectors agreed to
-7e-6 with identical bipartitions. The default is "jax" (the faster, and on an accelerator it runs there).
+Solvers (``solver``): "scipy" (the default) is CutLER's call, ``scipy.linalg.eigh(D - A, D, subset_by_index=[1,
+2])`` in float64 on the host, so the default gives CutLER's vector, bipartition and seed bit for bit (a test runs
+CutLER's own functions, taken from its file, on the same affinities). The orientation rule is not sign-invariant
+(the seed on the side holding 3+ corners: flipping the vector's sign changes the mask in 53 of the test's 240
+synthetic grids),
+so the sign matters, and it is LAPACK's: dsygvx reduces the problem to C y = lambda y with C = D^-1/2 (D - A)
+D^-1/2, dsyevx tridiagonalises C = Q T Q^T (dsytrd), dstein makes the first largest-magnitude entry of T's
+eigenvector z = Q^T y positive, and v = D^-1/2 Q z. "jax" reproduces that: ``jnp.linalg.eigh`` of C in float64
+(``jax.enable_x64``), y signed from Q^T y with Q from ``jax.lax.linalg.tridiagonal`` (LAPACK's dsytrd convention;
+CPU and GPU, not TPU), on the default device. In float32 the reflectors of near-disconnected graphs (eigenvalues
+~1e-5) lost the sign (3 of 200). In float64, on 300 random affinities (240 patch grids, 53 of them sign-sensitive,
+and 60 near-disconnected graphs) its masks equal SciPy's except where SciPy's own result is decided by rounding (17
+cases: a repeated second eigenvalue 5, an argmax over entries equal up to rounding 12: patches with identical
+affinity rows; none in this set from the third kind,
+LAPACK's sign rule meeting a tie or a column that is zero in exact arithmetic); there CutLER's mask depends on the
+LAPACK build. Timed on 2 shared CPU cores: scipy 0.13 s at 900 patches and 12.6 s at 2,500;
+jax 0.41 s and 37 s (it diagonalises fully, then tridiagonalises for the sign), so it is meant for a GPU.
+
+Memory and size: the forward pass takes at most ``batch_size`` images, fewer when XLA's own count of the compiled
+program (attention: batch x heads x tokens^2 float32 a few times over) exceeds ``memory_gb`` (0: 90% of the free
+memory of the device, the host's RAM on CPU; the smallest choice of all processes); the batch is chosen before any
+image is read, and when a single image does not fit, or a cut's ~6-8 N x N float64 matrices exceed the host's free
+memory, the evaluation stops in one line naming ``image_size``; so it does, at the same point, with more than
+``max_patches`` patches per image (default 4,096; CutLER's ViT-B/8 at 480 px has 3,600): the cut is O(N^3), hours
+per image at a patch-4 demo's 14,400. Process p feeds the p-th contiguous block of each batch and every row's index travels with
+its keys, so the masks are the same on any number of processes.
 
 Masks at image resolution (``image_masks``): each patch mask is upsampled to the network input by nearest
 neighbour (CutLER, before its CRF), the pixels of earlier masks are removed (CutLER's ``masked_out``), holes are
@@ -69,7 +89,7 @@ from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
 
 EPS = 1e-5  # CutLER's value for the affinities below tau
-SOLVERS = ("jax", "scipy")
+SOLVERS = ("scipy", "jax")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 COLOURS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)])
 
@@ -97,18 +117,36 @@ def second_eigenvector_scipy(a: np.ndarray) -> np.ndarray:
 @jax.jit
 def _second_eigenvector_jax(a):
   inv_sqrt = jax.lax.rsqrt(jnp.sum(a, axis=1))
+  # C = L^-1 (D - A) L^-T with L = D^1/2 (the Cholesky factor of D): the matrix LAPACK's dsygvx diagonalises.
   lap = jnp.eye(a.shape[0], dtype=a.dtype) - inv_sqrt[:, None] * a * inv_sqrt[None, :]
-  _, u = jnp.linalg.eigh(lap)  # ascending eigenvalues
-  return inv_sqrt * u[:, 1]
+  _, u = jnp.linalg.eigh(lap, symmetrize_input=False)  # ascending eigenvalues
+  y = u[:, 1]
+  # LAPACK's sign: dsyevx reduces C = Q T Q^T (dsytrd, lower), dstein scales T's eigenvector z = Q^T y so that its
+  # first entry of largest magnitude is positive, dormtr returns y = Q z. Q = H(1) ... H(n-1), so Q^T y applies
+  # H(1) first; H(i) = I - tau_i w w^T with w = (0, ..., 0, 1, arr[i + 2:, i]) (1 at i + 1).
+  arr, _, _, taus = jax.lax.linalg.tridiagonal(lap, lower=True)
+  idx = jnp.arange(a.shape[0])
+
+  def reflect(i, z):
+    w = jnp.where(idx > i + 1, arr[:, i], (idx == i + 1).astype(a.dtype))
+    return z - taus[i] * w * jnp.dot(w, z, precision=jax.lax.Precision.HIGHEST)
+
+  z = jax.lax.fori_loop(0, a.shape[0] - 1, reflect, y)
+  sign = jnp.where(z[jnp.argmax(jnp.abs(z))] < 0, -1.0, 1.0).astype(a.dtype)
+  return sign * inv_sqrt * y  # x = L^-T y (dsygvx's back-transformation)
 
 
 def second_eigenvector_jax(a: np.ndarray) -> np.ndarray:
-  """The same vector from the symmetric normalised Laplacian D^-1/2 (D - A) D^-1/2 (``jnp.linalg.eigh``, float32),
-  mapped back by D^-1/2; equal to the SciPy one up to sign (and float32 rounding)."""
-  return np.asarray(_second_eigenvector_jax(jnp.asarray(a, jnp.float32)), np.float64)
+  """The same vector as ``second_eigenvector_scipy``, with LAPACK's sign, in float64 on the default device: the
+  symmetric normalised Laplacian D^-1/2 (D - A) D^-1/2 (the standard form dsygvx reduces the problem to, since the
+  Cholesky factor of the diagonal D is D^1/2) diagonalised by ``jnp.linalg.eigh``, its second eigenvector y signed
+  as LAPACK's dstein signs it (module doc) and mapped back by D^-1/2. CPU and GPU (the tridiagonal reduction the sign
+  needs is not implemented on TPU)."""
+  with jax.enable_x64(True):
+    return np.asarray(_second_eigenvector_jax(jnp.asarray(a, jnp.float64)), np.float64)
 
 
-def second_eigenvector(a: np.ndarray, solver: str = "jax") -> np.ndarray:
+def second_eigenvector(a: np.ndarray, solver: str = "scipy") -> np.ndarray:
   if solver == "scipy":
     return second_eigenvector_scipy(a)
   if solver == "jax":
@@ -167,7 +205,7 @@ def ncut_value(mask: np.ndarray, a: np.ndarray) -> float:
   return cut / float(a[s].sum()) + cut / float(a[~s].sum())
 
 
-def maskcut_patches(feats, grid: tuple[int, int], *, tau: float, num_masks: int, solver: str = "jax") -> list[dict]:
+def maskcut_patches(feats, grid: tuple[int, int], *, tau: float, num_masks: int, solver: str = "scipy") -> list[dict]:
   """MaskCut on one image's patch features ``feats`` (N = gh * gw, D): ``num_masks`` rounds (module doc), each
   {"mask": (gh, gw) bool (all False when dropped), "ncut": its Ncut value, "kept": bool}."""
   feats = np.asarray(feats, np.float64)
@@ -397,6 +435,58 @@ def render(image: np.ndarray, masks) -> np.ndarray:
   return np.repeat(np.repeat(grid, f, axis=0), f, axis=1)
 
 
+# -- memory ---------------------------------------------------------------------------------------------------
+NCUT_MATRICES = {"scipy": 6, "jax": 8}  # N x N float64 arrays alive at once in one cut (SciPy's measured: 5.4)
+
+
+def available_bytes(device) -> int:
+  """Memory free for ``device``: an accelerator's allocator limit minus what it holds; on CPU the host's
+  MemAvailable (/proc/meminfo), capped by the cgroup's limit minus its usage where one is set."""
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  free = None
+  with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+    for line in f:
+      if line.startswith("MemAvailable:"):
+        free = int(line.split()[1]) * 1024
+  for limit, usage in (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+  ):
+    with contextlib.suppress(OSError, ValueError):
+      with open(limit) as f, open(usage) as g:
+        room = int(f.read().strip()) - int(g.read().strip())
+      free = room if free is None else min(free, room)
+  return free if free is not None else 1 << 62
+
+
+def forward_bytes(fn, params, global_batch: int, size: int, sharding) -> int:
+  """Bytes one device needs to run the jitted ``fn(params, images)`` on a (global_batch, size, size, 3) float32
+  batch: XLA's own count for the compiled program (temporaries + arguments + outputs; nothing runs). Attention
+  dominates it: batch x heads x tokens^2 float32 a few times over (the 120.7 GB that a ViT of 3 heads at 14,401
+  tokens and batch 16 asked for is this count)."""
+  x = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=sharding)
+  m = fn.lower(params, x).compile().memory_analysis()
+  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def choose_batch(bytes_at, wanted: int, budget: float) -> int:
+  """The largest per-device batch <= ``wanted`` whose ``bytes_at(batch)`` fits ``budget``: batches of 1 and 2
+  measured, the batch their line allows tried, then halved until it fits; 0 when even a batch of 1 does not fit."""
+  one = bytes_at(1)
+  if one > budget:
+    return 0
+  if wanted == 1:
+    return 1
+  per_image = max(bytes_at(2) - one, 1)
+  b = max(1, min(wanted, 1 + int((budget - one) // per_image)))
+  while b > 1 and bytes_at(b) > budget:
+    b //= 2
+  return b
+
+
 class MaskCutEvaluator(runner.Evaluator):
   """``type="maskcut"``: MaskCut unsupervised object discovery (module doc) on a folder of images, written as COCO
   results and pictures; box / mask AP (class-agnostic, percent) against a COCO instances JSON when one is given."""
@@ -407,18 +497,73 @@ class MaskCutEvaluator(runner.Evaluator):
     image_size=480,  # network input image_size x image_size (rounded to a multiple of the patch size)
     tau=0.15,  # affinity threshold on the key cosine similarity
     num_masks=3,  # MaskCut rounds (masks at most) per image
-    solver="jax",  # jax (symmetric normalised Laplacian, jnp.linalg.eigh) | scipy (CutLER's generalised eigh)
+    solver="scipy",  # scipy (CutLER's call) | jax (float64 jnp.linalg.eigh with LAPACK's sign: CPU / GPU)
     crf=False,  # dense-CRF post-processing: not available (pydensecrf does not install), only False
     num_pictures=8,  # images drawn with their masks into DIR/eval/NAME/
     max_images=0,  # 0: every image; else the first max_images (of the annotation file's order, or sorted names)
-    batch_size=16,  # images per forward pass (rounded up to a multiple of the device count)
+    batch_size=16,  # images per forward pass at most (a multiple of the device count; lowered to fit memory)
+    memory_gb=0.0,  # memory one device may use; 0: what is free (an accelerator's, else the host's)
+    max_patches=4096,  # patches per image at most (N x N cuts; CutLER's 480 px at patch 8 is 3,600)
   )
   needs_labels = False
   init_keys = ("box_ap50", "mask_ap50")
 
+  def batch(self, ctx, params, fn, size: int, grid: tuple[int, int]) -> int:
+    """The per-device batch of the forward pass (``choose_batch`` on XLA's count of the compiled program against
+    ``memory_gb`` or the free memory, the same on every process); ConfigError naming image_size when one image's
+    forward pass or cut does not fit. Compiles, runs nothing, reads no data."""
+    c, field = self.cfg, f"evals.{self.name}"
+    n_dev = jax.device_count()
+    device = jax.local_devices()[0]
+    free = available_bytes(device)
+    budget = c.memory_gb * 2**30 if c.memory_gb else 0.9 * free
+    where = (
+      f"{c.memory_gb:g} GB (config.{field}.memory_gb)"
+      if c.memory_gb
+      else f"{budget / 2**30:.1f} GB ({device.platform})"
+    )
+    n = grid[0] * grid[1]
+    runner.require(
+      n <= c.max_patches,
+      f"{field}.image_size",
+      f"{size} px at patch {size // grid[0]} is {grid[0]} x {grid[1]} = {n} patches per image, more than "
+      f"config.{field}.max_patches = {c.max_patches} (each of the {c.num_masks} cuts per image diagonalises an "
+      f"N x N matrix: O(N^3), hours per image at 14,400 on a CPU); lower it (or raise max_patches)",
+    )
+    cut = NCUT_MATRICES[c.solver] * 8 * n * n
+    host = c.memory_gb * 2**30 if c.memory_gb else 0.9 * available_bytes(jax.local_devices(backend="cpu")[0])
+    head = f"{size} px at patch {size // grid[0]} is {n} patches per image"
+    runner.require(
+      cut <= host,
+      f"{field}.image_size",
+      f"{head}: a cut holds ~{cut / 2**30:.1f} GB of {n} x {n} float64 matrices, more than the "
+      f"{host / 2**30:.1f} GB free on the host; lower it",
+    )
+    per_device = choose_batch(
+      lambda b: forward_bytes(fn, params, b * n_dev, size, ctx.batch_sharding), -(-c.batch_size // n_dev), budget
+    )
+    if jax.process_count() > 1:  # one global batch shape: the smallest process's choice
+      per_device = int(np.min(multihost_utils.process_allgather(np.array([per_device], np.int32))))
+    if per_device == 0:
+      need = forward_bytes(fn, params, n_dev, size, ctx.batch_sharding)
+      raise ConfigError(
+        f"config.{field}.image_size: {head}: one image's forward pass needs {need / 2**30:.1f} GB per device, more than "
+        f"{where}; lower it"
+      )
+    return per_device * n_dev
+
   def run(self, ctx, params, feats) -> dict:
     c = self.cfg
     field = f"config.evals.{self.name}"
+    patch = backbone_kwargs(ctx.config.model)["patch_size"]
+    size = input_size(c.image_size, patch)
+    grid = (size // patch, size // patch)
+    graphdef = ctx.graphdef
+    fn = ctx.backbone_fn(
+      "maskcut_keys",
+      lambda p, x: nnx.merge(graphdef, p)(x, key=None, return_keys=True)["keys"].astype(jnp.float32),
+    )
+    batch = self.batch(ctx, params, fn, size, grid)  # before any data is read
     if not c.images:
       raise ConfigError(f"{field}.images: set it to the folder of images MaskCut reads")
     folder = os.path.expanduser(c.images)
@@ -435,22 +580,15 @@ class MaskCutEvaluator(runner.Evaluator):
       items = [(i + 1, n) for i, n in enumerate(names)]
     if c.max_images:
       items = items[: c.max_images]
-    patch = backbone_kwargs(ctx.config.model)["patch_size"]
-    size = input_size(c.image_size, patch)
-    grid = (size // patch, size // patch)
-    graphdef = ctx.graphdef
-    fn = ctx.backbone_fn(
-      "maskcut_keys",
-      lambda p, x: nnx.merge(graphdef, p)(x, key=None, return_keys=True)["keys"].astype(jnp.float32),
-    )
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    batch = max(n_dev, -(-c.batch_size // n_dev) * n_dev)
+    n_proc = jax.process_count()
     out_dir = os.path.join(ctx.out_dir, self.name + ctx.suffix)
     if ctx.is_main:
       os.makedirs(out_dir, exist_ok=True)
     results, pictures, num_masks = [], [], 0
     t0 = last = time.time()
-    ctx.log(f"maskcut: {len(items)} images at {size}x{size} ({grid[0]}x{grid[1]} patches), solver {c.solver}")
+    ctx.log(
+      f"maskcut: {len(items)} images at {size}x{size} ({grid[0]}x{grid[1]} patches), batch {batch}, solver {c.solver}"
+    )
     for start in range(0, len(items), batch):
       chunk = items[start : start + batch]
       images = [read_image(os.path.join(folder, name)) for _, name in chunk]
@@ -460,9 +598,14 @@ class MaskCutEvaluator(runner.Evaluator):
       x = np.zeros((batch, size, size, 3), np.float32)
       for k, im in enumerate(images):
         x[k] = network_input(im, size)
+      # Process p feeds the p-th contiguous block of the batch; each row's index travels beside its keys, so the
+      # gathered rows are put back in batch order whatever the mesh's device order (the same keys on 1 or N processes).
       local = x.reshape(n_proc, batch // n_proc, size, size, 3)[jax.process_index()]
+      rows = np.arange(batch, dtype=np.int32).reshape(n_proc, -1)[jax.process_index()]
       arr = jax.make_array_from_process_local_data(ctx.batch_sharding, local)
-      keys = np.asarray(multihost_utils.process_allgather(fn(params, arr), tiled=True))
+      rows = jax.make_array_from_process_local_data(ctx.batch_sharding, rows)
+      keys, rows = multihost_utils.process_allgather((fn(params, arr), rows), tiled=True)
+      keys = np.asarray(keys)[np.argsort(np.asarray(rows))]
       if not ctx.is_main:  # the host work and the files: the main process only
         continue
       for k, ((image_id, name), im) in enumerate(zip(chunk, images)):
@@ -491,6 +634,7 @@ class MaskCutEvaluator(runner.Evaluator):
       "tau": float(c.tau),
       "num_masks_per_image": int(c.num_masks),
       "solver": c.solver,
+      "batch_size": int(batch),
       "crf": False,
       "score": "1 - Ncut/2 of the patch mask",
       "features": "last-block attention keys of the patch tokens, l2-normalised",
@@ -544,6 +688,19 @@ class MaskCutEvaluator(runner.Evaluator):
       "platform and does not build here; set it to False",
     )
     runner.require(cfg.solver in SOLVERS, f"{field}.solver", f"must be one of {list(SOLVERS)}, got {cfg.solver!r}")
+    runner.require(
+      cfg.solver != "jax" or jax.default_backend() != "tpu",
+      f"{field}.solver",
+      '"jax" needs jax.lax.linalg.tridiagonal (for LAPACK\'s sign), which TPUs lack; use "scipy"',
+    )
+    runner.require(
+      isinstance(cfg.memory_gb, (int, float)) and cfg.memory_gb >= 0,
+      f"{field}.memory_gb",
+      f"must be >= 0 (0: the free memory), got {cfg.memory_gb!r}",
+    )
+    runner.require(
+      runner.positive_ints([cfg.max_patches]), f"{field}.max_patches", f"must be >= 1, got {cfg.max_patches!r}"
+    )
     runner.require(
       isinstance(cfg.tau, (int, float)) and -1.0 <= cfg.tau < 1.0,
       f"{field}.tau",
