@@ -235,6 +235,8 @@ def test_fields_left_at_zero_take_the_protocols_values(tiny_config):
     ("evals.linear.n_last_blocks_grid", (1, 3), "config.evals.linear.n_last_blocks_grid: must be () (the protocol's)"),
     ("evals.linear.avgpool_grid", (1,), "config.evals.linear.avgpool_grid: must be () (the protocol's) or a tuple"),
     ("evals.linear.epoch_length", -1, "config.evals.linear.epoch_length: must be >= 1 iterations"),
+    # DINOv2's own grid needs 4 blocks; the tiny backbone has 2.
+    ("evals.linear.n_last_blocks_grid", (), "config.evals.linear.n_last_blocks_grid: (1, 4) (the protocol's when ())"),
     ("evals.linear.protocol", "dinov3", "config.evals.linear.protocol: must be 'frozen' (cached features), 'dino'"),
   ],
 )

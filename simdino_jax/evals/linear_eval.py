@@ -323,10 +323,25 @@ class LinearEvaluator(runner.Evaluator):
       f"{field}.resize_size",
       f"must be 0 (crop x 256 / 224) or >= the crop size {crop or eval_size}, got {resize!r}",
     )
+    r = resolve(cfg)
     if cfg.protocol != "frozen":
-      batch = resolve(cfg)["batch_size"]
       require(
-        batch % num_devices == 0,
+        r["batch_size"] % num_devices == 0,
         f"{field}.batch_size",
-        f"{batch} is not divisible by the {num_devices} devices (protocol {cfg.protocol!r} splits it over them)",
+        f"{r['batch_size']} is not divisible by the {num_devices} devices (protocol {cfg.protocol!r} splits it over "
+        "them)",
+      )
+    # The protocol's own values (fields at 0 / ()) must fit the backbone too.
+    if cfg.protocol in linear_dinov2.GRIDS:
+      grid = tuple(r["n_last_blocks_grid"])
+      require(
+        max(grid) <= depth,
+        f"{field}.n_last_blocks_grid",
+        f"{grid} (the protocol's when ()) needs {max(grid)} blocks, the backbone has {depth}: give a smaller grid",
+      )
+    else:
+      require(
+        r["n_last_blocks"] <= depth,
+        f"{field}.n_last_blocks",
+        f"0 means the protocol's {r['n_last_blocks']} blocks, the backbone has {depth}: give n_last_blocks",
       )
