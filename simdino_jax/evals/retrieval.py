@@ -587,7 +587,7 @@ class RetrievalEvaluator(runner.Evaluator):
     )
     ctx.log(f"retrieval: {c.dataset}, {len(queries)} queries, {len(database)} database images, {c.protocol} protocol")
     if dino and c.crop_queries:
-      ctx.log("retrieval: queries cropped to their bbx, which DINO's script does not do (crop_queries=False does not)")
+      ctx.log("retrieval: queries cropped to their bbx (crop_queries=True); DINO's script feeds whole queries")
     db_keys, q_keys = keys_of(database), keys_of(queries)
     db_f = describe(ctx, params, fn, database, keys=db_keys, load=loader(database), batch_of=batch_of, what="database")
     q_f = describe(ctx, params, fn, queries, keys=q_keys, load=loader(queries), batch_of=batch_of, what="queries")
