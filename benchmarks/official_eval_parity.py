@@ -32,7 +32,8 @@ Checks (official side; "transcription" where the official code cannot run, quote
                 'multiclass-logistic', penalty='l2', fit_intercept=False, lambda_1=lambd / n, tol=1e-3,
                 solver='auto', random_state=0, max_iter=300, duality_gap_interval=10)`` (MSN: ``lambd /=
                 len(embs)``, ``it0=10``, ``max_epochs=300``, ``seed=0``) vs evals.fewshot on the same 5-shot split:
-                preprocessed features, test accuracy, coefficients and the objective both minimise.
+                preprocessed features, test accuracy, coefficients and the objective both minimise; the same
+                problem is also solved tightly by cyanure (tol 1e-12, float64) to compare solutions, not tolerances.
   retrieval     dino/eval_image_retrieval.py's ranking (``sim = torch.mm(train_features, query_features.T); ranks =
                 torch.argsort(-sim, dim=0)``, transcribed: it is inline in the script's main) and revisitop's
                 ``compute_map`` (python/evaluate.py, imported; ``np.in1d`` -> ``np.isin``, gone in NumPy 2.4) with
@@ -445,7 +446,11 @@ def check_fewshot(official_dir: str, seed: int) -> dict:
   # ~6e-7 above the optimum, at the precision of its float32 arithmetic).
   ox64 = np.array(x, np.float64)
   cy_preprocess(ox64, normalize=True, columns=False, centering=True)
-  tight_w = np.asarray(cyanure_fit(1e-12, 100000, ox64).coef_, np.float64)
+  tight = cyanure_fit(1e-12, 100000, ox64)
+  tight_w = np.asarray(tight.coef_, np.float64)
+  otx64 = np.array(test_x, np.float64)
+  cy_preprocess(otx64, normalize=True, columns=False, centering=True)
+  tight_acc = 100.0 * float(tight.score(otx64, test_y))
 
   # OURS: the module's preprocessing and solver (fewshot.logistic_fit_accuracy) on the same split.
   px, ptx = fewshot.preprocess(x), fewshot.preprocess(test_x)
@@ -459,20 +464,28 @@ def check_fewshot(official_dir: str, seed: int) -> dict:
   coef_rel = float(np.linalg.norm(ours_w - off_w) / np.linalg.norm(off_w))
   coef_rel_tight = float(np.linalg.norm(ours_w - tight_w) / np.linalg.norm(tight_w))
   # Strong convexity (modulus lambd / n) bounds the distance to the minimiser by the objective's excess:
-  # ||w - w*|| <= sqrt(2 (f(w) - f*) / mu); f* taken as the tight cyanure solution's value.
+  # ||w - w*|| <= sqrt(2 (f(w) - f*) / mu); f* taken as the tight cyanure solution's value. The bound is nearly
+  # attained: along W + v 1^T (softmax's invariance) the curvature is exactly mu, so the check allows 1.5x for the
+  # tight solution's own error in f*.
   coef_bound = math.sqrt(2.0 * max(obj_ours - obj_tight, 1e-15 * abs(obj_tight)) / lambd_n)
   coef_dist = float(np.linalg.norm(ours_w - tight_w))
   obj_rel = abs(obj_ours - obj_off) / abs(obj_off)
   obj_rel_tight = abs(obj_ours - obj_tight) / abs(obj_tight)
   row = _row(
     {"accuracy": ours_acc, "objective": obj_ours},
-    {"accuracy": off_acc, "objective": obj_off, "objective_float64_tol_1e-12": obj_tight},
-    abs(ours_acc - off_acc),
+    {
+      "accuracy": off_acc,
+      "objective": obj_off,
+      "accuracy_float64_tol_1e-12": tight_acc,
+      "objective_float64_tol_1e-12": obj_tight,
+    },
+    abs(ours_acc - tight_acc),
     PERCENT_TOL,
     f"{shots}-shot split (seed {seed}) of 10 classes, lambd {lambd} (MSN README's --lambd); objective mean "
-    "cross-entropy + lambd/n /2 ||W||^2 evaluated in float64 on the official preprocessed features; coefficients "
-    "against cyanure at MSN's tol 1e-3 (float32) and at tol 1e-12 on float64 features (the same problem solved tightly); official: cyanure 1.2.2 "
-    "with msn/logistic_eval.py's parameters, run (the 0.2x API MSN calls no longer installs)",
+    "cross-entropy + lambd/n /2 ||W||^2 evaluated in float64 on the official preprocessed features; official: "
+    "cyanure 1.2.2 with msn/logistic_eval.py's parameters (tol 1e-3, float32), run (the 0.2x API MSN calls no "
+    "longer installs), and the same problem solved tightly (tol 1e-12, float64 features), whose test accuracy "
+    "max_abs_diff compares",
     preprocess_diff=prep_diff,
     coef_rel_diff=coef_rel,
     coef_rel_diff_float64_tol_1e12=coef_rel_tight,
@@ -482,14 +495,17 @@ def check_fewshot(official_dir: str, seed: int) -> dict:
     objective_rel_diff_float64_tol_1e12=obj_rel_tight,
     ours_duality_gap=fit.get("duality_gap"),
   )
-  # Both solve one strictly convex problem to a tolerance (cyanure: relative duality gap 1e-3): the coefficients
-  # agree to that tolerance, not to float rounding; the predictions must agree.
+  # Both solve one strictly convex problem to a tolerance (cyanure at MSN's call: relative duality gap 1e-3, in
+  # float32): against that solution the objective agrees to its tolerance and a test prediction near a decision
+  # boundary may flip (accuracy_diff_msn_tol, reported); against the tightly solved problem the predictions agree
+  # and the coefficients lie within the distance strong convexity allows for our objective's excess.
+  row["accuracy_diff_msn_tol"] = abs(ours_acc - off_acc)
   row["ok"] = bool(
-    abs(ours_acc - off_acc) <= PERCENT_TOL
+    abs(ours_acc - tight_acc) <= PERCENT_TOL
     and prep_diff <= FLOAT_TOL
     and obj_rel <= 1e-3
     and obj_rel_tight <= 1e-6
-    and coef_dist <= coef_bound
+    and coef_dist <= 1.5 * coef_bound
   )
   return row
 
