@@ -88,7 +88,8 @@ def get_config(arg=None):
   # grid, lrs, iterations and batch at 0 / (): the fork's defaults; docs/evaluation.md#linear-evaluation).
   c.evals.linear.protocol = "simdinov2"
   # Table 3's dense evaluations: the SimDINO authors ran iBOT's linear segmentation scripts (SimDINO issue #44:
-  # blocks [3, 5, 7, 11], 1x1 linear head, 160k iterations at 512 px, AdamW 7e-4, poly) and DINO's DAVIS-2017 script
+  # iBOT README's ViT-B/16 command: blocks [3, 5, 7, 11] through the final norm, 1x1 linear head, 160k iterations at
+  # 512 px, AdamW 8e-4, poly; protocol "ibot_linear" with lr 0 takes it) and DINO's DAVIS-2017 script
   # (480 px, 7 context frames, neighbourhood 12, top-5, T 0.1: the davis defaults). Run them on a checkpoint with
   # --eval=segmentation,davis and --config.evals.segmentation.source=ade20k:PATH --config.evals.davis.data_dir=PATH.
   c.evals.segmentation.protocol = "ibot_linear"

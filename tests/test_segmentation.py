@@ -144,6 +144,102 @@ def test_bilinear_matrix_is_half_pixel_upsampling():
   assert float(lr(0)) == pytest.approx(1e-9, rel=1e-3) and float(lr(1500)) == pytest.approx(1e-3 * (1 - 1500 / 40_000))
 
 
+# -- iBOT's protocol -------------------------------------------------------------------------------------------
+def _evaluator(protocol, **cfg):
+  from conftest import make_tiny_config
+
+  from simdino_jax import evals
+
+  c = make_tiny_config()
+  c.evals.segmentation.protocol = protocol
+  c.evals.segmentation.update(cfg)
+  return evals.build(c, ["segmentation"])["segmentation"]
+
+
+def test_ibot_lr_per_architecture_and_the_documented_command():
+  expected = {  # width: (ibot_linear = README's command where documented, ibot_linear_config = the files)
+    384: (3e-5, 3e-5),
+    768: (8e-4, 7e-4),
+    1024: (2e-5, 2e-5),
+    96: (8e-4, 7e-4),  # not an iBOT width: ViT-B's
+  }
+  for width, lrs in expected.items():
+    for protocol, lr in zip(("ibot_linear", "ibot_linear_config"), lrs):
+      s = _evaluator(protocol).settings(12 if width < 1024 else 24, width)
+      assert s["lr"] == lr and s["iterations"] == 160_000 and s["weight_decay"] == 0.05 and s["warmup"] == 1500
+      assert s["blocks"] == ((3, 5, 7, 11) if width < 1024 else (7, 11, 15, 23))
+      assert ("none of iBOT's" in s["lr_source"]) == (width == 96)
+  s = _evaluator("ibot_linear", lr=1e-3).settings(12, 768)
+  assert s["lr"] == 1e-3 and s["lr_source"] == "config.evals.segmentation.lr"
+
+
+def test_ibot_numbers_equal_ibots_files():
+  """IBOT_LR and the protocol's numbers against iBOT's clone: each configs/linear/vit_*_512_ade20k_160k.py's
+  optimizer lr / weight decay, lr_config (poly, warm-up 1500 from 1e-6) and out_indices, and evaluation/README.md's
+  ViT-B/16 linear command (out_with_norm=true, optimizer.lr=8e-4)."""
+  import ast
+  import re
+
+  root = os.environ.get("SIMDINO_OFFICIAL_DIR")
+  ibot = os.path.join(root or "", "ibot", "evaluation")
+  if not root or not os.path.isdir(ibot):
+    pytest.skip("needs SIMDINO_OFFICIAL_DIR holding the iBOT clone (ibot/evaluation)")
+  widths = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
+  for arch, width in widths.items():
+    path = os.path.join(ibot, "semantic_segmentation", "configs", "linear", f"{arch}_512_ade20k_160k.py")
+    cfg = {}
+    for node in ast.parse(open(path).read()).body:  # the file's plain assignments: dict(...) calls and literals
+      if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and node.value.func.id == "dict":
+        cfg[node.targets[0].id] = {k.arg: k.value for k in node.value.keywords}
+    opt, sched = cfg["optimizer"], cfg["lr_config"]
+    backbone = {k.arg: k.value for k in cfg["model"]["backbone"].keywords}
+    assert ast.literal_eval(opt["lr"]) == seg.IBOT_LR["ibot_linear_config"][width][0], arch
+    assert ast.literal_eval(opt["weight_decay"]) == seg.PROTOCOLS["ibot_linear"]["weight_decay"]
+    assert ast.literal_eval(sched["warmup_iters"]) == seg.PROTOCOLS["ibot_linear"]["warmup"]
+    assert ast.literal_eval(sched["warmup_ratio"]) == seg.WARMUP_RATIO and ast.literal_eval(sched["power"]) == 1.0
+    depth = ast.literal_eval(backbone["depth"])
+    assert tuple(ast.literal_eval(backbone["out_indices"])) == seg.ibot_blocks(depth)
+    assert "out_with_norm" not in backbone  # the backbone's default: False (register_backbone.py)
+    if arch != "vit_base":  # no documented command: the file's lr
+      assert seg.IBOT_LR["ibot_linear"][width][0] == seg.IBOT_LR["ibot_linear_config"][width][0]
+  readme = open(os.path.join(ibot, "README.md")).read()
+  command = re.search(r"linear head as the task layer, run:\n```\n(.*?)```", readme, re.S).group(1)
+  assert "ade20k_dense_linear" in command and "vit_base" in command
+  assert "model.backbone.out_with_norm=true" in command
+  assert float(re.search(r"optimizer\.lr=([0-9.e-]+)", command).group(1)) == seg.IBOT_LR["ibot_linear"][768][0]
+  gpus, per_gpu = re.search(r"teacher (\d+) \\\n\s*data\.samples_per_gpu=(\d+)", command).groups()
+  assert int(gpus) * int(per_gpu) == seg.SegmentationEvaluator.DEFAULTS["batch_size"]
+
+
+def test_ibot_features_with_and_without_the_final_norm():
+  """iBOT's backbone (register_backbone.py) for each out index: ``xp = self.norm(x[:, 1:, :])``, where ``self.norm``
+  is the final LayerNorm with out_with_norm=true and ``nn.Identity()`` without; transcribed on the tiny ViT's own
+  blocks run one by one."""
+  from conftest import make_tiny_config
+  from flax import nnx
+
+  from simdino_jax.models.network import backbone_kwargs
+  from simdino_jax.models.vit import VisionTransformer
+
+  kw = backbone_kwargs(make_tiny_config().model)
+  vit = VisionTransformer(**kw, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(vit)
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  depth, patch, blocks = kw["depth"], kw["patch_size"], (0, 1)
+  x = vit.prepare_tokens(jax.numpy.asarray(images))  # (B, T, D); the blocks take the (B * T, D) layout
+  x = x.reshape(-1, kw["embed_dim"])
+  outs = []
+  for blk in vit.blocks:
+    x, _, _ = blk(x, 2, key=None)
+    outs.append(x.reshape(2, -1, kw["embed_dim"])[:, 1 + vit.num_registers :])
+  for final_norm in (True, False):
+    fn = seg.make_feature_fn(graphdef, blocks, depth, patch, final_norm)
+    got = np.asarray(fn(params, images))
+    ref = [np.asarray(vit.norm(outs[i]) if final_norm else outs[i]) for i in blocks]
+    ref = np.concatenate(ref, axis=-1).reshape(2, 32 // patch, 32 // patch, -1)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
 # -- data -------------------------------------------------------------------------------------------------------
 def _png(path, array, palette=False):
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -245,7 +341,7 @@ def seg_run(tmp_path_factory):
   return c, workdir
 
 
-@pytest.mark.parametrize("protocol", ["dinov2_linear", "ibot_linear"])
+@pytest.mark.parametrize("protocol", ["dinov2_linear", "ibot_linear", "ibot_linear_config"])
 def test_segmentation_through_evaluate_beats_chance_and_writes_json_and_pictures(seg_run, protocol):
   config, workdir = seg_run
   config = config.copy_and_resolve_references()
@@ -257,6 +353,8 @@ def test_segmentation_through_evaluate_beats_chance_and_writes_json_and_pictures
   assert r["protocol"] == protocol and r["iterations"] == 60 and r["num_val"] == 6 and r["num_classes"] == 3
   assert len(r["per_class_iou"]) == 3 and r["stride"] == 21 and r["warmup"] == (2 if protocol == "dinov2_linear" else 1)
   assert r["blocks"] == ([1] if protocol == "dinov2_linear" else [0, 0, 0, 1])
+  assert r["head"] == ("BatchNorm + 1x1 conv" if protocol == "dinov2_linear" else "1x1 conv")
+  assert r["features"].endswith("no final norm" if protocol == "ibot_linear_config" else ", final norm")
   for f in r["files"]:
     im = Image.open(os.path.join(workdir, "eval", f))
     assert im.size[0] > 2 * im.size[1]  # image | ground truth | prediction

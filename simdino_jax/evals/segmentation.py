@@ -9,11 +9,22 @@ Protocols (``protocol``; 0 / negative config values take the protocol's number):
   norm, BatchNorm (batch statistics while training, running statistics with PyTorch's momentum 0.1 at test; SyncBN:
   the statistics span the whole global batch) then a 1x1 conv to the classes; 40k iterations, AdamW lr 1e-3, wd 1e-4,
   batch 16.
-* ``ibot_linear`` (iBOT's ``configs/linear/vit_*_512_ade20k_160k.py``, FCNHead with ``num_convs=0``): the patch
-  tokens of blocks [3, 5, 7, 11] of a 12-block ViT *without* the final norm (iBOT's ``out_with_norm=False``),
-  concatenated, one 1x1 conv; 160k iterations, AdamW lr 7e-4, wd 0.05, batch 16. For depth d the blocks are
-  round(d/3) - 1, d/2 - 1, round(2d/3) - 1, d - 1 (iBOT's ViT-L uses [7, 11, 15, 23], the same rule); ``blocks``
-  overrides them.
+* ``ibot_linear``: iBOT's documented command, the one behind its published linear mIoU (iBOT
+  ``evaluation/README.md``, "To train ViT-B/16 with fixed backbone and linear head": ``./run.sh ade20k_dense_linear
+  $JOB_NAME vit_base teacher 4 data.samples_per_gpu=4 model.backbone.out_with_norm=true optimizer.lr=8e-4``, i.e.
+  ``configs/linear/vit_base_512_ade20k_160k.py`` with those overrides, batch 4 x 4 = 16): the patch tokens of
+  blocks [3, 5, 7, 11] of a 12-block ViT, each through the final norm (``out_with_norm=true``: iBOT's backbone
+  applies ``self.norm`` to every output block), concatenated, FCNHead with ``num_convs=0`` (no BatchNorm: one 1x1
+  conv); 160k iterations, AdamW wd 0.05, batch 16. For depth d the blocks are round(d/3) - 1, d/2 - 1, round(2d/3) -
+  1, d - 1 (iBOT's ViT-L uses [7, 11, 15, 23], the same rule); ``blocks`` overrides them. The lr depends on the
+  architecture (``IBOT_LR``, by embedding width): ViT-B (768) 8e-4, the README command's ``optimizer.lr=8e-4``;
+  ViT-S (384) 3e-5, ``configs/linear/vit_small_512_ade20k_160k.py``'s ``optimizer = dict(..., lr=3e-5, ...)``;
+  ViT-L (1024) 2e-5, ``configs/linear/vit_large_512_ade20k_160k.py``'s ``lr=2e-5`` (no command is documented for
+  those two, so ``run.sh`` runs their configs as they are); any other width takes ViT-B's 8e-4, the only documented
+  linear command (the result's ``lr_source`` says which applied). iBOT publishes only ViT-B/16's linear mIoU.
+* ``ibot_linear_config``: iBOT's config files as they are, without the command's overrides: no final norm on the
+  blocks (``out_with_norm=False``, the backbone's default) and the files' lr, ViT-B 7e-4 (``lr=7e-4``), ViT-S 3e-5,
+  ViT-L 2e-5 (other widths: ViT-B's 7e-4); everything else as ``ibot_linear``.
 
 Both: mmcv's ``poly`` schedule (power 1, min lr 0) over the iterations with a linear warm-up of 1,500 iterations from
 1e-6 of the lr (``lr_at``; the warm-up scales with ``iterations`` when they are overridden: round(1500 x iterations /
@@ -36,12 +47,18 @@ out of the mean; a class absent from the ground truth has accuracy NaN).
 Not reproduced: multi-scale / flip test augmentation (neither linear protocol uses it); mmseg's ``slide_inference``
 runs the backbone on a smaller window when the resized image is smaller than c, we pad that window to c (zeros after
 normalisation) and crop its logits; mixed precision (iBOT trains in fp16) -- we train in float32; the data loader's
-sampler (we draw each epoch as a fresh permutation of the training set, batch per iteration); multi-host runs (one
-process only). Features are not cached: the training pipeline augments every iteration, so the frozen backbone runs
-on every batch (as officially); validation windows pass through the backbone once.
+sampler (we draw each epoch as a fresh permutation of the training set, batch per iteration). Features are not
+cached: the training pipeline augments every iteration, so the frozen backbone runs on every batch (as officially);
+validation windows pass through the backbone once.
+
+Several processes (a pod): every process draws the same views (each a pure function of the seed, the iteration and
+the slot) and cuts the same validation windows, and feeds only its own devices' rows of each batch; BatchNorm's
+statistics and the gradients span the global batch; the window logits are gathered back in order. The figures are
+therefore those of one process (tests/test_eval_multiprocess.py); the host work is repeated on every process, not
+split.
 
 Result: ``miou``, ``macc``, ``aacc`` (percent), ``per_class_iou`` / ``per_class_acc`` (percent, null for NaN),
-the protocol and its numbers; pictures DIR/eval/NAME/val_<i>.png (image | ground truth | prediction, VOC's palette:
+the protocol and its numbers (``lr_source``: where the lr came from; ``head``; ``features``); pictures DIR/eval/NAME/val_<i>.png (image | ground truth | prediction, VOC's palette:
 class k gets colour k, ignored pixels 255's cream).
 """
 
@@ -59,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from simdino_jax.data import device_augment
@@ -71,7 +89,21 @@ IGNORE = seg_data.IGNORE_INDEX
 PROTOCOLS = {
   # iterations, lr, weight decay, warm-up
   "dinov2_linear": dict(iterations=40_000, lr=1e-3, weight_decay=1e-4, warmup=1500),
-  "ibot_linear": dict(iterations=160_000, lr=7e-4, weight_decay=0.05, warmup=1500),
+  "ibot_linear": dict(iterations=160_000, lr=None, weight_decay=0.05, warmup=1500),  # lr: IBOT_LR
+  "ibot_linear_config": dict(iterations=160_000, lr=None, weight_decay=0.05, warmup=1500),
+}
+# iBOT's linear ADE20K lr per architecture, keyed by the embedding width: {protocol: {width: (lr, source)}}.
+IBOT_LR = {
+  "ibot_linear": {
+    384: (3e-5, "vit_small: configs/linear/vit_small_512_ade20k_160k.py lr=3e-5 (no documented command)"),
+    768: (8e-4, "vit_base: evaluation/README.md linear command, optimizer.lr=8e-4"),
+    1024: (2e-5, "vit_large: configs/linear/vit_large_512_ade20k_160k.py lr=2e-5 (no documented command)"),
+  },
+  "ibot_linear_config": {
+    384: (3e-5, "vit_small: configs/linear/vit_small_512_ade20k_160k.py lr=3e-5"),
+    768: (7e-4, "vit_base: configs/linear/vit_base_512_ade20k_160k.py lr=7e-4"),
+    1024: (2e-5, "vit_large: configs/linear/vit_large_512_ade20k_160k.py lr=2e-5"),
+  },
 }
 WARMUP_RATIO = 1e-6
 CAT_MAX_RATIO = 0.75
@@ -281,7 +313,8 @@ def ibot_blocks(depth: int) -> tuple[int, ...]:
 
 def make_feature_fn(graphdef, blocks: tuple[int, ...], depth: int, patch: int, final_norm: bool) -> Callable:
   """(backbone params, normalised images (B, H, W, 3)) -> the patch tokens of ``blocks`` concatenated, (B, H/p, W/p,
-  F) float32; after the final norm (DINOv2's get_intermediate_layers) or the blocks' raw outputs (iBOT)."""
+  F) float32; each block's through the final norm (DINOv2's get_intermediate_layers; iBOT's ``out_with_norm=true``:
+  ``xp = self.norm(x[:, 1:, :])`` per output block) or the blocks' raw outputs (iBOT's config files)."""
   keep = depth - min(blocks)
 
   def features(params, images):
@@ -403,6 +436,13 @@ def _hms(seconds: float) -> str:
 
 
 # -- the evaluator ----------------------------------------------------------------------------------------------
+def _global(x, sharding) -> jax.Array:
+  """A global array of the host value ``x``, which every process computes alike (the batch of views, the head's
+  init): each process places only its own devices' rows, so the figures do not depend on the number of processes."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 class SegmentationEvaluator(runner.Evaluator):
   """Linear semantic segmentation on frozen patch tokens; see the module docstring."""
 
@@ -425,15 +465,27 @@ class SegmentationEvaluator(runner.Evaluator):
   )
   needs_labels = False
 
-  def settings(self, depth: int) -> dict:
+  def settings(self, depth: int, width: int) -> dict:
+    """The protocol's numbers for a backbone of ``depth`` blocks and embedding ``width``, config overrides applied;
+    ``lr_source`` says where the lr comes from."""
     c = self.cfg
     p = PROTOCOLS[c.protocol]
     iterations = c.iterations or p["iterations"]
     warmup = c.warmup if c.warmup >= 0 else int(round(p["warmup"] * iterations / p["iterations"]))
     blocks = tuple(c.blocks) or ((depth - 1,) if c.protocol == "dinov2_linear" else ibot_blocks(depth))
+    if c.lr:
+      lr, source = c.lr, f"config.evals.{self.name}.lr"
+    elif p["lr"] is not None:
+      lr, source = p["lr"], f"{c.protocol}'s"
+    else:  # iBOT's per-architecture lr; another width: ViT-B's
+      table = IBOT_LR[c.protocol]
+      lr, source = table.get(width, table[768])
+      if width not in table:
+        source = f"width {width} is none of iBOT's (384 / 768 / 1024): {source}"
     return dict(
+      lr_source=source,
       iterations=iterations,
-      lr=c.lr or p["lr"],
+      lr=lr,
       weight_decay=p["weight_decay"] if c.weight_decay < 0 else c.weight_decay,
       warmup=warmup,
       blocks=blocks,
@@ -443,22 +495,20 @@ class SegmentationEvaluator(runner.Evaluator):
     c, config = self.cfg, self.config
     if not c.source:
       raise ConfigError(f"config.evals.{self.name}.source: set it to ade20k:PATH, voc:PATH or folder:PATH")
-    if jax.process_count() > 1:
-      raise ConfigError(f"config.evals.{self.name}: the segmentation evaluator runs on one process only")
     train_src = seg_data.load(c.source, "train", c.num_classes)
     val_src = seg_data.load(c.source, "val", c.num_classes)
     num_classes = train_src.num_classes
     kw = backbone_kwargs(config.model)  # the variant's depth unless config.model.depth overrides it
     depth, patch = kw["depth"], kw["patch_size"]
-    s = self.settings(depth)
+    s = self.settings(depth, kw["embed_dim"])
     crop, stride = c.crop_size, int(round(c.crop_size * 2 / 3))
-    final_norm = c.protocol == "dinov2_linear"
+    final_norm = c.protocol in ("dinov2_linear", "ibot_linear")  # ibot_linear_config: out_with_norm=False
     what = f"patch tokens of block(s) {list(s['blocks'])}, " + ("final norm" if final_norm else "no final norm")
     feature_fn = make_feature_fn(ctx.graphdef, s["blocks"], depth, patch, final_norm)
     dim = jax.eval_shape(feature_fn, params, jax.ShapeDtypeStruct((1, crop, crop, 3), jnp.float32)).shape[-1]
     schedule = poly_warmup_lr(s["lr"], s["iterations"], s["warmup"])
     tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=s["weight_decay"])
-    state = init_head(jax.random.key(config.seed), dim, num_classes, batchnorm=final_norm)
+    state = init_head(jax.random.key(config.seed), dim, num_classes, batchnorm=c.protocol == "dinov2_linear")
     state["opt"] = tx.init(state["params"])
     b, r = ctx.batch_sharding, ctx.replicated
     key = (
@@ -488,7 +538,9 @@ class SegmentationEvaluator(runner.Evaluator):
       f"wd {s['weight_decay']:g}, warm-up {s['warmup']}"
     )
     t0 = time.time()
-    state, losses = self._train(ctx, step, jax.device_put(state, r), params, train_src, s["iterations"], crop)
+    state, losses = self._train(
+      ctx, step, jax.tree.map(lambda x: _global(x, r), state), params, train_src, s["iterations"], crop
+    )
     train_s = time.time() - t0
     result = self._validate(ctx, window, state, params, val_src, crop, stride, patch, num_classes)
     tail = losses[-min(50, len(losses)) :]
@@ -499,6 +551,8 @@ class SegmentationEvaluator(runner.Evaluator):
       blocks=[int(i) for i in s["blocks"]],
       iterations=s["iterations"],
       lr=s["lr"],
+      lr_source=s["lr_source"],
+      head="BatchNorm + 1x1 conv" if c.protocol == "dinov2_linear" else "1x1 conv",
       weight_decay=s["weight_decay"],
       warmup=s["warmup"],
       batch_size=c.batch_size,
@@ -543,9 +597,9 @@ class SegmentationEvaluator(runner.Evaluator):
       for it in range(iterations):
         work, pending = pending, (submit(it + 1) if it + 1 < iterations else None)
         views = [w.result() for w in work]
-        images = jax.device_put(np.stack([v[0] for v in views]), b)
-        labels = jax.device_put(np.stack([v[1] for v in views]), b)
-        hw = jax.device_put(np.asarray([v[2] for v in views], np.int32), b)
+        images = _global(np.stack([v[0] for v in views]), b)
+        labels = _global(np.stack([v[1] for v in views]), b)
+        hw = _global(np.asarray([v[2] for v in views], np.int32), b)
         state, loss = step(state, params, images, labels, hw)
         losses.append(loss)
         now = time.time()
@@ -592,10 +646,8 @@ class SegmentationEvaluator(runner.Evaluator):
           hw = np.full((wb, 2), crop, np.int32)
           for j, (img, size) in enumerate(chunk):
             images[j], hw[j] = img, size
-          out = window(
-            state, params, jax.device_put(images, ctx.batch_sharding), jax.device_put(hw, ctx.batch_sharding)
-          )
-          logits.extend(np.asarray(out)[: len(chunk)])
+          out = window(state, params, _global(images, ctx.batch_sharding), _global(hw, ctx.batch_sharding))
+          logits.extend(np.asarray(multihost_utils.process_allgather(out, tiled=True))[: len(chunk)])
         k = 0
         for j, (ex, (h, w), boxes, _) in enumerate(items):
           mask = ex["mask"]
