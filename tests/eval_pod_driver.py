@@ -1,9 +1,10 @@
 """One process of a simulated evaluation pod, run by tests/test_eval_multiprocess.py (not a test itself).
 
-``python tests/eval_pod_driver.py OUT_DIR NAME[,NAME...]``: joins the pod described by ``JAX_COORDINATOR_ADDRESS`` /
-``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (none: a single process), builds the tiny test ViT from a fixed seed (the
-same weights on every process, replicated), evaluates it on a fixed slice of ``digits`` with the evaluators ``NAME``
-through ``runner.run_round`` (the path ``evaluate.py`` and the trainer take) and, on process 0, writes
+``python tests/eval_pod_driver.py OUT_DIR NAME[,NAME...] DATA``: joins the pod described by
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (none: a single process), builds the tiny
+test ViT from a fixed seed (the same weights on every process, replicated), evaluates it on DATA/digits.npz (a slice
+of ``digits``), DATA/shapes (a segmentation folder) and DATA/DAVIS (a DAVIS-layout folder), written by the test, with
+the evaluators ``NAME`` through ``runner.run_round`` (the path ``evaluate.py`` and the trainer take) and, on process 0, writes
 OUT_DIR/results.json (the evaluators' results), OUT_DIR/features.npz (the shared "cls" features and labels of both
 splits, as every process gathered them) and the evaluators' own files (attention arrays) under OUT_DIR/eval.
 """
@@ -20,10 +21,8 @@ from conftest import make_tiny_config
 
 from simdino_jax import sharding
 
-NUM_TRAIN, NUM_TEST = 250, 122  # neither a multiple of the eval batch nor of the processes: padding on every split
 
-
-def config_for(names):
+def config_for(names, data):
   from simdino_jax import evals
 
   c = make_tiny_config()
@@ -38,11 +37,15 @@ def config_for(names):
   )
   c.evals.fewshot = evals.declare("fewshot", shots=(1, 5), fractions=(0.05,), num_splits=2)
   c.evals.attention = evals.declare("attention", num_images=5)
+  # SyncBN-like batch statistics over the global batch, views split over the devices, window logits gathered.
+  seg = dict(source=f"folder:{data}/shapes", num_classes=3, iterations=3, crop_size=32, batch_size=4, lr=0.01)
+  c.evals.segmentation = evals.declare("segmentation", num_images=0, **seg)
+  c.evals.davis = evals.declare("davis", data_dir=f"{data}/DAVIS", short_side=48, size_multiple=16, overlay_frames=0)
   c.evals = {name: c.evals[name] for name in names}  # only what this run evaluates
   return c
 
 
-def main(out_dir: str, names: list[str]) -> None:
+def main(out_dir: str, names: list[str], data: str) -> None:
   sharding.maybe_initialize_distributed()
   import jax
   import numpy as np
@@ -53,25 +56,27 @@ def main(out_dir: str, names: list[str]) -> None:
   from simdino_jax.evals import runner
   from simdino_jax.models.network import build_backbone
 
-  config = config_for(names)
-  graphdef, state = nnx.split(build_backbone(config.model, rngs=nnx.Rngs(0)))
+  config = config_for(names, data)
+  # One jitted initialisation (eagerly, every parameter's init would compile a program of its own).
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_backbone(config.model, rngs=nnx.Rngs(0))))
+  state = jax.jit(lambda: nnx.split(build_backbone(config.model, rngs=nnx.Rngs(0)))[1])()
   mesh = sharding.make_mesh(config.mesh)
   param_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   params = jax.tree.map(
     lambda v, s: jax.make_array_from_callback(np.shape(v), s, lambda index: np.asarray(v)[index]), state, param_sharding
   )
+  digits = np.load(os.path.join(data, "digits.npz"))
 
-  def head(split, n):
-    src = sources.load_digits(split)
-    return sources.ArraySource(src.images[:n], src.labels[:n], name=f"digits/{split}[:{n}]", num_classes=10)
+  def source(split):
+    return sources.ArraySource(digits[f"{split}_images"], digits[f"{split}_labels"], name=split, num_classes=10)
 
   ctx = runner.Context(
     config,
     graphdef=graphdef,
     param_sharding=param_sharding,
     mesh=mesh,
-    train_source=head("train", NUM_TRAIN),
-    test_source=head("test", NUM_TEST),
+    train_source=source("train"),
+    test_source=source("test"),
     out_dir=os.path.join(out_dir, "eval"),
   )
   results = runner.run_round(ctx, evals.build(config, names), params)
@@ -86,4 +91,4 @@ def main(out_dir: str, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2].split(","))
+  main(sys.argv[1], sys.argv[2].split(","), sys.argv[3])

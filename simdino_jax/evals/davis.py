@@ -415,7 +415,7 @@ class DavisEvaluator(runner.Evaluator):
     fn = ctx.backbone_fn(
       ("davis_patch",), lambda p, images: nnx.merge(graphdef, p)(images, key=None)["patch"].astype(jnp.float32)
     )
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    n_dev = jax.device_count()
     batch = max(n_dev, -(-c.batch_size // n_dev) * n_dev)
     out_dir = os.path.join(ctx.out_dir, self.name + ctx.suffix)
     colours = palette()
@@ -439,8 +439,9 @@ class DavisEvaluator(runner.Evaluator):
         size = images[0].shape
         x = np.zeros((batch, *size), np.float32)
         x[: len(chunk)] = np.stack(images)
-        local = x.reshape(n_proc, batch // n_proc, *size)[jax.process_index()]
-        arr = jax.make_array_from_process_local_data(ctx.batch_sharding, local)
+        # Every process reads every frame (the propagation runs everywhere) and places its own devices' rows: the
+        # tokens, gathered in frame order, do not depend on the number of processes or the mesh's device order.
+        arr = jax.make_array_from_callback(x.shape, ctx.batch_sharding, lambda index, x=x: x[index])
         tokens = np.asarray(multihost_utils.process_allgather(fn(params, arr), tiled=True))[: len(chunk)]
         grid_h, grid_w = size[0] // patch, size[1] // patch
         for k, (f, rgb) in enumerate(zip(chunk, originals)):
