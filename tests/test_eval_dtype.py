@@ -19,6 +19,16 @@ from simdino_jax.models.network import build_backbone
 
 def test_a_bfloat16_trained_backbone_is_evaluated_in_float32_by_default(tiny_config, tmp_path):
   tiny_config.model.dtype = "bfloat16"
+  rng = np.random.default_rng(0)
+  data = str(tmp_path / "data.npz")
+  np.savez(
+    data,
+    train_images=rng.integers(0, 256, (32, 16, 16, 3), np.uint8),
+    train_labels=np.arange(32) % 4,
+    test_images=rng.integers(0, 256, (16, 16, 16, 3), np.uint8),
+    test_labels=np.arange(16) % 4,
+  )
+  tiny_config.data.source = f"npz:{data}"
   workdir = str(tmp_path / "run")
   tr, state = checkpoint_at_init(tiny_config, workdir)
   params = state.teacher["backbone"]
