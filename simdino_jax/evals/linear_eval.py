@@ -54,7 +54,7 @@ def resolve(cfg) -> dict:
 
 
 class LinearEvaluator(runner.Evaluator):
-  """Linear classifiers on frozen features, an lr sweep; see the module docstring for the two protocols."""
+  """Linear classifiers on frozen features, an lr sweep or grid; see the module docstring for the four protocols."""
 
   # protocol "frozen": lrs used as given; "dino": lrs per 256 images (x batch_size / 256), cosine per epoch, best
   # epoch reported; "dinov2" / "simdinov2": the grid n_last_blocks_grid x avgpool_grid x lrs (per 256 images),
