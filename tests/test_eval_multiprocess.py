@@ -1,15 +1,17 @@
 """Evaluation figures do not depend on the number of processes (issue 26, item 7).
 
-The same seeded tiny ViT is evaluated (k-NN, the frozen and DINO's linear protocols, few-shot, attention maps) by one
-process and by a simulated 2-host pod: two python processes on 127.0.0.1 joined by ``jax.distributed`` (the
-coordinator recipe of ``sharding.maybe_initialize_distributed``), one CPU device each, and once with two devices each.
-Every figure, the gathered features and the attention arrays must equal the single process's.
+The same seeded tiny ViT is evaluated (k-NN, the frozen and DINO's linear protocols, few-shot, attention maps, linear
+segmentation, DAVIS propagation) by one process and by simulated 2-host pods: two python processes on 127.0.0.1
+joined by ``jax.distributed`` (the coordinator recipe of ``sharding.maybe_initialize_distributed``), one CPU device
+each, and once with two devices each (tests/eval_pod_driver.py is one process). Every figure, the gathered features
+and the attention arrays must equal the single process's.
 
 Before the fix (process k fed the examples k, k + n, ... and the gathered features came back in another order) the
-pod's figures differed; measured with this file on the old pipeline.eval_batches / runner.Context.extract (pod vs one
-process, both pod layouts alike): few-shot 5-shot 18.03 vs 24.18%, 1-shot 17.21 vs 15.57%, the frozen linear
-probe's lr 0.01 30.33 vs 31.15% (its best lr happened to agree), gathered feature rows up to 0.36 apart, attention
-maps beside other images; k-NN and DINO's linear protocol (its validation is order-free) agreed.
+pod's figures differed; measured with this file's k-NN / linear / few-shot / attention part on the old
+pipeline.eval_batches / runner.Context.extract (pod vs one process, both pod layouts alike): few-shot 5-shot 18.03 vs
+24.18%, 1-shot 17.21 vs 15.57%, the frozen linear probe's lr 0.01 30.33 vs 31.15% (its best lr happened to agree),
+gathered feature rows up to 0.36 apart, attention maps beside other images; k-NN and DINO's linear protocol (its
+validation is order-free) agreed. Segmentation refused to run on several processes.
 """
 
 import json
