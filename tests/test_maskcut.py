@@ -541,29 +541,35 @@ def test_forward_bytes_and_batch_for_the_issues_case():
   assert 1 <= b < 16 and bytes_at(b) <= 24 * 2**30 < bytes_at(b + 1)
 
 
-def test_memory_guard_refuses_in_one_line_before_reading_data_and_lowers_the_batch(run, tmp_path):
+def test_memory_guard_refuses_in_one_line_before_reading_data_and_lowers_the_batch(run, tmp_path, monkeypatch):
   config, workdir, _ = run
-  c = config.copy_and_resolve_references()
-  c.evals.maskcut_plain.images = str(tmp_path / "absent")  # never read: the refusal comes first
-  c.evals.maskcut_plain.memory_gb = 1e-6
-  with pytest.raises(
-    ConfigError, match=r"^config\.evals\.maskcut_plain\.image_size: 32 px at patch 4 is 64 patches"
-  ) as e:
-    evaluate.evaluate(c, workdir, ["maskcut_plain"])
-  assert "\n" not in str(e.value) and "lower it" in str(e.value)
-  # A budget of 2 images' forward pass: batch 2 instead of 4, the same masks as with batch 4.
-  c = config.copy_and_resolve_references()
-  c.evals.maskcut_plain.batch_size = 4
-  full = evaluate.evaluate(c, workdir, ["maskcut_plain"])["maskcut_plain"]
-  vit = VisionTransformer(**backbone_kwargs(c.model), rngs=nnx.Rngs(0))
+  vit = VisionTransformer(**backbone_kwargs(config.model), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(vit)
   fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, key=None, return_keys=True)["keys"].astype(jax.numpy.float32))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  c.evals.maskcut_plain.memory_gb = mc.forward_bytes(fn, params, 2, 32, sharding) / 2**30
+  one, two = (mc.forward_bytes(fn, params, b, 32, sharding) for b in (1, 2))
+  cut = mc.NCUT_MATRICES["jax"] * 8 * 64**2  # 8 x 8 patches: 262 KB, more than a forward pass of this tiny ViT
+  for gb, match in ((0.9 * cut / 2**30, "a cut holds"), (0.9 * one / 2**30, "one image's forward pass needs")):
+    if match.startswith("one"):  # the cut's count out of the way, to reach the forward pass's
+      monkeypatch.setattr(mc, "NCUT_MATRICES", {"scipy": 0, "jax": 0})
+    c = config.copy_and_resolve_references()
+    c.evals.maskcut_plain.images = str(tmp_path / "absent")  # never read: the refusal comes first
+    c.evals.maskcut_plain.memory_gb = gb
+    with pytest.raises(ConfigError, match=r"^config\.evals\.maskcut_plain\.image_size: 32 px at patch 4 is 64") as e:
+      evaluate.evaluate(c, workdir, ["maskcut_plain"])
+    assert match in str(e.value) and "\n" not in str(e.value) and "lower it" in str(e.value)
+  monkeypatch.undo()
+  # A budget of 2 images' forward pass: batch 2 instead of 4, the same masks and scores as with batch 4.
+  c = config.copy_and_resolve_references()
+  c.evals.maskcut_plain.batch_size = 4
+  full = evaluate.evaluate(c, workdir, ["maskcut_plain"])["maskcut_plain"]
+  with open(os.path.join(workdir, "eval", "maskcut_plain", "results.json")) as f:
+    masks_full = json.load(f)
+  c.evals.maskcut_plain.memory_gb = two / 2**30
   half = evaluate.evaluate(c, workdir, ["maskcut_plain"])["maskcut_plain"]
   assert full["batch_size"] == 4 and half["batch_size"] == 2
   with open(os.path.join(workdir, "eval", "maskcut_plain", "results.json")) as f:
-    assert len(json.load(f)) == full["num_masks"] == half["num_masks"]
+    assert json.load(f) == masks_full and len(masks_full) == full["num_masks"]
 
 
 def test_more_patches_than_max_patches_refused_naming_image_size(run, tmp_path):

@@ -580,7 +580,8 @@ class MaskCutEvaluator(runner.Evaluator):
       items = [(i + 1, n) for i, n in enumerate(names)]
     if c.max_images:
       items = items[: c.max_images]
-    n_proc = jax.process_count()
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    batch = min(batch, -(-len(items) // n_dev) * n_dev)  # no padded images beyond the last (e.g. 3 images, not 16)
     out_dir = os.path.join(ctx.out_dir, self.name + ctx.suffix)
     if ctx.is_main:
       os.makedirs(out_dir, exist_ok=True)
