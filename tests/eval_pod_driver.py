@@ -3,10 +3,11 @@
 ``python tests/eval_pod_driver.py OUT_DIR NAME[,NAME...] DATA``: joins the pod described by
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (none: a single process), builds the tiny
 test ViT from a fixed seed (the same weights on every process, replicated), evaluates it on DATA/digits.npz (a slice
-of ``digits``), DATA/shapes (a segmentation folder) and DATA/DAVIS (a DAVIS-layout folder), written by the test, with
-the evaluators ``NAME`` through ``runner.run_round`` (the path ``evaluate.py`` and the trainer take) and, on process 0, writes
-OUT_DIR/results.json (the evaluators' results), OUT_DIR/features.npz (the shared "cls" features and labels of both
-splits, as every process gathered them) and the evaluators' own files (attention arrays) under OUT_DIR/eval.
+of ``digits``), DATA/shapes (a segmentation folder), DATA/DAVIS (a DAVIS-layout folder), DATA/retrieval and
+DATA/maskcut, written by the test, with the evaluators ``NAME`` through ``runner.run_round`` (the path
+``evaluate.py`` and the trainer take) and, on process 0, writes OUT_DIR/results.json (the evaluators' results),
+OUT_DIR/features.npz (the shared "cls" features and labels of both splits, as every process gathered them) and the
+evaluators' own files (attention arrays) under OUT_DIR/eval.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def config_for(names, data):
   seg = dict(source=f"folder:{data}/shapes", num_classes=3, iterations=3, crop_size=32, batch_size=4, lr=0.01)
   c.evals.segmentation = evals.declare("segmentation", num_images=0, **seg)
   c.evals.davis = evals.declare("davis", data_dir=f"{data}/DAVIS", short_side=48, size_multiple=16, overlay_frames=0)
+  c.evals.retrieval = evals.declare(
+    "retrieval", dataset="folder", data_dir=f"{data}/retrieval", protocol="center_crop", image_size=16, batch_size=4
+  )
+  c.evals.maskcut = evals.declare(
+    "maskcut", images=f"{data}/maskcut/images", annotations=f"{data}/maskcut/instances.json", image_size=32
+  )
+  c.evals.maskcut.update(num_pictures=0, batch_size=4, memory_gb=1.0)
   c.evals = {name: c.evals[name] for name in names}  # only what this run evaluates
   return c
 

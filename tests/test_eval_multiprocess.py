@@ -1,10 +1,11 @@
 """Evaluation figures do not depend on the number of processes (issue 26, item 7).
 
 The same seeded tiny ViT is evaluated (k-NN, the frozen and DINO's linear protocols, few-shot, attention maps, linear
-segmentation, DAVIS propagation) by one process and by simulated 2-host pods: two python processes on 127.0.0.1
-joined by ``jax.distributed`` (the coordinator recipe of ``sharding.maybe_initialize_distributed``), one CPU device
-each, and once with two devices each (tests/eval_pod_driver.py is one process). Every figure, the gathered features
-and the attention arrays must equal the single process's.
+segmentation, DAVIS propagation, retrieval, MaskCut) by one process and by simulated 2-host pods: two python
+processes on 127.0.0.1 joined by ``jax.distributed`` (the coordinator recipe of
+``sharding.maybe_initialize_distributed``), one CPU device each, and once with two devices each
+(tests/eval_pod_driver.py is one process). Every figure, the gathered features and the attention arrays must equal
+the single process's.
 
 Before the fix (process k fed the examples k, k + n, ... and the gathered features came back in another order) the
 pod's figures differed; measured with this file's k-NN / linear / few-shot / attention part on the old
@@ -99,9 +100,10 @@ def _assert_same(a, b, where=""):
 
 
 # (processes, devices per process): the evaluators run. The reference and the pod of one device per process run every
-# evaluator; the pod of two devices each (4 devices) those that split a batch over the devices in their own way (the
-# others only read the shared features, compared row for row).
-ALL = "knn,linear,linear_dino,fewshot,attention,segmentation,davis"
+# evaluator; the pod of two devices each (4 devices), for time, those that split a batch over the devices in their own
+# way (few-shot and the frozen probe only read the shared features, compared row for row; retrieval and MaskCut are
+# checked on the first pod).
+ALL = "knn,linear,linear_dino,fewshot,attention,segmentation,davis,retrieval,maskcut"
 LAYOUTS = {(1, 1): ALL, (2, 1): ALL, (2, 2): "knn,linear_dino,attention,segmentation,davis"}
 
 
@@ -109,11 +111,15 @@ LAYOUTS = {(1, 1): ALL, (2, 1): ALL, (2, 2): "knn,linear_dino,attention,segmenta
 def runs(tmp_path_factory):
   """{layout: (out_dir, results)}; the three runs go concurrently (the pods' processes wait on each other anyway)."""
   from test_davis import _write_davis
+  from test_maskcut import _write_folder as _write_maskcut
+  from test_retrieval import _write_folder as _write_retrieval
   from test_segmentation import _write_shapes
 
   data = tmp_path_factory.mktemp("data")
   _write_shapes(str(data / "shapes"), n_train=4, n_val=2, size=40)
   _write_davis(str(data / "DAVIS"), sequences=("alpha",))
+  _write_retrieval(str(data / "retrieval"))
+  _write_maskcut(str(data / "maskcut"))
   train, test = sources.load_digits("train"), sources.load_digits("test")
   n_train, n_test = 250, 122  # neither a multiple of the eval batch (64) nor of the processes: padding everywhere
   np.savez(
