@@ -1,6 +1,6 @@
 """One process of a simulated evaluation pod, run by tests/test_eval_multiprocess.py (not a test itself).
 
-``python tests/eval_pod_driver.py OUT_DIR NAME[,NAME...] DATA``: joins the pod described by
+``python tests/eval_pod_driver.py OUT_DIR NAME[,NAME...] DATA [default|reversed]``: joins the pod described by
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (none: a single process), builds the tiny
 test ViT from a fixed seed (the same weights on every process, replicated), evaluates it on DATA/digits.npz (a slice
 of ``digits``), DATA/shapes (a segmentation folder), DATA/DAVIS (a DAVIS-layout folder), DATA/retrieval and
@@ -53,7 +53,7 @@ def config_for(names, data):
   return c
 
 
-def main(out_dir: str, names: list[str], data: str) -> None:
+def main(out_dir: str, names: list[str], data: str, mesh_order: str = "default") -> None:
   sharding.maybe_initialize_distributed()
   import jax
   import numpy as np
@@ -68,7 +68,10 @@ def main(out_dir: str, names: list[str], data: str) -> None:
   # One jitted initialisation (eagerly, every parameter's init would compile a program of its own).
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build_backbone(config.model, rngs=nnx.Rngs(0))))
   state = jax.jit(lambda: nnx.split(build_backbone(config.model, rngs=nnx.Rngs(0)))[1])()
-  mesh = sharding.make_mesh(config.mesh)
+  # "reversed": the mesh lists the last process's devices first, so the batch rows of process k are not the k-th block
+  # of the global batch (as a pod's device order may be): the gathered rows must still come back in dataset order.
+  devices = jax.devices()[::-1] if mesh_order == "reversed" else jax.devices()
+  mesh = sharding.make_mesh(config.mesh, devices)
   param_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   params = jax.tree.map(
     lambda v, s: jax.make_array_from_callback(np.shape(v), s, lambda index: np.asarray(v)[index]), state, param_sharding
@@ -99,4 +102,4 @@ def main(out_dir: str, names: list[str], data: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2].split(","), sys.argv[3])
+  main(sys.argv[1], sys.argv[2].split(","), *sys.argv[3:])

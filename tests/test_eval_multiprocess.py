@@ -3,9 +3,9 @@
 The same seeded tiny ViT is evaluated (k-NN, the frozen and DINO's linear protocols, few-shot, attention maps, linear
 segmentation, DAVIS propagation, retrieval, MaskCut) by one process and by simulated 2-host pods: two python
 processes on 127.0.0.1 joined by ``jax.distributed`` (the coordinator recipe of
-``sharding.maybe_initialize_distributed``), one CPU device each, and once with two devices each
-(tests/eval_pod_driver.py is one process). Every figure, the gathered features and the attention arrays must equal
-the single process's.
+``sharding.maybe_initialize_distributed``), one CPU device each, and once with two devices each listed in the mesh
+last process first (tests/eval_pod_driver.py is one process). Every figure, the gathered features and the attention
+arrays must equal the single process's.
 
 Before the fix (process k fed the examples k, k + n, ... and the gathered features came back in another order) the
 pod's figures differed; measured with this file's k-NN / linear / few-shot / attention part on the old
@@ -38,7 +38,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_pod(out_dir, data, names: str, processes: int, devices_per_process: int = 1) -> list:
+def _start_pod(out_dir, data, names: str, mesh_order: str, processes: int, devices_per_process: int = 1) -> list:
   """Starts the driver as ``processes`` processes of one pod (``devices_per_process`` CPU devices each)."""
   os.makedirs(out_dir, exist_ok=True)
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
@@ -52,7 +52,9 @@ def _start_pod(out_dir, data, names: str, processes: int, devices_per_process: i
     penv = dict(env, JAX_PROCESS_ID=str(k)) if processes > 1 else env
     procs.append(
       (
-        subprocess.Popen([sys.executable, DRIVER, str(out_dir), names, str(data)], env=penv, stdout=log, stderr=log),
+        subprocess.Popen(
+          [sys.executable, DRIVER, str(out_dir), names, str(data), mesh_order], env=penv, stdout=log, stderr=log
+        ),
         log,
       )
     )
@@ -99,12 +101,16 @@ def _assert_same(a, b, where=""):
     assert a == b, f"{where}: {a!r} on one process, {b!r} on the pod"
 
 
-# (processes, devices per process): the evaluators run. The reference and the pod of one device per process run every
-# evaluator; the pod of two devices each (4 devices), for time, those that split a batch over the devices in their own
-# way (few-shot and the frozen probe only read the shared features, compared row for row; retrieval and MaskCut are
-# checked on the first pod).
+# (processes, devices per process): the evaluators run, the mesh's device order. The reference and the pod of one
+# device per process run every evaluator; the pod of two devices each (4 devices), for time, those that split a batch
+# over the devices in their own way (few-shot and the frozen probe only read the shared features, compared row for
+# row; retrieval and MaskCut are checked on the first pod), on a mesh listing process 1's devices first.
 ALL = "knn,linear,linear_dino,fewshot,attention,segmentation,davis,retrieval,maskcut"
-LAYOUTS = {(1, 1): ALL, (2, 1): ALL, (2, 2): "knn,linear_dino,attention,segmentation,davis"}
+LAYOUTS = {
+  (1, 1): (ALL, "default"),
+  (2, 1): (ALL, "default"),
+  (2, 2): ("knn,linear_dino,attention,segmentation,davis", "reversed"),  # process 1's devices first in the mesh
+}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +139,7 @@ def runs(tmp_path_factory):
   started = {}
   try:
     for layout in LAYOUTS:
-      started[layout] = _start_pod(dirs[layout], data, LAYOUTS[layout], *layout)
+      started[layout] = _start_pod(dirs[layout], data, *LAYOUTS[layout], *layout)
   finally:  # a failed start still reaps the processes already running
     done = {layout: _finish_pod(dirs[layout], procs, *layout) for layout, procs in started.items()}
   return {layout: (dirs[layout], done[layout]) for layout in LAYOUTS}
@@ -151,5 +157,5 @@ def test_two_process_pod_reports_the_single_process_figures(runs, devices_per_pr
   attn_b = np.load(pod_dir / "eval" / "attention" / "attention.npz")
   for key in attn_a.files:  # each map beside its own image
     np.testing.assert_allclose(attn_b[key], attn_a[key], rtol=1e-5, atol=1e-6, err_msg=key)
-  assert set(pod) == set(LAYOUTS[(2, devices_per_process)].split(","))
+  assert set(pod) == set(LAYOUTS[(2, devices_per_process)][0].split(","))
   _assert_same({name: ref[name] for name in pod}, pod)
