@@ -963,7 +963,7 @@ def check_maskcut(official_dir: str, seed: int) -> dict:
     "ok": all(r["ok"] for r in rows.values()),
     "note": f"{num_masks} rounds on the keys of a 48 x 48 image (12 x 12 patches, tau {tau}); max_abs_diff: pixels "
     "whose mask differs (worst solver); eigenvectors from the float64 SciPy solve (official) vs each of our "
-    "solvers (jax: float32), up to sign; official: CutLER maskcut_forward, run, TokenCut detect_box / IoU "
+    "solvers (jax: float64 with LAPACK's sign), up to sign; official: CutLER maskcut_forward, run, TokenCut detect_box / IoU "
     "transcribed",
     "per_solver": rows,
   }
