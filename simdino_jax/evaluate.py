@@ -208,6 +208,24 @@ def _with_model(config, model_cfg):
   return config
 
 
+def _context(config, vit_kwargs: dict, param_sharding, mesh, out_dir: str, which: str) -> runner.Context:
+  """The evaluation context of a backbone built in config.eval.dtype (float32 by default) whatever it trained in,
+  reading the config's labelled train / test splits and writing into ``out_dir`` (``_student`` names for the
+  student)."""
+  return runner.Context(
+    config,
+    graphdef=runner.eval_graphdef(vit_kwargs, config.eval.dtype),
+    param_sharding=param_sharding,
+    mesh=mesh,
+    train_source=sources.from_config(config.data, "train", evaluation=True),
+    test_source=sources.from_config(config.data, "test", evaluation=True),
+    out_dir=out_dir,
+    suffix="" if which == "teacher" else f"_{which}",
+    log=print,
+    dtype=config.eval.dtype,
+  )
+
+
 def _run(ctx, evaluators, params, failed, write) -> dict:
   """One round, each result written as it finishes; the first failure re-raised at the end unless ``failed``."""
   collected = {} if failed is None else failed
@@ -242,18 +260,7 @@ def evaluate(
   vit_kwargs, params, param_sharding, mesh, step, model_cfg = load_params(config, workdir, which)
   config = _with_model(config, model_cfg)  # the evaluators read the stored model
   eval_dir = os.path.join(workdir, "eval")
-  ctx = runner.Context(
-    config,
-    graphdef=runner.eval_graphdef(vit_kwargs, config.eval.dtype),
-    param_sharding=param_sharding,
-    mesh=mesh,
-    train_source=sources.from_config(config.data, "train", evaluation=True),
-    test_source=sources.from_config(config.data, "test", evaluation=True),
-    out_dir=workdir_lib.resolve(output) if output else eval_dir,
-    suffix="" if which == "teacher" else f"_{which}",
-    log=print,
-    dtype=config.eval.dtype,
-  )
+  ctx = _context(config, vit_kwargs, param_sharding, mesh, workdir_lib.resolve(output) if output else eval_dir, which)
   evaluators = evals.build(config, names)
   ctx.log(
     f"evaluating the {which} backbone of {os.path.join(workdir, 'checkpoints', str(step))} in {ctx.dtype}: "
@@ -305,18 +312,7 @@ def evaluate_weights(
   config = _with_model(config, model_cfg)  # the evaluators read the weights' architecture (patch size, depth ...)
   names = _prepare(config, names)
   params, param_sharding, mesh = place_params(config, vit_kwargs, arrays, which)
-  ctx = runner.Context(
-    config,
-    graphdef=runner.eval_graphdef(vit_kwargs, config.eval.dtype),
-    param_sharding=param_sharding,
-    mesh=mesh,
-    train_source=sources.from_config(config.data, "train", evaluation=True),
-    test_source=sources.from_config(config.data, "test", evaluation=True),
-    out_dir=workdir_lib.resolve(output),
-    suffix="" if which == "teacher" else f"_{which}",
-    log=print,
-    dtype=config.eval.dtype,
-  )
+  ctx = _context(config, vit_kwargs, param_sharding, mesh, workdir_lib.resolve(output), which)
   evaluators = evals.build(config, names)
   k = vit_kwargs
   ctx.log(
