@@ -204,9 +204,25 @@ def _tpu_hosts() -> int:
     return 0
 
 
+# What jax's SlurmCluster needs (the coordinator is the step's first node, its port derived from SLURM_JOB_ID).
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def _launcher_runs_one_process_per_host() -> bool:
+  """Whether Open MPI or SLURM started one process per host (launch/slurm.sbatch's layout). JAX assumes one process
+  per GPU under both and shows each process only the GPU numbered by its local rank; checked in JAX's order."""
+  if "OMPI_MCA_orte_hnp_uri" in os.environ:
+    return _int_env("OMPI_COMM_WORLD_LOCAL_SIZE") == 1
+  if all(v in os.environ for v in _SLURM_VARS):
+    nodes = _int_env("SLURM_STEP_NUM_NODES") or _int_env("SLURM_NNODES")
+    return nodes > 0 and _int_env("SLURM_NTASKS") == nodes
+  return False
+
+
 def distributed_environment() -> str | None:
   """Which multi-process launcher this process runs under ("coordinator", "slurm", "openmpi", "tpu"), or None
-  on a single host. ``SIMDINO_DISTRIBUTED=0`` forces None, ``=1`` forces "forced" (let JAX auto-detect)."""
+  on a single host. ``SIMDINO_DISTRIBUTED=0`` forces None, ``=1`` forces "forced" (JAX detects the cluster;
+  ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` are passed on when set)."""
   forced = os.environ.get("SIMDINO_DISTRIBUTED", "").strip().lower()
   if forced in ("0", "false", "no"):
     return None
@@ -214,12 +230,7 @@ def distributed_environment() -> str | None:
     return "forced"
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return "coordinator"
-  if (
-    all(
-      v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-    )
-    and _int_env("SLURM_NTASKS") > 1
-  ):
+  if all(v in os.environ for v in _SLURM_VARS) and _int_env("SLURM_NTASKS") > 1:
     return "slurm"
   if "OMPI_MCA_orte_hnp_uri" in os.environ and _int_env("OMPI_COMM_WORLD_SIZE") > 1:
     return "openmpi"
@@ -242,10 +253,14 @@ def maybe_initialize_distributed() -> bool:
   if env is None or jax.distributed.is_initialized():
     return False
   kwargs = {}
-  if env == "coordinator":
+  if env in ("coordinator", "forced"):
     if "JAX_NUM_PROCESSES" in os.environ:
       kwargs["num_processes"] = _int_env("JAX_NUM_PROCESSES")
     if "JAX_PROCESS_ID" in os.environ:
       kwargs["process_id"] = _int_env("JAX_PROCESS_ID")
   jax.distributed.initialize(**kwargs)
+  if "JAX_LOCAL_DEVICE_IDS" not in os.environ and _launcher_runs_one_process_per_host():
+    # One process per host trains on all the host's GPUs, not only the one of its local rank (0).
+    jax.config.update("jax_cuda_visible_devices", "all")
+    jax.config.update("jax_rocm_visible_devices", "all")
   return True

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = ("tpu_pod.sh", "gpu.sh", "prepare_data.sh")
+SCRIPTS = ("tpu_pod.sh", "gpu.sh", "prepare_data.sh", "multihost.sh", "slurm.sbatch")
 NOTEBOOK = os.path.join(LAUNCH, "colab.ipynb")
 
 
@@ -365,3 +365,262 @@ def test_gpu_sh_becomes_the_trainer_so_sigterm_to_it_stops_with_exit_75(tmp_path
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+# ---- several hosts: launch/multihost.sh, launch/slurm.sbatch and the launchers sharding.py detects -----------------
+# What each process of a simulated pod reports once sharding.maybe_initialize_distributed has run: the branch taken,
+# its place in the pod, a cross-process sum (a real collective over gloo) and the GPUs JAX would let it see.
+POD_DRIVER = """
+import json, os, sys
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from simdino_jax import sharding
+env = sharding.distributed_environment()
+started = sharding.maybe_initialize_distributed()
+ranks = multihost_utils.process_allgather(np.int32(jax.process_index() + 1))
+print("POD " + json.dumps(dict(
+  env=env, started=started, count=jax.process_count(), index=jax.process_index(), sum=int(np.sum(ranks)),
+  gpus=jax.config.read("jax_cuda_visible_devices"), pid=os.getpid(), argv=sys.argv[1:])), flush=True)
+"""
+
+
+def _pod_reports(procs, out_dir):
+  import pod
+
+  pod.finish(procs, out_dir, timeout=300, what="simulated pod")  # a hang guard only
+  reports = []
+  for k in range(len(procs)):
+    text = (out_dir / f"process{k}.log").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("POD ")]
+    assert len(lines) == 1, pod.log_tails(out_dir, len(procs))
+    reports.append(json.loads(lines[0][4:]))
+  return reports
+
+
+def _launcher_port_free(port):
+  import socket
+
+  with socket.socket() as s:
+    try:
+      s.bind(("", port))
+    except OSError:
+      return False
+  return True
+
+
+def _launcher_job_port():
+  """A free port in the range jax derives its coordinator port from a SLURM or Open MPI job id (61440 + id mod 4096)."""
+  import random
+
+  for port in random.sample(range(61440, 65536), 200):
+    if _launcher_port_free(port):
+      return port
+  pytest.skip("no free port in 61440-65535")
+
+
+def _launcher_envs(launcher, port):
+  """Two processes' environments as SLURM (one task per host, or one per GPU), Open MPI (one process per host) or a
+  forced start with the JAX_* variables would give them, on this machine."""
+  import pod
+
+  def clean(env):  # nothing from a launcher this test itself may run under
+    return {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_", "SIMDINO_DISTRIBUTED"))}
+
+  if launcher == "forced":
+    return [dict(clean(env), SIMDINO_DISTRIBUTED="1") for env in pod.envs(2)]
+  base = clean(pod.envs(1)[0])
+  if launcher == "openmpi":  # jax: coordinator = the launcher's address; port from the job id (a multiple of 4096)
+    uri = f"{(port - 61440) * 4096}.0;tcp://127.0.0.1:1"
+    return [
+      dict(
+        base,
+        OMPI_MCA_orte_hnp_uri=uri,
+        OMPI_COMM_WORLD_SIZE="2",
+        OMPI_COMM_WORLD_RANK=str(k),
+        OMPI_COMM_WORLD_LOCAL_RANK="0",
+        OMPI_COMM_WORLD_LOCAL_SIZE="1",
+      )
+      for k in range(2)
+    ]
+  per_gpu = launcher == "slurm-task-per-gpu"  # both tasks on one node (local ids 0, 1) instead of one per node
+  return [
+    dict(
+      base,
+      SLURM_JOB_ID=str(port - 61440 + 4096 * 7),
+      SLURM_STEP_NODELIST="localhost",
+      SLURM_NTASKS="2",
+      SLURM_PROCID=str(k),
+      SLURM_LOCALID=str(k if per_gpu else 0),
+      SLURM_NODEID=str(0 if per_gpu else k),
+      SLURM_STEP_NUM_NODES="1" if per_gpu else "2",
+      SLURM_NNODES="1" if per_gpu else "2",
+    )
+    for k in range(2)
+  ]
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "slurm-task-per-gpu", "openmpi", "forced"])
+def test_launcher_environments_start_a_real_two_process_run(tmp_path, launcher):
+  """The SLURM, Open MPI and forced branches of sharding.maybe_initialize_distributed, for real: two local processes
+  with the variables those launchers set join one jax.distributed run. One process per host must see all its GPUs
+  (JAX's default under SLURM / Open MPI is the one GPU of the local rank); one task per GPU keeps JAX's choice."""
+  procs = []
+  for k, env in enumerate(_launcher_envs(launcher, _launcher_job_port())):
+    log = open(tmp_path / f"process{k}.log", "w")
+    procs.append((subprocess.Popen([sys.executable, "-c", POD_DRIVER], cwd=ROOT, env=env, stdout=log, stderr=log), log))
+  reports = _pod_reports(procs, tmp_path)
+  expected_env = {"slurm-task-per-gpu": "slurm"}.get(launcher, launcher)
+  gpus = ["0", "1"] if launcher == "slurm-task-per-gpu" else ["all", "all"]
+  got = [(r["env"], r["started"], r["count"], r["index"], r["sum"], r["gpus"]) for r in reports]
+  assert got == [(expected_env, True, 2, k, 3, gpus[k]) for k in range(2)]
+
+
+def test_multihost_sh_dry_run_exports_the_pod_variables():
+  env = {"DRY_RUN": "1", "COORDINATOR": "node0:12345", "NUM_PROCESSES": "4", "PROCESS_ID": "3", "VENV": "/v"}
+  out = bash("multihost.sh", "configs/demo.py", "/shared/run", "--config.batch_size=64", env=env, check_rc=0)
+  assert "JAX_COORDINATOR_ADDRESS=node0:12345 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=3" in out.stderr
+  (cmd,) = dry_run_commands(out.stderr)
+  assert cmd == [
+    "/v/bin/python",
+    "-m",
+    "simdino_jax.train",
+    "--config=configs/demo.py",
+    "--workdir=/shared/run",
+    "--config.batch_size=64",
+  ]
+
+
+@pytest.mark.parametrize(
+  "variables, message",
+  [
+    ({}, "COORDINATOR is not set"),
+    ({"COORDINATOR": "node0"}, "COORDINATOR=node0 is not HOST:PORT"),
+    ({"COORDINATOR": "node0:1"}, "NUM_PROCESSES is not set"),
+    ({"COORDINATOR": "node0:1", "NUM_PROCESSES": "two"}, "NUM_PROCESSES=two is not a positive integer"),
+    ({"COORDINATOR": "node0:1", "NUM_PROCESSES": "2"}, "PROCESS_ID is not set"),
+    ({"COORDINATOR": "node0:1", "NUM_PROCESSES": "2", "PROCESS_ID": "2"}, "PROCESS_ID=2 is not an integer from 0 to 1"),
+  ],
+)
+def test_multihost_sh_refuses_a_missing_or_bad_variable_in_one_line(variables, message):
+  env = {k: "" for k in ("COORDINATOR", "NUM_PROCESSES", "PROCESS_ID")} | variables
+  out = bash("multihost.sh", "configs/demo.py", "/shared/run", env=dict(env, PYTHON="/nonexistent"), check_rc=1)
+  (line,) = out.stderr.splitlines()  # one line, naming the variable
+  assert line.startswith("multihost.sh: ") and message in line and out.stdout == ""
+
+
+def test_multihost_sh_on_two_processes_becomes_the_trainer_of_a_real_pod(tmp_path):
+  """multihost.sh's variables reach jax.distributed: two processes started with it form one run (the stand-in
+  'python' runs POD_DRIVER with the trainer's arguments), and each is the pid its multihost.sh had (exec)."""
+  import pod
+
+  (tmp_path / "driver.py").write_text(POD_DRIVER)
+  _write_exe(tmp_path / "python", f'#!/usr/bin/env bash\nexec "{sys.executable}" "{tmp_path / "driver.py"}" "$@"\n')
+  (base,) = pod.envs(1)
+  coordinator = f"127.0.0.1:{pod.free_port()}"
+  procs = []
+  for k in range(2):
+    env = dict(base, COORDINATOR=coordinator, NUM_PROCESSES="2", PROCESS_ID=str(k), PYTHON=str(tmp_path / "python"))
+    log = open(tmp_path / f"process{k}.log", "w")
+    argv = ["bash", os.path.join(LAUNCH, "multihost.sh"), "configs/demo.py", "/shared/run", "--config.seed=3"]
+    procs.append((subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log), log))
+  pids = [p.pid for p, _ in procs]
+  reports = _pod_reports(procs, tmp_path)
+  assert [(r["env"], r["count"], r["index"], r["sum"], r["pid"]) for r in reports] == [
+    ("coordinator", 2, k, 3, pids[k]) for k in range(2)
+  ]
+  assert reports[0]["argv"] == [
+    "-m",
+    "simdino_jax.train",
+    "--config=configs/demo.py",
+    "--workdir=/shared/run",
+    "--config.seed=3",
+  ]
+
+
+def test_slurm_sbatch_dry_run_runs_one_task_per_node_with_the_cpus_of_the_task():
+  text = open(os.path.join(LAUNCH, "slurm.sbatch")).read()
+  for directive in ("--ntasks-per-node=1", "--signal=B:USR1@120", "--requeue", "--open-mode=append"):
+    assert f"#SBATCH {directive}\n" in text
+  env = {"DRY_RUN": "1", "VENV": "/v", "SLURM_CPUS_PER_TASK": "12", "SLURM_SUBMIT_DIR": ROOT, "SKIP_INSTALL": "1"}
+  out = bash("slurm.sbatch", "configs/demo.py", "/shared/run", "--config.batch_size=64", env=env, check_rc=0)
+  (cmd,) = dry_run_commands(out.stderr)
+  assert cmd == [
+    "srun",
+    "--ntasks-per-node=1",
+    "--cpus-per-task=12",
+    "/v/bin/python",
+    "-m",
+    "simdino_jax.train",
+    "--config=configs/demo.py",
+    "--workdir=/shared/run",
+    "--config.batch_size=64",
+  ]
+  out = bash("slurm.sbatch", "configs/demo.py", "/r", env=dict(env, SLURM_SUBMIT_DIR="/tmp"), check_rc=1)
+  assert out.stderr.strip() == "slurm.sbatch: /tmp is not the repository root: submit from there (or set REPO_DIR)"
+
+
+# A stand-in srun (one local task: it becomes the trainer, so a signal to srun is one to the task) and scontrol.
+STANDIN_SRUN = """#!/usr/bin/env bash
+echo "$@" > "$STANDIN_LOG.srun"
+while [ "${1#--}" != "$1" ]; do shift; done
+exec "$@"
+"""
+STANDIN_SCONTROL = """#!/usr/bin/env bash
+echo "$@" >> "$STANDIN_LOG.scontrol"
+"""
+
+
+@pytest.mark.parametrize("stop", ["time limit", "scancel --signal=TERM"])
+def test_slurm_sbatch_stops_the_trainer_and_requeues_only_at_the_time_limit(tmp_path, stop):
+  """SLURM's time-limit signal (SIGUSR1 to the batch shell, --signal=B:USR1@120) becomes a SIGTERM to the trainers,
+  and their exit 75 a requeue. A user's `scancel --signal=TERM` (SIGTERM to the tasks; here also to the batch shell,
+  as a plain scancel does) stops with exit 75 and no requeue: the batch shell does not die of its SIGTERM."""
+  import signal
+
+  bindir, venv = tmp_path / "bin", tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  bindir.mkdir()
+  _write_exe(bindir / "srun", STANDIN_SRUN)
+  _write_exe(bindir / "scontrol", STANDIN_SCONTROL)
+  _write_exe(venv / "bin" / "python", STANDIN_TRAINER)
+  log = tmp_path / "standin"
+  env = dict(
+    os.environ,
+    PATH=f"{bindir}:{os.environ['PATH']}",
+    SKIP_INSTALL="1",
+    VENV=str(venv),
+    STANDIN_PID=str(tmp_path / "trainer.pid"),
+    STANDIN_LOG=str(log),
+    SLURM_JOB_ID="4242",
+    SLURM_SUBMIT_DIR=ROOT,
+    SLURM_CPUS_PER_TASK="4",
+  )
+  proc = subprocess.Popen(
+    ["bash", os.path.join(LAUNCH, "slurm.sbatch"), "configs/demo.py", str(tmp_path / "run")],
+    cwd=tmp_path,  # sbatch runs a copy of the script elsewhere: the repository comes from SLURM_SUBMIT_DIR
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    _wait_for(lambda: _read(tmp_path / "trainer.pid"), "the stand-in trainer to start")
+    trainer = int(_read(tmp_path / "trainer.pid"))
+    assert _read(tmp_path / "trainer.pid.args").endswith(f"--config=configs/demo.py --workdir={tmp_path / 'run'}")
+    assert _read(f"{log}.srun").startswith("--ntasks-per-node=1 --cpus-per-task=4 ")
+    if stop == "time limit":
+      proc.send_signal(signal.SIGUSR1)
+    else:
+      proc.send_signal(signal.SIGTERM)
+      os.kill(trainer, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert not _alive(trainer)
+    assert _read(f"{log}.scontrol") == ("requeue 4242" if stop == "time limit" else ""), err
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    pid = _read(tmp_path / "trainer.pid")
+    if pid and _alive(int(pid)):
+      os.kill(int(pid), 9)
