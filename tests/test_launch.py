@@ -560,11 +560,16 @@ def test_slurm_sbatch_dry_run_runs_one_task_per_node_with_the_cpus_of_the_task()
   assert out.stderr.strip() == "slurm.sbatch: /tmp is not the repository root: submit from there (or set REPO_DIR)"
 
 
-# A stand-in srun (one local task: it becomes the trainer, so a signal to srun is one to the task) and scontrol.
+# Stand-ins: srun runs its one local task (it becomes the trainer), `scancel --signal=TERM JOB` sends SIGTERM to that
+# task as SLURM does to every task of the job, scontrol records what it was asked.
 STANDIN_SRUN = """#!/usr/bin/env bash
 echo "$@" > "$STANDIN_LOG.srun"
 while [ "${1#--}" != "$1" ]; do shift; done
 exec "$@"
+"""
+STANDIN_SCANCEL = """#!/usr/bin/env bash
+echo "$@" >> "$STANDIN_LOG.scancel"
+[ "$*" = "--signal=TERM $SLURM_JOB_ID" ] && kill -TERM "$(cat "$STANDIN_PID")"
 """
 STANDIN_SCONTROL = """#!/usr/bin/env bash
 echo "$@" >> "$STANDIN_LOG.scontrol"
@@ -573,9 +578,10 @@ echo "$@" >> "$STANDIN_LOG.scontrol"
 
 @pytest.mark.parametrize("stop", ["time limit", "scancel --signal=TERM"])
 def test_slurm_sbatch_stops_the_trainer_and_requeues_only_at_the_time_limit(tmp_path, stop):
-  """SLURM's time-limit signal (SIGUSR1 to the batch shell, --signal=B:USR1@120) becomes a SIGTERM to the trainers,
-  and their exit 75 a requeue. A user's `scancel --signal=TERM` (SIGTERM to the tasks; here also to the batch shell,
-  as a plain scancel does) stops with exit 75 and no requeue: the batch shell does not die of its SIGTERM."""
+  """SLURM's time-limit signal (SIGUSR1 to the batch shell, --signal=B:USR1@120) becomes a SIGTERM to the trainers
+  through scancel (srun would SIGKILL its tasks on a SIGTERM), and their exit 75 a requeue. A user's
+  `scancel --signal=TERM` (SIGTERM to the tasks; here also to the batch shell, as when the job ends) stops with exit
+  75 and no requeue: the batch shell does not die of its SIGTERM."""
   import signal
 
   bindir, venv = tmp_path / "bin", tmp_path / "venv"
@@ -583,6 +589,7 @@ def test_slurm_sbatch_stops_the_trainer_and_requeues_only_at_the_time_limit(tmp_
   bindir.mkdir()
   _write_exe(bindir / "srun", STANDIN_SRUN)
   _write_exe(bindir / "scontrol", STANDIN_SCONTROL)
+  _write_exe(bindir / "scancel", STANDIN_SCANCEL)
   _write_exe(venv / "bin" / "python", STANDIN_TRAINER)
   log = tmp_path / "standin"
   env = dict(
@@ -617,6 +624,7 @@ def test_slurm_sbatch_stops_the_trainer_and_requeues_only_at_the_time_limit(tmp_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert not _alive(trainer)
+    assert _read(f"{log}.scancel") == ("--signal=TERM 4242" if stop == "time limit" else ""), err
     assert _read(f"{log}.scontrol") == ("requeue 4242" if stop == "time limit" else ""), err
   finally:
     if proc.poll() is None:
