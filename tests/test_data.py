@@ -521,6 +521,15 @@ def test_train_iterator_same_output_with_worker_processes():
     it.close()
   assert a[0]["mask"].shape == (3, 2, 16)
   _assert_batches_equal(a, b)
+  # A process's rows of a larger global batch (the row map and its masks are picklable for the workers).
+  part = dict(kw, shard_index=1, shard_count=2, rows=[5, 1, 2])
+  a = _take(train_iterator(src, cfg, **part), 2)
+  it = train_iterator(src, cfg, num_workers=1, **part)
+  try:
+    b = [{k: np.array(v) for k, v in x.items()} for x in _take(it, 2)]
+  finally:
+    it.close()
+  _assert_batches_equal(a, b)
 
 
 def test_each_epoch_is_a_permutation_in_a_new_order():
@@ -536,15 +545,56 @@ def test_each_epoch_is_a_permutation_in_a_new_order():
   assert not np.array_equal(epochs[0], np.arange(n))
 
 
-def test_shards_partition_the_stream():
-  n, bs = 20, 5
-  src = _tiny_source(n)
-  shards = [train_dataset(src, SMALL, batch_size=bs, seed=3, shard_index=k, shard_count=2) for k in range(2)]
-  seen = np.concatenate([shards[k][i]["label"] for k in range(2) for i in range(2)])
-  assert sorted(seen) == list(range(n))
-  full = train_dataset(src, SMALL, batch_size=2 * bs, seed=3)
-  # Element j of shard k is element k + 2j of the unsharded stream, same views.
-  np.testing.assert_array_equal(shards[1][0]["global"][0], full[0]["global"][1])
+def test_one_shard_stream_is_the_plain_grain_pipeline():
+  # The single-process stream (docs/results.md was trained on it) built by hand from the grain pieces: shuffle,
+  # repeat, first-epoch skips, crops keyed on the stream index, batch, masks keyed on the batch index. The row map
+  # is the identity for one shard, so this pins the stream the other process counts reproduce.
+  import grain
+
+  from simdino_jax.data import pipeline
+  from simdino_jax.data.masking import BatchMasks
+
+  src, cfg, seed, bs = _tiny_source(12, size=8), MultiCropConfig(global_size=8, local_size=4, num_local=1), 5, 4
+  ref = (
+    grain.MapDataset.source(src)
+    .shuffle(seed=pipeline._derive_seed(seed, 0))
+    .repeat()
+    .map_with_index(pipeline._FirstEpochSkips(len(src)))
+    .random_map(MultiCrop(cfg), seed=pipeline._derive_seed(seed, 1))
+    .batch(bs, drop_remainder=True)
+    .random_map(BatchMasks(2), seed=pipeline._derive_seed(seed, 2, 0))
+  )
+  np.testing.assert_array_equal(pipeline.batch_rows(bs), np.arange(bs))
+  got = _take(train_iterator(src, cfg, batch_size=bs, seed=seed, mask_patch_size=2, start_step=2), 4)
+  _assert_batches_equal([ref[i] for i in range(2, 6)], got)
+
+
+@pytest.mark.parametrize("mask_patch_size", [0, 2])
+def test_shards_split_each_global_batch_in_one_process_order(mask_patch_size):
+  # Process k of n gets positions [k b, (k + 1) b) of the one-process global batch: same examples, crops and masks,
+  # so the processes' batches laid out in shard order are the one-process batch row for row (and a resumed run's).
+  n, bs, cfg = 20, 3, MultiCropConfig(global_size=8, local_size=4, num_local=1)
+  src = _tiny_source(n, size=8)
+  kw = dict(seed=3, mask_patch_size=mask_patch_size)
+  full = train_dataset(src, cfg, batch_size=2 * bs, **kw)
+  for start in (0, 5):
+    shards = [
+      train_dataset(src, cfg, batch_size=bs, shard_index=k, shard_count=2, start_step=start, **kw) for k in (0, 1)
+    ]
+    for i in range(4):
+      whole = full[start + i]
+      for key in whole:
+        np.testing.assert_array_equal(np.concatenate([shards[0][i][key], shards[1][i][key]]), whole[key])
+  # Explicit rows (the trainer's: where this process's devices sit in the global array), in any order.
+  rows = np.array([4, 0, 3])
+  part = train_dataset(src, cfg, batch_size=bs, shard_index=1, shard_count=2, rows=rows, **kw)
+  for i in range(3):
+    for key in full[i]:
+      np.testing.assert_array_equal(part[i][key], full[i][key][rows])
+  with pytest.raises(ValueError, match="rows"):
+    train_dataset(src, cfg, batch_size=bs, seed=0, shard_count=2, rows=[0, 0, 1])
+  with pytest.raises(ValueError, match="rows"):
+    train_dataset(src, cfg, batch_size=bs, seed=0, shard_count=2, rows=[0, 1, 6])
 
 
 @pytest.mark.parametrize("mask_patch_size", [0, 4])

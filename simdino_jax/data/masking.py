@@ -222,11 +222,18 @@ class BatchMasks(grain.transforms.RandomMap):
   ``example * Mg + view``); since the masks are shuffled over the crops the
   order only fixes which mask goes where.
 
+  With ``global_batch_size`` and ``rows``, the element is the examples at positions ``rows`` of a global batch of
+  ``global_batch_size`` (one process's part of a multi-process batch): the masks of the whole global batch are drawn
+  (same ``rng``, hence the same masks as one process drawing that batch) and the ``rows`` are kept, so each example
+  gets the same mask whatever the number of processes (docs/data.md#process-count).
+
   Args:
     patch_size: ViT patch size.
     mask_probability, ratio_min_max: as :func:`batch_masks`.
     min_num_patches, max_num_patches, min_aspect, max_aspect: as
       :class:`MaskingGenerator`.
+    global_batch_size, rows: the global batch this element is part of and its positions there (None: the element
+      is a whole batch).
   """
 
   def __init__(
@@ -239,6 +246,8 @@ class BatchMasks(grain.transforms.RandomMap):
     max_num_patches: float | None = None,
     min_aspect: float = 0.3,
     max_aspect: float | None = None,
+    global_batch_size: int | None = None,
+    rows=None,
   ):
     if patch_size <= 0:
       raise ValueError(f"patch_size must be positive, got {patch_size}.")
@@ -248,6 +257,16 @@ class BatchMasks(grain.transforms.RandomMap):
     self.generator_kwargs = dict(
       min_num_patches=min_num_patches, max_num_patches=max_num_patches, min_aspect=min_aspect, max_aspect=max_aspect
     )
+    if (global_batch_size is None) != (rows is None):
+      raise ValueError("global_batch_size and rows go together.")
+    self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
+    self.rows = None if rows is None else np.asarray(rows, np.int64)
+    if self.rows is not None and (
+      self.rows.ndim != 1
+      or len(np.unique(self.rows)) != len(self.rows)
+      or not 0 <= self.rows.min() <= self.rows.max() < self.global_batch_size
+    ):
+      raise ValueError(f"rows must be distinct positions in [0, {global_batch_size}), got {rows}.")
     # Validates the arguments once, up front.
     mask_targets(
       np.random.default_rng(0), 0, 1, mask_probability=self.mask_probability, ratio_min_max=self.ratio_min_max
@@ -262,11 +281,20 @@ class BatchMasks(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     b, mg, height, width = np.shape(element["global"])[:4]
+    if self.rows is not None and b != len(self.rows):
+      raise ValueError(f"a batch of {b} examples, but {len(self.rows)} rows.")
     gh, gw = self.grid(height, width)
     generator = MaskingGenerator(gh, gw, **self.generator_kwargs)
+    drawn = b if self.rows is None else self.global_batch_size
     masks = batch_masks(
-      rng, b * mg, gh, gw, mask_probability=self.mask_probability, ratio_min_max=self.ratio_min_max, generator=generator
-    )
+      rng,
+      drawn * mg,
+      gh,
+      gw,
+      mask_probability=self.mask_probability,
+      ratio_min_max=self.ratio_min_max,
+      generator=generator,
+    ).reshape(drawn, mg, gh * gw)
     out = dict(element)
-    out["mask"] = masks.reshape(b, mg, gh * gw)
+    out["mask"] = masks if self.rows is None else masks[self.rows]
     return out

@@ -2,34 +2,38 @@
 
 Training (``train_iterator``), a ``grain.MapDataset``:
 
-  source -> global shuffle (seeded) -> repeat forever -> MultiCrop random map
-         -> shard slice [shard_index::shard_count] -> batch (drop remainder)
-         -> [BatchMasks random map] -> skip ``start_step`` batches
+  source -> global shuffle (seeded) -> repeat forever -> MultiCrop random map      (the global element stream)
+         -> process k's rows of every global batch: element b*G + rows[j]      (G = batch_size x shard_count)
+         -> batch (drop remainder) -> [BatchMasks random map] -> skip ``start_step`` batches
          -> iterator (optionally mp_prefetch)
 
 * Shuffle comes before repeat: grain's ``ShuffleMapDataset`` reshuffles each
   epoch with ``seed + epoch``, so element indices ``[e*N, (e+1)*N)`` are one
   permutation of the source (each example once per epoch, a different order per
   epoch).
-* The augmentation RNG is seeded by grain from ``(aug_seed, index)`` where
-  ``index`` is the position in the *global* (unsharded) stream, because the
-  random map sits before the shard slice. Hence shards never reuse each other's
-  augmentation draws, and the union of all shards' batches does not depend on
-  ``shard_count``. (Slicing a MapDataset is lazy, so each process only computes
-  its own elements.)
-* Masks (``mask_patch_size > 0``, DINOv2 / iBOT, see
-  :mod:`simdino_jax.data.masking`) are drawn per *batch*, after batching, as
-  in the official collate: their RNG is seeded from ``(mask seed, batch
-  index)`` where the mask seed is derived from ``(seed, shard_index)``, so
-  shards draw independent masks and a ``start_step`` skip (which comes after)
-  reproduces them exactly.
+* Global batch ``b`` is elements ``[b G, (b + 1) G)`` of the global stream, whatever the number of processes; with
+  one process that is the whole pipeline (``rows`` is the identity). Process ``k`` of ``n`` takes the positions
+  ``rows`` of it (default the contiguous block ``[k batch_size, (k + 1) batch_size)``; the trainer passes the rows
+  its devices hold in the global batch array, ``trainer.process_batch_rows``), so the ``n`` processes' batches put
+  together in the global array are exactly the one-process batch, row for row: same examples in the same order,
+  which per-row randomness (drop path, device-side augmentation) and per-device statistics (``loss.groups``, KoLeo
+  groups) see (docs/data.md#process-count; tests/test_multihost_train.py). The index map is lazy, so each process
+  only computes its own elements.
+* The augmentation RNG is seeded by grain from ``(aug_seed, index)`` where ``index`` is the position in the global
+  stream (the random map sits before the row selection): an example gets the same crops, flips and colour jitter
+  on any number of processes.
+* Masks (``mask_patch_size > 0``, DINOv2 / iBOT, see :mod:`simdino_jax.data.masking`) are drawn per *global*
+  batch, after batching, as the official collate draws them per batch: their RNG is seeded from ``(mask seed, batch
+  index)``; every process draws the whole global batch's masks (~30 us per crop: 0.06 s per step for a global batch
+  of 1,024 on a 14x14 grid, next to decoding its own images) and keeps its rows, so an example's mask does not
+  depend on the process count, and a ``start_step`` skip (which comes after) reproduces them exactly.
 * Undecodable images (decoding sources, :class:`~simdino_jax.data.sources.SkippingSource`) are replaced, so
   batches stay full; each example's ``"skipped"`` (1 when its own image was replaced) is kept for the first
   epoch only (elements ``[0, N)`` of the global stream), so summing it over every batch of every shard counts
   each bad file exactly once, whatever the number of epochs, workers or processes, and a resumed run
   (``start_step``) does not count again what it skips.
 * Everything is index-addressed, so the output depends only on ``seed`` (and the
-  shard), not on ``num_workers``/threads, and ``start_step`` is an O(1) skip.
+  rows), not on ``num_workers``/threads, and ``start_step`` is an O(1) skip.
 
 Evaluation (``eval_batches``), deterministic and unaugmented:
 
@@ -62,6 +66,53 @@ from simdino_jax.data.multicrop import MultiCrop, MultiCropConfig
 
 def _derive_seed(seed: int, *stream: int) -> int:
   return int(np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(1)[0])
+
+
+class _GlobalBatchRows(grain.MapDataset):
+  """Element ``i`` is element ``(i // b) G + rows[i % b]`` of the parent (``b = len(rows)``): this process's rows of
+  every global batch of ``G`` consecutive parent elements."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.MapDataset, global_batch_size: int, rows: np.ndarray):
+    super().__init__(parent)
+    self._g = int(global_batch_size)
+    self._rows = np.asarray(rows, np.int64)
+    self._length = (len(parent) // self._g) * len(self._rows)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    batch, slot = divmod(int(index), len(self._rows))
+    return batch * self._g + int(self._rows[slot])
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"GlobalBatchRows(G={self._g}, rows={self._rows.tolist()})"
+
+
+def batch_rows(batch_size: int, shard_index: int = 0, shard_count: int = 1, rows=None) -> np.ndarray:
+  """This shard's positions in every global batch of ``batch_size x shard_count`` examples (validated): ``rows``, or
+  by default the contiguous block ``[shard_index batch_size, (shard_index + 1) batch_size)``."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
+  g = batch_size * shard_count
+  if rows is None:
+    return np.arange(shard_index * batch_size, (shard_index + 1) * batch_size, dtype=np.int64)
+  rows = np.asarray(rows, np.int64)
+  if rows.shape != (batch_size,) or len(np.unique(rows)) != batch_size or rows.min() < 0 or rows.max() >= g:
+    raise ValueError(f"rows must be {batch_size} distinct positions in [0, {g}), got {rows.tolist()}.")
+  return rows
 
 
 class _FirstEpochSkips:
@@ -102,13 +153,13 @@ def train_dataset(
   mask_probability: float = 0.5,
   mask_ratio: tuple[float, float] = (0.1, 0.5),
   mask_min_patches: int = 4,
+  rows=None,
 ) -> grain.MapDataset:
   """The (infinite) batched training ``MapDataset``; see module doc and
   :func:`train_iterator` for the arguments."""
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
+  rows = batch_rows(batch_size, shard_index, shard_count, rows)
+  global_batch = batch_size * shard_count
+  whole = np.array_equal(rows, np.arange(global_batch))  # one shard: the global stream as it is
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   if len(source) == 0:
@@ -118,7 +169,12 @@ def train_dataset(
   masks = None
   if mask_patch_size:
     masks = BatchMasks(
-      mask_patch_size, mask_probability=mask_probability, ratio_min_max=mask_ratio, min_num_patches=mask_min_patches
+      mask_patch_size,
+      mask_probability=mask_probability,
+      ratio_min_max=mask_ratio,
+      min_num_patches=mask_min_patches,
+      global_batch_size=None if whole else global_batch,
+      rows=None if whole else rows,
     )
     masks.grid(cfg.global_size, cfg.global_size)  # fails early if too small
   ds = grain.MapDataset.source(source)
@@ -126,12 +182,13 @@ def train_dataset(
   ds = ds.repeat()  # infinite; reseeds the shuffle each epoch
   ds = ds.map_with_index(_FirstEpochSkips(len(source)))  # each bad file counted once per run
   ds = ds.random_map(MultiCrop(cfg), seed=_derive_seed(seed, 1))
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
+  if not whole:
+    ds = _GlobalBatchRows(ds, global_batch, rows)
   ds = ds.batch(batch_size, drop_remainder=True)
   if masks is not None:
-    # Before the start_step slice: batch k's masks depend on (seed, shard, k).
-    ds = ds.random_map(masks, seed=_derive_seed(seed, 2, shard_index))
+    # Before the start_step slice: global batch b's masks depend on (seed, b) only (the stream "2, 0" is the one
+    # a single process has always used).
+    ds = ds.random_map(masks, seed=_derive_seed(seed, 2, 0))
   if start_step:
     ds = ds[start_step:]
   return ds
@@ -151,6 +208,7 @@ def train_iterator(
   mask_probability: float = 0.5,
   mask_ratio: tuple[float, float] = (0.1, 0.5),
   mask_min_patches: int = 4,
+  rows=None,
   num_threads: int = 2,
   prefetch_batches: int = 4,
 ):
@@ -173,7 +231,11 @@ def train_iterator(
       The output does not depend on it. With workers, call ``.close()`` on the
       returned iterator when done; the main program needs an
       ``if __name__ == "__main__"`` guard.
-    shard_index, shard_count: this process's shard of the element stream.
+    shard_index, shard_count: this process's shard of every global batch of ``batch_size x shard_count``
+      examples: by default the contiguous block of positions ``[shard_index batch_size, (shard_index + 1)
+      batch_size)``, so that the shards' batches concatenated in shard order are the one-shard batch.
+    rows: this process's positions in the global batch instead of that block (``batch_size`` distinct ints), in
+      the order its local batch is laid out: the rows its devices hold in the global array (trainer).
     start_step: number of batches to skip (O(1)), to resume a run.
     mask_patch_size: ViT patch size for DINOv2/iBOT block masks of the global
       crops; 0 = no ``"mask"``.
@@ -202,6 +264,7 @@ def train_iterator(
     mask_probability=mask_probability,
     mask_ratio=mask_ratio,
     mask_min_patches=mask_min_patches,
+    rows=rows,
   )
   num_threads = max(0, int(num_threads))
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads))

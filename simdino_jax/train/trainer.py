@@ -162,6 +162,16 @@ def make_optimizer(config, params, lr_fn, wd_fn, steps_per_epoch: int):
   return optim.make_optimizer(o, params, lr_fn, wd_fn, lr_mults=lr_mults, freezes=freezes)
 
 
+def process_batch_rows(batch_sharding, batch_size: int) -> np.ndarray:
+  """The rows of a ``batch_size`` global batch that this process's devices hold under ``batch_sharding``, ascending:
+  ``jax.make_array_from_process_local_data`` (sharding.to_global) places the local batch's rows there in that
+  order. The mesh may list another process's devices first (a two-process CPU pod does), so the process index alone
+  does not say where its rows land; feeding these rows makes the global array the one-process batch row for row."""
+  index_map = batch_sharding.addressable_devices_indices_map((batch_size,))
+  rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(batch_size))})
+  return np.asarray(rows, np.int64)
+
+
 class Trainer:
   """Holds the pieces built from a config; ``run()`` trains and evaluates."""
 
@@ -290,9 +300,8 @@ class Trainer:
       momentum_fn=self.momentum_fn,
       mask_positions=methods.mask_positions(self.config),
       mask_groups=self.mesh.size,  # the batch's data-parallel shards (sharding.batch_sharding)
-      mask_tokens=methods.masked_token_budget(
-        self.config, host_batch=self.config.batch_size // jax.process_count(), shards=self.mesh.size
-      )
+      # Masks are drawn per global batch (data/pipeline.py), whatever the process count.
+      mask_tokens=methods.masked_token_budget(self.config, host_batch=self.config.batch_size, shards=self.mesh.size)
       if pack_masks
       else None,
       augment=device_augment.make_batch_augment(multicrop_config(self.config))
@@ -327,6 +336,7 @@ class Trainer:
       num_workers=config.data.num_workers,
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
+      rows=process_batch_rows(self.batch_sharding, config.batch_size),  # the global batch in one-process order
       start_step=start_step,
       mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
       mask_probability=config.masking.probability,
