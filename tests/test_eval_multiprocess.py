@@ -17,65 +17,26 @@ validation is order-free) agreed. Segmentation refused to run on several process
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
+import pod
 import pytest
 
 from simdino_jax.data import sources
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "eval_pod_driver.py")
-TIMEOUT_S = 600  # generous: two cores shared with other work; a hung collective fails the test instead of blocking
 IGNORED = {"seconds", "train_seconds", "val_seconds"}  # wall-clock times
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _start_pod(out_dir, data, names: str, mesh_order: str, processes: int, devices_per_process: int = 1) -> list:
   """Starts the driver as ``processes`` processes of one pod (``devices_per_process`` CPU devices each)."""
-  os.makedirs(out_dir, exist_ok=True)
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
-  env["JAX_PLATFORMS"] = "cpu"
-  if processes > 1:
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
-  procs = []
-  for k in range(processes):
-    log = open(os.path.join(out_dir, f"process{k}.log"), "w")
-    penv = dict(env, JAX_PROCESS_ID=str(k)) if processes > 1 else env
-    procs.append(
-      (
-        subprocess.Popen(
-          [sys.executable, DRIVER, str(out_dir), names, str(data), mesh_order], env=penv, stdout=log, stderr=log
-        ),
-        log,
-      )
-    )
-  return procs
+  return pod.start([DRIVER, str(out_dir), names, str(data), mesh_order], out_dir, processes, devices_per_process)
 
 
 def _finish_pod(out_dir, procs, processes: int, devices_per_process: int = 1) -> dict:
   """Waits for a pod's processes; process 0's results.json (a failure shows each process's log tail)."""
-  try:
-    codes = [p.wait(timeout=TIMEOUT_S) for p, _ in procs]
-  except subprocess.TimeoutExpired:
-    codes = ["timed out"]
-  finally:
-    for p, log in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-      log.close()
-  if any(codes):
-    logs = "".join(open(os.path.join(out_dir, f"process{k}.log")).read()[-3000:] for k in range(processes))
-    pytest.fail(f"pod of {processes} process(es) x {devices_per_process} device(s) exited with {codes}:\n{logs}")
+  pod.finish(procs, out_dir, what=f"pod of {processes} process(es) x {devices_per_process} device(s)")
   with open(os.path.join(out_dir, "results.json")) as f:
     out = json.load(f)
   assert (out["processes"], out["devices"]) == (processes, processes * devices_per_process)

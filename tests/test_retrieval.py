@@ -192,10 +192,13 @@ def _dino_getitem(path: str, imsize: int) -> np.ndarray:
   (Image.ANTIALIAS was Pillow's alias of LANCZOS until Pillow 10 removed it; ToTensor divides by 255 in float32.)"""
   from PIL import ImageFile
 
-  ImageFile.LOAD_TRUNCATED_IMAGES = True
-  with open(path, "rb") as f:
-    img = Image.open(f)
-    img = img.convert("RGB")
+  truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+  try:  # PIL's global flag restored: other tests check that truncated files are detected
+    with open(path, "rb") as f:
+      img = Image.open(f)
+      img = img.convert("RGB")
+  finally:
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
   img.thumbnail((imsize, imsize), getattr(Image, "ANTIALIAS", Image.LANCZOS))
   t = np.asarray(img).astype(np.float32) / np.float32(255)
   return (t - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
