@@ -51,8 +51,9 @@ def mask_positions(config) -> int:
 
 def masked_token_budget(config, *, host_batch: int, shards: int) -> int:
   """Static number of masked patch tokens the step gathers per batch shard (0 for methods without masks): the most
-  that ``batch_size / shards`` images of a host's mask batch (``host_batch`` images, masks drawn per host batch as
-  DINOv2's collate) can hold, so nothing is ever dropped (data/masking.py max_masked_tokens)."""
+  that ``batch_size / shards`` images of a mask batch (``host_batch`` images: the global batch, whose masks every
+  process draws alike, as DINOv2's collate draws one batch's) can hold, so nothing is ever dropped (data/masking.py
+  max_masked_tokens)."""
   if not get_method(config.method).uses_masks:
     return 0
   mg = config.data.num_global

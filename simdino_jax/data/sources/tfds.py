@@ -71,8 +71,8 @@ class TfdsSource(SkippingSource):
   (:class:`~simdino_jax.data.sources.base.SkippingSource`); more than 64 consecutive failures raise (a broken
   dataset, not a bad image).
 
-  Pickles without the open data source (grain worker processes reopen it). Processes share nothing: the training
-  pipeline shards the element stream by JAX process (``pipeline.train_dataset``), as for every source.
+  Pickles without the open data source (grain worker processes reopen it). Processes share nothing: each JAX process
+  reads only its own rows of every global batch (``pipeline.train_dataset``), as for every source.
 
   Attributes:
     name: e.g. ``"tfds:imagenet2012/validation"``.
