@@ -92,8 +92,7 @@ def main():
         "speedup": round(ips["packed"] / ips["per_crop"], 3),
         "flops_per_image_packed": flops["packed"],
         "flops_per_image_per_crop": flops["per_crop"],
-        "patch_tokens_packed": shards
-        * methods.masked_token_budget(config, host_batch=b // jax.process_count(), shards=shards),
+        "patch_tokens_packed": shards * methods.masked_token_budget(config, host_batch=b, shards=shards),
         "patch_tokens_per_crop": b * d.num_global * methods.mask_positions(config),
         "masked_tokens_in_batch": int(host["mask"].sum()),
         "loss_after_packed": losses["packed"],
