@@ -334,9 +334,9 @@ def main(argv):
   workdir, weights = _WORKDIR.value, _WEIGHTS.value
   if bool(workdir) == bool(weights):
     sys.exit("simdino_jax.evaluate: error: name what to evaluate: --workdir=DIR (a run) or --weights=FILE, not both")
-  sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
   failed = {}
   try:
+    sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
     if weights:
       evaluate_weights(_CONFIG.value, weights, _EVAL.value, _WHICH.value, _OUTPUT.value, failed=failed)
     else:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simdino_jax.errors import ConfigError
+from simdino_jax.errors import ConfigError, SimdinoError
 from simdino_jax.tree import path_str
 
 RULES = ("replicate", "fsdp")
@@ -239,6 +239,37 @@ def distributed_environment() -> str | None:
   return None
 
 
+class DistributedSetupError(SimdinoError, RuntimeError):
+  """The multi-process environment is incomplete or wrong (a JAX_* variable missing or out of range, a coordinator
+  that cannot be reached); the message names the variable."""
+
+
+_POD_HINT = (
+  "set JAX_COORDINATOR_ADDRESS=HOST:PORT (process 0's host), JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=0..N-1 (one per "
+  "process) on every process, or none of them for a single process (docs/distributed.md)"
+)
+
+
+def _pod_variables() -> dict:
+  """{"num_processes", "process_id"} from JAX_NUM_PROCESSES / JAX_PROCESS_ID where set; DistributedSetupError
+  naming the variable when one is not an integer in range (a silent 0 would start two processes 0)."""
+  kwargs = {}
+  for name, key, low in (("JAX_NUM_PROCESSES", "num_processes", 1), ("JAX_PROCESS_ID", "process_id", 0)):
+    if name not in os.environ:
+      continue
+    text = os.environ[name]
+    try:
+      kwargs[key] = int(text)
+    except ValueError:
+      raise DistributedSetupError(f"{name}={text!r} is not an integer; {_POD_HINT}") from None
+    if kwargs[key] < low:
+      raise DistributedSetupError(f"{name}={text} must be >= {low}; {_POD_HINT}")
+  n, k = kwargs.get("num_processes"), kwargs.get("process_id")
+  if n is not None and k is not None and k >= n:
+    raise DistributedSetupError(f"JAX_PROCESS_ID={k} must be below JAX_NUM_PROCESSES={n}; {_POD_HINT}")
+  return kwargs
+
+
 def maybe_initialize_distributed() -> bool:
   """Call ``jax.distributed.initialize()`` when this process is one of several (TPU pod slice, SLURM with more
   than one task, Open MPI, or ``JAX_COORDINATOR_ADDRESS`` set, with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when
@@ -247,20 +278,46 @@ def maybe_initialize_distributed() -> bool:
   Must run before anything touches the devices (first thing in ``main``). Also turns on
   ``jax_threefry_partitionable`` so that random numbers (parameter init, drop path) do not depend on how the
   arrays are sharded, and a sharded initialisation equals the single-device one.
+
+  A missing or malformed ``JAX_*`` variable, or a coordinator that cannot be joined, raises DistributedSetupError
+  (one line naming the variable) instead of JAX's traceback: the entry points print it and exit 1.
   """
   jax.config.update("jax_threefry_partitionable", True)
   env = distributed_environment()
   if env is None or jax.distributed.is_initialized():
     return False
-  kwargs = {}
-  if env in ("coordinator", "forced"):
-    if "JAX_NUM_PROCESSES" in os.environ:
-      kwargs["num_processes"] = _int_env("JAX_NUM_PROCESSES")
-    if "JAX_PROCESS_ID" in os.environ:
-      kwargs["process_id"] = _int_env("JAX_PROCESS_ID")
-  jax.distributed.initialize(**kwargs)
+  kwargs = _pod_variables() if env in ("coordinator", "forced") else {}
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except  (JAX's ValueError / XlaRuntimeError: one line instead)
+    text = " ".join(str(e).split())
+    if "Number of processes must be defined" in text:
+      raise DistributedSetupError(f"JAX_NUM_PROCESSES is not set (JAX_COORDINATOR_ADDRESS is); {_POD_HINT}") from None
+    if "process id of the current process must be defined" in text:
+      raise DistributedSetupError(f"JAX_PROCESS_ID is not set (JAX_COORDINATOR_ADDRESS is); {_POD_HINT}") from None
+    where = f"JAX_COORDINATOR_ADDRESS={os.environ['JAX_COORDINATOR_ADDRESS']}" if env == "coordinator" else env
+    raise DistributedSetupError(f"could not join the multi-process run ({where}): {text[:300]}") from None
   if "JAX_LOCAL_DEVICE_IDS" not in os.environ and _launcher_runs_one_process_per_host():
     # One process per host trains on all the host's GPUs, not only the one of its local rank (0).
     jax.config.update("jax_cuda_visible_devices", "all")
     jax.config.update("jax_rocm_visible_devices", "all")
   return True
+
+
+def process_0_says(key: str, message: str = "", timeout_s: float = 600) -> str:
+  """Process 0's ``message`` on every process of a multi-process run (the others pass anything and block until
+  process 0 has spoken, at most ``timeout_s``); ``message`` itself on a single process.
+
+  Through the coordination service's key-value store, not an XLA collective: nothing is compiled, so a decision
+  such as the workdir lock's reaches every process before any program is built. Each ``key`` is said once per run.
+  """
+  if jax.process_count() == 1:
+    return message
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (the client jax.distributed started)
+
+  client = distributed.global_state.client
+  key = f"simdino_jax/{key}"
+  if jax.process_index() == 0:
+    client.key_value_set(key, message)
+    return message
+  return client.blocking_key_value_get(key, int(timeout_s * 1000))

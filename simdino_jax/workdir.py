@@ -8,7 +8,10 @@ at the entry points, so nothing downstream (orbax refuses relative paths) sees a
 holds the owner's host, pid, process start time and command. A second run on a locked directory is refused with the
 owner's details (``WorkdirLockedError``); a lock whose owner is gone (same host, pid not running or running another
 program) is stale and taken over with a log line; an owner on another host cannot be checked, so only ``force``
-takes its lock. Multi-host runs: process 0 holds the lock on the shared directory.
+takes its lock. Multi-host runs: process 0 holds the lock on the shared directory and its verdict (taken, or the
+refusal's message) is handed to every other process (``share``) before anything is compiled, so that all of them
+refuse a locked directory in the same one line instead of process 1 waiting in a collective for a process 0 that has
+gone.
 """
 
 from __future__ import annotations
@@ -61,11 +64,13 @@ def _alive(pid: int, start: str | None) -> bool:
 
 class WorkdirLock:
   """Context manager holding DIR/run.lock (see the module docstring); ``enabled=False`` (processes other than 0)
-  makes it a no-op. ``log`` receives the one line said when a stale lock is taken over."""
+  takes no lock. ``log`` receives the one line said when a stale lock is taken over. ``share(verdict) -> verdict``
+  (several processes: ``sharding.process_0_says``) returns process 0's verdict on every process: "" when it took the
+  lock, else its refusal, which every process then raises as WorkdirLockedError."""
 
-  def __init__(self, workdir: str, *, force: bool = False, enabled: bool = True, log=print):
+  def __init__(self, workdir: str, *, force: bool = False, enabled: bool = True, log=print, share=None):
     self.path = epath.Path(workdir) / LOCK_NAME
-    self.force, self.enabled, self.log = force, enabled, log
+    self.force, self.enabled, self.log, self.share = force, enabled, log, share
     self.owner = {
       "host": socket.gethostname(),
       "pid": os.getpid(),
@@ -100,8 +105,30 @@ class WorkdirLock:
     return True
 
   def acquire(self) -> None:
-    if not self.enabled:
-      return
+    verdict = ""
+    try:
+      if self.enabled:
+        self._acquire()
+    except WorkdirLockedError as e:
+      verdict = str(e)
+    except BaseException as e:  # an unreadable directory...: the other processes must not wait for process 0
+      self._share(f"process 0 could not take the lock {self.path}: {' '.join(str(e).split())}")
+      raise
+    verdict = self._share(verdict)
+    if verdict:
+      raise WorkdirLockedError(verdict)
+
+  def _share(self, verdict: str) -> str:
+    if self.share is None:
+      return verdict
+    try:
+      return self.share(verdict)
+    except Exception as e:  # pylint: disable=broad-except  (e.g. process 0 never said: DEADLINE_EXCEEDED)
+      raise WorkdirLockedError(
+        f"could not learn from process 0 whether it holds the lock {self.path}: {' '.join(str(e).split())[:300]}"
+      ) from None
+
+  def _acquire(self) -> None:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):  # a lock released or taken over between our attempts: try again
       if self._create():

@@ -32,8 +32,12 @@ config.init_from paths), ``restore_params`` (one network's parameters on the hos
 init_from), ``restore_external`` (a whole TrainState: config.resume) and ``load_init_arrays`` /
 ``match_init_arrays`` (config.init_from).
 
+Multi-process stops: ``Checkpointer.reached_preemption`` is JAX's preemption sync point (every process stops at the
+same step); ``announce_preemption`` feeds a signal the trainer caught into it (train/trainer.py, ``_StopRequest``).
+
 Python API: ``Checkpointer``, ``abstract_target``, ``config_dict``, ``committed_steps``, ``find_checkpoint``,
-``restore_params``, ``restore_external``, ``load_init_arrays``, ``match_init_arrays``; ``COMMIT_MARKER``, ``WHICH``.
+``restore_params``, ``restore_external``, ``load_init_arrays``, ``match_init_arrays``, ``announce_preemption``,
+``preemption_reason``, ``preemption_service_available``; ``COMMIT_MARKER``, ``WHICH``.
 """
 
 from __future__ import annotations
@@ -116,7 +120,9 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """True when the multi-host preemption service has announced a preemption at ``step`` (TPU pods).
 
-    Must be called by every process at every step. Always False on a single host without the service.
+    Must be called by every process at every step: JAX agrees on the step by comparing ``step`` with the sync point
+    it computed (the largest step any process had reached when the notice came, plus one). Always False on a single
+    host without the service. A notice comes from JAX's own SIGTERM notifier or from ``announce_preemption``.
     """
     return self._manager.reached_preemption(step)
 
@@ -262,6 +268,61 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# -- multi-process stop: JAX's preemption sync service -----------------------------------------------------------
+# JAX's preemption notifier (xla/pjrt/distributed/preemption/preemption_sync_manager.cc) writes this key, holding the
+# time of death in RFC 3339, into the coordination service when its process gets SIGTERM; every process's sync manager
+# watches the key, and on it they exchange their step counters and agree on one step (``reached_preemption``).
+# Writing the key ourselves is how a signal the trainer catches (SIGINT, or SIGTERM once the trainer's own handler
+# replaced JAX's) reaches the same protocol; tests/test_multihost_signals.py checks it still does.
+_PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+_STOP_REASON_KEY = "simdino_jax/stop_reason"  # who asked, for process 0's log line
+
+
+def _distributed_state():
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  return distributed.global_state
+
+
+def preemption_service_available() -> bool:
+  """Whether this process runs JAX's preemption sync service (several processes, jax_enable_preemption_service)."""
+  state = _distributed_state()
+  return state.client is not None and state.preemption_sync_manager is not None
+
+
+def announce_preemption(reason: str) -> bool:
+  """Announces a stop to every process through JAX's preemption sync service, as JAX's SIGTERM notifier would: each
+  process's ``reached_preemption`` then turns True at one agreed step. ``reason`` (e.g. "SIGINT on process 1") is
+  what ``preemption_reason`` returns on every process; the first announcement wins. False without the service.
+
+  Call it only once this process has called ``reached_preemption`` in its loop: a process that has not yet counted a
+  step offers 0 to the agreement, and a sync point below the first step of a resumed run would never be reached.
+  """
+  if not preemption_service_available():
+    return False
+  client = _distributed_state().client
+  for key, value in (
+    (_STOP_REASON_KEY, reason),
+    (_PREEMPTION_NOTICE_KEY, time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())),
+  ):
+    try:
+      client.key_value_set(key, value)
+    except Exception:  # pylint: disable=broad-except  (ALREADY_EXISTS: another process announced first)
+      pass
+  return True
+
+
+def preemption_reason() -> str | None:
+  """The ``reason`` of the first ``announce_preemption`` of this run; None when none was made (a notice from JAX's
+  own SIGTERM notifier, a TPU maintenance event)."""
+  if not preemption_service_available():
+    return None
+  try:
+    return _distributed_state().client.key_value_try_get(_STOP_REASON_KEY)
+  except Exception:  # pylint: disable=broad-except  (NOT_FOUND)
+    return None
 
 
 class _OrbaxInfoFilter(logging.Filter):

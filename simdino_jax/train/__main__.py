@@ -2,8 +2,10 @@
 
 Every config field can be overridden with --config.FIELD=VALUE; the fields, their defaults and meanings are in
 simdino_jax/config.py (``base_config``) and the recipes in configs/. Exit codes: 0 trained (or already trained),
-1 an error (one line naming the config field, file or workdir), 75 stopped by SIGTERM / SIGINT / a preemption notice
-after saving a checkpoint (re-run the same command to resume).
+1 an error (one line naming the config field, file, workdir or JAX_* variable; on every process of a multi-process
+run), 75 stopped by SIGTERM / SIGINT / a preemption notice after saving a checkpoint (re-run the same command to
+resume; on several processes every one stops at the same step). A second signal aborts without a checkpoint: the
+process dies of that signal (a shell reports 143 for SIGTERM, 130 for SIGINT).
 """
 
 import sys
@@ -40,10 +42,10 @@ def main(argv):
   from simdino_jax.errors import SimdinoError  # pylint: disable=g-import-not-at-top
   from simdino_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
   try:
+    sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
     result = trainer.train(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
-  except (SimdinoError, FileNotFoundError) as e:  # invalid config, locked workdir, bad data: one line, no traceback
+  except (SimdinoError, FileNotFoundError) as e:  # invalid config or JAX_* variable, locked workdir, bad data: one line
     sys.exit(f"simdino_jax.train: error: {e}")
   if "stopped" in result:
     sys.exit(EXIT_STOPPED)

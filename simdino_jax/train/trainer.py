@@ -17,8 +17,9 @@ under the workdir (process 0 only, but for checkpoint arrays):
 
 Resume: if ``checkpoints/`` holds a checkpoint, the run continues from the newest usable one; the data stream
 is a pure function of (seed, step) and so is the step's randomness, so an interrupted-then-resumed run ends
-with the same parameters as an uninterrupted one. SIGTERM / SIGINT (single host) or a multi-host preemption notice
-saves a checkpoint at the next step boundary and returns cleanly.
+with the same parameters as an uninterrupted one. SIGTERM / SIGINT (on any or every process) or a multi-host
+preemption notice saves a checkpoint at the next (on several processes: agreed) step boundary and returns cleanly;
+a second signal aborts (``_StopRequest``).
 
 Evaluation: the teacher's backbone runs in ``config.eval.dtype`` (float32 by default, whatever ``model.dtype``
 trains in). An evaluator that fails (an exception: out of memory, unreadable evaluation data ...) costs only its
@@ -30,11 +31,16 @@ cannot work (which ``config.validate`` should have refused) stops the run after 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
+import sys
+import threading
+import time
 from typing import Iterator
 
 import jax
@@ -67,47 +73,117 @@ NONFINITE_MARKER = "nonfinite.json"  # written when a run stops on a non-finite 
 
 
 class _StopRequest:
-  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag (``signal_name``) the loop reads at step boundaries, while in the
-  ``with`` block: the run saves a checkpoint at the next step and stops cleanly. A second signal of either kind
-  aborts at once (a step that hangs, an impatient Ctrl-C).
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a stop at a step boundary, with a checkpoint, while in the ``with``
+  block; a second signal of either kind aborts this process at once (a step that hangs, an impatient Ctrl-C), dying
+  of that signal as it would without the handler (a shell reports 143 / 130).
 
-  Single host only (``enabled``): multi-host runs leave SIGTERM to JAX's preemption service
-  (``Checkpointer.reached_preemption``), which installs its own handler and agrees on one step for all hosts.
+  The signals are counted by a watcher thread that reads the bytes Python's C-level handler writes to a wakeup fd
+  (``signal.set_wakeup_fd``), not by the Python-level handler: that one runs only when the main thread is back in
+  the interpreter, so during a long (or hung) step two signals would merge into one and the second could not abort.
+
+  One process: the loop stops at the next step boundary after the first signal (``reason``). Several processes: they
+  must stop at the same step, or the others wait forever in the next step's collective. The first signal on any
+  process is forwarded, at this process's next step boundary, into JAX's preemption sync service
+  (``checkpointing.announce_preemption``), which agrees on one step for all processes within a step or two; the
+  loop stops where ``reached_preemption`` says. This costs nothing per step (``reached_preemption`` is a local
+  comparison, called at every step anyway for TPU maintenance notices) and works whether the signal reached every
+  process (Ctrl-C in a terminal, a scheduler) or one only. A second signal kills the process that gets it; the
+  others then fail in their next collective or, at the latest, when the coordination service misses its heartbeats
+  (JAX's default: 100 s) and ends them.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self, enabled: bool = True):
+  def __init__(self, enabled: bool = True, *, multiprocess: bool = False, log=print):
+    self.multiprocess = multiprocess
     self.enabled = enabled
-    self.signal_name = None
+    self.log = log
+    self.signal_name = None  # the first signal's name, set by the watcher thread
+    self._announced = False
     self._previous = {}
+    self._previous_wakeup = -1
+    self._fds = None
+    self._thread = None
 
   def __enter__(self) -> "_StopRequest":
-    if self.enabled:
-      for signum in self.SIGNALS:
-        try:
-          self._previous[signum] = signal.signal(signum, self._handle)
-        except ValueError:  # not the main thread: no handler, the signal keeps its default action
-          pass
+    if self.enabled and self.multiprocess and not checkpointing.preemption_service_available():
+      self.log(
+        "SIGTERM / SIGINT keep their default action (no checkpoint): the processes cannot agree on a stop step "
+        "without JAX's preemption service (jax_enable_preemption_service)"
+      )
+      self.enabled = False
+    if not self.enabled or threading.current_thread() is not threading.main_thread():
+      return self  # handlers can only be installed by the main thread: the signals keep their default action
+    self._fds = os.pipe()
+    os.set_blocking(self._fds[1], False)  # set_wakeup_fd requires it
+    self._thread = threading.Thread(target=self._watch, name="simdino_jax-stop-request", daemon=True)
+    self._thread.start()
+    self._previous_wakeup = signal.set_wakeup_fd(self._fds[1], warn_on_full_buffer=False)
+    for signum in self.SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
-  def _handle(self, signum, frame) -> None:
-    del frame
-    if self.signal_name is not None:  # the second signal: stop now, as without this handler
-      self._restore()
-      if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-      os.kill(os.getpid(), signum)
-      return
-    self.signal_name = signal.Signals(signum).name  # no I/O here: the handler may interrupt a print
+  @staticmethod
+  def _handle(signum, frame) -> None:
+    """The Python-level handler: nothing to do (the watcher thread counts the signal); it replaces the default
+    actions (KeyboardInterrupt, termination, JAX's own SIGTERM notifier)."""
+    del signum, frame
 
-  def _restore(self) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
+  def _watch(self) -> None:
+    while True:
+      try:
+        received = os.read(self._fds[0], 64)
+      except OSError:
+        return
+      if not received:  # the write end was closed: the block is over
+        return
+      for signum in received:
+        if signum not in self.SIGNALS:
+          continue  # another signal with a Python handler
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+          self._abort(signum, name)
+        self.signal_name = name
+        where = "a step boundary all processes agree on" if self.multiprocess else "the next step boundary"
+        print(f"{name}: stopping at {where} with a checkpoint (a second signal aborts without one)", flush=True)
+
+  @staticmethod
+  def _abort(signum: int, name: str) -> None:
+    """Dies of ``signum`` now, from the watcher thread (the main thread may be blocked in a step)."""
+    print(f"{name} again: aborting without a checkpoint", file=sys.stderr, flush=True)
+    try:  # the default action back at the C level (signal.signal is for the main thread only), then the signal
+      libc = ctypes.CDLL(None, use_errno=True)
+      libc.signal.argtypes, libc.signal.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_void_p
+      libc.signal(signum, None)  # SIG_DFL
+      os.kill(os.getpid(), signum)
+      time.sleep(10)
+    finally:
+      os._exit(128 + signum)  # the exit code a shell reports for a death by that signal
+
+  def reason(self, step: int, ckpt: checkpointing.Checkpointer) -> str | None:
+    """At the boundary after ``step`` (every process, every step): why to stop here, or None."""
+    agreed = ckpt.reached_preemption(step)  # JAX counts these calls: at every step, on every process
+    if not self.multiprocess:
+      return self.signal_name or ("preemption notice" if agreed else None)
+    if self.signal_name is not None and not self._announced:
+      self._announced = True  # forwarded only now that reached_preemption has counted a step (announce_preemption)
+      checkpointing.announce_preemption(f"{self.signal_name} on process {jax.process_index()}")
+    if not agreed:
+      return None
+    reason = checkpointing.preemption_reason() or "preemption notice"
+    return self.signal_name if self.signal_name and reason.startswith(self.signal_name) else reason
 
   def __exit__(self, *exc) -> None:
-    self._restore()
+    if self._thread is None:
+      return
+    signal.set_wakeup_fd(self._previous_wakeup)
+    for signum, previous in self._previous.items():
+      # None: a handler installed outside Python (JAX's SIGTERM notifier), which cannot be put back: the default.
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    os.close(self._fds[1])  # ends the watcher
+    self._thread.join(timeout=10)
+    os.close(self._fds[0])
+    self._previous, self._thread, self._fds = {}, None, None
 
 
 @dataclasses.dataclass
@@ -460,7 +536,9 @@ class Trainer:
     "checkpoint": path}`` after saving that checkpoint (no evaluation). Raises NonFiniteLossError naming the step and
     the last checkpoint.
     """
-    with workdir_lib.WorkdirLock(self.workdir, force=self.force, enabled=self.is_main, log=self.log):
+    # Process 0 takes the lock; every process learns its verdict before anything compiles (workdir.WorkdirLock).
+    share = functools.partial(sharding.process_0_says, "workdir_lock") if jax.process_count() > 1 else None
+    with workdir_lib.WorkdirLock(self.workdir, force=self.force, enabled=self.is_main, log=self.log, share=share):
       return self._run()
 
   def _run(self) -> dict:
@@ -474,8 +552,11 @@ class Trainer:
       f"(warm-up {d.warmup_steps}, {d.steps_per_epoch} steps/epoch) workdir={self.workdir}"
     )
 
-    # From here on SIGTERM / SIGINT (single host) mean: save at the next step boundary and return.
-    with _StopRequest(enabled=jax.process_count() == 1) as stop_request, self.checkpointer() as ckpt:
+    # From here on SIGTERM / SIGINT mean: save at the (agreed) next step boundary and return.
+    with (
+      _StopRequest(multiprocess=jax.process_count() > 1, log=self.log) as stop_request,
+      self.checkpointer() as ckpt,
+    ):
       state, start = self.restore_or_init(ckpt)
       init = self.init_results(state if start == 0 else None)
       state, stopped = self.train_loop(state, start, ckpt, stop_request)
@@ -539,10 +620,8 @@ class Trainer:
             values.update(self.periodic_metrics(state.teacher, done, due))
           values["data/skipped"] = skipped_base + self.skipped_images()
           metrics_log.write(done, values)
-        # Stop requests: SIGTERM on a single host, the preemption service's agreed step on a pod.
-        reason = stop_request.signal_name
-        if ckpt.reached_preemption(done):
-          reason = reason or "preemption notice"
+        # Stop requests: a signal on a single host, the preemption service's agreed step on several (_StopRequest).
+        reason = stop_request.reason(done, ckpt)
         periodic = config.checkpoint_every > 0 and done % config.checkpoint_every == 0
         if periodic or reason or done == d.total_steps:
           self.check_finite(*pending)  # never checkpoint the state of a step whose loss is not finite
