@@ -174,6 +174,10 @@ class _StopRequest:
     return self.signal_name if self.signal_name and reason.startswith(self.signal_name) else reason
 
   def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    """Puts the previous handlers back (idempotent)."""
     if self._thread is None:
       return
     signal.set_wakeup_fd(self._previous_wakeup)
@@ -538,10 +542,16 @@ class Trainer:
     """
     # Process 0 takes the lock; every process learns its verdict before anything compiles (workdir.WorkdirLock).
     share = functools.partial(sharding.process_0_says, "workdir_lock") if jax.process_count() > 1 else None
-    with workdir_lib.WorkdirLock(self.workdir, force=self.force, enabled=self.is_main, log=self.log, share=share):
-      return self._run()
+    # From here on SIGTERM / SIGINT mean: save at the (agreed) next step boundary and return. Installed first: on
+    # several processes JAX's own SIGTERM notifier, left in place, would offer the sync protocol a step count of 0,
+    # which a resumed run never reaches (checkpointing.announce_preemption).
+    with (
+      _StopRequest(multiprocess=jax.process_count() > 1, log=self.log) as stop_request,
+      workdir_lib.WorkdirLock(self.workdir, force=self.force, enabled=self.is_main, log=self.log, share=share),
+    ):
+      return self._run(stop_request)
 
-  def _run(self) -> dict:
+  def _run(self, stop_request: _StopRequest) -> dict:
     config, d = self.config, self.durations
     if self.is_main:
       self.wpath("eval").mkdir(parents=True, exist_ok=True)
@@ -552,15 +562,12 @@ class Trainer:
       f"(warm-up {d.warmup_steps}, {d.steps_per_epoch} steps/epoch) workdir={self.workdir}"
     )
 
-    # From here on SIGTERM / SIGINT mean: save at the (agreed) next step boundary and return.
-    with (
-      _StopRequest(multiprocess=jax.process_count() > 1, log=self.log) as stop_request,
-      self.checkpointer() as ckpt,
-    ):
+    with self.checkpointer() as ckpt:
       state, start = self.restore_or_init(ckpt)
       init = self.init_results(state if start == 0 else None)
       state, stopped = self.train_loop(state, start, ckpt, stop_request)
       ckpt.wait()  # the final checkpoint is committed before the evaluation
+    stop_request.close()  # the final evaluation has no step boundary to stop at: signals act as usual again
     self.state = state
     self.metrics_log.draw_curves()  # DIR/curves.png; a failure is only a warning
     if stopped is not None:
