@@ -82,20 +82,7 @@ def test_lr_is_cosine_annealing_per_iteration_and_validation_follows_eval_linear
     return state, jnp.zeros((2, 2))
 
   result = linear_dinov2.run(
-    step_fn=step_fn,
-    batches=iter([(None, None)] * max_iter),
-    test_x=np.zeros((4, 3 * 4), np.float32),  # spec ("linear", 2, True) of width 4: [cls_-2, cls_-1, avg]
-    test_y=np.zeros(4, np.int32),
-    num_classes=3,
-    grid=[(1, True), (2, True)],
-    lrs=(0.01, 0.1),
-    batch_size=512,
-    epochs=3,
-    epoch_length=4,
-    eval_period=5,
-    seed=0,
-    num_train=100,
-    log=lambda _: None,
+    **{**_RUN, "step_fn": step_fn, "batches": iter([(None, None)] * max_iter), "eval_period": 5}
   )
   # CosineAnnealingLR(optimizer, max_iter, eta_min=0), scheduler.step() after every optimizer.step(); lr x 512/256.
   want = np.stack([_torch_cosine_annealing(lr * 2, max_iter, max_iter) for lr in (0.01, 0.1)], -1)
@@ -110,7 +97,7 @@ def test_lr_is_cosine_annealing_per_iteration_and_validation_follows_eval_linear
 
 
 _RUN = dict(
-  test_x=np.zeros((4, 12), np.float32),
+  test_x=np.zeros((4, 3 * 4), np.float32),  # spec ("linear", 2, True) of width 4: [cls_-2, cls_-1, avg]
   test_y=np.zeros(4, np.int32),
   num_classes=3,
   grid=[(1, True), (2, True)],
