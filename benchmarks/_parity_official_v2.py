@@ -340,9 +340,9 @@ def _durations(config, steps_per_epoch: int | None = None) -> tuple[int, int, in
   """(total_steps, warmup_steps, steps_per_epoch) as our trainer computes them (``steps_per_epoch`` given: the
   caller's, as official_parity.py's Ours(config, niter) uses it, with total_steps / warmup_steps > 0)."""
   from simdino_jax.data import sources
-  from simdino_jax.train import trainer
+  from simdino_jax.train import setup
 
-  if steps_per_epoch is not None:  # trainer.durations with the given steps per epoch
+  if steps_per_epoch is not None:  # setup.durations with the given steps per epoch
     spe = max(int(steps_per_epoch), 1)
     total = config.total_steps if config.total_steps > 0 else config.total_epochs * spe
     warmup = config.warmup_steps if config.warmup_steps > 0 else int(round(config.warmup_epochs * spe))
@@ -354,7 +354,7 @@ def _durations(config, steps_per_epoch: int | None = None) -> tuple[int, int, in
     or (config.method == "dinov2" and config.dino.warmup_teacher_temp_epochs > 0)
   )
   num_train = len(sources.from_config(config.data, "train")) if spe_needed else config.batch_size
-  d = trainer.durations(config, num_train)
+  d = setup.durations(config, num_train)
   return d.total_steps, d.warmup_steps, d.steps_per_epoch
 
 

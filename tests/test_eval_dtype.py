@@ -43,7 +43,7 @@ def test_a_bfloat16_trained_backbone_is_evaluated_in_float32_by_default(tiny_con
   reference = np.asarray(nnx.merge(graph, params)(images, key=None)["cls"])
   assert np.max(np.abs(evaluated - reference)) <= 1e-6
   # What evaluating in the training dtype gave (the former behaviour): visibly other features.
-  trained_dtype = np.asarray(nnx.merge(tr.backbone_graphdef, params)(images, key=None)["cls"], np.float32)
+  trained_dtype = np.asarray(nnx.merge(tr.setup.backbone_graphdef, params)(images, key=None)["cls"], np.float32)
   assert np.max(np.abs(trained_dtype - reference)) > 1e-3
 
   r = evaluate.evaluate(tiny_config, workdir, ["knn"], output=str(tmp_path / "f32"))["knn"]

@@ -222,7 +222,7 @@ def test_dino_feature_choice_per_architecture_and_small_data_recipes_use_the_fro
 @pytest.mark.parametrize("n_last_blocks,avgpool", [(4, False), (1, True)])
 def test_features_are_dinos_cls_concat_or_cls_and_avgpool(dino_run, n_last_blocks, avgpool):
   _, _, tr, state = dino_run
-  graphdef, params = tr.backbone_graphdef, state.teacher["backbone"]
+  graphdef, params = tr.setup.backbone_graphdef, state.teacher["backbone"]
   images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
   spec = ("linear", n_last_blocks, avgpool)
   feature_fn = runner.make_feature_fn(graphdef, (spec,))

@@ -48,13 +48,13 @@ def batch(c, seed):
 
 batches = [batch(config([("data", -1)]), s) for s in (0, 1)]
 report = {{}}
-ref = trainer.Trainer(config([("data", -1)]), "/nonexistent")
+ref = trainer.Trainer(config([("data", -1)]), "/nonexistent").setup
 cfg = ref.config
 step = jax.jit(make_train_step(
   ref.graphdef, ref.loss_fn, ref.tx, lr_fn=ref.lr_fn, wd_fn=ref.wd_fn, momentum_fn=ref.momentum_fn,
   mask_positions=methods.mask_positions(cfg),
   mask_tokens=methods.masked_token_budget(cfg, host_batch=cfg.batch_size, shards=1)))
-state = jax.jit(ref._init_fn())()
+state = jax.jit(ref.init_fn)()
 ref_metrics = []
 for b in batches:
   state, m = step(state, b)

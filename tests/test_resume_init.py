@@ -233,7 +233,7 @@ import jax, numpy as np
 from conftest import make_tiny_config
 from test_step import fixed_batch
 from simdino_jax import sharding
-from simdino_jax.train import trainer
+from simdino_jax.train import setup, trainer
 from simdino_jax.train.step import make_train_step
 from simdino_jax.tree import named_leaves
 assert jax.device_count() == 8
@@ -248,8 +248,10 @@ c.sharding.fsdp_min_size = 512
 tr = trainer.Trainer(c, "/nonexistent")
 batch = sharding.to_global({{k: np.asarray(v) for k, v in fixed_batch(c).items()}}, tr.batch_sharding)
 report = {{}}
-for name, cast in (("train_step_cast", tr.param_cast()), ("train_step_plain", None)):
-  step = make_train_step(tr.graphdef, tr.loss_fn, tr.tx, lr_fn=tr.lr_fn, wd_fn=tr.wd_fn, momentum_fn=tr.momentum_fn,
+s = tr.setup
+casts = (("train_step_cast", setup.param_cast(s, tr.mesh, tr.state_sharding)), ("train_step_plain", None))
+for name, cast in casts:
+  step = make_train_step(s.graphdef, s.loss_fn, s.tx, lr_fn=s.lr_fn, wd_fn=s.wd_fn, momentum_fn=s.momentum_fn,
                          cast_params=cast)
   step.__name__ = name  # the HLO module's name
   # Compiled, not run: only the program is inspected (its output state's dtypes from the compiled signature).

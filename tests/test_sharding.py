@@ -78,10 +78,10 @@ report = {{}}
 
 # Single-device reference: the same step function, jitted without shardings, on device 0.
 t = time.time()
-ref_tr = trainer.Trainer(config([("data", -1)]), "/nonexistent")
+ref_tr = trainer.Trainer(config([("data", -1)]), "/nonexistent").setup
 raw_step = make_train_step(ref_tr.graphdef, ref_tr.loss_fn, ref_tr.tx, lr_fn=ref_tr.lr_fn, wd_fn=ref_tr.wd_fn,
                            momentum_fn=ref_tr.momentum_fn, mask_positions=methods.mask_positions(ref_tr.config))
-state = jax.jit(ref_tr._init_fn())()
+state = jax.jit(ref_tr.init_fn)()
 ref_init = host(state)
 ref_metrics = []
 step = jax.jit(raw_step)

@@ -80,6 +80,15 @@ def eval_graphdef(vit_kwargs: dict, dtype: str) -> nnx.GraphDef:
   return nnx.split(nnx.eval_shape(lambda: VisionTransformer(**kwargs, rngs=nnx.Rngs(0))))[0]
 
 
+def device_batch(batch_size: int, num_devices: int | None = None) -> int:
+  """The batch an evaluator feeds per call: ``batch_size`` rounded DOWN to a multiple of the devices (all of them,
+  over every process), at least one image per device. Down, because an evaluation batch size is a memory bound
+  (what fits next to the model), so the device-rounded batch never exceeds it unless it is smaller than the device
+  count. Every evaluator rounds through here (config.eval.batch_size and each evaluator's own batch_size)."""
+  n = jax.device_count() if num_devices is None else num_devices
+  return max(n, (batch_size // n) * n)
+
+
 def eval_image_size(config) -> int:
   """The evaluation image size: config.eval.image_size, else the global crop size."""
   return config.eval.image_size or config.data.global_size
@@ -166,8 +175,8 @@ class Context:
     features as one more batch-sharded array, so the gathered rows are sorted back into dataset order whatever the
     mesh's device order. (Before, process k fed the examples k, k + n, ...: few-shot and the linear probe, which
     depend on the order, gave other figures on a pod.)"""
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    batch_size = max(n_dev, (self.config.eval.batch_size // n_dev) * n_dev)
+    n_proc = jax.process_count()
+    batch_size = device_batch(self.config.eval.batch_size)
     feats, rows = [], []
     for batch in pipeline.eval_batches(
       source,

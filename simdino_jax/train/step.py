@@ -1,7 +1,7 @@
-"""The pure train step (student + teacher update) and the feature-extraction step.
+"""The pure train step (student + teacher update).
 
-``make_train_step`` returns ``train_step(state, batch) -> (state, metrics)``; the trainer jits it once with
-explicit shardings and donates the state. Batch arrays are batch-major, (B, views, H, W, 3), and stay so:
+``make_train_step`` returns ``train_step(state, batch) -> (state, metrics)``; ``train/setup.py make_step`` jits it
+once with explicit shardings and donates the state. Batch arrays are batch-major, (B, views, H, W, 3), and stay so:
 views are folded into the batch axis with a reshape that keeps the batch axis outermost, so a data-sharded
 batch never needs an all-gather (docs/distributed.md#batch-major-layout).
 """
@@ -215,13 +215,3 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
-
-
-def make_feature_fn(graphdef: nnx.GraphDef) -> Callable:
-  """(params, images (B, H, W, 3)) -> backbone cls features (B, D) float32, deterministic (no drop path)."""
-
-  def features(params, images):
-    net = nnx.merge(graphdef, params)
-    return net.backbone(images, key=None)["cls"].astype(jnp.float32)
-
-  return features

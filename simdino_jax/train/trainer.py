@@ -32,7 +32,6 @@ cannot work (which ``config.validate`` should have refused) stops the run after 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import json
 import math
@@ -44,30 +43,22 @@ import time
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from simdino_jax import methods, optim, schedules, sharding
-from simdino_jax import workdir as workdir_lib
-from simdino_jax.io import checkpointing
 from simdino_jax import config as config_lib
-from simdino_jax.data import device_augment, pipeline
-from simdino_jax.data.multicrop import MultiCropConfig
-from simdino_jax.data import sources
-from simdino_jax import evals
+from simdino_jax import evals, sharding
+from simdino_jax import workdir as workdir_lib
+from simdino_jax.data import pipeline, sources
+from simdino_jax.errors import NonFiniteLossError, ResumeError
 from simdino_jax.evals import runner
-from simdino_jax.models.network import backbone_kwargs, compute_dtype
-from simdino_jax.models.vit import parse_variant
+from simdino_jax.io import checkpointing, restore
 from simdino_jax.train import init_from
+from simdino_jax.train import setup as setup_lib
 from simdino_jax.train.metrics import MetricsLog
 from simdino_jax.train.state import TrainState
-from simdino_jax.train.step import make_train_step
-from simdino_jax.errors import NonFiniteLossError, ResumeError
-
 
 NONFINITE_MARKER = "nonfinite.json"  # written when a run stops on a non-finite loss: where to restart from
 
@@ -190,58 +181,6 @@ class _StopRequest:
     self._previous, self._thread, self._fds = {}, None, None
 
 
-@dataclasses.dataclass
-class Durations:
-  total_steps: int
-  warmup_steps: int
-  steps_per_epoch: int
-
-
-def durations(config, num_train: int) -> Durations:
-  steps_per_epoch = num_train // config.batch_size
-  if config.total_steps > 0:
-    total = config.total_steps
-  else:
-    if steps_per_epoch < 1:
-      raise config_lib.ConfigError(
-        f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
-        "examples, so an epoch has no step; lower it or set total_steps"
-      )
-    total = config.total_epochs * steps_per_epoch
-  warmup = config.warmup_steps if config.warmup_steps > 0 else int(round(config.warmup_epochs * steps_per_epoch))
-  warmup = min(warmup, total - 1)
-  return Durations(total, warmup, max(steps_per_epoch, 1))
-
-
-def multicrop_config(config) -> MultiCropConfig:
-  d = config.data
-  return MultiCropConfig(
-    global_size=d.global_size,
-    local_size=d.local_size,
-    num_global=d.num_global,
-    num_local=d.num_local,
-    global_scale=tuple(d.global_scale),
-    local_scale=tuple(d.local_scale),
-    augment_mode=d.augment_mode,
-    **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.augment.items()},
-  )
-
-
-def make_optimizer(config, params, lr_fn, wd_fn, steps_per_epoch: int):
-  """The student's optax chain: AdamW + the method's extras (layer-wise lr decay, prototype-layer freezing)."""
-  o = config.optim
-  lr_mults = None
-  if o.layer_decay < 1.0 or o.patch_embed_lr_mult != 1.0:
-    lr_mults = optim.lr_multipliers(
-      params,
-      depth=backbone_kwargs(config.model)["depth"],
-      layer_decay=o.layer_decay,
-      patch_embed_mult=o.patch_embed_lr_mult,
-    )
-  freezes = methods.get_method(config.method).optimizer_freezes(config, params, steps_per_epoch)
-  return optim.make_optimizer(o, params, lr_fn, wd_fn, lr_mults=lr_mults, freezes=freezes)
-
-
 def process_batch_rows(batch_sharding, batch_size: int) -> np.ndarray:
   """The rows of a ``batch_size`` global batch that this process's devices hold under ``batch_sharding``, ascending:
   ``jax.make_array_from_process_local_data`` (sharding.to_global) places the local batch's rows there in that
@@ -253,7 +192,10 @@ def process_batch_rows(batch_sharding, batch_size: int) -> np.ndarray:
 
 
 class Trainer:
-  """Holds the pieces built from a config; ``run()`` trains and evaluates."""
+  """A run in a workdir: ``run()`` trains and evaluates. The numerical pieces come from ``train/setup.py``
+  (``self.setup``); the trainer adds the workdir, the restore policy, the data, the evaluation and the loop, and is
+  defined below in the order it runs: run -> _run -> restore_or_init -> check_restart -> init_results ->
+  train_loop, then what those call."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, force: bool = False):
     config_lib.validate(
@@ -266,272 +208,22 @@ class Trainer:
     self.workdir = workdir_lib.resolve(workdir)  # absolute (orbax needs it), ~ expanded; gs:// unchanged
     self.force = force  # take over a workdir lock whose owner cannot be checked (another host)
     self.is_main = jax.process_index() == 0
-    self.method = methods.get_method(config.method)
     self.mesh = sharding.make_mesh(config.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
     self.skipped_local = 0  # undecodable images replaced in the batches used (data/skipped)
 
     self.train_source = sources.from_config(config.data, "train")
-    self.durations = durations(config, len(self.train_source))
-    d = self.durations
-    self.lr_fn = optim.lr_schedule(config.optim, config.batch_size, d.total_steps, d.warmup_steps)
-    self.wd_fn = optim.wd_schedule(config.optim, d.total_steps)
-    if config.teacher.self_distillation:
-      self.momentum_fn = schedules.cosine(config.teacher.momentum, config.teacher.momentum_end, d.total_steps)
-    else:  # the paper's ablation: the teacher is the current student (m = 0) at every step
-      self.momentum_fn = schedules.constant(0.0)
-
-    # Shapes first (no FLOPs), then the state is created directly with its sharding.
-    abstract = nnx.eval_shape(lambda: methods.build_network(config))
-    self.graphdef, abstract_params = nnx.split(abstract)
-    self.tx = make_optimizer(config, abstract_params, self.lr_fn, self.wd_fn, d.steps_per_epoch)
-    self.loss_fn = self.method.make_loss(config, d.steps_per_epoch)
-    self.backbone_graphdef = nnx.split(abstract.backbone)[0]
-    # The evaluators' graph: the same backbone (same float32 parameters) computing in config.eval.dtype.
-    self.eval_graphdef = runner.eval_graphdef(backbone_kwargs(config.model), config.eval.dtype)
-    # The state's shapes (no FLOPs) and one sharding per leaf from config.sharding.rules: all replicated on a
-    # data-only mesh; big leaves split over the "fsdp" mesh axis when it has one.
-    abstract_state = jax.eval_shape(self._init_fn())
-    self.state_sharding = sharding.state_shardings(abstract_state, self.mesh, config)
-    self._abstract_state = checkpointing.abstract_target(abstract_state, self.state_sharding)
+    self.setup = setup_lib.build(config, len(self.train_source))
+    self.method = self.setup.method
+    # One sharding per state leaf (config.sharding.rules) and the target a checkpoint is restored onto.
+    self.state_sharding = setup_lib.state_sharding(self.setup, self.mesh)
+    self._abstract_state = checkpointing.abstract_target(self.setup.abstract_state, self.state_sharding)
     self.evaluators = self.labelled_evaluators(evals.build(config))
     self._eval_ctx = None
     self.eval_failures: dict[str, str] = {}  # name -> "step N: one-line error" of the evaluators that failed
 
-  # -- state ------------------------------------------------------------------------------------------
-  def _init_fn(self):
-    config = self.config
-
-    def init():
-      params = nnx.split(methods.build_network(config))[1]
-      return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        student=params,
-        teacher=params,
-        opt_state=self.tx.init(params),
-        loss_state=self.method.init_loss_state(config),
-        rng=jax.random.key_data(jax.random.key(config.seed + 1)),
-      )
-
-    return init
-
-  def abstract_state(self) -> TrainState:
-    """The state's shapes, dtypes and shardings (``self.state_sharding``): the target a checkpoint is restored onto."""
-    return self._abstract_state
-
-  def init_state(self) -> TrainState:
-    """The state at initialisation; a pure function of ``config.seed``."""
-    return jax.jit(self._init_fn(), out_shardings=self.state_sharding)()
-
-  def checkpointer(self) -> checkpointing.Checkpointer:
-    return checkpointing.Checkpointer(
-      os.path.join(self.workdir, "checkpoints"), max_to_keep=self.config.checkpoint_keep
-    )
-
-  def restore_or_init(self, ckpt: checkpointing.Checkpointer) -> tuple[TrainState, int]:
-    """(state, step), by precedence: this workdir's newest usable checkpoint; else ``config.resume`` (another run's
-    workdir, checkpoints/ directory or checkpoints/<step>: its full state, continuing from its step); else
-    ``config.init_from`` (exported weights or a workdir: backbone, and heads whose shapes match, into student and
-    teacher, at step 0 with a fresh optimizer); else the initial state and 0."""
-    config = self.config
-    self.check_restart(ckpt)
-    restored = ckpt.restore_latest(self.abstract_state(), config=checkpointing.config_dict(config))
-    if restored is not None:
-      state, step = restored
-      self.log(f"resumed from step {step} ({ckpt.path(step)})")
-      return state, step
-    if config.get("resume"):
-      state, step, where = checkpointing.restore_external(config.resume, self.abstract_state())
-      self.log(f"resumed from step {step} of {where} (config.resume)")
-      return state, step
-    if config.get("init_from"):
-      state = init_from.load(config.init_from, self.init_state(), self.tx, self.state_sharding.opt_state, self.log)
-      return state, 0
-    return self.init_state(), 0
-
-  def check_restart(self, ckpt: checkpointing.Checkpointer) -> None:
-    """Never resume silently into a divergence: after a run stopped on a non-finite loss (DIR/nonfinite.json), a
-    re-run must say where to restart from (``config.restart_from_step``); the checkpoints after that step are
-    moved aside (kept, ``N.superseded-TIME``) and the marker removed."""
-    marker = self.wpath(NONFINITE_MARKER)
-    restart = self.config.restart_from_step
-    if restart > 0:
-      for moved in ckpt.move_aside_after(restart):
-        self.log(f"restart_from_step={restart}: moved a later checkpoint aside to {moved}")
-      if self.is_main and marker.exists():
-        marker.unlink()
-    elif marker.exists():
-      stopped = json.loads(marker.read_text())
-      raise ResumeError(
-        f"config.restart_from_step: this run stopped on a non-finite loss at step {stopped['step']} "
-        f"({marker}); resuming it as it is would diverge again. {stopped['restart']}"
-      )
-
-  def compiled_step(self, pack_masks: bool = True):
-    """The jitted, donated step on the mesh. pack_masks=False gathers floor(N x max ratio) patch positions for every
-    global crop instead of each shard's masked tokens (benchmarks/masked_gather.py times the two)."""
-    step = make_train_step(
-      self.graphdef,
-      self.loss_fn,
-      self.tx,
-      lr_fn=self.lr_fn,
-      wd_fn=self.wd_fn,
-      momentum_fn=self.momentum_fn,
-      mask_positions=methods.mask_positions(self.config),
-      mask_groups=self.mesh.size,  # the batch's data-parallel shards (sharding.batch_sharding)
-      # Masks are drawn per global batch (data/pipeline.py), whatever the process count.
-      mask_tokens=methods.masked_token_budget(self.config, host_batch=self.config.batch_size, shards=self.mesh.size)
-      if pack_masks
-      else None,
-      augment=device_augment.make_batch_augment(multicrop_config(self.config))
-      if self.config.data.augment_mode == "device"
-      else None,
-      cast_params=self.param_cast(),
-    )
-    return jax.jit(
-      step,
-      in_shardings=(self.state_sharding, self.batch_sharding),
-      out_shardings=(self.state_sharding, self.replicated),
-      donate_argnums=0,
-    )
-
-  def param_cast(self):
-    """With a 16-bit model.dtype and an "fsdp" mesh axis: the step's ``cast_params``, casting the fsdp-sharded
-    parameters to the compute dtype before they are all-gathered (sharding.cast_sharded); else None."""
-    dtype = compute_dtype(self.config.model.dtype)
-    if dtype == jnp.float32 or dict(self.mesh.shape).get(sharding.FSDP_AXIS, 1) <= 1:
-      return None
-    shardings = {"student": self.state_sharding.student, "teacher": self.state_sharding.teacher}
-    return lambda which, params: sharding.cast_sharded(params, shardings[which], dtype)
-
-  def train_batches(self, start_step: int = 0) -> Iterator[dict]:
-    config = self.config
-    masked = self.method.uses_masks
-    it = pipeline.train_iterator(
-      self.train_source,
-      multicrop_config(config),
-      batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed,
-      num_workers=config.data.num_workers,
-      shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
-      rows=process_batch_rows(self.batch_sharding, config.batch_size),  # the global batch in one-process order
-      start_step=start_step,
-      mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
-      mask_probability=config.masking.probability,
-      mask_ratio=tuple(config.masking.ratio),
-      mask_min_patches=config.masking.min_num_patches,
-    )
-    keys = ("global", "local", "mask") if masked else ("global", "local")
-    try:
-      for batch in it:
-        # Undecodable images the source replaced in this batch: counted here, as the batch is used, so the count
-        # does not depend on prefetching or on which (worker) process decoded them.
-        self.skipped_local += int(np.sum(batch["skipped"])) if "skipped" in batch else 0
-        yield sharding.to_global({k: batch[k] for k in keys}, self.batch_sharding)
-    finally:
-      if hasattr(it, "close"):
-        it.close()  # grain worker processes, when data.num_workers > 0
-
-  # -- evaluation -------------------------------------------------------------------------------------
-  def eval_context(self) -> runner.Context:
-    """The evaluators' view of this run: the teacher's backbone on the mesh, the train / test data, DIR/eval.
-    Built once (its compiled feature functions are reused by every periodic evaluation)."""
-    if self._eval_ctx is None:
-      self._eval_ctx = runner.Context(
-        self.config,
-        graphdef=self.eval_graphdef,
-        param_sharding=self.state_sharding.teacher["backbone"],
-        mesh=self.mesh,
-        train_source=self.eval_train_source(),
-        test_source=sources.from_config(self.config.data, "test", evaluation=True),
-        out_dir=os.path.join(self.workdir, "eval"),
-        log=self.log,
-        dtype=self.config.eval.dtype,
-      )
-    return self._eval_ctx
-
-  def labelled_evaluators(self, evaluators: dict) -> dict:
-    """``evaluators`` without those that need labels when the evaluation data (data.eval_source, else data.source)
-    has no labelled train and test split: unlabelled pre-training, said once, decided before anything compiles."""
-    data = self.config.data
-    spec, tfds_dir = sources.eval_spec(data), data.get("tfds_data_dir") or None
-    if all(sources.has_labelled_split(spec, split, tfds_data_dir=tfds_dir) for split in ("train", "test")):
-      return evaluators
-    off = [name for name, e in evaluators.items() if e.needs_labels]
-    if off:
-      self.log(
-        f"{spec!r} has no labelled train and test split: evaluators {', '.join(off)} are off (set "
-        "config.data.eval_source to labelled data to evaluate while training)"
-      )
-    return {name: e for name, e in evaluators.items() if not e.needs_labels}
-
-  def eval_train_source(self):
-    """The evaluators' train split: the training source itself unless data.eval_source names other data."""
-    if sources.eval_spec(self.config.data) == self.config.data.source:
-      return self.train_source
-    return sources.from_config(self.config.data, "train", evaluation=True)
-
-  def evaluate(self, params, evaluators: dict, step: int, on_result=None) -> dict:
-    """{name: result} of ``evaluators`` on the backbone of the network parameters ``params`` (the teacher's) after
-    ``step`` steps; ``on_result(name, result)`` as each finishes. A failed evaluator is left out and recorded in
-    ``eval_failures`` (module docstring); a ConfigError is raised once the others have run."""
-    failed = {}
-    results = runner.run_round(self.eval_context(), evaluators, params["backbone"], on_result=on_result, failed=failed)
-    for name, error in failed.items():
-      self.eval_failures[name] = f"step {step}: {runner.failure_line(error)}"
-    config_errors = [e for e in failed.values() if isinstance(e, config_lib.ConfigError)]
-    if config_errors:
-      raise config_errors[0]
-    return results
-
-  def due_evaluators(self, step: int) -> dict:
-    """The evaluators whose ``every`` (runner.every) divides ``step``; never the last step (the final evaluation)."""
-    if step >= self.durations.total_steps:
-      return {}
-    return {
-      name: e
-      for name, e in self.evaluators.items()
-      if runner.every(e, self.config) > 0 and step % runner.every(e, self.config) == 0
-    }
-
-  def periodic_metrics(self, params, step: int, due: dict) -> dict:
-    """The ``due`` evaluators' scalars as metrics named NAME_KEY (knn_top1, linear_lr, fewshot_5shot, ...)."""
-    results = self.evaluate(params, due, step)
-    values = {
-      f"{name}_{k}": v for name, e in due.items() if name in results for k, v in e.metrics(results[name]).items()
-    }
-    if values:  # none when every due evaluator failed (each said so in its own line)
-      self.log(
-        f"step {step}: " + " ".join(f"{k} {v:.4g}" + ("" if k.endswith("_lr") else "%") for k, v in values.items())
-      )
-    return values
-
-  def init_results(self, state: TrainState | None) -> dict:
-    """{name: result} of the ``at_init`` evaluators on the network at initialisation: evaluated once (``state``, the
-    initial state, on a fresh start) and stored as eval/NAME_init.json; a resumed run (``state`` None) reads them
-    back, re-initialising (a pure function of the seed) only if a file is missing."""
-    at_init = {name: e for name, e in self.evaluators.items() if e.cfg.at_init}
-    if not at_init:
-      return {}
-    paths = {name: self.wpath("eval", f"{name}_init.json") for name in at_init}
-    if state is None:
-      stored = {name: json.loads(p.read_text()) for name, p in paths.items() if self.is_main and p.exists()}
-      # Every process must agree on whether to evaluate (the evaluation is collective).
-      if bool(multihost_utils.broadcast_one_to_all(np.int32(len(stored) == len(at_init)))):
-        return stored
-      state = self.init_state()
-
-    def write(name, result):
-      spec, dtype = sources.eval_spec(self.config.data), self.config.eval.dtype
-      if self.is_main:
-        paths[name].write_text(json.dumps(dict(result, step=0, data=spec, dtype=dtype), indent=2))
-      self.log(f"{name} at init: {at_init[name].summary(result)}")
-
-    return self.evaluate(state.teacher, at_init, 0, on_result=write)
-
-  # -- the loop ---------------------------------------------------------------------------------------
+  # -- the run, in the order it happens ---------------------------------------------------------------------------
   def run(self) -> dict:
     """Train (resuming from ``workdir/checkpoints`` if it holds a checkpoint), then evaluate.
 
@@ -552,7 +244,7 @@ class Trainer:
       return self._run(stop_request)
 
   def _run(self, stop_request: _StopRequest) -> dict:
-    config, d = self.config, self.durations
+    config, d = self.config, self.setup.durations
     if self.is_main:
       self.wpath("eval").mkdir(parents=True, exist_ok=True)
       self.wpath("config.json").write_text(config.to_json_best_effort(indent=2))
@@ -565,11 +257,18 @@ class Trainer:
     with self.checkpointer() as ckpt:
       state, start = self.restore_or_init(ckpt)
       init = self.init_results(state if start == 0 else None)
-      state, stopped = self.train_loop(state, start, ckpt, stop_request)
+      stopped = None
+      if start >= d.total_steps:  # a finished run re-run (a requeued job): no step left, the final evaluation
+        self.log(
+          f"the checkpoint is at step {start}, config.total_steps is {d.total_steps}: nothing to train, going "
+          "straight to the final evaluation (raise config.total_steps to train further)"
+        )
+      else:
+        state, stopped = self.train_loop(state, start, ckpt, stop_request)
+        self.metrics_log.draw_curves()  # DIR/curves.png; a failure is only a warning
       ckpt.wait()  # the final checkpoint is committed before the evaluation
     stop_request.close()  # the final evaluation has no step boundary to stop at: signals act as usual again
     self.state = state
-    self.metrics_log.draw_curves()  # DIR/curves.png; a failure is only a warning
     if stopped is not None:
       return stopped
 
@@ -594,9 +293,75 @@ class Trainer:
       )
     return self.results.get("knn", {"step": step})
 
+  def restore_or_init(self, ckpt: checkpointing.Checkpointer) -> tuple[TrainState, int]:
+    """(state, step), by precedence: this workdir's newest usable checkpoint; else ``config.resume`` (another run's
+    workdir, checkpoints/ directory or checkpoints/<step>: its full state, continuing from its step); else
+    ``config.init_from`` (exported weights or a workdir: backbone, and heads whose shapes match, into student and
+    teacher, at step 0 with a fresh optimizer); else the initial state and 0."""
+    config = self.config
+    self.check_restart(ckpt)
+    restored = ckpt.restore_latest(self.abstract_state(), config=checkpointing.config_dict(config))
+    if restored is not None:
+      state, step = restored
+      self.log(f"resumed from step {step} ({ckpt.path(step)})")
+      return state, step
+    if config.get("resume"):
+      state, step, where = restore.restore_external(
+        config.resume, self.abstract_state(), config=checkpointing.config_dict(config)
+      )
+      self.log(f"resumed from step {step} of {where} (config.resume)")
+      return state, step
+    if config.get("init_from"):
+      state = init_from.load(
+        config.init_from, self.init_state(), self.setup.tx, self.state_sharding.opt_state, self.log
+      )
+      return state, 0
+    return self.init_state(), 0
+
+  def check_restart(self, ckpt: checkpointing.Checkpointer) -> None:
+    """Never resume silently into a divergence: after a run stopped on a non-finite loss (DIR/nonfinite.json), a
+    re-run must say where to restart from (``config.restart_from_step``); the checkpoints after that step are
+    moved aside (kept, ``N.superseded-TIME``) and the marker removed."""
+    marker = self.wpath(NONFINITE_MARKER)
+    restart = self.config.restart_from_step
+    if restart > 0:
+      for moved in ckpt.move_aside_after(restart):
+        self.log(f"restart_from_step={restart}: moved a later checkpoint aside to {moved}")
+      if self.is_main and marker.exists():
+        marker.unlink()
+    elif marker.exists():
+      stopped = json.loads(marker.read_text())
+      raise ResumeError(
+        f"config.restart_from_step: this run stopped on a non-finite loss at step {stopped['step']} "
+        f"({marker}); resuming it as it is would diverge again. {stopped['restart']}"
+      )
+
+  def init_results(self, state: TrainState | None) -> dict:
+    """{name: result} of the ``at_init`` evaluators on the network at initialisation: evaluated once (``state``, the
+    initial state, on a fresh start) and stored as eval/NAME_init.json; a resumed run (``state`` None) reads them
+    back, re-initialising (a pure function of the seed) only if a file is missing."""
+    at_init = {name: e for name, e in self.evaluators.items() if e.cfg.at_init}
+    if not at_init:
+      return {}
+    paths = {name: self.wpath("eval", f"{name}_init.json") for name in at_init}
+    if state is None:
+      stored = {name: json.loads(p.read_text()) for name, p in paths.items() if self.is_main and p.exists()}
+      # Every process must agree on whether to evaluate (the evaluation is collective).
+      if bool(multihost_utils.broadcast_one_to_all(np.int32(len(stored) == len(at_init)))):
+        return stored
+      state = self.init_state()
+
+    def write(name, result):
+      spec, dtype = sources.eval_spec(self.config.data), self.config.eval.dtype
+      if self.is_main:
+        paths[name].write_text(json.dumps(dict(result, step=0, data=spec, dtype=dtype), indent=2))
+      self.log(f"{name} at init: {at_init[name].summary(result)}")
+
+    return self.evaluate(state.teacher, at_init, 0, on_result=write)
+
   def train_loop(self, state: TrainState, start: int, ckpt: checkpointing.Checkpointer, stop_request: _StopRequest):
     """Steps ``start`` .. total_steps with logging and checkpoints; returns (state, None | stop summary)."""
-    config, d = self.config, self.durations
+    config, d = self.config, self.setup.durations
     config_json = checkpointing.config_dict(config)
     train_step = self.compiled_step()
     self.skipped_local = 0  # data/skipped: this run's count, plus the resumed run's (its last metrics record)
@@ -650,6 +415,70 @@ class Trainer:
       metrics_log.finish()
     return state, None
 
+  # -- state and step ---------------------------------------------------------------------------------------------
+  def checkpointer(self) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+      os.path.join(self.workdir, "checkpoints"), max_to_keep=self.config.checkpoint_keep
+    )
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes, dtypes and shardings (``self.state_sharding``): the target a checkpoint is restored onto."""
+    return self._abstract_state
+
+  def init_state(self) -> TrainState:
+    """The state at initialisation on the mesh; a pure function of ``config.seed`` (setup.init_state)."""
+    return setup_lib.init_state(self.setup, self.state_sharding)
+
+  def compiled_step(self, pack_masks: bool = True):
+    """The jitted, donated step on the mesh (setup.make_step)."""
+    return setup_lib.make_step(self.setup, self.mesh, pack_masks=pack_masks, shardings=self.state_sharding)
+
+  # -- data -------------------------------------------------------------------------------------------------------
+  def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+    config, s = self.config, self.setup
+    masked = self.method.uses_masks
+    it = pipeline.train_iterator(
+      self.train_source,
+      s.multicrop,
+      batch_size=s.process_batch,
+      seed=config.seed,
+      num_workers=config.data.num_workers,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+      rows=process_batch_rows(self.batch_sharding, config.batch_size),  # the global batch in one-process order
+      start_step=start_step,
+      mask_patch_size=s.patch_size if masked else 0,
+      mask_probability=config.masking.probability,
+      mask_ratio=tuple(config.masking.ratio),
+      mask_min_patches=config.masking.min_num_patches,
+    )
+    keys = ("global", "local", "mask") if masked else ("global", "local")
+    try:
+      for batch in it:
+        # Undecodable images the source replaced in this batch: counted here, as the batch is used, so the count
+        # does not depend on prefetching or on which (worker) process decoded them.
+        self.skipped_local += int(np.sum(batch["skipped"])) if "skipped" in batch else 0
+        yield sharding.to_global({k: batch[k] for k in keys}, self.batch_sharding)
+    finally:
+      if hasattr(it, "close"):
+        it.close()  # grain worker processes, when data.num_workers > 0
+
+  def skipped_images(self) -> int:
+    """Undecodable images replaced in the batches used so far by this run, summed over the processes."""
+    if jax.process_count() == 1:
+      return self.skipped_local
+    return int(np.sum(multihost_utils.process_allgather(np.int32(self.skipped_local))))
+
+  # -- non-finite losses ------------------------------------------------------------------------------------------
+  def check_finite(self, step: int, metrics: dict) -> None:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+        f"non-finite loss ({loss}) at step {step}; the update of that step was not applied. "
+        f"Metrics so far: {os.path.join(self.workdir, 'metrics.jsonl')}.",
+        step,
+      )
+
   def non_finite_error(
     self, error: NonFiniteLossError, state: TrainState, ckpt: checkpointing.Checkpointer, config_json: dict
   ) -> NonFiniteLossError:
@@ -686,25 +515,84 @@ class Trainer:
       error.step,
     )
 
-  def skipped_images(self) -> int:
-    """Undecodable images replaced in the batches used so far by this run, summed over the processes."""
-    if jax.process_count() == 1:
-      return self.skipped_local
-    return int(np.sum(multihost_utils.process_allgather(np.int32(self.skipped_local))))
+  # -- evaluation -------------------------------------------------------------------------------------------------
+  def due_evaluators(self, step: int) -> dict:
+    """The evaluators whose ``every`` (runner.every) divides ``step``; never the last step (the final evaluation)."""
+    if step >= self.setup.durations.total_steps:
+      return {}
+    return {
+      name: e
+      for name, e in self.evaluators.items()
+      if runner.every(e, self.config) > 0 and step % runner.every(e, self.config) == 0
+    }
 
-  # -- helpers ----------------------------------------------------------------------------------------
+  def periodic_metrics(self, params, step: int, due: dict) -> dict:
+    """The ``due`` evaluators' scalars as metrics named NAME_KEY (knn_top1, linear_lr, fewshot_5shot, ...)."""
+    results = self.evaluate(params, due, step)
+    values = {
+      f"{name}_{k}": v for name, e in due.items() if name in results for k, v in e.metrics(results[name]).items()
+    }
+    if values:  # none when every due evaluator failed (each said so in its own line)
+      self.log(
+        f"step {step}: " + " ".join(f"{k} {v:.4g}" + ("" if k.endswith("_lr") else "%") for k, v in values.items())
+      )
+    return values
+
+  def evaluate(self, params, evaluators: dict, step: int, on_result=None) -> dict:
+    """{name: result} of ``evaluators`` on the backbone of the network parameters ``params`` (the teacher's) after
+    ``step`` steps; ``on_result(name, result)`` as each finishes. A failed evaluator is left out and recorded in
+    ``eval_failures`` (module docstring); a ConfigError is raised once the others have run."""
+    failed = {}
+    results = runner.run_round(self.eval_context(), evaluators, params["backbone"], on_result=on_result, failed=failed)
+    for name, error in failed.items():
+      self.eval_failures[name] = f"step {step}: {runner.failure_line(error)}"
+    config_errors = [e for e in failed.values() if isinstance(e, config_lib.ConfigError)]
+    if config_errors:
+      raise config_errors[0]
+    return results
+
+  def eval_context(self) -> runner.Context:
+    """The evaluators' view of this run: the teacher's backbone on the mesh, the train / test data, DIR/eval.
+    Built once (its compiled feature functions are reused by every periodic evaluation)."""
+    if self._eval_ctx is None:
+      self._eval_ctx = runner.Context(
+        self.config,
+        graphdef=self.setup.eval_graphdef,
+        param_sharding=self.state_sharding.teacher["backbone"],
+        mesh=self.mesh,
+        train_source=self.eval_train_source(),
+        test_source=sources.from_config(self.config.data, "test", evaluation=True),
+        out_dir=os.path.join(self.workdir, "eval"),
+        log=self.log,
+        dtype=self.config.eval.dtype,
+      )
+    return self._eval_ctx
+
+  def eval_train_source(self):
+    """The evaluators' train split: the training source itself unless data.eval_source names other data."""
+    if sources.eval_spec(self.config.data) == self.config.data.source:
+      return self.train_source
+    return sources.from_config(self.config.data, "train", evaluation=True)
+
+  def labelled_evaluators(self, evaluators: dict) -> dict:
+    """``evaluators`` without those that need labels when the evaluation data (data.eval_source, else data.source)
+    has no labelled train and test split: unlabelled pre-training, said once, decided before anything compiles."""
+    data = self.config.data
+    spec, tfds_dir = sources.eval_spec(data), data.get("tfds_data_dir") or None
+    if all(sources.has_labelled_split(spec, split, tfds_data_dir=tfds_dir) for split in ("train", "test")):
+      return evaluators
+    off = [name for name, e in evaluators.items() if e.needs_labels]
+    if off:
+      self.log(
+        f"{spec!r} has no labelled train and test split: evaluators {', '.join(off)} are off (set "
+        "config.data.eval_source to labelled data to evaluate while training)"
+      )
+    return {name: e for name, e in evaluators.items() if not e.needs_labels}
+
+  # -- helpers ----------------------------------------------------------------------------------------------------
   def wpath(self, *parts: str) -> epath.Path:
     """A path under the workdir through etils.epath, so that a gs:// workdir works (pods) as a local one does."""
     return epath.Path(self.workdir).joinpath(*parts)
-
-  def check_finite(self, step: int, metrics: dict) -> None:
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      raise NonFiniteLossError(
-        f"non-finite loss ({loss}) at step {step}; the update of that step was not applied. "
-        f"Metrics so far: {os.path.join(self.workdir, 'metrics.jsonl')}.",
-        step,
-      )
 
   def log(self, msg: str) -> None:
     if self.is_main:
