@@ -36,19 +36,24 @@ def main():
   import jax
   import numpy as np
 
+  from simdino_jax import config as config_lib
   from simdino_jax import methods, sharding
   from simdino_jax.data.masking import batch_masks
-  from simdino_jax.models.vit import parse_variant
-  from simdino_jax.train import trainer
+  from simdino_jax.train import setup
 
   config = runpy.run_path(args.config)["get_config"]()
-  config.data.source = "digits"  # sizes the schedules only: the batches are random
+  config.data.source = "digits"  # never opened (the batches are random), but a config names its data
   if not methods.get_method(config.method).uses_masks:
     raise SystemExit(f"masked_gather.py: {args.config} trains {config.method!r}, which masks no patch")
-  tr = trainer.Trainer(config, "/nonexistent-benchmark-workdir")  # nothing is written
+  config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  # The trainer's own assembly, without a workdir, a data source or an evaluator: the batches are random, and the
+  # training split's size (CIFAR-10's 50,000, the default recipe's) only sizes the schedules.
+  built = setup.build(config, 50_000)
+  mesh = sharding.make_mesh(config.mesh)
+  shardings = setup.state_sharding(built, mesh)
   rng = np.random.default_rng(0)
   d, b = config.data, config.batch_size
-  grid = d.global_size // parse_variant(config.model.variant)["patch_size"]
+  grid = d.global_size // built.patch_size
   host = {
     "global": rng.standard_normal((b, d.num_global, d.global_size, d.global_size, 3), dtype=np.float32),
     "local": rng.standard_normal((b, d.num_local, d.local_size, d.local_size, 3), dtype=np.float32),
@@ -56,15 +61,18 @@ def main():
       rng, b * d.num_global, grid, grid, mask_probability=config.masking.probability, ratio_min_max=config.masking.ratio
     ).reshape(b, d.num_global, grid * grid),
   }
-  batch = sharding.to_global(host, tr.batch_sharding)
-  steps = {"packed": tr.compiled_step(), "per_crop": tr.compiled_step(pack_masks=False)}
+  batch = sharding.to_global(host, sharding.batch_sharding(mesh))
+  steps = {
+    "packed": setup.make_step(built, mesh, shardings=shardings),
+    "per_crop": setup.make_step(built, mesh, shardings=shardings, pack_masks=False),
+  }
   compiled, states, flops, times = {}, {}, {}, {k: [] for k in steps}
   for name, fn in steps.items():
-    states[name] = tr.init_state()
+    states[name] = setup.init_state(built, shardings)
     compiled[name] = fn.lower(states[name], batch).compile()
     analysis = compiled[name].cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    flops[name] = float(analysis["flops"]) * tr.mesh.size / b if analysis and "flops" in analysis else None
+    flops[name] = float(analysis["flops"]) * mesh.size / b if analysis and "flops" in analysis else None
     for _ in range(2):
       states[name], _ = compiled[name](states[name], batch)
     jax.block_until_ready(states[name])
@@ -78,7 +86,7 @@ def main():
         times[name].append(time.perf_counter() - start)
       losses[name] = float(metrics["loss"])
   ips = {name: b / statistics.median(t) for name, t in times.items()}
-  shards = tr.mesh.size
+  shards = mesh.size
   print(
     json.dumps(
       {

@@ -13,8 +13,8 @@ Presets (SimDINO, 2 global crops + local crops, head hidden 2048 / out 256, drop
   vit-l16       ViT-L/16, 2x224 + 10x96 crops, batch 32 per device
 The dtype defaults to bfloat16 on GPU/TPU and float32 on CPU for the ViT presets.
 
-The step is built by ``simdino_jax.train.trainer.Trainer`` (mesh, sharded state, donated jitted step) from the preset's
-config, so it is the program training runs; only the batches are random (no data pipeline in the loop). After
+The step is built by ``simdino_jax.train.setup`` (``build`` + ``make_step``: mesh, sharded state, donated jitted step)
+from the preset's config, so it is the program training runs; only the batches are random (no data pipeline in the loop). After
 ``--warmup`` steps (compilation included) each of ``--steps`` steps is timed to completion.
 
 Prints one JSON line: images_per_sec (batch / median step time), step_time_ms (median, min, max), peak memory
@@ -95,13 +95,17 @@ PEAK_TFLOPS = (
 )
 
 
+# The training split's size the schedules are built for (setup.build): the batches are random, and the presets set
+# total_steps and warmup_steps, so it only sizes an epoch (the DINO methods' epoch-based freezes and temperatures).
+NUM_TRAIN = 50_000
+
+
 def preset_config(name: str, platform: str, num_devices: int):
-  """The preset's config (a full trainer config on the embedded digits source; the batches are random)."""
+  """The preset's config (a full trainer config; no data is read: the batches are random)."""
   from simdino_jax import config as config_lib
 
   c = config_lib.base_config()
   c.method = "simdino"
-  c.data.source = "digits"  # only sizes the schedules; the benchmark feeds random crops
   c.total_steps = 10_000
   c.warmup_steps = 100
   c.log_every = 10_000
@@ -154,11 +158,10 @@ def random_batch(config, rng):
   return batch
 
 
-def random_masks(config, rng):
-  from simdino_jax.models.vit import parse_variant
+def random_masks(config, rng, n: int):
+  """(B, global crops, n patches) masks, a quarter of each crop's ``n`` patches masked."""
   import numpy as np
 
-  n = (config.data.global_size // parse_variant(config.model.variant)["patch_size"]) ** 2
   mask = np.zeros((config.batch_size, config.data.num_global, n), bool)
   mask[..., : n // 4] = True  # a quarter of the patches masked, below the mask generator's bound
   return mask
@@ -233,8 +236,9 @@ def main(argv):
   import jax
   import numpy as np
 
+  from simdino_jax import config as config_lib
   from simdino_jax import methods, sharding
-  from simdino_jax.train import trainer
+  from simdino_jax.train import setup
 
   devices = jax.devices()
   platform = devices[0].platform
@@ -246,17 +250,21 @@ def main(argv):
     config.batch_size = _BATCH.value
   apply_overrides(config, _SET.value)
 
+  config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
   t0 = time.time()
-  tr = trainer.Trainer(config, "/nonexistent-benchmark-workdir")  # nothing is written
-  state = tr.init_state()
+  # The trainer's own assembly and step, without a workdir, a data source or an evaluator.
+  built = setup.build(config, NUM_TRAIN)
+  mesh = sharding.make_mesh(config.mesh)
+  shardings = setup.state_sharding(built, mesh)
+  state = setup.init_state(built, shardings)
   rng = np.random.default_rng(0)
   host = random_batch(config, rng)
   if methods.get_method(config.method).uses_masks:
-    host["mask"] = random_masks(config, rng)
-  batch = sharding.to_global(host, tr.batch_sharding)
-  compiled = tr.compiled_step().lower(state, batch).compile()
+    host["mask"] = random_masks(config, rng, built.num_patches)
+  batch = sharding.to_global(host, sharding.batch_sharding(mesh))
+  compiled = setup.make_step(built, mesh, shardings=shardings).lower(state, batch).compile()
   compile_s = time.time() - t0
-  flops = step_flops(compiled, tr.mesh.size)
+  flops = step_flops(compiled, mesh.size)
 
   for _ in range(_WARMUP.value):
     state, _ = compiled(state, batch)
