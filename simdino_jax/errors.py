@@ -50,3 +50,10 @@ class NonFiniteLossError(SimdinoError, RuntimeError):
   def __init__(self, message: str, step: int):
     super().__init__(message)
     self.step = step
+
+
+def require(cond: bool, field: str, message: str) -> None:
+  """ConfigError "config.FIELD: message" unless ``cond``: the one check every config validation goes through
+  (config.py, the methods' and the evaluators' ``validate``), so every refusal names its field the same way."""
+  if not cond:
+    raise ConfigError(f"config.{field}: {message}")

@@ -328,12 +328,6 @@ def test_progress_line_printed_to_stdout_by_default(tmp_path, capsys):
   assert out[1] == "done"
 
 
-def test_hms():
-  assert metrics_lib._hms(0) == "0:00:00"
-  assert metrics_lib._hms(3 * 3600 + 62.7) == "3:01:02"
-  assert metrics_lib._hms(float("inf")) == "0:00:00"
-
-
 # -- curves ------------------------------------------------------------------------------------------------------------
 def test_draw_curves_writes_a_png(tmp_path):
   lines = []

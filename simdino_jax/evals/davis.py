@@ -42,6 +42,7 @@ from PIL import Image
 from simdino_jax.errors import ConfigError, DataError, MissingDataError
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
+from simdino_jax.progress import hms
 
 # eval_video_segmentation.py's color_normalize (std 0.228 for red, not ImageNet's 0.229).
 MEAN = np.array((0.485, 0.456, 0.406), np.float32)
@@ -378,11 +379,6 @@ def overlay_strip(frames, gts, preds, colours, height: int = OVERLAY_HEIGHT) -> 
   return np.concatenate(cols, axis=1)
 
 
-def _hms(seconds: float) -> str:
-  s = int(round(seconds))
-  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 class DavisEvaluator(runner.Evaluator):
   """``type="davis"``: DAVIS-2017 video object segmentation by label propagation (module doc); needs no labels of
   the training data. Writes DIR/eval/NAME/<sequence>/<frame>.png (palette PNGs, the DAVIS results layout) and
@@ -399,7 +395,7 @@ class DavisEvaluator(runner.Evaluator):
     size_mask_neighborhood=12,  # patches; 0 = no restriction
     topk=5,
     temperature=0.1,
-    batch_size=8,  # frames per forward pass (rounded up to a multiple of the device count)
+    batch_size=8,  # frames per forward pass (rounded down to a multiple of the device count: runner.device_batch)
     overlay_frames=8,  # frames in each sequence's overlay strip (0: none)
   )
   needs_labels = False
@@ -415,8 +411,7 @@ class DavisEvaluator(runner.Evaluator):
     fn = ctx.backbone_fn(
       ("davis_patch",), lambda p, images: nnx.merge(graphdef, p)(images, key=None)["patch"].astype(jnp.float32)
     )
-    n_dev = jax.device_count()
-    batch = max(n_dev, -(-c.batch_size // n_dev) * n_dev)
+    batch = runner.device_batch(c.batch_size)
     out_dir = os.path.join(ctx.out_dir, self.name + ctx.suffix)
     colours = palette()
     total = sum(len(f) for _, f in seqs)
@@ -508,7 +503,7 @@ class DavisEvaluator(runner.Evaluator):
       elapsed = time.time() - t0
       ctx.log(
         f"{self.name}: [{si + 1}/{len(seqs)}] {name}: {len(frames)} frames, {num_objects} object(s), "
-        f"J&F {seq_summary['jf_mean']:.1f} | elapsed {_hms(elapsed)} ETA {_hms(elapsed * (total - done) / done)}"
+        f"J&F {seq_summary['jf_mean']:.1f} | elapsed {hms(elapsed)} ETA {hms(elapsed * (total - done) / done)}"
       )
     result = summarize(per_object)
     result.update(

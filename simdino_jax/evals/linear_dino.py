@@ -41,6 +41,7 @@ from PIL import Image
 
 from simdino_jax.data import augment, device_augment
 from simdino_jax.evals import linear  # accuracies: the frozen probe's scoring, shared
+from simdino_jax.progress import hms
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults, which eval_linear.py keeps
@@ -259,8 +260,8 @@ def run(
       if now - last_log > 60 and i + 1 < steps:  # long (ImageNet) epochs: a line a minute
         done = epoch + (i + 1) / steps
         log(
-          f"linear (dino) epoch {epoch + 1}/{epochs} step {i + 1}/{steps} | elapsed {_hms(now - t0)} "
-          f"ETA {_hms((now - t0) * (epochs - done) / done)}"
+          f"linear (dino) epoch {epoch + 1}/{epochs} step {i + 1}/{steps} | elapsed {hms(now - t0)} "
+          f"ETA {hms((now - t0) * (epochs - done) / done)}"
         )
         last_log = now
     curve[epoch] = linear.accuracies({"w": state["w"], "b": state["b"]}, test_x, test_y)
@@ -269,7 +270,7 @@ def run(
     best = int(np.argmax(curve[epoch, :, 0]))
     log(
       f"linear (dino) epoch {epoch + 1}/{epochs} | loss {mean_loss[best]:.4f} top-1 {curve[epoch, best, 0]:.2f}% "
-      f"(lr {base[best]:g}) | elapsed {_hms(now - t0)} ETA {_hms((now - t0) * (epochs - epoch - 1) / (epoch + 1))}"
+      f"(lr {base[best]:g}) | elapsed {hms(now - t0)} ETA {hms((now - t0) * (epochs - epoch - 1) / (epoch + 1))}"
     )
 
   best_epoch = np.argmax(curve[:, :, 0], axis=0)  # per lr: DINO's "max accuracy so far" (first of equal values)
@@ -305,8 +306,3 @@ def run(
 
 def default_threads() -> int:
   return max(1, min(32, os.cpu_count() or 1))
-
-
-def _hms(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -62,6 +62,7 @@ import numpy as np
 
 from simdino_jax.data import device_augment
 from simdino_jax.evals import linear, linear_dino
+from simdino_jax.progress import hms
 
 # dinov2/eval/linear.py get_args_parser defaults; SimDINO's fork (simdinov2/eval/linear.py) where it differs.
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -250,16 +251,16 @@ def run(
       g, i = np.unravel_index(np.argmax(curve[k, :, :, 0]), curve.shape[1:3])
       mean_loss = np.mean(np.stack([np.asarray(v) for v in losses]), axis=0)
       losses = []
-      eta = linear_dino._hms((now - t0) * (max_iter - done) / done)
+      eta = hms((now - t0) * (max_iter - done) / done)
       log(
         f"linear ({protocol}) iteration {done}/{max_iter} | loss {mean_loss[g, i]:.4f} top-1 {curve[k, g, i, 0]:.2f}% "
-        f"({_name(grid[g], base[i])}) | elapsed {linear_dino._hms(now - t0)} ETA {eta}"
+        f"({_name(grid[g], base[i])}) | elapsed {hms(now - t0)} ETA {eta}"
       )
       last_log = now
     elif now - last_log > 60:
       log(
-        f"linear ({protocol}) iteration {done}/{max_iter} | elapsed {linear_dino._hms(now - t0)} "
-        f"ETA {linear_dino._hms((now - t0) * (max_iter - done) / done)}"
+        f"linear ({protocol}) iteration {done}/{max_iter} | elapsed {hms(now - t0)} "
+        f"ETA {hms((now - t0) * (max_iter - done) / done)}"
       )
       last_log = now
   if done != max_iter:

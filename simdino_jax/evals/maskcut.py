@@ -540,7 +540,9 @@ class MaskCutEvaluator(runner.Evaluator):
       f"{host / 2**30:.1f} GB free on the host; lower it",
     )
     per_device = choose_batch(
-      lambda b: forward_bytes(fn, params, b * n_dev, size, ctx.batch_sharding), -(-c.batch_size // n_dev), budget
+      lambda b: forward_bytes(fn, params, b * n_dev, size, ctx.batch_sharding),
+      runner.device_batch(c.batch_size) // n_dev,
+      budget,
     )
     if jax.process_count() > 1:  # one global batch shape: the smallest process's choice
       per_device = int(np.min(multihost_utils.process_allgather(np.array([per_device], np.int32))))

@@ -538,7 +538,7 @@ class RetrievalEvaluator(runner.Evaluator):
     dims = model_dims(ctx.config)
     patch = dims["patch"]
     n_dev = jax.device_count()
-    wanted = -(-(c.batch_size or ctx.config.eval.batch_size) // n_dev)  # per device
+    wanted = runner.device_batch(c.batch_size or ctx.config.eval.batch_size) // n_dev  # per device
     budget = memory_budget(c.memory_gb)
     dino = c.protocol == "dino"
     size_field = f"evals.{self.name}." + ("short_side" if not dino and not c.image_size else "image_size")

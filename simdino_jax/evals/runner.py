@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from simdino_jax import sharding
 from simdino_jax.data import pipeline, sources
 from simdino_jax.errors import ConfigError
+from simdino_jax.errors import require as require  # the evaluators' validate() call runner.require
 from simdino_jax.models.network import DTYPES
 from simdino_jax.models.vit import VisionTransformer
 
@@ -238,11 +239,6 @@ class Evaluator:
   @classmethod
   def validate(cls, cfg, field: str, *, config, patch: int, depth: int, num_devices: int) -> None:
     """Raise ConfigError naming ``field`` (e.g. "evals.knn") for an invalid value; the default checks nothing."""
-
-
-def require(cond: bool, field: str, message: str) -> None:
-  if not cond:
-    raise ConfigError(f"config.{field}: {message}")
 
 
 def positive_ints(values) -> bool:

@@ -84,6 +84,7 @@ from simdino_jax.data import segmentation as seg_data
 from simdino_jax.errors import ConfigError
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
+from simdino_jax.progress import hms
 
 IGNORE = seg_data.IGNORE_INDEX
 PROTOCOLS = {
@@ -430,11 +431,6 @@ def save_picture(path: str, image: np.ndarray, gt: np.ndarray, pred: np.ndarray)
   Image.fromarray(row).save(path)
 
 
-def _hms(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 # -- the evaluator ----------------------------------------------------------------------------------------------
 def _global(x, sharding) -> jax.Array:
   """A global array of the host value ``x``, which every process computes alike (the batch of views, the head's
@@ -605,8 +601,8 @@ class SegmentationEvaluator(runner.Evaluator):
         now = time.time()
         if now - last >= self.cfg.log_every_s and it + 1 < iterations:
           ctx.log(
-            f"segmentation train {it + 1}/{iterations} | loss {float(loss):.4f} | elapsed {_hms(now - t0)} "
-            f"ETA {_hms((now - t0) * (iterations - it - 1) / (it + 1))}"
+            f"segmentation train {it + 1}/{iterations} | loss {float(loss):.4f} | elapsed {hms(now - t0)} "
+            f"ETA {hms((now - t0) * (iterations - it - 1) / (it + 1))}"
           )
           last = now
     return state, [float(v) for v in losses]
@@ -614,8 +610,7 @@ class SegmentationEvaluator(runner.Evaluator):
   def _validate(self, ctx, window, state, params, src, crop, stride, patch, num_classes) -> dict:
     """Sliding-window predictions of the validation images, their confusion matrix and the first pictures."""
     c = self.cfg
-    n_dev = jax.device_count()
-    wb = max(n_dev, (c.batch_size // n_dev) * n_dev)  # windows per device call
+    wb = runner.device_batch(c.batch_size)  # windows per device call
     n = min(len(src), c.max_val_images) if c.max_val_images else len(src)
     conf = np.zeros((num_classes, num_classes), np.int64)
     argmax = ctx.compiled(("segmentation_argmax", num_classes), lambda: jax.jit(make_argmax_fn(num_classes)))
@@ -662,8 +657,8 @@ class SegmentationEvaluator(runner.Evaluator):
             files.append(os.path.join(os.path.basename(out_dir), name))
         now, done = time.time(), min(n, g0 + wb)
         if now - last >= c.log_every_s and done < n:
-          eta = _hms((now - t0) * (n - done) / done)
-          ctx.log(f"segmentation val {done}/{n} images | elapsed {_hms(now - t0)} ETA {eta}")
+          eta = hms((now - t0) * (n - done) / done)
+          ctx.log(f"segmentation val {done}/{n} images | elapsed {hms(now - t0)} ETA {eta}")
           last = now
     sc = scores(conf)
     clean = lambda a: [float(v) if np.isfinite(v) else None for v in a]  # noqa: E731

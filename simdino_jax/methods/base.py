@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from simdino_jax.errors import ConfigError
+from simdino_jax.errors import require
 from simdino_jax.models.vit import parse_variant
 
 # Shown on every progress line around the method's own loss terms: the loss first, the step's collapse monitors last.
@@ -81,12 +81,6 @@ class Method:
 
 
 # ---- config checks -----------------------------------------------------------------------------------------
-def require(cond: bool, field: str, message: str) -> None:
-  """ConfigError "config.FIELD: message" unless ``cond`` (config.py's convention)."""
-  if not cond:
-    raise ConfigError(f"config.{field}: {message}")
-
-
 def validate_masking(config) -> None:
   """The block-mask fields (``config.masking``) of the masked methods."""
   lo, hi = config.masking.ratio

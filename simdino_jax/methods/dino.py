@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from simdino_jax import schedules
+from simdino_jax.errors import require
 from simdino_jax.losses import dino as dl
-from simdino_jax.methods.base import Method, require, validate_masking
+from simdino_jax.methods.base import Method, validate_masking
 from simdino_jax.models.heads import DINOHead
 from simdino_jax.models.network import compute_dtype
 from simdino_jax.tree import map_with_name

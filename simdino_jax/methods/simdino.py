@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simdino_jax.errors import require
 from simdino_jax.losses import coding_rate as cr
 from simdino_jax.losses import regularizers
 from simdino_jax.losses.simdino import PATCH_WEIGHTINGS, simdino_loss, simdinov2_loss
-from simdino_jax.methods.base import Method, mean_mask_ratio, num_patches, require, validate_masking
+from simdino_jax.methods.base import Method, mean_mask_ratio, num_patches, validate_masking
 from simdino_jax.models.heads import ProjectionHead
 from simdino_jax.models.network import compute_dtype
 

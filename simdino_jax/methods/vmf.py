@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simdino_jax.errors import require
 from simdino_jax.losses import dino as dl
 from simdino_jax.losses import vmf as vmf_losses
 from simdino_jax.methods import dino
-from simdino_jax.methods.base import Method, require, validate_masking
+from simdino_jax.methods.base import Method, validate_masking
 from simdino_jax.models.heads import DINOHead
 
 

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import time
 from typing import Any, Callable, Iterable, Mapping
 
 from etils import epath
+
+from simdino_jax.progress import hms
 
 _logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class MetricsLog:
     )
     if schedules:
       parts.append(schedules)
-    elapsed = f"elapsed {_hms(now - self.t_start)}"
+    elapsed = f"elapsed {hms(now - self.t_start)}"
     if first:  # the interval includes compiling the step: no rate, no ETA yet
       parts.append(
         elapsed
@@ -236,7 +237,7 @@ class MetricsLog:
       parts.append(f"{record['steps_per_sec']:.2f} steps/s {record['images_per_sec']:.0f} img/s")
       t_first, step_first = self._first
       mean_rate = (step - step_first) / max(now - t_first, 1e-9)  # since the first write, evaluations included
-      parts.append(f"{elapsed} | ETA {_hms(max(total - step, 0) / max(mean_rate, 1e-9))}")
+      parts.append(f"{elapsed} | ETA {hms(max(total - step, 0) / max(mean_rate, 1e-9))}")
     return " | ".join(parts)
 
   def log(self, msg: str) -> None:
@@ -420,8 +421,3 @@ def _json_default(v):
   if hasattr(v, "item"):  # numpy / jax scalars
     return v.item()
   raise TypeError(f"not JSON serializable: {type(v).__name__}")
-
-
-def _hms(seconds: float) -> str:
-  seconds = int(seconds) if math.isfinite(seconds) else 0
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
