@@ -5,7 +5,7 @@
   out["cls"], out["patch"]                                    # (B, D), (B, N, D) float32, after the final norm
 
 ``path`` is a training workdir (the newest committed checkpoint and the config stored with it, read by
-``io.checkpointing.restore_params``) or a file: our export (.safetensors / .npz, either layout) or an official
+``io.restore.restore_params``) or a file: our export (.safetensors / .npz, either layout) or an official
 PyTorch state dict (.pth with PyTorch installed, or its .safetensors / .npz), read by
 ``io.torch_interop.load_state_dict``. Any image size that is a multiple of the patch size works (the positional
 embedding is interpolated as in training); each new shape compiles once.
@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from simdino_jax import workdir as workdir_lib
-from simdino_jax.io import checkpointing, torch_interop
+from simdino_jax.io import restore, torch_interop
 
 
 class Backbone:
@@ -76,7 +76,7 @@ def load_backbone(
   interpolate_antialias=True`` for SimDINOv2)."""
   path = workdir_lib.resolve(os.fspath(path))  # relative and ~ paths work (orbax needs absolute ones)
   if os.path.isdir(path):
-    arrays, restored_step, config = checkpointing.restore_params(path, which=which, step=step)
+    arrays, restored_step, config = restore.restore_params(path, which=which, step=step)
     imported = torch_interop.load_state_dict(arrays, num_heads=num_heads, config=config, **overrides)
     imported.source = f"{path} (step {restored_step}, {which})"
     return Backbone(imported.build(), imported.kwargs, imported.source, restored_step)

@@ -54,7 +54,7 @@ from simdino_jax import workdir as workdir_lib
 from simdino_jax.data import sources
 from simdino_jax.errors import ConfigError, InteropError, SimdinoError
 from simdino_jax.evals import runner
-from simdino_jax.io import checkpointing, torch_interop
+from simdino_jax.io import restore, torch_interop
 from simdino_jax.models.network import backbone_kwargs
 from simdino_jax.models.vit import VisionTransformer
 from simdino_jax.tree import path_str
@@ -129,7 +129,7 @@ def load_params(config, workdir: str, which: str):
     raise FileNotFoundError(
       f"no checkpoint to evaluate: {ckpt_dir} does not exist (train into --workdir={workdir} first)"
     )
-  arrays, step, stored = checkpointing.restore_params(workdir, which=which)
+  arrays, step, stored = restore.restore_params(workdir, which=which)
   model_cfg = ml_collections.ConfigDict(stored["model"])
   vit_kwargs = backbone_kwargs(model_cfg)
   prefix = "backbone/"

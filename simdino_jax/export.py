@@ -5,7 +5,7 @@ head(s), as flat named arrays, or the backbone as an official PyTorch state dict
       [--which=teacher|student] [--step=N] [--with_head]
 
 Restores the newest committed checkpoint of ``DIR/checkpoints`` (or ``--step``) on the CPU, whatever the devices it
-was written on (``io.checkpointing.restore_params``), and writes one array per parameter, named by its slash path
+was written on (``io.restore.restore_params``), and writes one array per parameter, named by its slash path
 in the network (``backbone/blocks/0/attn/qkv/kernel``, ``backbone/pos_embed``, ``head/mlp/0/kernel`` ...), in the
 checkpoint's dtype and Flax layout (Dense kernels are (in, out), the patch embedding (p, p, 3, D)).
 
@@ -15,11 +15,14 @@ Formats (written and read by ``io.formats``):
   npz          ``numpy.savez`` (uncompressed); dtypes NumPy cannot name (bfloat16) are stored as unsigned
                integers of the same width and viewed back by ``io.formats.load_arrays``.
   torch        the backbone as an official PyTorch state dict (facebookresearch/dino or dinov2 names and layouts,
-               see ``io.torch_interop``; loads with ``load_state_dict(strict=True)`` into their ViT): a ``.pth``
-               written with ``torch.save`` when PyTorch is importable, else (or for an ``--output`` ending in
-               ``.safetensors``) a safetensors file with the same names. The metadata rides in the .pth's
-               ``_metadata`` attribute (PyTorch's own per-module versions, entry ``simdino_jax``).
-Both carry metadata (``io.formats.load_metadata``): the run's config (JSON), the step, which network and whether
+               see ``io.torch_interop``; loads with ``load_state_dict(strict=True)`` into the official ViT whose
+               constructor the command prints, ``torch_interop.official_constructor``): a ``.pth`` written with
+               ``torch.save``, which needs PyTorch (without it: a one-line error, never another format under this
+               flag), or, for an ``--output`` ending in ``.safetensors`` / ``.npz``, the same names and layouts in
+               that container. The metadata rides in the .pth's ``_metadata`` attribute (PyTorch's own per-module
+               versions, entry ``simdino_jax``).
+Default file names carry the layout (``..._flax.safetensors``, ``..._torch.pth``). Files are created as ``open()``
+creates them (0644 under the usual umask 022). All carry metadata (``io.formats.load_metadata``): the run's config (JSON), the step, which network and whether
 the head is included (``__metadata__`` in safetensors, a ``__metadata__`` string entry in the npz).
 
 Only the exported parameters are read from the checkpoint (a partial restore of ``teacher`` or ``student``): no
@@ -27,7 +30,7 @@ optimizer state, no data source, so a ViT-L checkpoint of an ImageNet run export
 Nothing in the workdir is modified, so exporting while a run is writing checkpoints into it is safe.
 
 Python API: ``export(workdir, output, ...)``; reading: ``simdino_jax.io.formats`` (``load_arrays``,
-``load_metadata``) and ``simdino_jax.io.checkpointing.restore_params``.
+``load_metadata``) and ``simdino_jax.io.restore.restore_params``.
 """
 
 from __future__ import annotations
@@ -44,14 +47,24 @@ from absl import app, flags, logging
 from simdino_jax import cli
 from simdino_jax import workdir as workdir_lib
 from simdino_jax.errors import ExportError, SimdinoError
-from simdino_jax.io import checkpointing, formats, torch_interop
+from simdino_jax.io import formats, restore, torch_interop
 
 FORMATS = ("safetensors", "npz", "torch")
+# The file's container for --format=torch, from --output's extension: torch.save's .pth unless safetensors or npz.
+_TORCH_CONTAINERS = {".safetensors": "safetensors", ".npz": "npz"}
 
 
 def default_output(workdir: str, fmt: str, which: str, step: int, with_head: bool) -> str:
+  """WORKDIR/export/<which>_<backbone|network>_step<N>_<flax|torch>.<safetensors|npz|pth>: the layout is in the name,
+  so an official-layout export never overwrites a Flax-layout one (or the reverse)."""
   part = "network" if with_head else "backbone"
-  return os.path.join(workdir, "export", f"{which}_{part}_step{step}.{fmt}")
+  layout, ext = ("torch", "pth") if fmt == "torch" else ("flax", fmt)
+  return os.path.join(workdir, "export", f"{which}_{part}_step{step}_{layout}.{ext}")
+
+
+def _makedirs_for(output: str) -> None:
+  if os.path.dirname(output):
+    os.makedirs(os.path.dirname(output), exist_ok=True)
 
 
 def export(
@@ -63,10 +76,12 @@ def export(
   step: int | None = None,
   with_head: bool = False,
 ) -> dict:
-  """Restore and write the parameters; returns a summary (path, format, step, arrays, parameters, bytes).
+  """Restore and write the parameters; returns a summary (path, format, step, arrays, parameters, bytes; for
+  ``torch`` also ``constructor``, the official module that loads the file strictly).
 
-  ``fmt`` defaults to the output's extension (``.npz`` -> npz, ``.pth`` -> torch), else safetensors; ``output``
-  defaults to ``workdir/export/<which>_<backbone|network>_step<N>.<fmt>`` (``.pth`` for torch).
+  ``fmt`` defaults to the output's extension (``.npz`` -> npz, ``.pth`` / ``.pt`` -> torch), else safetensors;
+  ``output`` defaults to ``default_output``. ``torch`` writes a ``.pth`` with ``torch.save`` (ExportError when
+  PyTorch is not importable), or the same state dict as safetensors / npz for an ``output`` with that extension.
   """
   workdir = workdir_lib.resolve(workdir)  # relative and ~ paths: orbax reads absolute paths only
   output = workdir_lib.resolve(output) if output else output
@@ -82,13 +97,13 @@ def export(
         "drop --with_head, or use --format=safetensors|npz for the heads"
       )
     return _export_torch(workdir, output, which=which, step=step)
-  arrays, step, config = checkpointing.restore_params(workdir, which=which, step=step, with_head=with_head)
+  arrays, step, config = restore.restore_params(workdir, which=which, step=step, with_head=with_head)
   if output is None:
     output = default_output(workdir, fmt, which, step, with_head)
-  if os.path.dirname(output):
-    os.makedirs(os.path.dirname(output), exist_ok=True)
+  _makedirs_for(output)
   metadata = {
     "format": "simdino_jax",
+    "layout": "flax",
     "which": which,
     "step": str(step),
     "with_head": "true" if with_head else "false",
@@ -99,7 +114,7 @@ def export(
   dtypes = sorted({a.dtype.name for a in arrays.values()})
   return {
     "output": output,
-    "format": fmt,
+    "format": f"{fmt} (Flax layout)",
     "which": which,
     "with_head": with_head,
     "step": step,
@@ -110,23 +125,29 @@ def export(
   }
 
 
-def _export_torch(workdir: str, output: str | None, *, which: str, step: int | None) -> dict:
-  """The backbone as an official PyTorch state dict: .pth via torch.save if torch imports, else .safetensors."""
-  arrays, step, config = checkpointing.restore_params(workdir, which=which, step=step)
-  state_dict = torch_interop.to_torch(arrays)
+def _import_torch(output: str | None):
+  """PyTorch, or ExportError saying what to do: a .pth is torch.save's format, which nothing else writes."""
   try:
     import torch  # pylint: disable=g-import-not-at-top  (optional, never a dependency: imported only here)
   except ImportError:
-    torch = None
+    stem = os.path.splitext(output)[0] if output else "vit_torch"
+    raise ExportError(
+      f"--format=torch writes a .pth with torch.save and PyTorch is not importable here: install it "
+      f"(pip install torch), or write the same official state dict as safetensors with "
+      f"--output={stem}.safetensors (loads with safetensors.torch.load_file, no PyTorch needed to write it)"
+    ) from None
+  return torch
+
+
+def _export_torch(workdir: str, output: str | None, *, which: str, step: int | None) -> dict:
+  """The backbone as an official PyTorch state dict: a .pth (torch.save), or .safetensors / .npz by extension."""
+  container = _TORCH_CONTAINERS.get(os.path.splitext(output)[1], "pth") if output else "pth"
+  torch = _import_torch(output) if container == "pth" else None  # before the restore: fail fast
+  arrays, step, config = restore.restore_params(workdir, which=which, step=step)
+  state_dict = torch_interop.to_torch(arrays)
   if output is None:
-    output = default_output(workdir, "pth" if torch is not None else "safetensors", which, step, False)
-  container = "safetensors" if torch is None or output.endswith(".safetensors") else "pth"
-  note = ""
-  if container == "safetensors" and not output.endswith(".safetensors"):
-    note = f" (PyTorch is not installed, so a safetensors file instead of {os.path.basename(output)})"
-    output = os.path.splitext(output)[0] + ".safetensors"
-  if os.path.dirname(output):
-    os.makedirs(os.path.dirname(output), exist_ok=True)
+    output = default_output(workdir, "torch", which, step, False)
+  _makedirs_for(output)
   metadata = {
     "format": "pt",
     "layout": "torch",
@@ -147,11 +168,13 @@ def _export_torch(workdir: str, output: str | None, *, which: str, step: int | N
     torch.save(tensors, output)
     size = os.path.getsize(output)
   else:
-    size = formats.save_safetensors(state_dict, output, metadata)
+    writer = formats.save_safetensors if container == "safetensors" else formats.save_npz
+    size = writer(state_dict, output, metadata)
+  kwargs = torch_interop.load_state_dict(state_dict, config=config).kwargs  # shapes + the config's head count
   dtypes = sorted({a.dtype.name for a in state_dict.values()})
   return {
     "output": output,
-    "format": f"torch ({container}){note}",
+    "format": f"torch ({container}, official layout)",
     "which": which,
     "with_head": False,
     "step": step,
@@ -159,15 +182,19 @@ def _export_torch(workdir: str, output: str | None, *, which: str, step: int | N
     "parameters": int(sum(a.size for a in state_dict.values())),
     "bytes": size,
     "dtypes": dtypes,
+    "constructor": torch_interop.official_constructor(kwargs, "dinov2" if "mask_token" in state_dict else "dino"),
   }
 
 
 def _summary_line(s: dict) -> str:
   part = "network (backbone + head)" if s["with_head"] else "backbone"
-  return (
+  line = (
     f"exported the {s['which']} {part} of step {s['step']}: {s['arrays']} arrays, {s['parameters']:,} "
     f"parameters ({'/'.join(s['dtypes'])}), {s['bytes'] / 2**20:.2f} MiB {s['format']} -> {s['output']}"
   )
+  if s.get("constructor"):
+    line += f"\nloads with load_state_dict(strict=True) into the official {s['constructor']}"
+  return line
 
 
 # ---- command line -------------------------------------------------------------------------------------------
@@ -177,14 +204,16 @@ def _define_flags():
     "format",
     None,
     list(FORMATS),
-    "Output format (default: from --output's extension, else "
-    "safetensors); torch: the backbone as an official PyTorch state dict (.pth, or .safetensors "
-    "without PyTorch).",
+    "Output format (default: from --output's extension, else safetensors); safetensors and npz: our names, "
+    "Flax layout; torch: the backbone as an official PyTorch state dict (a .pth, which needs PyTorch; "
+    "--output=FILE.safetensors or .npz writes the same state dict in that container).",
   )
   flags.DEFINE_string(
-    "output", None, "Output file (default: WORKDIR/export/<which>_<backbone|network>_step<N>.<format>)."
+    "output",
+    None,
+    "Output file (default: WORKDIR/export/<which>_<backbone|network>_step<N>_<flax|torch>.<safetensors|npz|pth>).",
   )
-  flags.DEFINE_enum("which", "teacher", list(checkpointing.WHICH), "Which network to export.")
+  flags.DEFINE_enum("which", "teacher", list(restore.WHICH), "Which network to export.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest committed one).")
   flags.DEFINE_bool("with_head", False, "Also export the head (and the patch head, if any).")
   flags.mark_flags_as_required(["workdir"])

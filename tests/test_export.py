@@ -19,7 +19,7 @@ import safetensors.numpy
 
 from simdino_jax import export
 from simdino_jax.errors import ExportError
-from simdino_jax.io import checkpointing, formats
+from simdino_jax.io import checkpointing, formats, restore
 from simdino_jax.train import trainer
 from simdino_jax.tree import named_leaves
 
@@ -174,7 +174,7 @@ def test_npz_export_of_the_student_with_head(workdir, reference, tmp_path, monke
   monkeypatch.setattr(ocp.CheckpointManager, "__init__", refuse)
   summary = export.export(str(workdir), str(tmp_path / "student.npz"), which="student", with_head=True)
   monkeypatch.undo()
-  assert summary["format"] == "npz" and summary["step"] == 2  # the format follows the extension
+  assert summary["format"].startswith("npz") and summary["step"] == 2  # the format follows the extension
   got = formats.load_arrays(tmp_path / "student.npz")
   assert any(k.startswith("head/") for k in got)
   assert_arrays_equal(got, reference["student"])
@@ -182,7 +182,7 @@ def test_npz_export_of_the_student_with_head(workdir, reference, tmp_path, monke
   assert formats.load_metadata(tmp_path / "student.npz")["which"] == "student"
   # Defaults: safetensors into WORKDIR/export/, the newest step, the teacher backbone.
   summary = export.export(str(workdir), step=2)
-  assert summary["output"] == os.path.join(str(workdir), "export", "teacher_backbone_step2.safetensors")
+  assert summary["output"] == os.path.join(str(workdir), "export", "teacher_backbone_step2_flax.safetensors")
   assert_arrays_equal(formats.load_arrays(summary["output"]), backbone(reference["teacher"]))
 
 
@@ -211,13 +211,13 @@ def test_bfloat16_and_odd_shapes_round_trip_in_both_formats(tmp_path):
 
 def test_errors_name_the_path(workdir, env, tmp_path):
   with pytest.raises(ExportError, match=f"{tmp_path / 'none' / 'checkpoints'} does not exist"):
-    checkpointing.restore_params(str(tmp_path / "none"))
+    restore.restore_params(str(tmp_path / "none"))
   assert not (tmp_path / "none").exists()  # nothing created
   (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
   with pytest.raises(ExportError, match="holds no committed checkpoint"):
     export.export(str(tmp_path / "empty"), str(tmp_path / "x.npz"))
   with pytest.raises(ExportError, match=r"no committed checkpoint of step 7 .* available steps: \[2\]"):
-    checkpointing.restore_params(str(workdir), step=7)
+    restore.restore_params(str(workdir), step=7)
   (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
   with pytest.raises(ExportError, match="garbage.safetensors: not a safetensors file"):
     formats.load_arrays(tmp_path / "garbage.safetensors")
@@ -231,3 +231,51 @@ def test_errors_name_the_path(workdir, env, tmp_path):
     timeout=300,
   )
   assert out.returncode == 1 and f"error: no checkpoints to export: {tmp_path / 'none' / 'checkpoints'}" in out.stderr
+
+
+# ---- formats that cannot be mixed up (issue 28, item 3) ---------------------------------------------------------
+def test_torch_format_without_pytorch_is_an_error_naming_the_fallback_and_writes_nothing(
+  workdir, tmp_path, monkeypatch
+):
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, installed or not
+  for output in (str(tmp_path / "vit.pth"), None):
+    with pytest.raises(
+      ExportError, match=r"PyTorch is not importable.*pip install torch.*--output=\S+\.safetensors"
+    ) as e:
+      export.export(str(workdir), output, fmt="torch")
+    assert "\n" not in str(e.value)
+  assert not os.listdir(tmp_path) and not (workdir / "export" / "teacher_backbone_step2_torch.pth").exists()
+
+
+def test_default_names_carry_the_layout_and_files_are_created_like_open_does(workdir, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)
+  old = os.umask(0o022)
+  try:
+    flax = export.export(str(workdir))
+    torch_st = export.export(str(workdir), str(tmp_path / "vit_torch.safetensors"), fmt="torch")
+    torch_npz = export.export(str(workdir), str(tmp_path / "vit_torch.npz"), fmt="torch")
+    npz = export.export(str(workdir), str(tmp_path / "flax.npz"))
+  finally:
+    os.umask(old)
+  assert flax["output"].endswith("teacher_backbone_step2_flax.safetensors")
+  assert export.default_output(str(workdir), "torch", "teacher", 2, False).endswith("teacher_backbone_step2_torch.pth")
+  assert len({export.default_output(str(workdir), f, "teacher", 2, False) for f in export.FORMATS}) == 3
+  assert "torch (safetensors" in torch_st["format"] and "torch (npz" in torch_npz["format"]
+  # The official names in both containers (not our slash names), the flax file untouched by the torch exports.
+  assert "blocks.0.attn.qkv.weight" in formats.load_arrays(torch_st["output"])
+  assert "blocks.0.attn.qkv.weight" in formats.load_arrays(torch_npz["output"])
+  assert "backbone/blocks/0/attn/qkv/kernel" in formats.load_arrays(flax["output"])
+  for summary in (flax, torch_st, torch_npz, npz):  # what open() gives under umask 022 (safetensors' own: 0600)
+    assert oct(os.stat(summary["output"]).st_mode & 0o777) == oct(0o644), summary["output"]
+
+
+def test_torch_export_names_the_official_constructor(workdir, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)
+  summary = export.export(str(workdir), str(tmp_path / "vit.safetensors"), fmt="torch")
+  # configs/demo.py with OVERRIDES: width 24, depth 1, 3 heads, patch 4, 16 px; no LayerScale/registers: DINO v1.
+  assert summary["constructor"].startswith(
+    "vision_transformer.VisionTransformer(img_size=[16], patch_size=4, embed_dim=24, depth=1, num_heads=3, "
+    "mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))"
+  )
+  line = export._summary_line(summary)
+  assert "load_state_dict(strict=True) into the official vision_transformer.VisionTransformer(" in line

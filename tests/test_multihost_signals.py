@@ -30,7 +30,7 @@ import numpy as np
 import pod
 import pytest
 
-from simdino_jax.io import checkpointing
+from simdino_jax.io import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100  # a signal sent once training has started lands mid-run, with a margin of ~90 steps
@@ -97,7 +97,7 @@ def logs(out_dir) -> list[str]:
 
 def final_params(workdir) -> dict:
   return {
-    which: checkpointing.restore_params(str(workdir), which=which, step=STEPS, with_head=True)[0]
+    which: restore.restore_params(str(workdir), which=which, step=STEPS, with_head=True)[0]
     for which in ("student", "teacher")
   }
 
@@ -127,7 +127,7 @@ def stop_and_check(workdir, out_dir, signum, who, after: int, reason: str) -> in
   assert line in log0, log0[-3000:]
   for log in (log0, log1):
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
-  assert stopped in checkpointing.committed_steps(workdir / "checkpoints")
+  assert stopped in restore.committed_steps(workdir / "checkpoints")
   assert not (workdir / "run.lock").exists()
   return stopped
 
@@ -151,7 +151,7 @@ def test_signals_stop_every_process_at_one_step_and_the_rerun_ends_bitwise_equal
   assert all(c in (-signal.SIGTERM, -signal.SIGINT) for c in codes), f"{codes}\n{pod.log_tails(out_dir, 2)}"
   for log in logs(out_dir):
     assert "again: aborting without a checkpoint" in log, log[-3000:]
-  assert checkpointing.committed_steps(workdir / "checkpoints") == [first, second]
+  assert restore.committed_steps(workdir / "checkpoints") == [first, second]
 
   # The same command once more: resumes from the last stop (the aborted run's lock is stale) and finishes.
   out_dir = tmp_path / "finish"

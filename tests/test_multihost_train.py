@@ -23,7 +23,7 @@ import numpy as np
 import pod
 import pytest
 
-from simdino_jax.io import checkpointing
+from simdino_jax.io import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = [
@@ -94,8 +94,8 @@ def test_pod_trains_as_one_process(runs, method):
         f"{method} step {a['step']} {key}: {a[key]} vs {b[key]}"
       )
   for which in ("student", "teacher"):
-    p1, step1, _ = checkpointing.restore_params(str(runs[method, 1]), which=which, with_head=True)
-    p2, step2, _ = checkpointing.restore_params(str(runs[method, 2]), which=which, with_head=True)
+    p1, step1, _ = restore.restore_params(str(runs[method, 1]), which=which, with_head=True)
+    p2, step2, _ = restore.restore_params(str(runs[method, 2]), which=which, with_head=True)
     assert step1 == step2 == 3 and set(p1) == set(p2)
     for name in p1:
       np.testing.assert_allclose(p2[name], p1[name], rtol=1e-5, atol=1e-7, err_msg=f"{method} {which} {name}")

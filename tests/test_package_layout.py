@@ -121,7 +121,10 @@ FORBIDDEN = [
   ),
   ("simdino_jax.methods", ("simdino_jax.train", "simdino_jax.evals", "simdino_jax.io", "simdino_jax.config")),
   ("simdino_jax.evals", ("simdino_jax.train", "simdino_jax.io", "simdino_jax.methods", "simdino_jax.config")),
-  ("simdino_jax.io", ("simdino_jax.train", "simdino_jax.evals", "simdino_jax.export", "simdino_jax.evaluate")),
+  (
+    "simdino_jax.io",
+    ("simdino_jax.methods", "simdino_jax.train", "simdino_jax.evals", "simdino_jax.export", "simdino_jax.evaluate"),
+  ),
   ("simdino_jax.train.step", ("simdino_jax.train.trainer", "simdino_jax.evals", "simdino_jax.io")),
   ("simdino_jax.sharding", ("simdino_jax.config", "simdino_jax.train", "simdino_jax.methods")),
 ]

@@ -22,6 +22,7 @@ from etils import epath
 from conftest import make_tiny_config
 from test_step import fixed_batch
 from simdino_jax import export
+from simdino_jax.errors import CheckpointMismatchError, ResumeError
 from simdino_jax.io import checkpointing
 from simdino_jax.train import trainer
 from simdino_jax.train.metrics import JsonLinesWriter
@@ -156,27 +157,29 @@ def test_missing_paths_and_mismatched_shapes_are_named(source, tmp_path):
   for field in ("resume", "init_from"):
     config = make_tiny_config()
     config[field] = str(tmp_path / "nowhere")
-    with pytest.raises(checkpointing.ResumeError, match=f"config.{field}: .*nowhere does not exist"):
+    with pytest.raises(ResumeError, match=f"config.{field}: .*nowhere does not exist"):
       restore_or_init(config, tmp_path / f"run_{field}")
   empty = tmp_path / "empty_run"
   empty.mkdir()
   config = make_tiny_config()
   config.resume = str(empty)
-  with pytest.raises(checkpointing.ResumeError, match="config.resume: .*holds no committed checkpoint"):
+  with pytest.raises(ResumeError, match="config.resume: .*holds no committed checkpoint"):
     restore_or_init(config, tmp_path / "run_empty")
 
   config = make_tiny_config()
   config.model.img_size = 32  # a 8x8 pos-embed grid against the source's 4x4
   config.init_from = workdir
   with pytest.raises(
-    checkpointing.ResumeError,
+    ResumeError,
     match=r"config.init_from: parameter backbone/pos_embed has shape \(1, 17, 32\) in the source, "
     r"\(1, 65, 32\) in this run",
   ):
     restore_or_init(config, tmp_path / "run_shape")
   config.init_from = ""
   config.resume = workdir
-  with pytest.raises(checkpointing.ResumeError, match="config.resume: .*does not fit this run's state"):
+  with pytest.raises(
+    CheckpointMismatchError, match="config.resume: .*config.model.img_size: checkpoint 16, this run 32"
+  ):
     restore_or_init(config, tmp_path / "run_shape_resume")
 
 

@@ -6,7 +6,9 @@ Linear y = x W^T + b, the (3, heads, head_dim) qkv split, registers after the po
 conversion; the .pth test runs only when PyTorch is importable (it is not a dependency).
 """
 
+import json
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -342,8 +344,9 @@ def test_load_backbone_from_a_workdir_and_from_its_torch_export(run_dir):
   np.testing.assert_allclose(np.asarray(out["cls"]), np.asarray(want["cls"]), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(out["patch"]), np.asarray(want["patch"]), rtol=1e-5, atol=1e-5)
 
-  summary = export.export(str(path), fmt="torch")
-  assert summary["format"].startswith("torch (") and os.path.isfile(summary["output"])
+  # A .pth needs PyTorch (not a dependency); the same official state dict as safetensors does not.
+  summary = export.export(str(path), str(path / "export" / "vit_torch.safetensors"), fmt="torch")
+  assert summary["format"].startswith("torch (safetensors") and os.path.isfile(summary["output"])
   names = set(torch_interop.read_state_dict(summary["output"])[0])
   assert {"blocks.1.ls2.gamma", "register_tokens", "patch_embed.proj.weight"} <= names
   from_file = load_backbone(summary["output"])
@@ -388,3 +391,34 @@ def test_network_state_dict_run_by_a_numpy_dino_head_gives_our_logits_and_round_
   assert set(back) == set(params)
   for k in params:
     np.testing.assert_array_equal(back[k], params[k], err_msg=k)  # layout changes only: exact
+
+
+# ---- the official constructors (docs/interop.md, printed by the export command) --------------------------------
+def test_official_modules_built_with_the_printed_constructor_load_strict_and_give_our_features():
+  python, clones = os.environ.get("SIMDINO_TORCH_PYTHON"), os.environ.get("SIMDINO_OFFICIAL_DIR")
+  if not python or not clones:
+    pytest.skip(
+      "needs SIMDINO_TORCH_PYTHON (a Python with torch and simdino_jax) and SIMDINO_OFFICIAL_DIR (the dino/ and "
+      "dinov2/ clones) to build the official ViTs from torch_interop.official_constructor's text"
+    )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [python, os.path.join(root, "tests", "official_constructor_load.py"), clones],
+    cwd=root,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  for name in ("dino", "dinov2_registers_layerscale", "dinov2_swiglu"):
+    r = report[name]
+    # float32 PyTorch vs XLA over a depth-2 ViT, features of scale ~3: reassociation only (wrong arguments: >5e-3).
+    assert r["max_abs_diff"] < 5e-6, (name, r)
+  assert report["dino"]["constructor"].startswith("vision_transformer.VisionTransformer(")
+  assert "ffn_layer='swiglufused'" in report["dinov2_swiglu"]["constructor"]
+  assert "num_register_tokens=2" in report["dinov2_registers_layerscale"]["constructor"]
+  # The controls: the official defaults refuse the file (qkv.bias), LayerNorm's default eps loads and differs.
+  assert "qkv.bias" in report["control_default_strict_error"]
+  assert report["control_eps_1e-5_max_abs_diff"] > 1e-3

@@ -26,18 +26,14 @@ The data stream is a pure function of (seed, step) (``pipeline.train_iterator(st
 randomness is ``fold_in(state.rng, state.step)``, so the restored state alone resumes the run exactly: no data
 iterator state is stored.
 
-Read-only access to any run's checkpoints (no CheckpointManager, so nothing is cleaned up or moved aside, which
-makes reading a run that is training right now safe): ``committed_steps``, ``find_checkpoint`` (config.resume /
-config.init_from paths), ``restore_params`` (one network's parameters on the host: export, load_backbone,
-init_from), ``restore_external`` (a whole TrainState: config.resume) and ``load_init_arrays`` /
-``match_init_arrays`` (config.init_from).
+Read-only access to any run's checkpoints (export, load_backbone, config.resume, config.init_from) is
+``io/restore.py``.
 
 Multi-process stops: ``Checkpointer.reached_preemption`` is JAX's preemption sync point (every process stops at the
 same step); ``announce_preemption`` feeds a signal the trainer caught into it (train/trainer.py, ``_StopRequest``).
 
-Python API: ``Checkpointer``, ``abstract_target``, ``config_dict``, ``committed_steps``, ``find_checkpoint``,
-``restore_params``, ``restore_external``, ``load_init_arrays``, ``match_init_arrays``, ``announce_preemption``,
-``preemption_reason``, ``preemption_service_available``; ``COMMIT_MARKER``, ``WHICH``.
+Python API: ``Checkpointer``, ``abstract_target``, ``config_dict``, ``announce_preemption``, ``preemption_reason``,
+``preemption_service_available``; ``COMMIT_MARKER`` (from ``io.restore``).
 """
 
 from __future__ import annotations
@@ -46,30 +42,24 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from simdino_jax import methods
-from simdino_jax.errors import CheckpointMismatchError, ExportError, ResumeError
-from simdino_jax.io import formats
-from simdino_jax.tree import named_leaves
+from simdino_jax.errors import CheckpointMismatchError
+from simdino_jax.io import restore
+from simdino_jax.io.restore import COMMIT_MARKER
 
 log = logging.getLogger(__name__)
 
-COMMIT_MARKER = "commit_success.txt"  # orbax writes it into the step directory as the last act of a save
 CHECKSUMS = "checksums.json"  # SHA-256 of every file of a committed step directory (module docstring)
 _ITEMS = ("state", "config")
-WHICH = ("teacher", "student")  # the networks of a TrainState that restore_params reads
 
 
 def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
@@ -207,7 +197,7 @@ class Checkpointer:
         state = self.restore(step, target)
       except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint: try the previous one)
         error = e
-        _quiet_closed_loop_callbacks()
+        restore.quiet_failed_restore()
       # Every process must agree, or they would restore different steps (and hang in the next collective).
       ok = _all_processes_ok(error is None)
       diff = self._config_diff(step, config) if config is not None else []
@@ -217,16 +207,16 @@ class Checkpointer:
         return state, step
       reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another process"
       if diff:
+        # The differing fields say why; orbax's tree-structure / array-shape message would not.
         raise CheckpointMismatchError(
-          f"{self.path(step)} does not fit this run's config (it was written with {'; '.join(diff)}) and "
-          f"restoring it failed ({_first_line(reason)}). Use another --workdir, or move {self.directory} "
-          "away to start from scratch."
+          f"{self.path(step)} does not fit this run's config ({'; '.join(diff)}): run with the checkpoint's "
+          f"settings, use another --workdir, or move {self.directory} away to start from scratch"
         )
       aside = self._move_aside(step)
       log.warning(
         "checkpoint %s is unusable (%s); moved it to %s and falling back to the previous checkpoint",
         self.path(step),
-        _first_line(reason),
+        restore.first_line(reason),
         aside,
       )
     if self.all_steps() or any(self.directory.glob("*.unusable-*")):
@@ -234,13 +224,13 @@ class Checkpointer:
     return None
 
   def _config_diff(self, step: int, config: dict) -> list[str]:
-    """'field: checkpoint value -> run value' for each config field that differs (empty if unreadable)."""
+    """'field: checkpoint A, this run B' for each config field that differs (``restore.config_diff``; empty if the
+    stored config is unreadable)."""
     try:
       stored = self.restore_config(step)
     except Exception:  # pylint: disable=broad-except  (no readable config: nothing to compare)
       return []
-    diff = [f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in _flat_diff(stored, config)]
-    return diff if len(diff) <= 12 else diff[:12] + [f"... ({len(diff) - 12} more)"]
+    return restore.config_diff(stored, config)
 
   def move_aside_after(self, step: int) -> list[str]:
     """Moves the checkpoints later than ``step`` aside (``N.superseded-TIME``: kept, no longer resumed from), so that
@@ -340,41 +330,6 @@ def _quiet_orbax_info_logs() -> None:
     absl_logger.addFilter(_OrbaxInfoFilter())
 
 
-def _quiet_closed_loop_callbacks() -> None:
-  """Silence the stderr noise of a failed restore's orphaned reads (the failure itself is reported once).
-
-  When one array of a checkpoint cannot be read, orbax abandons the other reads: their coroutines are dropped
-  and tensorstore's completions hit a closed event loop, each printing a traceback ("Event loop is closed",
-  "Exception ignored in: <coroutine ...>"), hundreds in all. Every other unraisable error reaches the previous
-  hook.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "_simdino_quiet", False):
-    return
-
-  def hook(unraisable):
-    exc, obj = unraisable.exc_value, unraisable.object
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-      return
-    code = getattr(obj, "cr_code", None)
-    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-      return
-    previous(unraisable)
-
-  hook._simdino_quiet = True
-  sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
-
-
-class _AbandonedReadFilter(logging.Filter):
-  """asyncio's 'Future exception was never retrieved' reports of a failed restore's abandoned reads."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    abandoned = message.startswith(("Future exception was never retrieved", "Task exception was never retrieved"))
-    return not (abandoned and ("tensorstore" in message or "orbax" in message))
-
-
 def _checksums(step_dir: epath.Path) -> dict[str, str]:
   """{path relative to ``step_dir``: SHA-256} of every file under it but the checksum file itself."""
   out = {}
@@ -395,199 +350,12 @@ def _checksums(step_dir: epath.Path) -> dict[str, str]:
   return out
 
 
-def _flat_diff(a: Any, b: Any, prefix: str = "config") -> list[tuple[str, Any, Any]]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for k in sorted(set(a) | set(b), key=str):
-      out += _flat_diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}")
-    return out
-  return [] if a == b else [(prefix, a, b)]
-
-
-def _short(value: Any, limit: int = 60) -> str:
-  text = repr(value)
-  return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _all_processes_ok(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _first_line(text: str, limit: int = 300) -> str:
-  line = text.strip().splitlines()[0] if text.strip() else text
-  return line if len(line) <= limit else line[:limit] + "..."
-
-
 def config_dict(config) -> dict:
   """A JSON-able dict of an ``ml_collections.ConfigDict`` (tuples become lists)."""
   return json.loads(config.to_json_best_effort())
-
-
-# -- read-only: any run's checkpoints (export, load_backbone, config.resume, config.init_from) -----------------------
-def committed_steps(directory: str | os.PathLike) -> list[int]:
-  """Steps under ``directory`` (a ``checkpoints/`` directory) whose save completed: orbax's commit marker and the
-  state item present. Ascending."""
-  return sorted(
-    int(p.name)
-    for p in epath.Path(directory).iterdir()
-    if p.name.isdigit() and (p / COMMIT_MARKER).exists() and (p / "state").exists()
-  )
-
-
-def _stored_config(step_dir: epath.Path, workdir: str) -> dict:
-  """The config stored with the checkpoint in ``step_dir`` (orbax JSON item ``config``), else workdir/config.json."""
-  try:
-    config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config", args=ocp.args.JsonRestore())
-  except Exception:  # pylint: disable=broad-except  (no or unreadable stored config: use the workdir's copy)
-    config = None
-  if config:
-    return dict(config)
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise ExportError(f"checkpoint {step_dir} has no readable stored config and {path} does not exist")
-  return json.loads(path.read_text())
-
-
-def restore_params(
-  workdir: str, *, which: str = "teacher", step: int | None = None, with_head: bool = False
-) -> tuple[dict[str, np.ndarray], int, dict]:
-  """({name: array}, step, config dict) of the ``which`` network of a checkpoint of ``workdir``, on the host.
-
-  The newest committed checkpoint unless ``step`` is given. Names are slash paths starting with ``backbone/``
-  (and ``head/``, ``patch_head/`` with ``with_head``). Only those parameters (and the step) are read: no optimizer
-  state, no data source. The restore target is ``methods.build_network`` of the stored config. Raises ExportError
-  naming the path when there is nothing to read.
-  """
-  if which not in WHICH:
-    raise ExportError(f"which must be one of {WHICH}, got {which!r}")
-  directory = epath.Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    raise ExportError(f"no checkpoints to export: {directory} does not exist (train into {workdir} first)")
-  steps = committed_steps(directory)
-  if not steps:
-    raise ExportError(f"no checkpoints to export: {directory} holds no committed checkpoint")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ExportError(f"no committed checkpoint of step {step} in {directory}; available steps: {steps}")
-
-  # Read-only: no orbax CheckpointManager here, whose start-up deletes unfinished saves ("*.orbax-checkpoint-tmp-*"),
-  # i.e. those of a training run writing into the same workdir right now.
-  step_dir = directory / str(step)
-  config = _stored_config(step_dir, workdir)
-  abstract = nnx.eval_shape(lambda: methods.build_network(ml_collections.ConfigDict(config)))
-  params = nnx.split(abstract)[1]
-  subtree = params if with_head else {"backbone": params["backbone"]}
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  target = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=cpu), which: abstract_target(subtree, cpu)}
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  try:  # a partial restore: only `which` (and the step) are read
-    restored = ocp.PyTreeCheckpointer().restore(
-      step_dir / "state", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    )
-  except Exception as e:  # pylint: disable=broad-except  (re-raised with the path and the likely cause)
-    raise ExportError(
-      f"could not read the {which} parameters of {step_dir} with the network of its config "
-      f"({type(e).__name__}: {_first_line(str(e) or type(e).__name__)})"
-    ) from e
-  saved_step = int(np.asarray(restored["step"]))
-  if saved_step != step:
-    raise ExportError(f"{step_dir} holds the state of step {saved_step}, not {step}")
-  arrays = {name: np.asarray(a) for name, a in named_leaves(restored[which]).items()}
-  return arrays, step, config
-
-
-def find_checkpoint(path: str, field: str = "config.resume") -> epath.Path:
-  """The committed step directory ``path`` designates: a workdir (its newest checkpoint), a ``checkpoints/``
-  directory (its newest) or one ``checkpoints/<step>`` directory. ResumeError naming ``field`` otherwise."""
-  root = epath.Path(path)
-  if not root.exists():
-    raise ResumeError(f"{field}: {path} does not exist")
-  if root.name.isdigit() and (root / "state").exists():
-    if not (root / COMMIT_MARKER).exists():
-      raise ResumeError(f"{field}: {path} has no {COMMIT_MARKER} (its save did not complete)")
-    return root
-  for directory in (root / "checkpoints", root):
-    if directory.is_dir():
-      steps = committed_steps(directory)
-      if steps:
-        return directory / str(steps[-1])
-  raise ResumeError(
-    f"{field}: {path} holds no committed checkpoint (expected a workdir with checkpoints/<step>/, "
-    "a checkpoints/ directory or one checkpoints/<step> directory)"
-  )
-
-
-def restore_external(path: str, target: Any) -> tuple[Any, int, str]:
-  """(state, step, step directory) of the checkpoint ``path`` designates (``find_checkpoint``), restored onto
-  ``target``'s shapes and shardings. Read-only: nothing in that run's directory is moved, cleaned up or written."""
-  step_dir = find_checkpoint(path)
-  try:
-    with ocp.StandardCheckpointer() as reader:
-      state = reader.restore(step_dir / "state", target)
-  except Exception as e:  # pylint: disable=broad-except  (re-raised naming the path and the likely cause)
-    _quiet_closed_loop_callbacks()  # the failed read's pending callbacks: noise, as in restore_latest
-    raise ResumeError(
-      f"config.resume: {step_dir} does not fit this run's state (a different model, head, method or "
-      f"optimizer?): {type(e).__name__}: {_first_line(str(e) or type(e).__name__)}"
-    ) from e
-  return state, int(np.asarray(jax.device_get(state.step))), str(step_dir)
-
-
-def load_init_arrays(path: str) -> tuple[dict[str, np.ndarray], str]:
-  """({name: array}, description) of the weights ``config.init_from`` names: an exported ``.npz`` / ``.safetensors``
-  file (``simdino_jax.export``) or a workdir / checkpoint directory (the teacher of its newest checkpoint, backbone
-  and heads). Names are slash paths such as ``backbone/blocks/0/attn/qkv/kernel`` and ``head/mlp/0/kernel``."""
-  root = epath.Path(path)
-  if not root.exists():
-    raise ResumeError(f"config.init_from: {path} does not exist")
-  if root.is_file():
-    try:
-      return formats.load_arrays(str(root)), f"exported file {path}"
-    except ExportError as e:
-      raise ResumeError(f"config.init_from: {e}") from None
-  step_dir = find_checkpoint(path, "config.init_from")
-  workdir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
-  try:
-    arrays, step, _ = restore_params(str(workdir), which="teacher", step=int(step_dir.name), with_head=True)
-  except ExportError as e:
-    raise ResumeError(f"config.init_from: {e}") from None
-  return arrays, f"teacher of {step_dir} (step {step})"
-
-
-def match_init_arrays(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
-  """Which of ``arrays`` initialise the network whose leaves are ``params`` ({name: array-like}).
-
-  Every ``backbone/`` leaf must be present with the same shape (ResumeError naming the first parameter that is
-  missing or differs). A head (``head/``, ``patch_head/``) is loaded whole when all its leaves are present with
-  equal shapes, else it keeps its fresh initialisation. Returns ({name: float array to load}, notes on the heads)."""
-  out, notes = {}, []
-  backbone = sorted(n for n in params if n.startswith("backbone/"))
-  for name in backbone:
-    if name not in arrays:
-      raise ResumeError(
-        f"config.init_from: parameter {name} {tuple(np.shape(params[name]))} is not in the source "
-        f"(it has {len([a for a in arrays if a.startswith('backbone/')])} backbone arrays)"
-      )
-    if tuple(np.shape(arrays[name])) != tuple(np.shape(params[name])):
-      raise ResumeError(
-        f"config.init_from: parameter {name} has shape {tuple(np.shape(arrays[name]))} in the source, "
-        f"{tuple(np.shape(params[name]))} in this run's network (check model.variant, "
-        "model.img_size, model.num_registers, ...)"
-      )
-    out[name] = arrays[name]
-  for prefix in sorted({n.split("/", 1)[0] for n in params} - {"backbone"}):
-    names = sorted(n for n in params if n.startswith(prefix + "/"))
-    bad = [n for n in names if n not in arrays or tuple(np.shape(arrays[n])) != tuple(np.shape(params[n]))]
-    if bad:
-      notes.append(
-        f"{prefix} not loaded ({bad[0]}: "
-        f"{'absent' if bad[0] not in arrays else tuple(np.shape(arrays[bad[0]]))} in the source, "
-        f"{tuple(np.shape(params[bad[0]]))} here)"
-      )
-    else:
-      out.update({n: arrays[n] for n in names})
-      notes.append(f"{prefix} loaded")
-  return out, notes

@@ -1,9 +1,11 @@
 """Files of flat named arrays with str -> str metadata: safetensors and npz, written and read here.
 
-  safetensors  https://github.com/huggingface/safetensors, through the ``safetensors`` package's NumPy API: an
-               8-byte header length, a JSON header ({name: {"dtype", "shape", "data_offsets"}}, "__metadata__"),
-               then the raw little-endian bytes. bfloat16 is stored as BF16, so PyTorch's
-               ``safetensors.torch.load_file`` reads it back as torch.bfloat16.
+  safetensors  https://github.com/huggingface/safetensors, through the ``safetensors`` package's NumPy API (a
+               dependency): an 8-byte header length, a JSON header ({name: {"dtype", "shape", "data_offsets"}},
+               "__metadata__"), then the raw little-endian bytes. bfloat16 is stored as BF16, so PyTorch's
+               ``safetensors.torch.load_file`` reads it back as torch.bfloat16. The package creates its files
+               0600 (a private temporary file renamed into place); they are given the mode ``open()`` would give
+               (0666 less the umask), as the npz files and torch.save's .pth files have.
   npz          ``numpy.savez`` (uncompressed); dtypes NumPy cannot name (bfloat16, float8_*) are stored as
                unsigned integers of the same width and viewed back by the reader. The metadata is a JSON string
                entry ``__metadata__``.
@@ -89,7 +91,22 @@ def save_safetensors(arrays: dict[str, np.ndarray], path: str, metadata: dict[st
         f"{path}: {name} has dtype {a.dtype}, which safetensors cannot store (supported: {sorted(_SAFETENSORS_DTYPES)})"
       )
   safetensors.numpy.save_file(arrays, path, metadata=dict(metadata) if metadata else None)
+  os.chmod(path, 0o666 & ~_umask())
   return os.path.getsize(path)
+
+
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux reports it (os.umask can only set it)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -28,7 +28,8 @@ the global block index), prefixes ``module.`` (DDP), ``_orig_mod.`` (torch.compi
 centres ...) are ignored and listed (``strict=True`` refuses them). Our own exports (slash names, Flax layout)
 load too.
 
-Python API: ``to_torch(params)``, ``network_to_torch(params)`` / ``network_from_torch(state, like)`` (backbone
+Python API: ``to_torch(params)`` / ``from_torch(state_dict)``, ``named_arrays(path)`` (a file in either layout ->
+our names), ``official_constructor(kwargs, flavor)``, ``network_to_torch(params)`` / ``network_from_torch(state, like)`` (backbone
 and heads: ``head.mlp.<2i>.*``, ``head.last_layer.weight_g`` (K, 1) / ``weight_v`` (K, in)),
 ``load_state_dict(source, ...)`` -> ``ImportedViT`` (``.params``, ``.kwargs``, ``.build()``),
 ``read_state_dict(path)`` (.pth through PyTorch, imported only then; .safetensors / .npz through ``io.formats``),
@@ -150,6 +151,89 @@ def to_torch(params: Mapping[str, Any], *, flavor: str = "auto") -> dict[str, np
     tname, layout = torch_name(name)
     out[tname] = _to_torch_layout(a, layout)
   return out
+
+
+def from_torch_name(key: str, ndim: int) -> tuple[str, str]:
+  """(our name, layout) of a bare official backbone key ('blocks.0.attn.qkv.weight') holding an array of ``ndim``
+  dimensions: the inverse of ``torch_name`` (a ``.weight`` is a Linear kernel when 2-D, a LayerNorm scale when 1-D)."""
+  if key == "patch_embed.proj.weight":
+    return "patch_embed/kernel", "conv"
+  if key == "patch_embed.proj.bias":
+    return "patch_embed/bias", "same"
+  parts = key.split(".")
+  if parts[-1] == "weight":
+    return "/".join(parts[:-1] + ["kernel" if ndim == 2 else "scale"]), "linear" if ndim == 2 else "same"
+  return "/".join(parts), "same"
+
+
+def from_torch(state: Mapping[str, Any], *, which: str = "teacher", where: str = "state dict") -> dict[str, np.ndarray]:
+  """An official backbone state dict (any of the prefixes and containers ``load_state_dict`` accepts) -> our
+  backbone parameters {name: array} (slash names without 'backbone/', our layout), the inverse of ``to_torch``.
+  Nothing is inferred or checked against a model; in a state dict with ``backbone.`` keys the others (heads ...)
+  are dropped."""
+  state, _ = _normalise_keys(_select_state_dict(state, which, where), which, where)
+  out = {}
+  for key, value in state.items():
+    value = _to_numpy(value)
+    name, layout = from_torch_name(key, value.ndim)
+    out[name] = _from_torch_layout(value, layout)
+  return out
+
+
+def named_arrays(path: str, *, which: str = "teacher") -> tuple[dict[str, np.ndarray], str]:
+  """({our name: array}, layout) of a weights file in either layout (.pth with PyTorch installed, .safetensors,
+  .npz): our export's names as they are ('flax': backbone/..., head/...), an official state dict's backbone mapped
+  to ours ('torch': backbone/blocks/0/attn/qkv/kernel ...). What ``config.init_from`` reads from a file."""
+  obj, _ = read_state_dict(path)
+  arrays = _select_state_dict(obj, which, path)
+  if any("/" in k for k in arrays):  # our own names and layout
+    return {k: _to_numpy(v) for k, v in arrays.items()}, "flax"
+  backbone = from_torch(arrays, which=which, where=path)
+  known = {"cls_token", "pos_embed", "patch_embed/kernel"}
+  if not known <= set(backbone):
+    raise InteropError(
+      f"{path}: neither our export (slash names) nor an official ViT state dict (missing "
+      f"{sorted(known - set(backbone))}; keys: {sorted(arrays)[:8]}{' ...' if len(arrays) > 8 else ''})"
+    )
+  if "mask_token" not in backbone:  # DINO v1 has none (to_torch drops an untrained one): zeros, as load_state_dict
+    backbone["mask_token"] = np.zeros((1, backbone["cls_token"].shape[-1]), backbone["cls_token"].dtype)
+  return {f"backbone/{k}": v for k, v in backbone.items()}, "torch"
+
+
+def official_constructor(kwargs: Mapping[str, Any], flavor: str) -> str:
+  """The official PyTorch module, with its arguments, whose ``load_state_dict(strict=True)`` takes ``to_torch``'s
+  state dict of ``VisionTransformer(**kwargs)`` and computes the same features (flavor "dino" or "dinov2", as
+  ``to_torch`` chose: a "mask_token" key means dinov2).
+
+  The arguments that differ from the official defaults matter: DINO's ViT defaults to qkv_bias=False (the strict
+  load then fails on ``qkv.bias``) and nn.LayerNorm's eps 1e-5 (it loads, and the features differ by ~5e-3); DINOv2's
+  block_chunks=1 names the blocks ``blocks.0.<i>``; the image size fixes the positional embedding's shape."""
+  ratio = f"{float(kwargs.get('mlp_ratio', 4.0)):g}"
+  common = (
+    f"patch_size={kwargs['patch_size']}, embed_dim={kwargs['embed_dim']}, depth={kwargs['depth']}, "
+    f"num_heads={kwargs['num_heads']}, mlp_ratio={ratio}"
+  )
+  if flavor == "dino":
+    if kwargs.get("ffn", "mlp") != "mlp" or kwargs.get("num_registers") or kwargs.get("layerscale_init") is not None:
+      raise InteropError("flavor 'dino' has no SwiGLU, registers or LayerScale: use 'dinov2'")
+    return (
+      f"vision_transformer.VisionTransformer(img_size=[{kwargs['img_size']}], {common}, qkv_bias=True, "
+      "norm_layer=partial(nn.LayerNorm, eps=1e-6)) of facebookresearch/dino (vision_transformer.py; "
+      "SimDINO's simdino/vision_transformer.py is the same)"
+    )
+  if flavor != "dinov2":
+    raise InteropError(f"flavor must be 'dino' or 'dinov2', got {flavor!r}")
+  init = kwargs.get("layerscale_init")
+  return (
+    f"dinov2.models.vision_transformer.DinoVisionTransformer(img_size={kwargs['img_size']}, {common}, "
+    f"block_chunks=0, num_register_tokens={kwargs.get('num_registers', 0)}, "
+    f"init_values={init if init is not None else None}, "
+    f"ffn_layer={'swiglufused' if kwargs.get('ffn') == 'swiglu' else 'mlp'!r}, "
+    f"interpolate_antialias={bool(kwargs.get('interpolate_antialias', False))}, "
+    f"interpolate_offset={float(kwargs.get('interpolate_offset', 0.1)):g}) of facebookresearch/dinov2 "
+    "(qkv_bias, ffn_bias, proj_bias True and LayerNorm eps 1e-6 are its defaults; SimDINO's "
+    "simdinov2/models/vision_transformer.py is the same)"
+  )
 
 
 # ---- whole networks (backbone + heads), for running the official trainers from our weights --------------------
@@ -281,8 +365,8 @@ def read_state_dict(path: str) -> tuple[dict[str, Any], dict[str, str]]:
   except ImportError:
     raise InteropError(
       f"{path}: reading a PyTorch .pth file needs PyTorch (pip install torch); or export it "
-      "as .safetensors (python -m simdino_jax.export --format=torch without torch installed "
-      "writes one)"
+      "as .safetensors (python -m simdino_jax.export --format=torch --output=FILE.safetensors "
+      "writes one without PyTorch)"
     ) from None
   try:
     # DINO's and SimDINO's training checkpoints (main_dino.py's checkpoint.pth, the "full ckpt" downloads) pickle

@@ -1,7 +1,7 @@
 """``config.init_from``: a fresh run whose student and teacher start from exported weights or another run's teacher.
 
 The backbone, and every head whose arrays are all present with equal shapes, replace the initial parameters
-(``io.checkpointing.load_init_arrays`` / ``match_init_arrays`` decide what matches and say why the rest does not);
+(``io.restore.load_init_arrays`` / ``match_init_arrays`` decide what matches and say why the rest does not);
 the step is 0 and the optimizer state is initialised afresh for the new parameters.
 """
 
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from simdino_jax.io import checkpointing
+from simdino_jax.io import restore
 from simdino_jax.train.state import TrainState
 from simdino_jax.tree import map_with_name, named_leaves
 
@@ -21,9 +21,9 @@ from simdino_jax.tree import map_with_name, named_leaves
 def load(path: str, state: TrainState, tx: optax.GradientTransformation, opt_sharding, log: Callable[[str], None]):
   """``state`` (the initial state) with the weights at ``path`` placed on each parameter's sharding, and ``tx``'s
   state initialised for them with ``opt_sharding``."""
-  arrays, source = checkpointing.load_init_arrays(path)
+  arrays, source = restore.load_init_arrays(path)
   params = named_leaves(state.student)
-  loaded, notes = checkpointing.match_init_arrays(params, arrays)
+  loaded, notes = restore.match_init_arrays(params, arrays)
 
   def place(name, leaf):
     if name not in loaded:
