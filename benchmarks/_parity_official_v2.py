@@ -189,6 +189,19 @@ OUR_OVERRIDES: dict[str, dict[str, object]] = {
   },
 }
 
+# configs/dinov2_vitb16_in1k.py: the DINOv2 baseline as the SimDINOv2 authors trained it, with their fork's
+# simdinov2/configs/ssl_default_config.yaml (SimSSLMetaArch with use_mcr: false). What differs from upstream dinov2
+# above: 4 registers, interpolation without offset and with antialias, the fork's lr warm-up (from min_lr, base at
+# iteration W). LayerScale 1.0 for the reason given above (1e-5 makes the initial KoLeo float32 noise).
+OUR_OVERRIDES["dinov2_fork"] = {
+  **OUR_OVERRIDES["dinov2"],
+  "model.num_registers": 4,
+  "model.interpolate_offset": 0.0,
+  "model.interpolate_antialias": True,
+  "optim.warmup_from_min_lr": True,
+  "optim.warmup_rule": "step_over_warmup",
+}
+
 PATCHES = [
   "P1 sys.modules['torchvision._meta_registrations'] = empty module (CPU torchvision wheel)",
   "P2 (dinov2) fake xformers.ops with only fmha.BlockDiagonalMask (concat / split of the head inputs)",
@@ -205,6 +218,11 @@ PATCHES = [
 
 
 # ---- importing the official code ------------------------------------------------------------------------------
+def _fork(method: str) -> bool:
+  """Runs SimDINO's fork of the DINOv2 code (simdinov2/: SimSSLMetaArch, its train.py and CosineScheduler)."""
+  return method in ("simdinov2", "dinov2_fork")
+
+
 def _package_root(official_repo: str, package: str) -> str:
   """The directory holding ``package/`` (the clone's root, or its parent when given the package directory)."""
   repo = os.path.abspath(official_repo)
@@ -248,7 +266,7 @@ def _import_official(method: str, official_repo: str):
   import importlib
 
   sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))  # P1
-  if method == "simdinov2":
+  if _fork(method):
     root = _package_root(official_repo, "simdinov2")
     pkg = "simdinov2"
   else:
@@ -291,7 +309,7 @@ def _add_arch(vits, method: str, embed_dim: int, depth: int, num_heads: int) -> 
   """P9: vit_small's definition in this repository with our sizes."""
   from functools import partial
 
-  if method == "simdinov2":
+  if _fork(method):
 
     def vit_parity(patch_size=16, num_register_tokens=0, block="nested", **kwargs):
       return vits.DinoVisionTransformer(
@@ -361,10 +379,13 @@ def _durations(config, steps_per_epoch: int | None = None) -> tuple[int, int, in
 def _official_config(method: str, config, configs_module, vits, steps_per_epoch: int | None = None):
   """The official OmegaConf config for our (already overridden) config; every duration in iterations."""
   from omegaconf import OmegaConf
+
   from simdino_jax.models.vit import parse_variant
 
   if method == "simdinov2":
     cfg = configs_module.load_and_merge_config("ssl_default_config", "simdino_config")
+  elif method == "dinov2_fork":  # the fork's base file alone: DINO + iBOT + KoLeo (use_mcr: false)
+    cfg = OmegaConf.create(configs_module.load_config("ssl_default_config"))
   else:
     cfg = OmegaConf.create(configs_module.dinov2_default_config)
   variant = parse_variant(config.model.variant)
@@ -443,7 +464,7 @@ def _official_config(method: str, config, configs_module, vits, steps_per_epoch:
     cfg.optim.lr = float(o.lr) * config.batch_size / 256.0
   else:
     cfg.optim.lr = float(o.lr)
-  if method == "simdinov2":
+  if _fork(method):
     cfg.optim.kwargs.betas = [float(o.b1), float(o.b2)]
   else:
     cfg.optim.adamw_beta1, cfg.optim.adamw_beta2 = float(o.b1), float(o.b2)
@@ -478,18 +499,21 @@ def _check_recipe(method: str, config) -> list[str]:
       ("head.separate_patch_head", False),
     ):
       want(field, value)
-    if config.warmup_steps > 1 or (config.warmup_steps <= 0 and config.warmup_epochs > 0):
+    warms_up = config.warmup_steps > 1 or (config.warmup_steps <= 0 and config.warmup_epochs > 0)
+    if warms_up and config.optim.warmup_rule != "step_over_warmup":
       notes.append(
         "lr warm-up: simdinov2/utils/utils.py CosineScheduler (line 112) warms up as "
         "start + (base - start) * it / W (base reached at iteration W), simdino_jax/schedules.py "
         "warmup_cosine as np.linspace (base reached at W - 1): the lr differs at iterations 1 .. W - 1"
       )
   else:
+    fork = method == "dinov2_fork"  # the fork's CosineScheduler: warm-up from min_lr, step over warm-up
     for field, value in (
       ("dino.student_temp", 0.1),
       ("dino.center_momentum", 0.9),
       ("optim.clip_mode", "per_module"),
-      ("optim.warmup_from_min_lr", False),
+      ("optim.warmup_from_min_lr", fork),
+      ("optim.warmup_rule", "step_over_warmup" if fork else "linspace"),
       ("optim.adam_eps", 1e-8),
       ("head.norm_last_layer", False),
       ("optim.freeze_mode", "zero_lr"),
@@ -597,8 +621,8 @@ def run_official(
 
   steps_per_epoch: the iterations per epoch our side uses for the durations given in epochs (last-layer freeze,
   teacher-temperature warm-up); None: computed as the Trainer does, from the size of ``config.data.source``."""
-  if method not in ("simdinov2", "dinov2"):
-    raise ValueError(f"_parity_official_v2 runs simdinov2 and dinov2, not {method!r}")
+  if method not in ("simdinov2", "dinov2", "dinov2_fork"):
+    raise ValueError(f"_parity_official_v2 runs simdinov2, dinov2 and dinov2_fork, not {method!r}")
   import torch
 
   torch.set_num_threads(max(int(threads), 1))
@@ -622,7 +646,7 @@ def run_official(
 
   meta.get_fsdp_modules = lambda module: [types.SimpleNamespace(params=list(module.parameters()))]  # P5
   torch.manual_seed(0)
-  model = meta.SimSSLMetaArch(cfg) if method == "simdinov2" else meta.SSLMetaArch(cfg)
+  model = meta.SimSSLMetaArch(cfg) if _fork(method) else meta.SSLMetaArch(cfg)
   model.need_to_synchronize_fsdp_streams = False  # P6
   for k in model.student.keys():  # P7
     model.student[k].clip_grad_norm_ = types.MethodType(
@@ -644,7 +668,7 @@ def run_official(
   model.train()
 
   # train/train.py do_train: optimizer and schedules.
-  if method == "simdinov2":
+  if _fork(method):
     optimizer = train.build_optimizer(cfg, model)
     (
       lr_schedule,
@@ -674,7 +698,7 @@ def run_official(
       wd = wd_schedule[iteration]
       last_layer_lr = last_layer_lr_schedule[iteration]
       train.apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
-      if method == "simdinov2":
+      if _fork(method):
         if cfg.dino.use_mcr:
           model.dino_loss.coeff = mcr_coeff_schedule[iteration]
           model.dino_loss.eps = mcr_eps_schedule[iteration]
@@ -683,7 +707,7 @@ def run_official(
       optimizer.zero_grad(set_to_none=True)
       with _cuda_is_identity():
         model.forward_backward(data, teacher_temp=teacher_temp)
-      if method == "simdinov2":
+      if _fork(method):
         if (clip_grad := clip_grad_schedule[iteration]) > 0:
           for v in model.student.values():
             v.clip_grad_norm_(clip_grad)

@@ -8,13 +8,19 @@ r"""Parity with the official PyTorch trainers: same initial weights, same batche
 Needs a Python with PyTorch and simdino_jax (PyTorch is not a dependency of the package) and a clone of the official
 code; nothing official is copied into the package: the official files are imported or executed from the clone.
 
-What runs (float32, CPU, drop path 0, no fp16, no DDP):
-  * OURS: the package's own pieces as the Trainer assembles them (methods.build_network, trainer.make_optimizer,
-    step.make_train_step, methods' loss, optim/schedules) on a small preset: ViT-Ti/4 (width 192, depth 12), 32 px
-    global / 16 px local crops (2 + 4), batch 16, head hidden 2048 / bottleneck 256, K = 4096 prototypes (dino),
-    with config overrides that mirror the official recipe (official_recipe_overrides below; the v2 methods take
-    _parity_official_v2.OUR_OVERRIDES on top). Schedules: epochs=2, steps/epoch = ceil(steps / 2), lr warm-up 1 epoch,
-    teacher-temperature warm-up 2 epochs, last layer frozen 1 epoch (dino).
+What runs (float32, CPU, no fp16, no DDP):
+  * OURS: training's own assembly, nothing rebuilt here: ``simdino_jax.train.setup.build`` (durations from epochs,
+    schedules including the teacher-momentum branch, network, optimiser chain, loss, init_fn) and
+    ``setup.make_step`` (the trainer's jitted step: state shardings, donation, the packed mask gather), on one CPU
+    device, on a small preset: ViT-Ti/4 (width 192, depth 12), 32 px global / 16 px local crops (2 + 4, --num_local),
+    batch 16, head hidden 2048 / bottleneck 256, K = 4096 prototypes (dino), with config overrides that mirror the
+    official recipe (official_recipe_overrides below; the v2 methods take _parity_official_v2.OUR_OVERRIDES on top).
+    Durations: 2 epochs of ceil(steps / 2) steps (num_train = that x batch), lr warm-up 1 epoch, teacher-temperature
+    warm-up 2 epochs, last layer frozen 1 epoch (dino).
+  * DROP PATH (--drop_path RATE, simdino / dino): the student's stochastic depth at RATE, linear over depth as the
+    official --drop_path_rate, with the same per-sample keep masks on both sides (DropPathDraws): ours through
+    simdino_jax.models.vit.drop_path_factors, the official drop_path formula untouched (its torch.rand draws are
+    served from the same masks). The official teacher has no drop path, ours runs the teacher without a key.
   * OFFICIAL (simdino: RobinWu218/SimDINO simdino/, dino: facebookresearch/dino): vit_tiny, the head, MultiCropWrapper,
     the loss module (MCRLoss / DINOLoss), get_params_groups + AdamW, cosine_scheduler for lr / wd / momentum, and the
     official ``train_one_epoch`` itself, taken out of main_dino.py with ``ast`` (main_dino.py imports torchvision
@@ -32,10 +38,11 @@ What runs (float32, CPU, drop path 0, no fp16, no DDP):
     lr / wd / momentum / teacher temperature per step against ours, and the final parameters.
 
 Loss conventions: the official SimDINO loss is -coeff * mean cos - gamma R, ours is mean 1/2||t - s||^2 - gamma R;
-for unit vectors official = coeff * (ours - 1) (coeff = 1 here): ``losses_ours`` is reported in the official
-convention. DINO losses are the same quantity on both sides. simdinov2: _parity_official_v2 returns the official
-losses in both conventions (its ``loss_offsets``: 1 + masked crops / (Mg B)); they are compared in the official one,
-as simdino's (``losses_ours`` = ours - offset).
+for unit vectors official = coeff * (ours - 1) (coeff = 1 here). DINO losses are the same quantity on both sides.
+simdinov2: _parity_official_v2 returns the official losses in both conventions (its ``loss_offsets``: 1 + masked
+crops / (Mg B)). Both are reported: ``losses_ours`` / ``losses_official`` / ``step0_rel_diff`` / ``max_loss_rel_diff``
+/ ``max_loss_abs_diff`` in the official convention, and the same under ``our_convention``: the official constant
+enlarges the denominator, so the same two runs look ~2-10x closer in the official convention than in ours.
 
 Patches (what cannot run as is on CPU without DDP; also listed in the JSON ``patches``):
   1. torch.distributed: a single-process gloo group (world size 1, file:// rendezvous), so that DINOLoss.update_center's
@@ -87,8 +94,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-METHODS = ("simdino", "simdinov2", "dino", "dinov2")
-CLONES = {"simdino": "SimDINO", "simdinov2": "SimDINO", "dino": "dino", "dinov2": "dinov2"}
+# dinov2_fork: our dinov2 against SimDINO's fork of the DINOv2 code (simdinov2/ SimSSLMetaArch without MCR), which
+# configs/dinov2_vitb16_in1k.py follows; dinov2: against facebookresearch/dinov2.
+METHODS = ("simdino", "simdinov2", "dino", "dinov2", "dinov2_fork")
+CLONES = {"simdino": "SimDINO", "simdinov2": "SimDINO", "dino": "dino", "dinov2": "dinov2", "dinov2_fork": "SimDINO"}
+V2_METHODS = ("simdinov2", "dinov2", "dinov2_fork")
 # Goals (float32, CPU): step-0 loss, every loss, parameters after N steps.
 STEP0_TOL, LOSS_TOL, PARAM_TOL = 1e-5, 1e-3, 1e-3
 FORWARD_TOL = 1e-5  # step-0 head outputs, ||ours - official|| / ||official||
@@ -112,6 +122,7 @@ def resolve_repo(method: str, path: str | None) -> str:
   need = {
     "simdino": "simdino/main_dino.py",
     "simdinov2": "simdinov2",
+    "dinov2_fork": "simdinov2",
     "dino": "main_dino.py",
     "dinov2": "dinov2/train/ssl_meta_arch.py",
   }[method]
@@ -148,11 +159,15 @@ def official_recipe_overrides(args) -> dict:
   """Our config fields set to mirror the official recipe on the small preset (dotted name -> value)."""
   niter, epochs = schedule_lengths(args.steps, args.epochs)
   o = {
-    "method": args.method,
+    "method": "dinov2" if args.method == "dinov2_fork" else args.method,
     "seed": args.seed,
     "batch_size": args.batch_size,
-    "total_steps": niter * epochs,
-    "warmup_steps": niter,  # warm-up 1 epoch
+    # Durations in epochs, turned into steps by training's own setup.durations (an epoch: num_train // batch_size
+    # with num_train = niter * batch_size, see main).
+    "total_steps": 0,
+    "total_epochs": epochs,
+    "warmup_steps": 0,
+    "warmup_epochs": 1,  # warm-up 1 epoch
     "data.source": "digits",
     "data.num_global": 2,
     "data.num_local": args.num_local,
@@ -160,7 +175,8 @@ def official_recipe_overrides(args) -> dict:
     "data.local_size": args.local_size,
     "model.variant": f"Ti/{args.patch_size}",
     "model.img_size": args.global_size,
-    "model.drop_path_rate": 0.0,
+    "model.drop_path_rate": args.drop_path,
+    "model.drop_path_uniform": False,  # DINO v1 / SimDINO: linear over depth (the v2 overrides set their own)
     "model.dtype": "float32",
     "head.hidden_dim": args.hidden_dim,
     "head.out_dim": args.out_dim,
@@ -194,7 +210,7 @@ def official_recipe_overrides(args) -> dict:
         "optim.freeze_last_layer_epochs": 0.0,
       }
     )  # official --freeze_last_layer 1 is a no-op: no last layer
-  if args.method in ("dino", "dinov2"):
+  if args.method in ("dino", "dinov2", "dinov2_fork"):
     o["head.num_prototypes"] = args.num_prototypes
   if args.method == "dino":
     o.update(
@@ -228,20 +244,19 @@ def build_config(args, extra: dict | None = None):
   return config
 
 
-def make_batches(config, steps: int) -> list[dict]:
-  """``steps`` batches of our pipeline's crops (numpy, our layout) of the config's source."""
-  from simdino_jax import methods  # pylint: disable=g-import-not-at-top
-  from simdino_jax.train import trainer
+def make_batches(setup, steps: int) -> list[dict]:
+  """``steps`` batches of our pipeline's crops (numpy, our layout) of the config's source, with the setup's crops
+  and patch size (the masks' grid)."""
   from simdino_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
-  from simdino_jax.models.vit import parse_variant  # pylint: disable=g-import-not-at-top
 
-  masked = methods.get_method(config.method).uses_masks
+  config = setup.config
+  masked = setup.method.uses_masks
   it = pipeline.train_iterator(
     sources.from_config(config.data, "train"),
-    trainer.multicrop_config(config),
+    setup.multicrop,
     batch_size=config.batch_size,
     seed=config.seed,
-    mask_patch_size=parse_variant(config.model.variant)["patch_size"] if masked else 0,
+    mask_patch_size=setup.patch_size if masked else 0,
     mask_probability=config.masking.probability,
     mask_ratio=tuple(config.masking.ratio),
     mask_min_patches=config.masking.min_num_patches,
@@ -259,66 +274,50 @@ def make_batches(config, steps: int) -> list[dict]:
 
 
 class Ours:
-  """Our trainer's state and jitted step for a config (the Trainer's pieces, on one CPU device)."""
+  """Training's own assembly and compiled step on one CPU device: ``setup.build`` (durations, schedules, network,
+  optimiser, loss, initial state) and ``setup.make_step`` (shardings, donation, the packed mask gather), nothing
+  rebuilt here. ``num_train`` sets the epoch: steps_per_epoch = num_train // batch_size, as in training."""
 
-  def __init__(self, config, steps_per_epoch: int):
+  def __init__(self, config, num_train: int):
     import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from simdino_jax import methods, optim, schedules  # pylint: disable=g-import-not-at-top
-    from simdino_jax.train import trainer
-    from simdino_jax.train.state import TrainState  # pylint: disable=g-import-not-at-top
-    from simdino_jax.train.step import forward, make_train_step  # pylint: disable=g-import-not-at-top
+
+    from simdino_jax import sharding  # pylint: disable=g-import-not-at-top
+    from simdino_jax.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+    from simdino_jax.train.step import forward  # pylint: disable=g-import-not-at-top
 
     self.config = config
-    self.method = methods.get_method(config.method)
-    total, warmup = config.total_steps, config.warmup_steps
-    self.lr_fn = optim.lr_schedule(config.optim, config.batch_size, total, warmup)
-    self.wd_fn = optim.wd_schedule(config.optim, total)
-    self.momentum_fn = schedules.cosine(config.teacher.momentum, config.teacher.momentum_end, total)
-    network = methods.build_network(config)
-    self.graphdef, params = nnx.split(network)
-    self.tx = trainer.make_optimizer(config, params, self.lr_fn, self.wd_fn, steps_per_epoch)
-    loss_fn = self.method.make_loss(config, steps_per_epoch)
-    self.state = TrainState(
-      step=jnp.zeros((), jnp.int32),
-      student=params,
-      teacher=params,
-      opt_state=self.tx.init(params),
-      loss_state=self.method.init_loss_state(config),
-      rng=jax.random.key_data(jax.random.key(config.seed + 1)),
-    )
-    self.mask_positions = methods.mask_positions(config)
-    self._step = jax.jit(
-      make_train_step(
-        self.graphdef,
-        loss_fn,
-        self.tx,
-        lr_fn=self.lr_fn,
-        wd_fn=self.wd_fn,
-        momentum_fn=self.momentum_fn,
-        mask_positions=self.mask_positions,
-        # The trainer's packed gather on one device (its path, not a per-crop fallback).
-        mask_tokens=methods.masked_token_budget(config, host_batch=config.batch_size, shards=1),
-      )
-    )
+    self.setup = setup_lib.build(config, num_train)
+    self.method = self.setup.method
+    mesh = sharding.make_mesh(config.mesh)
+    shardings = setup_lib.state_sharding(self.setup, mesh)
+    self.state = setup_lib.init_state(self.setup, shardings)
+    self._step = setup_lib.make_step(self.setup, mesh, shardings=shardings)  # donates the state, as training
+    graphdef = self.setup.graphdef
     self._forward = jax.jit(
-      lambda p, b, student: forward(nnx.merge(self.graphdef, p), b, key=None, student=student), static_argnums=2
+      lambda p, b, student: forward(nnx.merge(graphdef, p), b, key=None, student=student), static_argnums=2
     )
+    self.draws: DropPathDraws | None = None  # --drop_path: the harness's keep masks (install_drop_path_draws)
+    self.steps_done = 0
     self.flavor = "dinov2" if config.method in ("simdinov2", "dinov2") else "dino"
     self.heads = dict(head="dino_head", patch_head="ibot_head") if self.flavor == "dinov2" else dict(head="head")
 
   def step(self, batch: dict) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
+    if self.draws is not None:
+      self.draws.begin("ours", self.steps_done)
     self.state, metrics = self._step(self.state, batch)
+    self.steps_done += 1
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
   def flat(self, which: str) -> dict:
     import numpy as np  # pylint: disable=g-import-not-at-top
+
     from simdino_jax.tree import named_leaves  # pylint: disable=g-import-not-at-top
 
-    return {k: np.asarray(v) for k, v in named_leaves(getattr(self.state, which)).items()}
+    # Copies: the next step donates (frees) the state's buffers.
+    return {k: np.array(v, copy=True) for k, v in named_leaves(getattr(self.state, which)).items()}
 
   def torch_state(self, which: str) -> dict:
     """The student's / teacher's parameters in official names and layouts (backbone + heads)."""
@@ -399,6 +398,113 @@ def to_official_loss(method: str, loss: float) -> float:
   return loss - 1.0 if method == "simdino" else loss
 
 
+def from_official_loss(method: str, loss: float) -> float:
+  """The official loss in our convention (inverse of ``to_official_loss``)."""
+  return loss + 1.0 if method == "simdino" else loss
+
+
+def loss_agreement(ours: list, official: list) -> dict:
+  """Per-step agreement of two loss curves in one convention: step 0's and the worst relative difference, and the
+  worst absolute difference (the relative one depends on the convention's constant offset; the absolute does not)."""
+  n = min(len(ours), len(official))
+  rel = [rel_diff(ours[i], official[i]) for i in range(n)]
+  return {
+    "step0_rel_diff": rel[0] if rel else None,
+    "max_loss_rel_diff": max(rel) if rel else None,
+    "max_loss_abs_diff": max(abs(ours[i] - official[i]) for i in range(n)) if n else None,
+  }
+
+
+# ---- stochastic depth: the same draws on both sides -----------------------------------------------------------
+class DropPathDraws:
+  """The per-sample keep masks of stochastic depth, the same on both sides (--drop_path > 0).
+
+  Draw j of the student's forward at step t on a crop group of n = V * B samples (one group per resolution) is
+  ``keep(t, n, j)``: seeded by (seed, t, n, j), n booleans in the official (crop-major, row v * B + b) order. Both
+  sides number their draws per group in the order their code makes them (block 0 attention, block 0 MLP, block 1
+  ...; blocks at rate 0 make none on either side), and every draw records its keep probability, so a draw that the
+  two sides make with different rates is an error, not a silent mismatch.
+
+  Ours: ``simdino_jax.models.vit.drop_path_factors`` is replaced by a ``jax.pure_callback`` serving keep / keep_prob
+  in our (image-major, row b * V + v) order; the draw's index is fixed when the step is traced. Official: the
+  official ``drop_path`` is untouched; the ``torch.rand`` it calls (v1) returns 1 - keep_prob / 2 for a kept sample
+  and 0 for a dropped one, so its ``floor(keep_prob + rand)`` is exactly the mask (``torch_rand``)."""
+
+  def __init__(self, seed: int, batch: int, draws_per_group: int):
+    self.seed, self.batch, self.draws_per_group = seed, batch, draws_per_group
+    self.keep_probs: dict = {}
+    self.step = {"ours": 0, "official": 0}
+    self.count: dict = {"ours": {}, "official": {}}
+    self.used = {"ours": 0, "official": 0}
+
+  def begin(self, side: str, step: int) -> None:
+    self.step[side] = step
+    self.count[side] = {}
+
+  def keep(self, side: str, step: int, n: int, j: int, keep_prob: float):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    seen = self.keep_probs.setdefault((step, n, j), keep_prob)
+    if abs(seen - keep_prob) > 1e-6:  # torch.linspace's float32 rates vs our float64 ones
+      raise RuntimeError(
+        f"drop path draw {j} on {n} samples at step {step}: keep probability {keep_prob} ({side}) "
+        f"vs {seen} on the other side (the two networks' drop-path rates differ)"
+      )
+    self.used[side] += 1
+    return np.random.default_rng([self.seed, step, n, j]).random(n) < keep_prob
+
+  def next_official(self, n: int, keep_prob: float):
+    j = self.count["official"].get(n, 0)
+    self.count["official"][n] = j + 1
+    return self.keep("official", self.step["official"], n, j, keep_prob)
+
+  def ours_factors(self, key, keep_prob: float, batch: int):
+    """The replacement of vit.drop_path_factors (traced; the draw index is a trace-time constant)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    del key
+    # Modulo the draws of one forward: a re-trace numbers its draws from 0 again.
+    j = self.count["ours"].get(batch, 0) % self.draws_per_group
+    self.count["ours"][batch] = j + 1
+    views = batch // self.batch
+
+    def host():
+      keep = self.keep("ours", self.step["ours"], batch, j, keep_prob)
+      keep = keep.reshape(views, self.batch).T.reshape(-1)  # crop-major -> image-major rows
+      return (keep.astype(np.float32) / np.float32(keep_prob)).astype(np.float32)
+
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((batch,), np.float32))
+
+  def torch_rand(self, original):
+    """torch.rand for the official drop_path (called from a function named drop_path with (n, 1, ...) shapes);
+    any other call goes to ``original``."""
+    import torch  # pylint: disable=g-import-not-at-top
+
+    def rand(*size, **kwargs):
+      frame = sys._getframe(1)  # pylint: disable=protected-access
+      if frame.f_code.co_name != "drop_path" or "keep_prob" not in frame.f_locals:
+        return original(*size, **kwargs)
+      shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+      keep_prob = float(frame.f_locals["keep_prob"])
+      keep = torch.from_numpy(self.next_official(shape[0], keep_prob))
+      r = torch.where(keep, torch.tensor(1.0 - keep_prob / 2), torch.tensor(0.0))
+      return r.to(kwargs.get("dtype") or torch.float32).reshape(shape)
+
+    return rand
+
+
+def install_drop_path_draws(config, draws_per_group: int) -> DropPathDraws | None:
+  """With config.model.drop_path_rate > 0: our drop_path_factors served by a DropPathDraws (returned); else None."""
+  if config.model.drop_path_rate <= 0:
+    return None
+  from simdino_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  draws = DropPathDraws(config.seed, config.batch_size, draws_per_group)
+  vit.drop_path_factors = draws.ours_factors
+  return draws
+
+
 # ---- the official side (SimDINO v1, DINO v1) ----------------------------------------------------------------------
 def _extract(path: str, names: tuple, namespace: dict) -> dict:
   """Compile the top-level definitions ``names`` of an official file alone (its other imports never run)."""
@@ -448,6 +554,7 @@ def run_official_v1(
   epochs,
   niter,
   ours: Ours | None = None,
+  draws: DropPathDraws | None = None,
 ) -> dict:
   """SimDINO v1 / DINO v1 from the clone: the official objects and train_one_epoch, from our weights.
 
@@ -485,7 +592,9 @@ def run_official_v1(
   p = int(config.model.variant.split("/")[1])
 
   def network(student: bool):
-    backbone = vits.vit_tiny(patch_size=p, drop_path_rate=0.0, img_size=[config.data.global_size])
+    # The official teacher is built without drop path (main_dino.py: no drop_path_rate argument).
+    rate = float(config.model.drop_path_rate) if student else 0.0
+    backbone = vits.vit_tiny(patch_size=p, drop_path_rate=rate, img_size=[config.data.global_size])
     if method == "simdino":
       head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, hidden_dim=h.hidden_dim, bottleneck_dim=h.out_dim)
     elif student:
@@ -573,6 +682,7 @@ def run_official_v1(
     return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
   if ours is not None:  # step-0 forward check on the first batch, before anything trains
+    student.eval()  # deterministic, as our reference forward (no drop path)
     with torch.no_grad():
       s_off = student(images[0]).numpy()
       t_off = teacher(images[0][: config.data.num_global]).numpy()
@@ -604,6 +714,7 @@ def run_official_v1(
         epoch = t // niter
         row.update(
           loss_ours=to_official_loss(method, metrics["loss"]),
+          loss_ours_native=metrics["loss"],
           lr_ours=metrics["lr"],
           lr_official=float(optimizer.param_groups[0]["lr"]),
           wd_ours=metrics["wd"],
@@ -619,6 +730,8 @@ def run_official_v1(
         lockstep.append(row)
       out = self.inner(*a)
       result["losses"].append(float((out[0] if isinstance(out, tuple) else out).item()))
+      if draws is not None:  # the next student forward is the next step's
+        draws.begin("official", len(result["losses"]))
       if ours is not None:
         lockstep[-1]["loss_official"] = result["losses"][-1]
       return out
@@ -627,6 +740,12 @@ def run_official_v1(
   patches.append("loss module wrapped to record each loss and run the lockstep comparison (values unchanged)")
   student_ddp.train()
   teacher.train()
+  if draws is not None:
+    torch.rand = draws.torch_rand(torch.rand)
+    patches.append(
+      "torch.rand, when called by the official drop_path: 1 - keep_prob/2 (kept) or 0 (dropped) per sample, from "
+      "the harness's keep masks (the official formula floor(keep_prob + rand) unchanged)"
+    )
   with contextlib.redirect_stdout(sys.stderr):  # the official MetricLogger prints; stdout keeps the JSON line
     for epoch in range(epochs):
       chunk = images[epoch * niter : (epoch + 1) * niter]
@@ -726,6 +845,13 @@ def main(argv=None):
   parser.add_argument("--num_prototypes", type=int, default=4096)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
+    "--drop_path",
+    type=float,
+    default=0.0,
+    help="student drop-path rate (simdino, dino: linear over depth, as the official --drop_path_rate); both sides "
+    "get the same per-sample keep masks (DropPathDraws)",
+  )
+  parser.add_argument(
     "--dump",
     default="",
     help="write both sides' final student / teacher parameters (official "
@@ -745,7 +871,7 @@ def main(argv=None):
 
   v2 = None
   extra = {}
-  if args.method in ("simdinov2", "dinov2"):
+  if args.method in V2_METHODS:
     try:
       sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       import _parity_official_v2 as v2  # pylint: disable=g-import-not-at-top,import-error
@@ -757,8 +883,18 @@ def main(argv=None):
     extra = dict(getattr(v2, "OUR_OVERRIDES", {}).get(args.method, {}))
   niter, epochs = schedule_lengths(args.steps, args.epochs)
   config = build_config(args, extra)
-  batches = make_batches(config, args.steps)
-  ours = Ours(config, niter)
+  draws = None
+  if args.drop_path > 0:
+    if v2 is not None:
+      error(f"--drop_path: not implemented for --method {args.method} (simdino and dino only)")
+    from simdino_jax.models.vit import parse_variant  # pylint: disable=g-import-not-at-top
+
+    depth = config.model.depth or parse_variant(config.model.variant)["depth"]
+    rates = [args.drop_path] * depth if config.model.drop_path_uniform else np.linspace(0.0, args.drop_path, depth)
+    draws = install_drop_path_draws(config, 2 * sum(1 for r in rates if r > 0))
+  ours = Ours(config, num_train=niter * config.batch_size)
+  ours.draws = draws
+  batches = make_batches(ours.setup, args.steps)
   student_sd, teacher_sd = ours.torch_state("student"), ours.torch_state("teacher")
 
   if v2 is None:
@@ -774,9 +910,12 @@ def main(argv=None):
       epochs=epochs,
       niter=niter,
       ours=ours,
+      draws=draws,
     )
     lockstep = off.pop("lockstep")
     losses_ours = [row["loss_ours"] for row in lockstep]
+    native_ours = [row["loss_ours_native"] for row in lockstep]
+    native_official = [from_official_loss(args.method, x) for x in off["losses"]]
     step0_forward = off.get("step0_forward")
   else:
     import inspect  # pylint: disable=g-import-not-at-top
@@ -818,13 +957,20 @@ def main(argv=None):
   student_update = update_rel_diff(ours.torch_state("student"), off["student"], student_sd)
   teacher_update = update_rel_diff(ours.torch_state("teacher"), off["teacher"], teacher_sd)
   losses_official = off["losses"]
+  if v2 is not None:
+    native_ours, native_official = list(losses_ours), list(off["losses"])  # the v2 side returns ours as "losses"
   if off.get("losses_raw") is not None and off.get("loss_offsets") is not None:
-    # simdinov2: compared in the official convention, as simdino (ours - the constant 1 + masked crops / (Mg B)):
-    # our convention's loss is ~0.05 at init, a near-cancellation where a relative difference measures nothing.
+    # simdinov2 in the official convention: ours - (1 + masked crops / (Mg B)) against the raw official values.
     losses_ours = [x - o for x, o in zip(losses_ours, off["loss_offsets"])]
     losses_official = off["losses_raw"]
-  n = min(len(losses_ours), len(losses_official))
-  loss_diffs = [rel_diff(losses_ours[i], losses_official[i]) for i in range(n)]
+  # Both conventions: the official one's constant offsets (SimDINO: -1; v2: -(1 + masked / (Mg B))) enlarge the
+  # denominator, so its relative differences look ~10x smaller than ours on the same two runs.
+  official_conv = loss_agreement(losses_ours, losses_official)
+  our_conv = {
+    "losses_ours": native_ours,
+    "losses_official": native_official,
+    **loss_agreement(native_ours, native_official),
+  }
   out = {
     "method": args.method,
     "steps": args.steps,
@@ -832,8 +978,8 @@ def main(argv=None):
     "official_commit": git_commit(repo),
     "losses_ours": losses_ours,
     "losses_official": losses_official,
-    "step0_rel_diff": loss_diffs[0] if loss_diffs else None,
-    "max_loss_rel_diff": max(loss_diffs) if loss_diffs else None,
+    **official_conv,  # step0_rel_diff, max_loss_rel_diff, max_loss_abs_diff in the official convention
+    "our_convention": our_conv,
     "student_param_rel_diff": student_diff,
     "student_worst_leaf": student_leaf,
     "teacher_param_rel_diff": teacher_diff,
@@ -843,6 +989,8 @@ def main(argv=None):
     "teacher_update_rel_diff": teacher_update,
     "step0_forward": step0_forward,
     "patches": off["patches"],
+    # --drop_path: the rate and how many keep masks each side drew (equal counts: the same masks on both sides)
+    "drop_path": {"rate": args.drop_path, **draws.used} if draws is not None else None,
     "preset": {
       "variant": config.model.variant,
       "batch_size": config.batch_size,

@@ -70,10 +70,9 @@ def main():
   import torch.distributed as dist
   import torch.distributed.nn as dist_nn
   import torch.nn.functional as F
-  from torch import nn
-
   import utils  # the official simdino/utils.py
   import vision_transformer as vits  # the official simdino/vision_transformer.py
+  from torch import nn
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)

@@ -285,6 +285,13 @@ class LayerScale(nnx.Module):
     return x * self.gamma[...].astype(x.dtype)
 
 
+def drop_path_factors(key: jax.Array, keep_prob: float, batch: int) -> jax.Array:
+  """Stochastic depth's per-sample residual factors (batch,) float32: keep / keep_prob, keep ~ Bernoulli(keep_prob).
+  Looked up at call time so that benchmarks/official_parity.py can feed both implementations the same draws."""
+  keep = jax.random.bernoulli(key, keep_prob, (batch,))
+  return keep.astype(jnp.float32) / keep_prob
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block: x += DP(ls1 * Attn(LN(x))); x += DP(ls2 * FFN(LN(x)))."""
 
@@ -313,9 +320,7 @@ class Block(nnx.Module):
     if ls is not None:
       y = ls(y)
     if key is not None and self.drop_path > 0.0:
-      keep_prob = 1.0 - self.drop_path
-      keep = jax.random.bernoulli(key, keep_prob, (batch,))
-      factor = (keep.astype(jnp.float32) / keep_prob).astype(y.dtype)
+      factor = drop_path_factors(key, 1.0 - self.drop_path, batch).astype(y.dtype)
       # Per-sample: every token of a dropped sample loses this residual branch.
       y = (y.reshape(batch, -1, y.shape[-1]) * factor[:, None, None]).reshape(y.shape)
     return y
