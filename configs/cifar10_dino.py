@@ -26,8 +26,5 @@ _COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
   c = _COMMON["get_config"](arg)
-  c.method = "dino"
-  c.head.norm_last_layer = True
-  c.dino.centering = "centering"
-  c.dino.koleo_weight = 0.0
+  c.method = "dino"  # DINO's head and loss otherwise config.py's: norm_last_layer True, centring, no KoLeo
   return c

@@ -26,7 +26,6 @@ _DINO = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 
 def get_config(arg=None):
   c = _DINO["get_config"](arg)
-  c.method = "dino_vmf"
+  c.method = "dino_vmf"  # vmf.terms stays config.py's 1 (the one-term Bessel expansion)
   c.head.norm_last_layer = False
-  c.vmf.terms = 1
   return c

@@ -28,13 +28,10 @@ _SIMDINOV2 = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 def get_config(arg=None):
   c = _SIMDINOV2["get_config"](arg)
-  c.method = "dinov2"
+  c.method = "dinov2"  # one shared head, centring, iBOT weight 1: config.py's defaults
   c.model.layerscale = 1e-5
   c.head.norm_last_layer = False
-  c.head.separate_patch_head = False
-  c.dino.centering = "centering"
-  c.dino.ibot_weight = 1.0
   c.dino.koleo_weight = 0.1
   c.optim.freeze_mode = "zero_lr"  # DINOv2: the prototype layer gets lr 0 while frozen (moments accumulate)
-  c.teacher.momentum, c.teacher.momentum_end = 0.992, 1.0
+  c.teacher.momentum = 0.992
   return c

@@ -28,9 +28,7 @@ _DINO_VMF = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__
 
 def get_config(arg=None):
   c = _DINO_VMF["get_config"](arg)
+  # iBOT's shared head, masks on half of the global crops at ratios (0.1, 0.5) and patch loss weight 1 are config.py's
+  # defaults (head.separate_patch_head, masking.*, dino.ibot_weight).
   c.method = "ibot_vmf"
-  c.head.separate_patch_head = False
-  c.masking.probability = 0.5
-  c.masking.ratio = (0.1, 0.5)
-  c.dino.ibot_weight = 1.0
   return c

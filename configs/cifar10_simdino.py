@@ -52,9 +52,8 @@ _COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
   c = _COMMON["get_config"](arg)
-  c.method = "simdino"
   _COMMON["dinov2_backbone"](c)
   # The shared image budget (64,000 images = 1.28 epochs) in twice the steps; lr 1e-3 by the shared linear rule.
   c.batch_size, c.total_steps, c.warmup_steps = 32, 2000, 200
-  c.teacher.momentum, c.teacher.momentum_end = 0.9, 1.0
+  c.teacher.momentum = 0.9
   return c

@@ -37,6 +37,5 @@ _COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
   c = _COMMON["get_config"](arg)
-  c.method = "simdino"
-  c.teacher.momentum, c.teacher.momentum_end = 0.9, 1.0
+  c.teacher.momentum = 0.9
   return c

@@ -39,11 +39,7 @@ _COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
   c = _COMMON["get_config"](arg)
-  c.method = "simdinov2"
+  c.method = "simdinov2"  # masks, shared head: config.py's defaults; the patch term: cifar10_common.py's "official"
   _COMMON["dinov2_backbone"](c)
-  c.head.separate_patch_head = False
-  c.masking.probability = 0.5
-  c.masking.ratio = (0.1, 0.5)
-  c.loss.patch_weighting = "official"
-  c.teacher.momentum, c.teacher.momentum_end = 0.9, 1.0
+  c.teacher.momentum = 0.9
   return c

@@ -26,5 +26,5 @@ def get_config(arg=None):
   c = _VITB16["get_config"](arg)
   c.model.variant = "S/16"
   # eval_linear.py's defaults (the SimDINO README's command) and DINO's ViT-S choice: last 4 blocks' cls, no avgpool.
-  c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 4, False
+  c.evals.linear.n_last_blocks = 4
   return c

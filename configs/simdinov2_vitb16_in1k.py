@@ -41,21 +41,18 @@ from simdino_jax import config as config_lib
 
 def get_config(arg=None):
   del arg
+  # From config.py's defaults (docs/methods.md#simdino-recipe): 100 epochs (10 of warm-up), 2 x 224 + 10 x 96 crops
+  # at (0.4, 1) / (0.05, 0.4) on TFDS imagenet2012, ViT-B/16, head 2048 -> 256 shared by cls and masked patches
+  # (ibot.separate_head: false), masks on half of the global crops at ratios (0.1, 0.5), the official loss, min_lr
+  # 1e-6, weight decay 0.04 -> 0.4, clipping at 3.0, teacher momentum_end 1; freeze_last_layer_epochs stays 0 (the
+  # official 1 is a no-op: the SimDINOv2 head has no prototype layer).
   c = config_lib.base_config()
   c.method = "simdinov2"
   c.batch_size = 1024
-  c.total_epochs = 100
-  c.warmup_epochs = 10
   c.log_every = 100
   c.checkpoint_every = 1251  # ~1 epoch (1,281,167 // 1024 steps)
   c.eval_every = 12510  # every 10 epochs, as the official run saves its teacher for evaluation
-  c.data.source = "tfds:imagenet2012"
-  c.data.num_global, c.data.num_local = 2, 10
-  c.data.global_size, c.data.local_size = 224, 96
-  c.data.global_scale, c.data.local_scale = (0.4, 1.0), (0.05, 0.4)
   c.data.num_workers = 16
-  c.model.variant = "B/16"
-  c.model.img_size = 224
   c.model.num_registers = 4
   c.model.layerscale = 0.1
   c.model.drop_path_rate = 0.2
@@ -64,25 +61,16 @@ def get_config(arg=None):
   c.model.interpolate_offset = 0.0
   c.model.interpolate_antialias = True
   c.model.dtype = "bfloat16"
-  c.head.hidden_dim, c.head.out_dim, c.head.num_layers = 2048, 256, 3
-  c.head.separate_patch_head = False  # ibot.separate_head: false (fully shared head)
-  c.masking.probability = 0.5
-  c.masking.ratio = (0.1, 0.5)
   c.loss.groups = 8
   c.loss.eps = math.sqrt(8 * 0.05)
-  c.loss.gamma_rule = "official"
-  c.loss.exclude_same_view = True
-  c.loss.expansion = "mean"
   c.loss.patch_weighting = "official"
-  c.optim.lr, c.optim.lr_scaling, c.optim.min_lr = 0.004, "sqrt_1024", 1e-6
+  c.optim.lr, c.optim.lr_scaling = 0.004, "sqrt_1024"
   c.optim.warmup_from_min_lr = True
   c.optim.warmup_rule = "step_over_warmup"  # the fork's CosineScheduler: start + (base - start) * it / W
-  c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
-  c.optim.clip_grad, c.optim.clip_mode = 3.0, "per_module"
+  c.optim.clip_mode = "per_module"
   c.optim.layer_decay = 0.9
   c.optim.patch_embed_lr_mult = 0.2
-  c.optim.freeze_last_layer_epochs = 0.0  # official 1 is a no-op: the SimDINOv2 head has no prototype layer
-  c.teacher.momentum, c.teacher.momentum_end = 0.9, 1.0
+  c.teacher.momentum = 0.9
   c.eval.batch_size = 1024
   # Linear evaluation: SimDINO's fork of DINOv2's eval/linear.py, what the README runs (protocol "simdinov2", the
   # grid, lrs, iterations and batch at 0 / (): the fork's defaults; docs/evaluation.md#linear-evaluation).

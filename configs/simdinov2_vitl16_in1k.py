@@ -22,7 +22,6 @@ _VITB16 = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  c = _VITB16["get_config"](arg)
+  c = _VITB16["get_config"](arg)  # evals.linear keeps its n_last_blocks 1, avgpool True: DINO's ViT-B+ choice
   c.model.variant = "L/16"
-  c.evals.linear.n_last_blocks, c.evals.linear.avgpool = 1, True  # DINO's ViT-B+ choice, for the "dino" option
   return c
