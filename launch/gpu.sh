@@ -8,12 +8,15 @@
 #   CUDA_VISIBLE_DEVICES=0,1 launch/gpu.sh configs/simdino_vitb16_in1k.py /data/runs/vitb16 --config.batch_size=256
 #
 # Installs the project with the [cuda] extra (jax[cuda12]: CUDA and cuDNN come as pip wheels, only the NVIDIA
-# driver is needed) into a virtual environment, then runs python -m simdino_jax.train. Re-running the same command
+# driver is needed) into a virtual environment, then runs python -m simdino_jax.train in the directory it was started
+# from: WORKDIR, data paths and config arguments are read relative to it, and a CONFIG that does not exist there is
+# taken from the repository (configs/NAME.py works from any directory). Re-running the same command
 # resumes from the newest checkpoint in WORKDIR; exit code 75 means the run was stopped (SIGTERM, Ctrl-C, preemption)
 # after saving a checkpoint: re-run to resume.
 #
 # Settings (environment variables, [default]):
-#   VENV [.venv-cuda]: the virtual environment (relative to the repository root); PYTHON [python3] creates it
+#   VENV [.venv-cuda]: the virtual environment (a relative path is under the repository root); PYTHON [python3]
+#     creates it
 #   SKIP_INSTALL [0]: 1 uses VENV as it is
 #   XLA_PYTHON_CLIENT_MEM_FRACTION [0.9]: fraction of each GPU's memory JAX preallocates
 #   XLA_FLAGS: appended after this script's GPU flags (so they win): GPU_XLA_FLAGS
@@ -53,13 +56,26 @@ config=$1
 workdir=$2
 shift 2
 
-cd "$ROOT"
+# Paths: the trainer runs here (the caller's directory); the virtual environment and the install live in the
+# repository. CONFIG is FILE or FILE:ARG; a FILE missing here but present in the repository is taken from there.
+case "$VENV" in
+  /*) ;;
+  *) VENV="$ROOT/$VENV" ;;
+esac
+config_file=${config%%:*}
+if [ ! -e "$config_file" ] && [ -e "$ROOT/$config_file" ]; then
+  config="$ROOT/$config"
+fi
+
 if [ "$SKIP_INSTALL" != 1 ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     run "$PYTHON" -m venv "$VENV"
   fi
   run "$VENV/bin/python" -m pip install -q -U pip
-  run "$VENV/bin/python" -m pip install -q -e ".[cuda]"
+  (
+    cd "$ROOT"
+    run "$VENV/bin/python" -m pip install -q -e ".[cuda]"
+  )
 fi
 
 if command -v nvidia-smi >/dev/null 2>&1; then

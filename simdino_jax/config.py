@@ -271,7 +271,8 @@ def validate(
   _require(
     bool(config.data.source),
     "data.source",
-    "not set: give the training data as folder:PATH, npz:PATH, tfds:NAME or digits (the CIFAR-10 recipes take "
+    "not set: give the training data as folder:PATH, npz:PATH, tfds:NAME or digits (your photos: "
+    "--config=configs/own_images.py:/path/to/photos; the CIFAR-10 recipes take "
     "--config=configs/cifar10_<method>.py:/path/to/cifar10.tar or $SIMDINO_CIFAR10; make the tar with "
     "launch/prepare_data.sh cifar10 https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz /path/to/cifar10.tar)",
   )

@@ -83,3 +83,79 @@ def test_every_relative_link_points_to_an_existing_file_and_heading():
       elif not os.path.realpath(dest).startswith(os.path.realpath(ROOT) + os.sep):
         broken.append(f"{where} -> outside the repository")
   assert not broken, "\n".join(broken)
+
+
+# ---- a newcomer's first hour (issue 28): install, own photos, cost ----------------------------------------------
+def readme_section(title):
+  text = read(os.path.join(ROOT, "README.md"))
+  assert f"\n## {title}\n" in text, f"README.md has no section '## {title}'"
+  return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def pyproject_extras():
+  import tomllib
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["project"]["optional-dependencies"]
+
+
+def test_readme_installs_for_cpu_cuda_and_tpu_after_the_quickstart():
+  text = read(os.path.join(ROOT, "README.md"))
+  install = readme_section("Install on a GPU or TPU")
+  assert text.index("## Quickstart") < text.index("## Install on a GPU or TPU")
+  (block,) = re.findall(r"```bash\n(.*?)\n```", install, re.DOTALL)
+  assert 'pip install -e ".[cuda]"' in block and 'pip install -e ".[tpu]"' in block
+  assert "pip install -q -e ." in quickstart_commands()[0]  # the CPU install
+
+
+def test_the_install_extras_exist_and_pull_the_matching_jax():
+  extras = pyproject_extras()
+  install = readme_section("Install on a GPU or TPU")
+  for extra in re.findall(r'pip install -e "\.\[(\w+)\]"', install):
+    assert extra in extras, f"README installs .[{extra}], pyproject.toml has {sorted(extras)}"
+  # jax's own extras (jax 0.10: cuda12 pulls jax-cuda12-plugin[with-cuda], tpu pulls libtpu), same jax range.
+  jax_range = next(d for d in read_pyproject_dependencies() if d.startswith("jax>"))[len("jax") :]
+  assert extras["cuda"] == [f"jax[cuda12]{jax_range}"] and extras["tpu"] == [f"jax[tpu]{jax_range}"]
+
+
+def read_pyproject_dependencies():
+  import tomllib
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["project"]["dependencies"]
+
+
+def test_readme_takes_a_newcomer_from_own_photos_to_an_evaluated_export():
+  section = readme_section("Your own photos")
+  (block,) = re.findall(r"```bash\n(.*?)\n```", section, re.DOTALL)
+  train, evaluate, export = [line.split("#")[0].split() for line in block.splitlines()]
+  assert (
+    train[:3] == ["python", "-m", "simdino_jax.train"] and "--config=configs/own_images.py:/path/to/photos" in train
+  )
+  workdir = next(a for a in train if a.startswith("--workdir="))
+  assert evaluate[:3] == ["python", "-m", "simdino_jax.evaluate"] and workdir in evaluate
+  assert export[:3] == ["python", "-m", "simdino_jax.export"] and workdir in export
+  assert ",gpu" in section and "eval_source" in section
+  assert os.path.exists(os.path.join(ROOT, "configs", "own_images.py"))
+  assert "`configs/own_images.py:PATH[,gpu]`" in readme_section("Configs")
+
+
+def test_readme_says_what_a_real_run_costs_and_that_the_batch_is_global():
+  section = readme_section("What a real run costs")
+  assert "`batch_size` is global" in section and "512 = the official 8 GPUs x\n64" in section
+  assert "`loss.groups=8`" in section and "sqrt(8 x 0.05)" in section
+  rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `")]
+  recipes = {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows}
+  assert {"demo.py", "own_images.py", "simdino_vitb16_in1k.py", "simdinov2_vitb16_in1k.py"} <= set(recipes)
+  for name, (hardware, time, batch, expected) in recipes.items():
+    assert os.path.exists(os.path.join(ROOT, "configs", name)), name
+    assert "measured" in time or "estimate" in time, f"{name}: say whether {time!r} is measured or an estimate"
+    assert hardware and batch.isdigit() and expected, name
+    if name.endswith("_in1k.py"):  # no ImageNet run has been timed here: estimates until measured
+      assert "estimate" in time, name
+    # The global batch is the config's.
+    import runpy
+
+    get_config = runpy.run_path(os.path.join(ROOT, "configs", name))["get_config"]
+    config = get_config("/photos") if name == "own_images.py" else get_config()
+    assert int(batch) == config.batch_size, name

@@ -97,7 +97,7 @@ def test_every_config_file_is_valid(name):
 
   get_config = runpy.run_path(os.path.join(ROOT, "configs", name))["get_config"]
   # The CIFAR-10 recipes take their data as the argument (no data is read by validation).
-  config = get_config("/path/to/cifar10.tar") if name.startswith("cifar10_") else get_config()
+  config = get_config("/path/to/cifar10.tar") if name.startswith(("cifar10_", "own_images")) else get_config()
   config_lib.validate(config, num_devices=8)
 
 
