@@ -1,10 +1,12 @@
 """The trainer: config -> mesh, data, state (fresh, resumed or initialised from weights) -> the jitted step in one
 readable loop with logging, checkpoints and the config's evaluators.
 
-Everything numerical lives below it: ``train/step.py`` (the pure step), ``methods/`` (heads, losses, per-method
-optimiser extras), ``optim.py`` / ``schedules.py``; metrics go through ``train/metrics.py``, evaluation through
-``evals/`` (plug-ins run on the teacher's backbone), checkpoints through ``io/checkpointing.py``. Files written
-under the workdir (process 0 only, but for checkpoint arrays):
+Everything numerical is assembled once by ``train/setup.py`` (durations, schedules, network, optimiser, loss,
+initial state, the jitted step: the same assembly the parity harnesses and benchmarks use) from the pieces below
+it: ``train/step.py`` (the pure step), ``methods/`` (heads, losses, per-method optimiser extras), ``optim.py`` /
+``schedules.py``. The trainer adds the workdir, the restore policy, the data, the loop and the evaluation; metrics
+go through ``train/metrics.py``, evaluation through ``evals/`` (plug-ins run on the teacher's backbone), checkpoints
+through ``io/checkpointing.py``. Files written under the workdir (process 0 only, but for checkpoint arrays):
   run.lock           while the run holds the directory (simdino_jax/workdir.py)
   config.json        the resolved config
   metrics.jsonl      one JSON object per logged step (+ tensorboard/ event files; W&B when configured)
@@ -19,7 +21,10 @@ Resume: if ``checkpoints/`` holds a checkpoint, the run continues from the newes
 is a pure function of (seed, step) and so is the step's randomness, so an interrupted-then-resumed run ends
 with the same parameters as an uninterrupted one. SIGTERM / SIGINT (on any or every process) or a multi-host
 preemption notice saves a checkpoint at the next (on several processes: agreed) step boundary and returns cleanly;
-a second signal aborts (``_StopRequest``).
+a second signal aborts (``_StopRequest``). A checkpoint already at or past ``total_steps`` trains nothing and says so
+in one line ("raise config.total_steps to train further"), then runs the final evaluation: warned, not refused,
+because re-running the same command is how a run is resumed, and a job requeued after its last step (a scheduler
+restarting it during the final evaluation) must finish that evaluation, not fail with exit 1.
 
 Evaluation: the teacher's backbone runs in ``config.eval.dtype`` (float32 by default, whatever ``model.dtype``
 trains in). An evaluator that fails (an exception: out of memory, unreadable evaluation data ...) costs only its
