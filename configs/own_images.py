@@ -1,6 +1,6 @@
 r"""SimDINO on a folder of your own photos: CPU-sized by default, one argument switches to 224 px ViT-S/16 on a GPU.
 
-Command (the folder as the config argument; any size and mix of .jpg / .jpeg / .png files):
+Command (the folder as the config argument, made absolute, `~` expanded; any size and mix of .jpg/.jpeg/.png files):
 
   python -m simdino_jax.train --config=configs/own_images.py:/path/to/photos --workdir=runs/photos
   python -m simdino_jax.train --config=configs/own_images.py:/path/to/photos,gpu --workdir=runs/photos_s16
@@ -66,7 +66,10 @@ def parse_arg(arg):
   path, _, mode = arg.rpartition(",")
   if mode.strip().lower() not in MODES:
     path, mode = arg, "cpu"
-  return path.strip().removeprefix("folder:"), mode.strip().lower()
+  path = path.strip().removeprefix("folder:")
+  # Absolute, so DIR/config.json names the same folder for evaluate run from anywhere; `~` too (the shell does not
+  # expand it after `:`).
+  return (os.path.abspath(os.path.expanduser(path)) if path else ""), mode.strip().lower()
 
 
 def cpu_config(path):

@@ -218,6 +218,9 @@ def test_own_images_gpu_mode_is_224px_vit_s16_and_cpu_mode_keeps_8x8_tokens():
   assert gpu.model.embed_dim == gpu.model.depth == gpu.model.num_heads == 0  # the variant's ViT-S
   assert (gpu.batch_size, gpu.loss.groups) == (64, 1)
   assert own_images_config("/a,b/photos").data.source == "folder:/a,b/photos"  # a comma that names no mode
+  # Stored absolute (DIR/config.json is read by evaluate from anywhere); the shell leaves `~` after `:` to us.
+  assert own_images_config("~/photos,gpu").data.source == "folder:" + os.path.expanduser("~/photos")
+  assert own_images_config("photos").data.source == "folder:" + os.path.abspath("photos")
   for c in (cpu, gpu):
     config_lib.validate(c, num_devices=1)
 
