@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from simdino_jax.errors import require
 from simdino_jax.evals import attention, davis, fewshot, knn, linear_eval, maskcut, retrieval, runner, segmentation
 
 TYPES: dict[str, type[runner.Evaluator]] = {
@@ -44,17 +45,17 @@ def validate(config, *, patch: int, depth: int, num_devices: int) -> None:
   """ConfigError naming ``config.evals.NAME.FIELD`` for an unknown type or field, or an invalid value."""
   for name, cfg in config.evals.items():
     field = f"evals.{name}"
-    runner.require(
+    require(
       isinstance(cfg, ml_collections.ConfigDict) and cfg.get("type") in TYPES,
       f"{field}.type",
       f"must be one of {sorted(TYPES)}, got {cfg.get('type') if hasattr(cfg, 'get') else cfg!r}",
     )
     known = {"type", *COMMON, *TYPES[cfg.type].DEFAULTS}
     unknown = sorted(set(cfg) - known)
-    runner.require(not unknown, field, f"unknown field(s) {unknown} for type {cfg.type!r}; known: {sorted(known)}")
+    require(not unknown, field, f"unknown field(s) {unknown} for type {cfg.type!r}; known: {sorted(known)}")
     missing = sorted(known - set(cfg))
-    runner.require(not missing, field, f"missing field(s) {missing} (declare it with evals.declare)")
-    runner.require(
+    require(not missing, field, f"missing field(s) {missing} (declare it with evals.declare)")
+    require(
       isinstance(cfg.every, int) and cfg.every >= -1,
       f"{field}.every",
       f"must be -1 (config.eval_every), 0 (not during training) or a number of steps, got {cfg.every!r}",

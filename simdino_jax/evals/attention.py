@@ -21,6 +21,7 @@ from flax import nnx
 from PIL import Image
 
 from simdino_jax.data import augment, pipeline
+from simdino_jax.errors import require
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
 
@@ -203,9 +204,9 @@ class AttentionEvaluator(runner.Evaluator):
 
   @classmethod
   def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
-    runner.require(cfg.num_images >= 1, f"{field}.num_images", f"must be >= 1, got {cfg.num_images}")
-    runner.require(0 < cfg.keep < 1, f"{field}.keep", f"must be in (0, 1), got {cfg.keep}")
-    runner.require(
+    require(cfg.num_images >= 1, f"{field}.num_images", f"must be >= 1, got {cfg.num_images}")
+    require(0 < cfg.keep < 1, f"{field}.keep", f"must be in (0, 1), got {cfg.keep}")
+    require(
       cfg.image_size == 0 or (cfg.image_size > 0 and cfg.image_size % patch == 0),
       f"{field}.image_size",
       f"must be 0 (eval.image_size) or a positive multiple of the patch size {patch}, got {cfg.image_size}",

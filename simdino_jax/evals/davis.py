@@ -39,7 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from simdino_jax.errors import ConfigError, DataError, MissingDataError
+from simdino_jax.errors import ConfigError, DataError, MissingDataError, require
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
 from simdino_jax.progress import hms
@@ -534,33 +534,31 @@ class DavisEvaluator(runner.Evaluator):
       return isinstance(v, int) and not isinstance(v, bool)
 
     for name in ("short_side", "size_multiple"):
-      runner.require(
-        is_int(cfg[name]) and cfg[name] > 0, f"{field}.{name}", f"must be a positive integer, got {cfg[name]!r}"
-      )
-    runner.require(
+      require(is_int(cfg[name]) and cfg[name] > 0, f"{field}.{name}", f"must be a positive integer, got {cfg[name]!r}")
+    require(
       is_int(cfg.n_last_frames) and cfg.n_last_frames >= 1,
       f"{field}.n_last_frames",
       f"must be an integer >= 1, got {cfg.n_last_frames!r}",
     )
-    runner.require(
+    require(
       is_int(cfg.size_mask_neighborhood) and cfg.size_mask_neighborhood >= 0,
       f"{field}.size_mask_neighborhood",
       f"must be an integer >= 0 (0: no restriction), got {cfg.size_mask_neighborhood!r}",
     )
-    runner.require(is_int(cfg.topk) and cfg.topk >= 1, f"{field}.topk", f"must be an integer >= 1, got {cfg.topk!r}")
-    runner.require(
+    require(is_int(cfg.topk) and cfg.topk >= 1, f"{field}.topk", f"must be an integer >= 1, got {cfg.topk!r}")
+    require(
       isinstance(cfg.temperature, (int, float)) and cfg.temperature > 0,
       f"{field}.temperature",
       f"must be > 0, got {cfg.temperature!r}",
     )
-    runner.require(
+    require(
       is_int(cfg.batch_size) and cfg.batch_size >= 1, f"{field}.batch_size", f"must be >= 1, got {cfg.batch_size!r}"
     )
-    runner.require(
+    require(
       is_int(cfg.overlay_frames) and cfg.overlay_frames >= 0,
       f"{field}.overlay_frames",
       f"must be >= 0, got {cfg.overlay_frames!r}",
     )
     for name in ("data_dir", "split", "resolution", "sequences"):
-      runner.require(isinstance(cfg[name], str), f"{field}.{name}", f"must be a string, got {cfg[name]!r}")
-    runner.require(bool(cfg.split), f"{field}.split", "must name a split (ImageSets/2017/<split>.txt)")
+      require(isinstance(cfg[name], str), f"{field}.{name}", f"must be a string, got {cfg[name]!r}")
+    require(bool(cfg.split), f"{field}.split", "must name a split (ImageSets/2017/<split>.txt)")

@@ -43,7 +43,7 @@ import warnings
 import numpy as np
 
 from simdino_jax.data import sources
-from simdino_jax.errors import ConfigError
+from simdino_jax.errors import ConfigError, require
 from simdino_jax.evals import runner
 
 # evals.fewshot.features: name -> what it is (stated in the result JSON).
@@ -447,19 +447,17 @@ class FewshotEvaluator(runner.Evaluator):
 
   @classmethod
   def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
-    runner.require(runner.positive_ints(cfg.shots), f"{field}.shots", f"must be positive integers, got {cfg.shots!r}")
-    runner.require(
+    require(runner.positive_ints(cfg.shots), f"{field}.shots", f"must be positive integers, got {cfg.shots!r}")
+    require(
       all(0 < f <= 1 for f in cfg.fractions),
       f"{field}.fractions",
       f"must be fractions in (0, 1], got {cfg.fractions!r}",
     )
-    runner.require(len(cfg.shots) + len(cfg.fractions) > 0, field, "shots and fractions are both empty")
-    runner.require(cfg.num_splits >= 1, f"{field}.num_splits", f"must be >= 1, got {cfg.num_splits}")
-    runner.require(cfg.lambd > 0, f"{field}.lambd", f"must be positive, got {cfg.lambd}")
-    runner.require(
-      cfg.features in FEATURES, f"{field}.features", f"must be one of {sorted(FEATURES)}, got {cfg.features!r}"
-    )
-    runner.require(cfg.max_iter >= 1, f"{field}.max_iter", f"must be >= 1, got {cfg.max_iter}")
-    runner.require(cfg.tol > 0, f"{field}.tol", f"must be positive, got {cfg.tol}")
+    require(len(cfg.shots) + len(cfg.fractions) > 0, field, "shots and fractions are both empty")
+    require(cfg.num_splits >= 1, f"{field}.num_splits", f"must be >= 1, got {cfg.num_splits}")
+    require(cfg.lambd > 0, f"{field}.lambd", f"must be positive, got {cfg.lambd}")
+    require(cfg.features in FEATURES, f"{field}.features", f"must be one of {sorted(FEATURES)}, got {cfg.features!r}")
+    require(cfg.max_iter >= 1, f"{field}.max_iter", f"must be >= 1, got {cfg.max_iter}")
+    require(cfg.tol > 0, f"{field}.tol", f"must be positive, got {cfg.tol}")
     if cfg.subsets:
       subset_paths(cfg.subsets, f"{field}.subsets")  # the files exist (their names are matched at evaluation)

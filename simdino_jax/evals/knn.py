@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simdino_jax.errors import require
 from simdino_jax.evals import runner
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -211,10 +212,10 @@ class KnnEvaluator(runner.Evaluator):
 
   @classmethod
   def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
-    runner.require(isinstance(cfg.k, int) and cfg.k >= 1, f"{field}.k", f"must be a positive integer, got {cfg.k!r}")
-    runner.require(
+    require(isinstance(cfg.k, int) and cfg.k >= 1, f"{field}.k", f"must be a positive integer, got {cfg.k!r}")
+    require(
       len(cfg.ks) > 0 and runner.positive_ints(cfg.ks),
       f"{field}.ks",
       f"must be a non-empty tuple of positive integers, got {cfg.ks!r}",
     )
-    runner.require(cfg.temperature > 0, f"{field}.temperature", f"must be positive, got {cfg.temperature}")
+    require(cfg.temperature > 0, f"{field}.temperature", f"must be positive, got {cfg.temperature}")

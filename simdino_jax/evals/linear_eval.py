@@ -19,6 +19,7 @@ import concurrent.futures
 
 import jax
 
+from simdino_jax.errors import require
 from simdino_jax.evals import linear, linear_dino, linear_dinov2, runner
 
 PROTOCOLS = ("frozen", "dino", "dinov2", "simdinov2")
@@ -266,7 +267,6 @@ class LinearEvaluator(runner.Evaluator):
 
   @classmethod
   def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
-    require = runner.require
     require(
       cfg.protocol in PROTOCOLS,
       f"{field}.protocol",

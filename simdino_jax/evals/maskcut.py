@@ -84,7 +84,7 @@ from PIL import Image
 
 from simdino_jax.data import augment
 from simdino_jax.data.sources.base import decode_image
-from simdino_jax.errors import ConfigError, DataError, MissingDataError
+from simdino_jax.errors import ConfigError, DataError, MissingDataError, require
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
 
@@ -523,7 +523,7 @@ class MaskCutEvaluator(runner.Evaluator):
       else f"{budget / 2**30:.1f} GB ({device.platform})"
     )
     n = grid[0] * grid[1]
-    runner.require(
+    require(
       n <= c.max_patches,
       f"{field}.image_size",
       f"{size} px at patch {size // grid[0]} is {grid[0]} x {grid[1]} = {n} patches per image, more than "
@@ -533,7 +533,7 @@ class MaskCutEvaluator(runner.Evaluator):
     cut = NCUT_MATRICES[c.solver] * 8 * n * n
     host = c.memory_gb * 2**30 if c.memory_gb else 0.9 * available_bytes(jax.local_devices(backend="cpu")[0])
     head = f"{size} px at patch {size // grid[0]} is {n} patches per image"
-    runner.require(
+    require(
       cut <= host,
       f"{field}.image_size",
       f"{head}: a cut holds ~{cut / 2**30:.1f} GB of {n} x {n} float64 matrices, more than the "
@@ -683,42 +683,36 @@ class MaskCutEvaluator(runner.Evaluator):
   @classmethod
   def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
     for name in ("images", "annotations"):
-      runner.require(isinstance(cfg[name], str), f"{field}.{name}", f"must be a path, got {cfg[name]!r}")
-    runner.require(
+      require(isinstance(cfg[name], str), f"{field}.{name}", f"must be a path, got {cfg[name]!r}")
+    require(
       cfg.crf is False,
       f"{field}.crf",
       "dense-CRF post-processing is not available: pydensecrf (and its fork pydensecrf2) has no wheel for this "
       "platform and does not build here; set it to False",
     )
-    runner.require(cfg.solver in SOLVERS, f"{field}.solver", f"must be one of {list(SOLVERS)}, got {cfg.solver!r}")
-    runner.require(
+    require(cfg.solver in SOLVERS, f"{field}.solver", f"must be one of {list(SOLVERS)}, got {cfg.solver!r}")
+    require(
       cfg.solver != "jax" or jax.default_backend() != "tpu",
       f"{field}.solver",
       '"jax" needs jax.lax.linalg.tridiagonal (for LAPACK\'s sign), which TPUs lack; use "scipy"',
     )
-    runner.require(
+    require(
       isinstance(cfg.memory_gb, (int, float)) and cfg.memory_gb >= 0,
       f"{field}.memory_gb",
       f"must be >= 0 (0: the free memory), got {cfg.memory_gb!r}",
     )
-    runner.require(
-      runner.positive_ints([cfg.max_patches]), f"{field}.max_patches", f"must be >= 1, got {cfg.max_patches!r}"
-    )
-    runner.require(
+    require(runner.positive_ints([cfg.max_patches]), f"{field}.max_patches", f"must be >= 1, got {cfg.max_patches!r}")
+    require(
       isinstance(cfg.tau, (int, float)) and -1.0 <= cfg.tau < 1.0,
       f"{field}.tau",
       f"must be a cosine threshold in [-1, 1), got {cfg.tau!r}",
     )
-    runner.require(runner.positive_ints([cfg.num_masks]), f"{field}.num_masks", f"must be >= 1, got {cfg.num_masks!r}")
-    runner.require(
-      runner.positive_ints([cfg.batch_size]), f"{field}.batch_size", f"must be >= 1, got {cfg.batch_size!r}"
-    )
+    require(runner.positive_ints([cfg.num_masks]), f"{field}.num_masks", f"must be >= 1, got {cfg.num_masks!r}")
+    require(runner.positive_ints([cfg.batch_size]), f"{field}.batch_size", f"must be >= 1, got {cfg.batch_size!r}")
     for name in ("num_pictures", "max_images"):
       v = cfg[name]
-      runner.require(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{field}.{name}", f"must be >= 0, got {v!r}"
-      )
-    runner.require(
+      require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{field}.{name}", f"must be >= 0, got {v!r}")
+    require(
       isinstance(cfg.image_size, int) and cfg.image_size >= patch,
       f"{field}.image_size",
       f"must be an integer of at least the patch size {patch}, got {cfg.image_size!r}",

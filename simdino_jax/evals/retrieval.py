@@ -60,7 +60,7 @@ from jax.experimental import multihost_utils
 from PIL import Image, ImageFile
 
 from simdino_jax.data import augment
-from simdino_jax.errors import ConfigError, DataError, MissingDataError
+from simdino_jax.errors import ConfigError, DataError, MissingDataError, require
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
 
@@ -624,19 +624,17 @@ class RetrievalEvaluator(runner.Evaluator):
 
   @classmethod
   def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
-    runner.require(cfg.dataset in MODES, f"{field}.dataset", f"must be one of {list(MODES)}, got {cfg.dataset!r}")
-    runner.require(
-      cfg.protocol in PROTOCOLS, f"{field}.protocol", f"must be one of {list(PROTOCOLS)}, got {cfg.protocol!r}"
-    )
-    runner.require(isinstance(cfg.data_dir, str), f"{field}.data_dir", f"must be a path, got {cfg.data_dir!r}")
+    require(cfg.dataset in MODES, f"{field}.dataset", f"must be one of {list(MODES)}, got {cfg.dataset!r}")
+    require(cfg.protocol in PROTOCOLS, f"{field}.protocol", f"must be one of {list(PROTOCOLS)}, got {cfg.protocol!r}")
+    require(isinstance(cfg.data_dir, str), f"{field}.data_dir", f"must be a path, got {cfg.data_dir!r}")
     for name in ("multiscale", "crop_queries"):
-      runner.require(isinstance(cfg[name], bool), f"{field}.{name}", f"must be True or False, got {cfg[name]!r}")
-    runner.require(
+      require(isinstance(cfg[name], bool), f"{field}.{name}", f"must be True or False, got {cfg[name]!r}")
+    require(
       isinstance(cfg.batch_size, int) and cfg.batch_size >= 0,
       f"{field}.batch_size",
       f"must be 0 (config.eval.batch_size) or a positive integer, got {cfg.batch_size!r}",
     )
-    runner.require(
+    require(
       isinstance(cfg.memory_gb, (int, float)) and cfg.memory_gb >= 0,
       f"{field}.memory_gb",
       f"must be 0 (a quarter of the device's memory) or a positive number of GB, got {cfg.memory_gb!r}",
@@ -645,21 +643,21 @@ class RetrievalEvaluator(runner.Evaluator):
       return
     min_size = 2 * patch if cfg.multiscale else patch  # the 1/2 scale must hold a patch
     if cfg.protocol == "dino":
-      runner.require(
+      require(
         isinstance(cfg.image_size, int) and cfg.image_size >= min_size,
         f"{field}.image_size",
         f"must be the thumbnail bound (longer side), at least {min_size} pixels, got {cfg.image_size!r}",
       )
       largest = (cfg.image_size, cfg.image_size)  # a square image at least image_size wide
     else:
-      runner.require(
+      require(
         isinstance(cfg.image_size, int)
         and (cfg.image_size == 0 or (cfg.image_size >= min_size and cfg.image_size % patch == 0)),
         f"{field}.image_size",
         f"must be 0 (aspect kept, short_side) or a multiple of the patch size {patch} of at least {min_size}, "
         f"got {cfg.image_size!r}",
       )
-      runner.require(
+      require(
         cfg.image_size != 0
         or (isinstance(cfg.short_side, int) and cfg.short_side >= min_size and cfg.short_side % patch == 0),
         f"{field}.short_side",

@@ -30,7 +30,6 @@ from jax.experimental import multihost_utils
 from simdino_jax import sharding
 from simdino_jax.data import pipeline, sources
 from simdino_jax.errors import ConfigError
-from simdino_jax.errors import require as require  # the evaluators' validate() call runner.require
 from simdino_jax.models.network import DTYPES
 from simdino_jax.models.vit import VisionTransformer
 

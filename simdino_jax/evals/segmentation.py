@@ -81,7 +81,7 @@ from PIL import Image
 
 from simdino_jax.data import device_augment
 from simdino_jax.data import segmentation as seg_data
-from simdino_jax.errors import ConfigError
+from simdino_jax.errors import ConfigError, require
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs
 from simdino_jax.progress import hms
@@ -684,7 +684,6 @@ class SegmentationEvaluator(runner.Evaluator):
 
   @classmethod
   def validate(cls, cfg, field, *, config, patch, depth, num_devices) -> None:
-    require = runner.require
     require(cfg.protocol in PROTOCOLS, f"{field}.protocol", f"must be one of {sorted(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.source:
       kind, sep, path = str(cfg.source).partition(":")
