@@ -14,9 +14,9 @@ import ml_collections
 from simdino_jax import evals, methods, optim, schedules, sharding
 from simdino_jax.data import augment
 from simdino_jax.data.multicrop import AUGMENT_MODES
+from simdino_jax.errors import ConfigError, require
 from simdino_jax.models.network import DTYPES, backbone_kwargs
 from simdino_jax.models.vit import TOKEN_INITS, parse_variant
-from simdino_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -89,7 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   )  # crop resize: "pil" (the official op) or "cv2" (faster; docs/performance.md#data-pipeline)
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = "B/16"  # mu, Ti, S, B, L, g  /  patch size
+  # mu, Ti, S, B, L, g  /  patch size. Given on the command line, the variant decides the architecture: the
+  # embed_dim / depth / num_heads a recipe set are reset to 0 unless the command line sets them too
+  # (apply_command_line); a new patch size needs data.global_size, data.local_size and model.img_size to follow.
+  c.model.variant = "B/16"
   c.model.embed_dim = 0  # > 0 overrides the variant's width (likewise depth, num_heads)
   c.model.depth = 0
   c.model.num_heads = 0
@@ -201,11 +204,49 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 EVAL_DTYPES = ("float32", "bfloat16")  # config.eval.dtype
+ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads")  # config.model fields that override the variant's
+# Tuple fields of a fixed length (a command-line "--config.data.global_scale=0.5" is a 1-tuple): what each entry is.
+FIXED_TUPLES = {
+  "data.global_scale": "(min, max) area fraction",
+  "data.local_scale": "(min, max) area fraction",
+  "data.augment.blur_p": "(global crop 1, global crop 2, local crops) probabilities",
+  "data.augment.blur_sigma": "(min, max) radius in pixels",
+  "masking.ratio": "(min, max) masked fraction",
+}
+# Sizes in pixels that must hold whole patches: they change together with model.variant's patch size.
+PATCH_SIZED = ("data.global_size", "data.local_size", "model.img_size")
 
 
-def _require(cond: bool, field: str, message: str) -> None:
-  if not cond:
-    raise ConfigError(f"config.{field}: {message}")
+def apply_command_line(config: ml_collections.ConfigDict, overrides) -> list[str]:
+  """Apply the precedence rules of values given on the command line (``overrides``: the dotted fields set there)
+  to ``config`` in place; returns one note per rule that changed the config.
+
+  A command-line ``model.variant`` decides the architecture: the embed_dim / depth / num_heads a recipe set beside
+  its own variant (the demo's 96 / 4 / 3 beside "mu/4") are reset to 0, the variant's own values, unless the command
+  line sets them too. Reset rather than refused, because naming a variant means that network: keeping the recipe's
+  numbers built a network other than the one the log names (``--config.model.variant=S/4`` on the demo printed
+  S/4 and built the demo's 454,080 parameters), and refusing would turn every variant change on a small recipe
+  into a four-flag command. Without a command-line variant nothing changes, so every recipe resolves as written."""
+  overrides = set(overrides)
+  if "model.variant" not in overrides:
+    return []
+  try:
+    variant = parse_variant(config.model.variant)
+  except ValueError:
+    return []  # validate names model.variant
+  reset = [f for f in ARCHITECTURE_FIELDS if config.model.get(f, 0) and f"model.{f}" not in overrides]
+  changed = [f"{f}={config.model[f]}" for f in reset if config.model[f] != variant[f]]
+  for field in reset:
+    config.model[field] = 0
+  if not changed:
+    return []
+  return [
+    f"config.model.variant={config.model.variant!r} from the command line decides the architecture: the recipe's "
+    f"model.{', model.'.join(changed)} reset to the variant's (set them on the command line to keep them)"
+  ]
+
+
+_require = require  # errors.require: the one config check
 
 
 def _one_of(value, options: tuple, field: str) -> None:
@@ -219,6 +260,7 @@ def validate(
   """Raise ConfigError naming the field for anything that would fail (or silently misbehave) later.
 
   ``num_local_devices`` (this process's devices) defaults to num_devices // num_processes."""
+  _validate_structure(config)
   _require(
     config.method in methods.METHODS,
     "method",
@@ -307,13 +349,7 @@ def validate(
     raise ConfigError(f"config.model.variant: {e}") from None
   patch = variant["patch_size"]
   d = config.data
-  for field in ("global_size", "local_size"):
-    size = d[field]
-    _require(
-      size > 0 and size % patch == 0,
-      f"data.{field}",
-      f"{size} is not a positive multiple of the patch size {patch} (model.variant={config.model.variant!r})",
-    )
+  _validate_patch_sizes(config, patch)
   _require(
     d.num_global in (1, 2), "data.num_global", f"the DINO recipe defines one or two global crops, got {d.num_global}"
   )
@@ -362,6 +398,58 @@ def validate(
     "momentum and momentum_end must be in [0, 1]",
   )
   _validate_eval(config, patch, depth=backbone_kwargs(config.model)["depth"], num_devices=num_devices)
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+  for key in field.split("."):
+    config = config[key]
+  return config
+
+
+def _validate_structure(config: ml_collections.ConfigDict) -> None:
+  """The shapes of tuple-valued fields, before anything unpacks them (a command-line "--config.mesh=foo" is the
+  1-tuple ("foo",))."""
+  mesh = config.mesh
+  _require(
+    isinstance(mesh, (tuple, list))
+    and len(mesh) >= 1
+    and all(
+      isinstance(axis, (tuple, list)) and len(axis) == 2 and isinstance(axis[0], str) and isinstance(axis[1], int)
+      for axis in mesh
+    ),
+    "mesh",
+    "expected (name, size) pairs, e.g. --config.mesh='((\"data\", -1),)' or "
+    f"--config.mesh='((\"data\", -1), (\"fsdp\", 2))', got {mesh!r}",
+  )
+  defaults = base_config()
+  for field, meaning in FIXED_TUPLES.items():
+    value, default = _get(config, field), _get(defaults, field)
+    _require(
+      isinstance(value, (tuple, list))
+      and len(value) == len(default)
+      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+      field,
+      f"expected {len(default)} numbers, {meaning}, e.g. --config.{field}='{tuple(default)}', got {value!r}",
+    )
+
+
+def _validate_patch_sizes(config: ml_collections.ConfigDict, patch: int) -> None:
+  """Every size in pixels that must hold whole patches, named together when one does not: a patch-size change
+  (``--config.model.variant=S/16`` on a 16 px / 8 px recipe) needs them changed at once."""
+  sizes = {field: _get(config, field) for field in PATCH_SIZED}
+  bad = [field for field, size in sizes.items() if not (isinstance(size, int) and size > 0 and size % patch == 0)]
+  if not bad:
+    return
+  suggested = " ".join(f"--config.{f}={max(1, -(-s // patch)) * patch}" for f, s in sizes.items() if f in bad)
+  kept = [f"{f}={s}" for f, s in sizes.items() if f not in bad]
+  eval_size = config.eval.image_size
+  raise ConfigError(
+    f"config.{bad[0]}: {sizes[bad[0]]} is not a positive multiple of the patch size {patch} "
+    f"(model.variant={config.model.variant!r}); the sizes that hold whole patches ({', '.join(PATCH_SIZED)}) "
+    f"change together with the patch size, e.g. {suggested}"
+    + (f" (keeping {', '.join(kept)})" if kept else "")
+    + (f"; eval.image_size={eval_size} too" if eval_size and eval_size % patch else "")
+  )
 
 
 def _validate_eval(config: ml_collections.ConfigDict, patch: int, depth: int, num_devices: int = 1) -> None:

@@ -61,26 +61,6 @@ from simdino_jax.tree import path_str
 
 WHICH = ("teacher", "student")
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  None,
-  "Config file (configs/*.py[:ARG]); default with --workdir: the run's own DIR/config.json (stored_config.py). "
-  "--config.FIELD=VALUE overrides apply on top either way. Required with --weights (the data and evaluators).",
-  lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training directory whose newest checkpoint is evaluated.")
-_WEIGHTS = flags.DEFINE_string(
-  "weights",
-  None,
-  "A backbone weights file to evaluate instead of a run: an official DINO / DINOv2 / SimDINO .pth (needs PyTorch), "
-  "or a .safetensors / .npz export. Needs --config and --output.",
-)
-_EVAL = flags.DEFINE_list("eval", ["knn", "linear", "attention"], "Evaluators to run: entries of config.evals.")
-_WHICH = flags.DEFINE_enum("which", "teacher", list(WHICH), "The backbone to evaluate.")
-_OUTPUT = flags.DEFINE_string(
-  "output", None, "Directory for the results (default DIR/eval, e.g. when DIR is read-only; required with --weights)."
-)
-
 
 class EvaluatorsFailed(SimdinoError):
   """Some evaluators failed; the others' results are written. ``failed``: {name: exception}."""
@@ -199,6 +179,25 @@ def _prepare(config, names, num_devices=None):
   return names
 
 
+def require_labels(config, names) -> None:
+  """ConfigError naming data.eval_source when an evaluator of ``names`` needs labels and the evaluation data (the
+  run's data.eval_source, else data.source) has no labelled train and test split (unlabelled pre-training, as a
+  flat folder of photos): checked before a checkpoint is read. Training turns those evaluators off instead."""
+  data = config.data
+  spec, tfds_dir = sources.eval_spec(data), data.get("tfds_data_dir") or None
+  labelled = [evals.TYPES[config.evals[n].type].needs_labels for n in names]
+  if not any(labelled):
+    return
+  if all(sources.has_labelled_split(spec, split, tfds_data_dir=tfds_dir) for split in ("train", "test")):
+    return
+  need = [n for n, needs in zip(names, labelled) if needs]
+  raise ConfigError(
+    f"config.data.eval_source: {spec!r} has no labelled train and test split, which {', '.join(need)} "
+    f"need{'s' if len(need) == 1 else ''}: point --config.data.eval_source at labelled data (folder:DIR with "
+    "train/ and test/ class folders, npz:PATH, tfds:NAME or digits)"
+  )
+
+
 def _with_model(config, model_cfg):
   """``config`` with ``model_cfg`` as its model (an unlocked copy when they differ): the evaluators read it."""
   if model_cfg.to_dict() == config.model.to_dict():
@@ -257,6 +256,7 @@ def evaluate(
   if which not in WHICH:
     raise ValueError(f"--which: must be 'teacher' or 'student', got {which!r}")
   names = _prepare(config, names)
+  require_labels(config, names)
   vit_kwargs, params, param_sharding, mesh, step, model_cfg = load_params(config, workdir, which)
   config = _with_model(config, model_cfg)  # the evaluators read the stored model
   eval_dir = os.path.join(workdir, "eval")
@@ -304,7 +304,7 @@ def evaluate_weights(
     raise ValueError("--weights: name the directory for the results with --output=DIR")
   if which not in WHICH:
     raise ValueError(f"--which: must be 'teacher' or 'student', got {which!r}")
-  parse_names(names, config.evals)  # a bad --eval before reading a large file
+  require_labels(config, parse_names(names, config.evals))  # a bad --eval or unlabelled data before a large file
   weights = workdir_lib.resolve(weights)
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"--weights: {weights}: no such file")
@@ -329,18 +329,53 @@ def evaluate_weights(
   return _run(ctx, evaluators, params, failed, write)
 
 
-def main(argv):
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
+  """This command's flags, defined when it runs (not at import: importing this module next to another entry point,
+  as the tests do, must not define a second --config)."""
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file (configs/*.py[:ARG]); default with --workdir: the run's own DIR/config.json (stored_config.py). "
+    "--config.FIELD=VALUE overrides apply on top either way. Required with --weights (the data and evaluators).",
+    flag_values=flag_values,
+    lock_config=True,
+  )
+  flags.DEFINE_string(
+    "workdir", None, "Training directory whose newest checkpoint is evaluated.", flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    "weights",
+    None,
+    "A backbone weights file to evaluate instead of a run: an official DINO / DINOv2 / SimDINO .pth (needs "
+    "PyTorch), or a .safetensors / .npz export. Needs --config and --output.",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+    "eval", ["knn", "linear", "attention"], "Evaluators to run: entries of config.evals.", flag_values=flag_values
+  )
+  flags.DEFINE_enum("which", "teacher", list(WHICH), "The backbone to evaluate.", flag_values=flag_values)
+  flags.DEFINE_string(
+    "output",
+    None,
+    "Directory for the results (default DIR/eval, e.g. when DIR is read-only; required with --weights).",
+    flag_values=flag_values,
+  )
+  return flag_values
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
-  workdir, weights = _WORKDIR.value, _WEIGHTS.value
+  f = flag_values
+  workdir, weights = f.workdir, f.weights
   if bool(workdir) == bool(weights):
     sys.exit("simdino_jax.evaluate: error: name what to evaluate: --workdir=DIR (a run) or --weights=FILE, not both")
   failed = {}
   try:
     sharding.maybe_initialize_distributed()  # multi-host pods: before anything touches the devices
     if weights:
-      evaluate_weights(_CONFIG.value, weights, _EVAL.value, _WHICH.value, _OUTPUT.value, failed=failed)
+      evaluate_weights(f.config, weights, f.eval, f.which, f.output, failed=failed)
     else:
-      evaluate(_CONFIG.value, workdir, _EVAL.value, _WHICH.value, _OUTPUT.value, failed=failed)
+      evaluate(f.config, workdir, f.eval, f.which, f.output, failed=failed)
   except (SimdinoError, ValueError, FileNotFoundError) as e:  # bad --eval, no checkpoint, invalid config: one line
     sys.exit(f"simdino_jax.evaluate: error: {cli.one_line(e)}")
   if failed:  # each failure was logged when it happened; the others' results are written
@@ -364,4 +399,5 @@ if __name__ == "__main__":
   from simdino_jax import tcmalloc  # stdlib only: re-executes with tcmalloc preloaded before jax starts
 
   tcmalloc.maybe_reexec("simdino_jax.evaluate")
+  define_flags()
   app.run(main, argv=with_stored_config(sys.argv), flags_parser=cli.flags_parser("simdino_jax.evaluate"))

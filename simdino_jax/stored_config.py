@@ -17,11 +17,23 @@ from etils import epath
 from simdino_jax import config as config_lib
 from simdino_jax.errors import ConfigError
 
+RUN_FILES = "config.json, checkpoints/, metrics.jsonl and eval/"  # what simdino_jax.train writes into its workdir
+
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / "config.json"
+  """The run's stored config over today's defaults; ConfigError naming --workdir when DIR is not a run."""
+  root = epath.Path(workdir)
+  path = root / "config.json"
+  if not root.exists():
+    raise ConfigError(f"--workdir={workdir}: no such directory (give the --workdir a training run wrote into)")
   if not path.exists():
     raise ConfigError(
-      f"config: {path} does not exist: --workdir is not a training run's directory, or pass --config=configs/FILE.py"
+      f"--workdir={workdir} is not a training run's directory: a run holds {RUN_FILES}, and it has no config.json "
+      "(give the --workdir simdino_jax.train wrote into, or name the data and evaluators with "
+      "--config=configs/FILE.py)"
     )
-  return config_lib.from_dict(json.loads(path.read_text()))
+  try:
+    stored = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not a JSON config ({e})") from None
+  return config_lib.from_dict(stored)

@@ -151,7 +151,7 @@ def test_cli_refuses_bad_override_before_compiling(tmp_path):
 @pytest.mark.parametrize(
   "override,message",
   [
-    ("--config.model.dept=3", 'Did you mean "depth" instead of "dept"?'),  # a field the config does not have
+    ("--config.model.dept=3", "config.model.dept: no such config field; did you mean config.model.depth?"),
     ("--config.model.depth=abc", "--config.model.depth=abc"),  # a value of the wrong type
     ("--config.data.global_size=30", "config.data.global_size: 30 is not a positive multiple"),  # invalid value
   ],
