@@ -96,9 +96,10 @@ def _where(error: BaseException) -> str:
 
 
 def _raised_loading_config(error: BaseException) -> bool:
-  """Whether ``error`` came out of ml_collections' loading of a config file (its ``get_config`` or the module)."""
+  """Whether ``error`` came out of ml_collections' loading of a config file (its ``get_config`` or the module), or
+  out of the placeholder it keeps for a file that failed to load (read by a --config.FIELD override)."""
   return any(
-    f.name == "parse" and f.filename.endswith(os.path.join("config_flags", "config_flags.py"))
+    f.name in ("parse", "_ReportError") and f.filename.endswith(os.path.join("config_flags", "config_flags.py"))
     for f in traceback.extract_tb(error.__traceback__)
   )
 
@@ -205,7 +206,7 @@ def flags_parser(prog: str, flag_values: flags.FlagValues = flags.FLAGS) -> Call
     except Exception as e:  # pylint: disable=broad-except  (re-raised unless a user can have caused it)
       spec = _config_arg(argv)
       if spec is not None and _raised_loading_config(e):  # a recipe raising anything while it loads (its :ARG ...)
-        sys.exit(f"{prog}: error: {_config_file_error(spec, e)}")
+        sys.exit(f"{prog}: error: {_config_file_error(spec, e.__cause__ or e)}")
       if isinstance(e, (KeyError, AttributeError)):  # --config.FIELD of a field the config does not have
         sys.exit(f"{prog}: error: {_unknown_field(argv, 'config') or one_line(e)}")
       if isinstance(e, (SimdinoError, ValueError, TypeError, FileNotFoundError)):

@@ -207,11 +207,11 @@ EVAL_DTYPES = ("float32", "bfloat16")  # config.eval.dtype
 ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads")  # config.model fields that override the variant's
 # Tuple fields of a fixed length (a command-line "--config.data.global_scale=0.5" is a 1-tuple): what each entry is.
 FIXED_TUPLES = {
-  "data.global_scale": "(min, max) area fraction",
-  "data.local_scale": "(min, max) area fraction",
-  "data.augment.blur_p": "(global crop 1, global crop 2, local crops) probabilities",
-  "data.augment.blur_sigma": "(min, max) radius in pixels",
-  "masking.ratio": "(min, max) masked fraction",
+  "data.global_scale": (2, "(min, max) area fraction"),
+  "data.local_scale": (2, "(min, max) area fraction"),
+  "data.augment.blur_p": (3, "(global crop 1, global crop 2, local crops) probabilities"),
+  "data.augment.blur_sigma": (2, "(min, max) radius in pixels"),
+  "masking.ratio": (2, "(min, max) masked fraction"),
 }
 # Sizes in pixels that must hold whole patches: they change together with model.variant's patch size.
 PATCH_SIZED = ("data.global_size", "data.local_size", "model.img_size")
@@ -421,16 +421,17 @@ def _validate_structure(config: ml_collections.ConfigDict) -> None:
     "expected (name, size) pairs, e.g. --config.mesh='((\"data\", -1),)' or "
     f"--config.mesh='((\"data\", -1), (\"fsdp\", 2))', got {mesh!r}",
   )
-  defaults = base_config()
-  for field, meaning in FIXED_TUPLES.items():
-    value, default = _get(config, field), _get(defaults, field)
-    _require(
+  for field, (length, meaning) in FIXED_TUPLES.items():
+    value = _get(config, field)
+    if not (
       isinstance(value, (tuple, list))
-      and len(value) == len(default)
-      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
-      field,
-      f"expected {len(default)} numbers, {meaning}, e.g. --config.{field}='{tuple(default)}', got {value!r}",
-    )
+      and len(value) == length
+      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+      default = tuple(_get(base_config(), field))
+      raise ConfigError(
+        f"config.{field}: expected {length} numbers, {meaning}, e.g. --config.{field}='{default}', got {value!r}"
+      )
 
 
 def _validate_patch_sizes(config: ml_collections.ConfigDict, patch: int) -> None:

@@ -17,7 +17,9 @@ def compute_dtype(name: str):
 
 
 def backbone_kwargs(model_cfg) -> dict:
-  """VisionTransformer keyword arguments from ``config.model`` (variant "S/16" plus optional overrides)."""
+  """VisionTransformer keyword arguments from ``config.model`` (variant "S/16" plus optional overrides: a non-zero
+  embed_dim / depth / num_heads wins over the variant's; a command-line variant resets the recipe's, see
+  ``config.apply_command_line``)."""
   kw = parse_variant(model_cfg.variant)
   for field in ("embed_dim", "depth", "num_heads"):  # 0 keeps the variant's value
     if model_cfg.get(field, 0):
