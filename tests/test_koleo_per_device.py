@@ -24,17 +24,17 @@ SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from simdino_jax import methods
 from simdino_jax import config as config_lib
+from simdino_jax.methods import dino
 assert jax.device_count() == 2
 config = config_lib.base_config()
 config.method, config.dino.koleo_weight = "dinov2", 0.1
-groups = methods.koleo_groups(config)
+groups = dino.koleo_groups(config)
 feats = np.random.default_rng(0).standard_normal((12, 2, 5)).astype(np.float32)  # (B, Mg, D)
 mesh = Mesh(np.array(jax.devices()), ("data",))
 x = jax.device_put(feats, NamedSharding(mesh, P("data")))
-value, grad = jax.jit(jax.value_and_grad(lambda f: methods._koleo(f, groups)))(x)
-whole = jax.jit(lambda f: methods._koleo(f, 1))(x)
+value, grad = jax.jit(jax.value_and_grad(lambda f: dino.koleo(f, groups)))(x)
+whole = jax.jit(lambda f: dino.koleo(f, 1))(x)
 print("REPORT " + json.dumps(dict(groups=groups, feats=feats.tolist(), value=float(value), whole=float(whole),
                                   grad=np.asarray(grad).tolist())))
 """

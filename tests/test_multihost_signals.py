@@ -181,20 +181,59 @@ def test_a_locked_workdir_is_refused_by_every_process_in_one_line(tmp_path):
   assert json.loads((workdir / "run.lock").read_text()) == owner  # not taken over
 
 
-@pytest.mark.parametrize(
-  "variables, named",
-  [
-    ({"JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES is not set"),
-    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "x"}, "JAX_PROCESS_ID='x' is not an integer"),
-    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
-  ],
-)
-def test_a_bad_pod_variable_is_one_line_naming_it(tmp_path, variables, named):
-  env = dict(pod.envs(1)[0], JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{pod.free_port()}", **variables)
+BAD_VARIABLES = [
+  ({"JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES is not set"),
+  ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "x"}, "JAX_PROCESS_ID='x' is not an integer"),
+  ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
+]
+# The CLI's main() once per case in ONE fresh process (jax.distributed.initialize refuses to run once a backend is up,
+# as it is in the pytest process): each case's SystemExit message (what Python prints as the one stderr line of exit
+# status 1), or the name of anything else it raised.
+BAD_VARIABLES_CHECK = """
+import json, os, sys
+from absl import flags
+from simdino_jax.train.__main__ import define_flags, main
+for variables in json.loads(sys.argv[1]):
+  for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    os.environ.pop(name, None)
+  os.environ.update(variables)
+  try:
+    flag_values = define_flags(flags.FlagValues())
+    flag_values(["simdino_jax.train", *sys.argv[2:]])
+    main([], flag_values)
+    outcome = "returned"
+  except SystemExit as e:
+    outcome = e.code
+  except BaseException as e:  # a traceback in the CLI
+    outcome = ["raised", type(e).__name__, str(e)]
+  print("OUTCOME " + json.dumps(outcome), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_variable_outcomes(tmp_path_factory):
+  env = dict(pod.envs(1)[0], JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{pod.free_port()}")
+  cases = json.dumps([variables for variables, _ in BAD_VARIABLES])
+  flags = argv(tmp_path_factory.mktemp("bad_variables") / "run")[2:]  # the training command's flags
   out = subprocess.run(
-    [sys.executable, *argv(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    [sys.executable, "-c", BAD_VARIABLES_CHECK, cases, *flags],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
-  assert out.returncode == 1, out.stderr[-3000:]
-  assert "Traceback" not in out.stderr
-  lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
-  assert len(lines) == 1 and lines[0].startswith(f"simdino_jax.train: error: {named}"), out.stderr[-3000:]
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  outcomes = [json.loads(line[len("OUTCOME ") :]) for line in out.stdout.splitlines() if line.startswith("OUTCOME ")]
+  assert len(outcomes) == len(BAD_VARIABLES), out.stdout[-3000:]
+  return outcomes
+
+
+@pytest.mark.parametrize("case", range(len(BAD_VARIABLES)), ids=[named.split()[0] for _, named in BAD_VARIABLES])
+def test_a_bad_pod_variable_is_one_line_naming_it(bad_variable_outcomes, case):
+  outcome = bad_variable_outcomes[case]
+  named = BAD_VARIABLES[case][1]
+  # sys.exit(str): Python prints the string as the one stderr line and exits with status 1.
+  assert isinstance(outcome, str) and "\n" not in outcome, outcome
+  assert outcome.startswith(f"simdino_jax.train: error: {named}"), outcome

@@ -1,7 +1,7 @@
 """The package's shape: every module imports on its own, the import graph has no cycle, dependencies point down.
 
 The graph counts EVERY import of a simdino_jax module, function-local ones included, so an import moved into a
-function cannot hide a cycle. The layering is the one docs/architecture.md describes: entry points -> train ->
+function cannot hide a cycle. The layering is the one docs/layout.md describes: entry points -> train ->
 {methods, evals, io, data, sharding} -> {models, losses, optim, schedules}.
 """
 

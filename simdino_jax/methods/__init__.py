@@ -30,10 +30,6 @@ _FAMILIES = (simdino, dino, vmf)
 
 METHODS: dict[str, Method] = {m.name: m for family in _FAMILIES for m in family.METHODS}
 
-# Kept for tests/test_koleo_per_device.py, which reads them here (they live in dino.py).
-koleo_groups = dino.koleo_groups
-_koleo = dino.koleo
-
 
 def get_method(name: str) -> Method:
   if name not in METHODS:
