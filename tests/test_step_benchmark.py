@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "step_throughput.py")
 TINY = [
@@ -45,8 +47,14 @@ def run(args, tmp_path, devices=1):
   return json.loads(lines[0])
 
 
-def test_step_benchmark_reports_consistent_figures_and_the_ratio_to_a_reference(tmp_path):
-  # A stand-in for the torch Python: it checks the arguments it is given and reports a fixed rate.
+PEAK = 1.0  # TFLOP/s, for the MFU
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """One 1-device run serving both tests below: rounds against a stand-in for the torch Python (it checks the
+  arguments it is given and reports a fixed rate), with a peak for the MFU."""
+  tmp_path = tmp_path_factory.mktemp("step_benchmark")
   fake = tmp_path / "fake_torch_python"
   fake.write_text(
     textwrap.dedent(f"""\
@@ -61,7 +69,12 @@ def test_step_benchmark_reports_consistent_figures_and_the_ratio_to_a_reference(
       """)
   )
   fake.chmod(0o755)
-  r = run([*TINY, "--rounds", "2", "--torch_python", str(fake), "--official_repo", "/some/SimDINO"], tmp_path)
+  args = [*TINY, "--rounds", "2", "--torch_python", str(fake), "--official_repo", "/some/SimDINO"]
+  return run([*args, "--peak_tflops", str(PEAK)], tmp_path)
+
+
+def test_step_benchmark_reports_consistent_figures_and_the_ratio_to_a_reference(one_device):
+  r = one_device
   assert r["batch_size"] == 4 and r["steps"] == 4 and r["crops"] == "2x32 + 6x16"
   assert abs(r["images_per_sec"] - 4 / (r["step_time_ms"] / 1e3)) < 0.02 * r["images_per_sec"]
   assert r["step_time_ms_min"] <= r["step_time_ms"] <= r["step_time_ms_max"]
@@ -74,19 +87,18 @@ def test_step_benchmark_reports_consistent_figures_and_the_ratio_to_a_reference(
   assert min(r["ratio_to_reference_per_round"]) <= r["ratio_to_reference"] <= max(r["ratio_to_reference_per_round"])
 
 
-def test_step_flops_and_mfu_count_every_device(tmp_path):
+def test_step_flops_and_mfu_count_every_device(one_device, tmp_path):
   # XLA's cost analysis of a partitioned step is one device's share: the per-image FLOPs must not halve on 2 devices,
   # and the per-device rate (what the MFU divides by the peak) is the whole step's rate over the device count.
-  peak = 1.0  # TFLOP/s
-  args = [*TINY, "--steps", "1", "--warmup", "0", "--peak_tflops", str(peak)]
-  one, two = run(args, tmp_path), run(args, tmp_path, devices=2)
+  one = one_device
+  two = run([*TINY, "--steps", "1", "--warmup", "0", "--peak_tflops", str(PEAK)], tmp_path, devices=2)
   assert one["num_devices"] == 1 and two["num_devices"] == 2
   ratio = two["flops_per_image"] / one["flops_per_image"]
   assert abs(ratio - 1) < 0.02, ratio
   for r in (one, two):
     rate = r["flops_per_image"] * r["batch_size"] / (r["step_time_ms"] / 1e3) / 1e12 / r["num_devices"]
     assert abs(r["achieved_tflops_per_device"] - rate) <= 0.01 * rate + 1e-3
-    assert abs(r["mfu"] - rate / peak) <= 0.01 * rate / peak + 1e-4
+    assert abs(r["mfu"] - rate / PEAK) <= 0.01 * rate / PEAK + 1e-4
 
 
 def test_step_benchmark_refuses_a_reference_without_the_official_repo(tmp_path):
