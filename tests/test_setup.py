@@ -115,9 +115,10 @@ def test_a_resume_past_total_steps_says_so_and_goes_to_the_final_evaluation(tiny
   capsys.readouterr()
   result = trainer.Trainer(tiny_config, str(tmp_path)).run()
   said = [line for line in capsys.readouterr().out.splitlines() if "nothing to train" in line]
-  assert said == [
+  expected = (
     "the checkpoint is at step 3, config.total_steps is 2: nothing to train, going straight to the final "
     "evaluation (raise config.total_steps to train further)"
-  ]
+  )
+  assert said == [expected]
   assert result == {"step": 3}
   assert not (tmp_path / "metrics.jsonl").exists()  # no step ran, nothing was logged as trained

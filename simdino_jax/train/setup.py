@@ -35,7 +35,8 @@ size or the schedules of a run.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ def durations(config, num_train: int) -> Durations:
       f"({config.data.source!r}); lower it to at most {num_train}"
     )
   total = config.total_steps if config.total_steps > 0 else config.total_epochs * steps_per_epoch
-  warmup = config.warmup_steps if config.warmup_steps > 0 else int(round(config.warmup_epochs * steps_per_epoch))
+  warmup = config.warmup_steps if config.warmup_steps > 0 else round(config.warmup_epochs * steps_per_epoch)
   return Durations(total, min(warmup, total - 1), steps_per_epoch)
 
 
