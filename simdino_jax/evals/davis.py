@@ -41,7 +41,6 @@ from PIL import Image
 
 from simdino_jax.errors import ConfigError, DataError, MissingDataError, require
 from simdino_jax.evals import runner
-from simdino_jax.models.network import backbone_kwargs
 from simdino_jax.progress import hms
 
 # eval_video_segmentation.py's color_normalize (std 0.228 for red, not ImageNet's 0.229).
@@ -404,7 +403,7 @@ class DavisEvaluator(runner.Evaluator):
     c = self.cfg
     if not c.data_dir:
       raise ConfigError(f"config.evals.{self.name}.data_dir: set it to the DAVIS-2017 folder")
-    patch = backbone_kwargs(ctx.config.model)["patch_size"]
+    patch = ctx.patch_size
     root = os.path.expanduser(c.data_dir)
     seqs = list_sequences(root, c.split, c.resolution, c.sequences)
     graphdef = ctx.graphdef

@@ -86,7 +86,6 @@ from simdino_jax.data import augment
 from simdino_jax.data.sources.base import decode_image
 from simdino_jax.errors import ConfigError, DataError, MissingDataError, require
 from simdino_jax.evals import runner
-from simdino_jax.models.network import backbone_kwargs
 
 EPS = 1e-5  # CutLER's value for the affinities below tau
 SOLVERS = ("scipy", "jax")
@@ -557,7 +556,7 @@ class MaskCutEvaluator(runner.Evaluator):
   def run(self, ctx, params, feats) -> dict:
     c = self.cfg
     field = f"config.evals.{self.name}"
-    patch = backbone_kwargs(ctx.config.model)["patch_size"]
+    patch = ctx.patch_size
     size = input_size(c.image_size, patch)
     grid = (size // patch, size // patch)
     graphdef = ctx.graphdef

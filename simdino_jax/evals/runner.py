@@ -15,6 +15,7 @@ through ``ctx.extract`` with their own function and transform.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from jax.experimental import multihost_utils
 from simdino_jax import sharding
 from simdino_jax.data import pipeline, sources
 from simdino_jax.errors import ConfigError
-from simdino_jax.models.network import DTYPES
+from simdino_jax.models.network import DTYPES, backbone_kwargs
 from simdino_jax.models.vit import VisionTransformer
 
 # A feature spec: ("cls",), ("prenorm_cls",) or ("linear", n_last_blocks, avgpool). Its key in the feature dicts is
@@ -140,6 +141,11 @@ class Context:
   @property
   def image_size(self) -> int:
     return eval_image_size(self.config)
+
+  @functools.cached_property
+  def patch_size(self) -> int:
+    """The backbone's patch size, derived once per context (as train/setup.py derives it once per run)."""
+    return backbone_kwargs(self.config.model)["patch_size"]
 
   @property
   def num_classes(self) -> int:

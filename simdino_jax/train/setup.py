@@ -190,7 +190,7 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
     multicrop=multicrop_config(config),
     process_batch=config.batch_size // jax.process_count(),
     patch_size=patch,
-    num_patches=(config.data.global_size // patch) ** 2,
+    num_patches=methods.num_patches(config),
     num_local_patches=(config.data.local_size // patch) ** 2,
     mask_positions=methods.mask_positions(config),
     eval_batch=runner.device_batch(config.eval.batch_size),
