@@ -1,4 +1,5 @@
-r"""The OFFICIAL side of the parity benchmark for SimDINOv2 / DINOv2 (``official_parity.py --method simdinov2|dinov2``).
+r"""The OFFICIAL side of the parity benchmark for SimDINOv2 / DINOv2 (``official_parity.py --method simdinov2|dinov2``,
+``dinov2_fork``).
 
 ``run_official`` builds the official objects from a clone and runs N training steps as the official ``train.py``
 loop runs them, single process, float32, on CPU:
@@ -10,6 +11,9 @@ loop runs them, single process, float32, on CPU:
              ``get_params_groups`` with layer decay and the patch-embed multiplier), ``build_schedulers`` (its
              CosineScheduler: warm-up from min_lr, last-layer freeze cut, MCR coeff / eps schedules),
              ``apply_optim_scheduler``, per-submodule gradient clipping, ``update_teacher`` (``_foreach_lerp_``).
+  dinov2_fork  our dinov2 against RobinWu218/SimDINO ``simdinov2/`` with ``configs/ssl_default_config.yaml`` alone
+             (``SimSSLMetaArch`` with ``use_mcr: false``: DINOLoss, iBOTPatchLoss, KoLeo; the fork's train.py and
+             CosineScheduler), the code configs/dinov2_vitb16_in1k.py follows (OUR_OVERRIDES["dinov2_fork"]).
   dinov2     facebookresearch/dinov2: ``dinov2/configs/ssl_default_config.yaml``, ``train/ssl_meta_arch.py``
              ``SSLMetaArch`` (DINOLoss with the teacher chunk swap, iBOTPatchLoss, KoLeoLoss per global-crop chunk,
              centering or Sinkhorn-Knopp), ``train/train.py``'s ``build_optimizer`` (torch AdamW), ``build_schedulers``
@@ -200,6 +204,10 @@ OUR_OVERRIDES["dinov2_fork"] = {
   "model.interpolate_antialias": True,
   "optim.warmup_from_min_lr": True,
   "optim.warmup_rule": "step_over_warmup",
+  # The fork warms the teacher temperature up with the same CosineScheduler (start + (T - start) it / W), ours as
+  # np.linspace (start + (T - start) it / (W - 1)): 8.4e-4 apart at iteration 1 of this preset's W = 30, at most
+  # 0.03 / W = 8e-7 at the recipe's W = 30 epochs x 1251. Without the warm-up (start = T) both are constant.
+  "dino.warmup_teacher_temp": 0.07,
 }
 
 PATCHES = [

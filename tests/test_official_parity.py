@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "official_parity.py")
-CLONES = {"simdino": "SimDINO", "simdinov2": "SimDINO", "dino": "dino", "dinov2": "dinov2"}
+CLONES = {"simdino": "SimDINO", "simdinov2": "SimDINO", "dino": "dino", "dinov2": "dinov2", "dinov2_fork": "SimDINO"}
 # The goals of the benchmark (float32, CPU): step-0 loss, every loss, parameters after the steps.
 STEP0_TOL, LOSS_TOL, PARAM_TOL = 1e-5, 1e-3, 1e-3
 # SIMDINO_PARITY_STEPS (default 3). Below 20 steps the per-leaf parameter bound is 1e-2: the first Adam updates of a
@@ -24,6 +24,7 @@ STEP0_TOL, LOSS_TOL, PARAM_TOL = 1e-5, 1e-3, 1e-3
 # The student's whole update (student_update_rel_diff, all leaves together) is held to 1e-3 at any length.
 STEPS = int(os.environ.get("SIMDINO_PARITY_STEPS", "3"))
 SHORT_RUN_PARAM_TOL = 1e-2
+BF16_LOSS_TOL, BF16_UPDATE_TOL = 1e-2, 0.1  # as official_parity.py's (--dtype bfloat16)
 
 
 def _run(args, python=sys.executable, timeout=60):
@@ -109,7 +110,8 @@ def _assert_parity(r, method):
     assert r["parity"] and "first_divergence" not in r, report
 
 
-@pytest.mark.parametrize("method", ["simdino", "dino", "simdinov2", "dinov2"])
+# dinov2_fork: our dinov2 against SimDINO's fork of the DINOv2 code, which configs/dinov2_vitb16_in1k.py follows.
+@pytest.mark.parametrize("method", ["simdino", "dino", "simdinov2", "dinov2", "dinov2_fork"])
 def test_parity_with_the_official_trainer(method):
   _assert_parity(_parity_run(method), method)
 
@@ -123,3 +125,52 @@ def test_parity_with_drop_path_and_ten_local_crops(method):
   assert r["preset"]["crops"].endswith("10x16"), r["preset"]
   # Both sides drew every mask: 11 blocks with a rate > 0, 2 draws each, 2 crop groups, per step.
   assert r["drop_path"] == {"rate": 0.1, "ours": 44 * STEPS, "official": 44 * STEPS}, r["drop_path"]
+
+
+def test_bfloat16_run_is_close_to_the_official_autocast_run():
+  """simdino with our model.dtype bfloat16 against the official --use_fp16 branch under torch.autocast('cpu',
+  bfloat16): different roundings of the same computation, held to the bfloat16 bounds (official_parity.py
+  BF16_LOSS_TOL, BF16_UPDATE_TOL) in both loss conventions."""
+  r = _parity_run("simdino", "--dtype", "bfloat16")
+  report = json.dumps(
+    {k: r.get(k) for k in ("losses_ours", "losses_official", "our_convention", "student_update_rel_diff")}
+  )
+  assert r["preset"]["dtype"] == "bfloat16" and len(r["losses_official"]) == STEPS, report
+  assert r["max_loss_rel_diff"] <= BF16_LOSS_TOL and r["our_convention"]["max_loss_rel_diff"] <= BF16_LOSS_TOL, report
+  assert r["student_update_rel_diff"] <= BF16_UPDATE_TOL, report
+  assert r["parity"], report
+
+
+def _harness():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import official_parity  # pylint: disable=g-import-not-at-top,import-error
+  finally:
+    sys.path.pop(0)
+  return official_parity
+
+
+def test_drop_path_keep_masks_reach_our_blocks_in_our_row_order(monkeypatch):
+  """--drop_path's injection: our blocks take their per-sample factors from vit.drop_path_factors, and the harness
+  serves there the official (crop-major, row v * B + b) keep masks in our image-major order (row b * V + v)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from simdino_jax.models import vit
+
+  draws = _harness().DropPathDraws(seed=0, batch=2, draws_per_group=2)
+  draws.begin("ours", 0)
+  ours = np.asarray(jax.jit(lambda: draws.ours_factors(None, 0.5, 6))())  # 3 views of 2 images
+  official = draws.keep("official", 0, 6, 0, 0.5)
+  assert 0 < official.sum() < 6
+  np.testing.assert_array_equal(ours, [official[v * 2 + b] / 0.5 for b in range(2) for v in range(3)])
+
+  # Every residual branch dropped: the block is the identity, whatever its weights.
+  block = vit.Block(
+    8, 2, mlp_ratio=2.0, ffn="mlp", layerscale_init=None, drop_path=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0)
+  )
+  x = jax.random.normal(jax.random.key(1), (6 * 3, 8))
+  monkeypatch.setattr(vit, "drop_path_factors", lambda key, keep_prob, batch: jnp.zeros((batch,), jnp.float32))
+  np.testing.assert_array_equal(block(x, 6, key=jax.random.key(2))[0], x)
