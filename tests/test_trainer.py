@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from test_cli_errors import assert_one_line, parse, run, train_main
 
 from simdino_jax import config as config_lib
 from simdino_jax.errors import ResumeError
@@ -101,12 +102,10 @@ def test_every_config_file_is_valid(name):
   config_lib.validate(config, num_devices=8)
 
 
-def test_cli_overrides_and_writes_files(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [
-    sys.executable,
-    "-m",
-    "simdino_jax.train",
+def test_cli_overrides_and_writes_files(tmp_path, monkeypatch, capsys):
+  # In-process: the entry point's flags, parser and main as app.run calls them (test_cli_errors.parse); the
+  # subprocess path (python -m, tcmalloc re-exec) is run by test_checkpointing.py's CLI runs.
+  args = [
     "--config=configs/demo.py",
     f"--workdir={tmp_path}",
     "--config.total_steps=3",
@@ -120,32 +119,29 @@ def test_cli_overrides_and_writes_files(tmp_path):
     "--config.data.global_size=16",
     "--config.data.local_size=8",
   ]
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  lines = out.stdout.splitlines()
+  flag_values, rest = parse("simdino_jax.train", args, monkeypatch)
+  train_main.main(rest, flag_values)  # returns (exit status 0)
+  stdout = capsys.readouterr().out
+  lines = stdout.splitlines()
   steps = [line for line in lines if line.startswith("step ")]
   # The first line's time includes compilation: no rate or ETA there; the next lines have both, and elapsed time.
   assert "compilation included" in steps[0] and "| ETA" not in steps[0] and "steps/s" not in steps[0]
   assert all("steps/s" in line and "ETA" in line and "elapsed" in line for line in steps[1:]) and len(steps) == 3
-  assert any(line.startswith("knn at init: top-1") for line in lines) and "knn: top-1" in out.stdout
+  assert any(line.startswith("knn at init: top-1") for line in lines) and "knn: top-1" in stdout
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["total_steps"] == 3 and config["model"]["depth"] == 1
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
   assert (tmp_path / "eval" / "knn.json").exists()
 
 
-def test_cli_refuses_bad_override_before_compiling(tmp_path):
-  cmd = [
-    sys.executable,
-    "-m",
+def test_cli_refuses_bad_override_before_compiling(tmp_path, monkeypatch):
+  status, message = run(
     "simdino_jax.train",
-    "--config=configs/demo.py",
-    f"--workdir={tmp_path}",
-    "--config.data.global_size=30",
-  ]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0
-  assert "config.data.global_size: 30 is not a positive multiple of the patch size 4" in out.stderr
+    ["--config=configs/demo.py", f"--workdir={tmp_path}", "--config.data.global_size=30"],
+    monkeypatch,
+  )
+  assert status != 0
+  assert "config.data.global_size: 30 is not a positive multiple of the patch size 4" in message
 
 
 @pytest.mark.parametrize(
@@ -156,12 +152,10 @@ def test_cli_refuses_bad_override_before_compiling(tmp_path):
     ("--config.data.global_size=30", "config.data.global_size: 30 is not a positive multiple"),  # invalid value
   ],
 )
-def test_cli_config_errors_are_one_line_without_traceback(tmp_path, override, message):
-  cmd = [sys.executable, "-m", "simdino_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}", override]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", SIMDINO_NO_TCMALLOC="1")
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
-  assert [line for line in out.stderr.splitlines() if "error" in line.lower()] == [out.stderr.strip().splitlines()[-1]]
+def test_cli_config_errors_are_one_line_without_traceback(tmp_path, monkeypatch, override, message):
+  # In-process (test_cli_errors.run): an exception other than the one-line SystemExit would fail the test itself.
+  status, got = run("simdino_jax.train", ["--config=configs/demo.py", f"--workdir={tmp_path}", override], monkeypatch)
+  assert_one_line(status, got, "simdino_jax.train", message)
 
 
 def test_train_help_says_where_the_config_fields_are_documented():
