@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_TARGET_MODES = ("centering", "sinkhorn_knopp")
+_TARGET_MODES = ("centering", "sinkhorn_knopp", "softmax_batch")
 
 
 def _safe(x: jax.Array) -> jax.Array:
@@ -196,6 +196,34 @@ def sinkhorn_knopp(
   return jax.lax.stop_gradient(q.reshape(shape))
 
 
+def softmax_over_batch(
+  logits: jax.Array, temperature: float | jax.Array, *, mask: jax.Array | None = None
+) -> jax.Array:
+  """DINO appendix's "Softmax(batch)" teacher output operation (Tables 14-15, next to centering and Sinkhorn-Knopp).
+
+  What the appendix says: its paragraph "Details on the Softmax(batch) variant" gives it as code, and the first
+  author explains (facebookresearch/dino issue #49) that in the Softmax(batch) and Sinkhorn-Knopp rows no softmax
+  over the channel dimension is appended, "since the normalization in the channel dimension is done by others means
+  (SK or simple normalization)". We read it as: a softmax over the batch axis (each prototype's column of
+  exp(t / T) normalised over the samples), then the simple per-sample normalisation over K so every row is a
+  distribution. That is one Sinkhorn-Knopp iteration (``sinkhorn_knopp(..., num_iters=1)``: its global, /K and /n
+  factors cancel); it is written here on its own so the two can be checked against each other.
+
+  Reduces over the n rows (all leading axes flattened, the global batch under a batch-sharded jit, as
+  ``sinkhorn_knopp`` here; call it per view to normalise each view's batch separately) and over K. float32,
+  max-shifted per prototype (cancelled by the batch softmax). mask: optional bool of logits.shape[:-1]; rows with
+  False are left out and get 0. Returns targets of logits' shape, stop-gradient.
+  """
+  shape = logits.shape
+  k = shape[-1]
+  x = jax.lax.stop_gradient(logits.astype(jnp.float32)).reshape(-1, k) / temperature
+  valid = jnp.ones((x.shape[0], 1), jnp.bool_) if mask is None else jax.lax.stop_gradient(mask).reshape(-1, 1)
+  x = jnp.where(valid, x, -jnp.inf)
+  p = jnp.where(valid, jax.nn.softmax(x, axis=0), 0.0)  # over the batch, per prototype
+  p = p / _safe(jnp.sum(p, axis=1, keepdims=True))  # per sample, over K
+  return jax.lax.stop_gradient(p.reshape(shape))
+
+
 def teacher_targets(
   teacher_logits: jax.Array,
   *,
@@ -210,6 +238,7 @@ def teacher_targets(
   mode "centering": softmax((t - center) / temperature) over K, per row (``center`` broadcasts, e.g. (1, K)).
   mode "sinkhorn_knopp": ``sinkhorn_knopp`` over all leading axes flattened into rows (the whole global batch;
   ``mask`` selects the rows, e.g. masked patch tokens); ``center`` is ignored.
+  mode "softmax_batch": ``softmax_over_batch`` (DINO appendix), rows as for "sinkhorn_knopp".
   Returns float32 targets of the logits' shape, stop-gradient.
   """
   if mode == "centering":
@@ -219,6 +248,8 @@ def teacher_targets(
     return jax.lax.stop_gradient(jax.nn.softmax(t / temperature, axis=-1))
   if mode == "sinkhorn_knopp":
     return sinkhorn_knopp(teacher_logits, temperature, num_iters, mask=mask)
+  if mode == "softmax_batch":
+    return softmax_over_batch(teacher_logits, temperature, mask=mask)
   raise ValueError(f"teacher_targets: mode must be one of {_TARGET_MODES}, got {mode!r}")
 
 
