@@ -308,3 +308,85 @@ def test_two_device_sharded_batch_gives_the_one_device_values():
   assert set(two) == set(one)
   for name, value in one.items():
     np.testing.assert_allclose(np.asarray(two[name]), np.asarray(value), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---- The official functions themselves (optional: SIMDINO_OFFICIAL_DIR, and SIMDINO_TORCH_PYTHON for torch) ----
+def _clones():
+  clones = os.environ.get("SIMDINO_OFFICIAL_DIR")
+  if not clones:
+    pytest.skip("needs SIMDINO_OFFICIAL_DIR (a folder holding the byol, moco and swav clones)")
+  return clones
+
+
+def test_byol_loss_equals_the_official_helpers_regression_loss():
+  """byol/utils/helpers.py is JAX (imports absl and jax only): its regression_loss, composed as loss_fn does."""
+  import importlib.util
+
+  path = os.path.join(_clones(), "byol", "utils", "helpers.py")
+  spec = importlib.util.spec_from_file_location("byol_official_helpers", path)
+  helpers = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(helpers)
+  rng = np.random.default_rng(9)
+  p1, p2, z1, z2 = (f32(rng.standard_normal((6, 8))) for _ in range(4))
+  official = jnp.mean(helpers.regression_loss(p1, z2) + helpers.regression_loss(p2, z1))
+  np.testing.assert_allclose(float(byol.byol_loss(p1, p2, z1, z2)[0]), float(official), rtol=1e-6)
+
+
+TORCH_SCRIPT = r"""
+import ast, json, sys, types
+import numpy as np, torch, torch.nn as nn
+clones, data = sys.argv[1], json.loads(sys.stdin.read())
+sys.path.insert(0, clones + "/moco")
+from moco import builder
+builder.concat_all_gather = lambda t: t  # one process: the gather is the identity
+torch.Tensor.cuda = lambda self, *a, **k: self  # forward puts the labels on the GPU
+torch.manual_seed(0)
+c, k = data["dim"], data["K"]
+model = builder.MoCo(lambda num_classes: nn.Linear(data["in"], num_classes), dim=c, K=k, m=0.999, T=0.2)
+model._batch_shuffle_ddp = lambda x: (x, None)
+model._batch_unshuffle_ddp = lambda x, idx: x
+im_q, im_k = (torch.tensor(data[n], dtype=torch.float32) for n in ("im_q", "im_k"))
+queue = model.queue.clone()
+with torch.no_grad():
+  qf, kf = model.encoder_q(im_q), model.encoder_k(im_k)  # the two encoders start equal
+  logits, labels = model(im_q, im_k)
+  loss = nn.CrossEntropyLoss()(logits, labels)
+tree = ast.parse(open(clones + "/swav/main_swav.py").read())
+fn = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "distributed_sinkhorn"][0]
+ns = {"torch": torch, "dist": types.SimpleNamespace(all_reduce=lambda x: None),
+      "args": types.SimpleNamespace(epsilon=0.05, sinkhorn_iterations=3, world_size=1)}
+exec(compile(ast.Module(body=[fn], type_ignores=[]), "main_swav.py", "exec"), ns)
+codes = ns["distributed_sinkhorn"](torch.tensor(data["scores"], dtype=torch.float32))
+print("REPORT " + json.dumps(dict(queries=qf.tolist(), keys=kf.tolist(), queue=queue.tolist(), loss=float(loss),
+                                  new_queue=model.queue.tolist(), ptr=int(model.queue_ptr), codes=codes.tolist())))
+"""
+
+
+def test_moco_and_swav_equal_the_official_torch_functions():
+  """moco builder.MoCo.forward (+ CrossEntropyLoss) and _dequeue_and_enqueue, swav distributed_sinkhorn, run by
+  torch on the same arrays (one process: the gathers and all-reduces are identities)."""
+  clones, python = _clones(), os.environ.get("SIMDINO_TORCH_PYTHON")
+  if not python:
+    pytest.skip("needs SIMDINO_TORCH_PYTHON (a Python with torch)")
+  rng = np.random.default_rng(10)
+  data = {"dim": 4, "K": 12, "in": 6, "im_q": rng.standard_normal((3, 6)).tolist()}
+  data["im_k"] = rng.standard_normal((3, 6)).tolist()
+  data["scores"] = np.tanh(rng.standard_normal((5, 7))).tolist()
+  out = subprocess.run(
+    [python, "-c", TORCH_SCRIPT, clones],
+    input=json.dumps(data),
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )  # a hang guard, not a speed check
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads([line for line in out.stdout.splitlines() if line.startswith("REPORT ")][-1][len("REPORT ") :])
+  queue = f32(np.asarray(r["queue"]).T)  # the official (C, K) buffer as (K, C) rows
+  loss, _ = moco.info_nce_loss(f32(r["queries"]), f32(r["keys"]), queue, temperature=0.2)
+  np.testing.assert_allclose(float(loss), r["loss"], rtol=1e-5)
+  new, ptr = moco.dequeue_and_enqueue(queue, 0, moco.l2_normalize(f32(r["keys"])))
+  assert int(ptr) == r["ptr"] == 3
+  np.testing.assert_allclose(np.asarray(new), np.asarray(r["new_queue"]).T, rtol=1e-5, atol=1e-6)
+  codes = swav.distributed_sinkhorn(f32(data["scores"]))
+  np.testing.assert_allclose(np.asarray(codes), np.asarray(r["codes"]), rtol=1e-5, atol=1e-7)
