@@ -7,20 +7,19 @@ network trained for two steps on the embedded digits.
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli_errors import parse
+from test_cli_errors import run as run_cli
 
-from simdino_jax import evaluate
 from simdino_jax import config as config_lib
-from simdino_jax.train import trainer
-from simdino_jax import evals
+from simdino_jax import evals, evaluate
 from simdino_jax.evals import attention, fewshot, knn, linear
+from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -313,7 +312,7 @@ def test_evaluate_writes_every_json_and_attention_pngs(trained):
       assert im.size == ((2 + 2) * tile, 2 * tile) and im.mode == "RGB"  # (width, height): 2 + heads columns
 
 
-def test_cli_evaluates_the_student_and_refuses_unknown_names(trained, tmp_path):
+def test_cli_evaluates_the_student_and_refuses_unknown_names(trained, tmp_path, monkeypatch):
   _, workdir = trained
   config_file = tmp_path / "tiny.py"  # the run's own config, as a config file for the CLI
   config_file.write_text(
@@ -321,19 +320,16 @@ def test_cli_evaluates_the_student_and_refuses_unknown_names(trained, tmp_path):
     "from conftest import make_tiny_config\n\n\ndef get_config():\n"
     f"  c = make_tiny_config()\n  c.update_from_flattened_dict({E2E_FIELDS!r})\n  return c\n"
   )
-  env = dict(os.environ, JAX_PLATFORMS="cpu", SIMDINO_NO_TCMALLOC="1")
-  base = [sys.executable, "-m", "simdino_jax.evaluate", f"--config={config_file}", f"--workdir={workdir}"]
-  bad = subprocess.run(base + ["--eval=knn,svm"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and f"valid: {', '.join(config_lib.base_config().evals)}" in bad.stderr
-  out = subprocess.run(
+  # In-process: the entry point's flags, parser and main as app.run calls them (test_cli_errors.parse / run).
+  base = [f"--config={config_file}", f"--workdir={workdir}"]
+  status, message = run_cli("simdino_jax.evaluate", base + ["--eval=knn,svm"], monkeypatch)
+  assert status != 0 and f"valid: {', '.join(config_lib.base_config().evals)}" in message
+  flag_values, rest = parse(
+    "simdino_jax.evaluate",
     base + ["--eval=attention", "--which=student", "--config.evals.attention.num_images=2"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+    monkeypatch,
   )
-  assert out.returncode == 0, out.stderr[-3000:]
+  evaluate.main(rest, flag_values)  # returns: exit status 0
   student = json.load(open(os.path.join(workdir, "eval", "attention_student.json")))
   assert student["features"] == "student backbone" and student["num_images"] == 2
   assert sorted(os.listdir(os.path.join(workdir, "eval", "attention_student"))) == [
