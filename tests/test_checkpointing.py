@@ -189,31 +189,43 @@ def test_checkpoint_of_another_config_is_refused_not_moved(run_a, tiny_config, t
   assert sorted(os.listdir(directory)) == ["2", "4", "6"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_exits_75_and_the_rerun_ends_as_an_uninterrupted_run(run_a, env, target, tmp_path, signum):
-  with open(tmp_path / "stderr.log", "w") as err:
-    proc = subprocess.Popen(cli(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+def stop_with(signum, after: str, workdir, env) -> int:
+  """Runs the CLI on ``workdir``, sends ``signum`` once a stdout line starts with ``after`` (the handler is
+  installed before the evaluation at init and before a resume), checks that it saved a checkpoint and exited 75;
+  returns the step it stopped at."""
+  with open(workdir / "stderr.log", "w") as err:
+    proc = subprocess.Popen(cli(workdir), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     seen = []
-    for line in proc.stdout:  # the handler is installed before the evaluation at init
+    for line in proc.stdout:
       seen.append(line)
-      if line.startswith("knn at init"):
+      if line.startswith(after):
         break
     proc.send_signal(signum)  # SIGINT: what Ctrl-C sends
     stdout = "".join(seen) + proc.communicate(timeout=300)[0]
   # 75 (EX_TEMPFAIL, simdino_jax.train's EXIT_STOPPED): stopped after saving, re-run to resume.
-  assert proc.returncode == 75, (tmp_path / "stderr.log").read_text()[-3000:]
-  assert "Traceback" not in (tmp_path / "stderr.log").read_text()
-  steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert proc.returncode == 75, (workdir / "stderr.log").read_text()[-3000:]
+  assert "Traceback" not in (workdir / "stderr.log").read_text()
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   stopped = steps[-1]
   assert stopped < 6, "the run finished before the signal"
   name = signal.Signals(signum).name
-  assert f"{name}: stopped at step {stopped}/6, checkpoint {tmp_path / 'checkpoints' / str(stopped)}" in stdout
-  assert (tmp_path / "checkpoints" / str(stopped) / checkpointing.COMMIT_MARKER).exists()
-  assert not (tmp_path / "eval" / "knn.json").exists()  # stopped before the final evaluation
-  assert not (tmp_path / "run.lock").exists()  # the workdir is free again
+  assert f"{name}: stopped at step {stopped}/6, checkpoint {workdir / 'checkpoints' / str(stopped)}" in stdout
+  assert (workdir / "checkpoints" / str(stopped) / checkpointing.COMMIT_MARKER).exists()
+  assert not (workdir / "eval" / "knn.json").exists()  # stopped before the final evaluation
+  assert not (workdir / "run.lock").exists()  # the workdir is free again
+  return stopped
 
+
+def test_sigterm_and_sigint_each_save_and_exit_75_and_the_rerun_ends_as_an_uninterrupted_run(
+  run_a, env, target, tmp_path
+):
+  # One workdir through both signals (one CLI run fewer than a fresh run per signal): SIGTERM during the
+  # evaluation at init, then SIGINT (what Ctrl-C sends) to the resumed run, then the run to its end.
+  first = stop_with(signal.SIGTERM, "knn at init", tmp_path, env)
+  second = stop_with(signal.SIGINT, f"resumed from step {first}", tmp_path, env)
+  assert second >= first
   out = subprocess.run(cli(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0 and f"resumed from step {stopped}" in out.stdout, out.stderr[-3000:]
+  assert out.returncode == 0 and f"resumed from step {second}" in out.stdout, out.stderr[-3000:]
   assert_trees_equal(restore(tmp_path, 6, target), restore(run_a, 6, target))  # bit-identical end state
 
 
