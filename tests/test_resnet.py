@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from simdino_jax.errors import InteropError
+from simdino_jax.io import torch_interop
 from simdino_jax.io.torchvision_resnet import from_torchvision, load_resnet_state_dict, to_torchvision
 from simdino_jax.models import resnet as resnet_module
 from simdino_jax.models.resnet import BatchNorm, ResNet, resnet, resnet_kwargs
@@ -313,6 +314,9 @@ def test_import_round_trip_and_dino_checkpoint_layouts():
   assert isinstance(model, ResNet) and model.num_features == 128
   np.testing.assert_array_equal(np.asarray(model.layer4[0].downsample[1].var[...]), values["layer4/0/downsample/1/var"])
   assert sorted(from_torchvision(sd)) == sorted(values)
+  # A file without the step counters (DINO's hubconf loads its release with strict=False): counted from 0.
+  uncounted = load_resnet_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
+  assert int(uncounted.params["layer3/0/bn2/num_batches_tracked"]) == 0
 
 
 def test_import_errors_name_the_torchvision_key():
@@ -326,6 +330,8 @@ def test_import_errors_name_the_torchvision_key():
   missing = {k: v for k, v in sd.items() if k != "layer2.1.bn1.running_var"}
   with pytest.raises(InteropError, match="missing key 'layer2.1.bn1.running_var'"):
     load_resnet_state_dict(missing)
+  with pytest.raises(InteropError, match="a torchvision ResNet state dict, not a ViT: .*load_resnet_state_dict"):
+    torch_interop.load_state_dict({f"module.backbone.{k}": v for k, v in sd.items()})
   with pytest.raises(InteropError, match="batch statistics"):
     to_torchvision({k: v for k, v in values.items() if not k.endswith(("mean", "var", "tracked"))})
 

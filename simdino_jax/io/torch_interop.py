@@ -464,6 +464,11 @@ def infer_vit_kwargs(state: Mapping[str, Any], *, num_heads: int | None = None, 
   embed_dim, depth, patch size, image size (pos-embed grid x patch), registers, LayerScale, FFN type and mlp
   ratio come from the shapes; the head count is not in the weights: `num_heads`, default embed_dim // 64 (ViT-Ti
   /S/B/L/g)."""
+  if "cls_token" not in state and "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
+    raise InteropError(
+      f"{where}: a torchvision ResNet state dict, not a ViT: import it with "
+      "simdino_jax.io.torchvision_resnet.load_resnet_state_dict"
+    )
   _, _, dim = _shape(state, "cls_token", where, 3)
   d, c, ph, pw = _shape(state, "patch_embed.proj.weight", where, 4)
   if ph != pw or c != 3 or d != dim:

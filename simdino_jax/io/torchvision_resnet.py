@@ -158,7 +158,7 @@ class ImportedResNet:
 def load_resnet_state_dict(source: Any, *, which: str = "teacher", strict: bool = False, where: str | None = None):
   """A torchvision / DINO ResNet state dict (a path: .pth with torch installed, .safetensors, .npz; or a mapping of
   arrays / tensors) -> ImportedResNet. Missing keys and misshaped arrays raise InteropError naming the torchvision
-  key; keys that are not backbone entries (``fc.*``, heads) are ignored and listed, or refused with ``strict``."""
+  key (a missing ``num_batches_tracked`` is 0); keys that are not backbone entries (``fc.*``, heads) are ignored and listed, or refused with ``strict``."""
   if isinstance(source, (str, os.PathLike)):
     where = where or os.fspath(source)
     obj, _ = read_state_dict(os.fspath(source))
@@ -174,6 +174,11 @@ def load_resnet_state_dict(source: Any, *, which: str = "teacher", strict: bool 
     key = torchvision_name(name)
     shape = tuple(leaf.shape)
     want = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
+    if key not in state and name.endswith("num_batches_tracked"):
+      # Only counts steps (BN uses momentum 0.1, never this count); older torch files and DINO's released
+      # weights, which DINO's hubconf loads with strict=False, may lack it.
+      params[name] = np.zeros(shape, leaf.dtype)
+      continue
     if key not in state:
       raise InteropError(f"{where}: missing key {key!r} (expected shape {list(want)})")
     a = _to_numpy(state[key])
