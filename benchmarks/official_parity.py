@@ -98,7 +98,7 @@ STEP0_TOL, LOSS_TOL, PARAM_TOL = 1e-5, 1e-3, 1e-3
 FORWARD_TOL = 1e-5  # step-0 head outputs, ||ours - official|| / ||official||
 # --dtype bfloat16: ours computing in bfloat16 against the official autocast; bfloat16 keeps 8 bits of mantissa
 # (relative rounding 2**-9 = 2e-3 per operation), and the two sides round different operations.
-BF16_LOSS_TOL, BF16_UPDATE_TOL = 1e-2, 0.1
+BF16_LOSS_TOL, BF16_UPDATE_TOL = 1e-3, 0.1  # dino, 3 steps: 7.5e-5, 3.6e-2
 OFFICIAL_EPS = 0.05  # SimDINO README --eps (official eps = paper eps**2)
 
 
@@ -639,6 +639,8 @@ def run_official_v1(
     "sys": sys,
     "utils": utils,
     "wandb": types.SimpleNamespace(log=lambda *a, **k: None),
+    # utils.setup_for_distributed's print (force=): train_one_epoch's "Loss is nan, stopping training" line
+    "print": lambda *a, force=False, **k: print(*a, **k),
   }
   loss_name = "MCRLoss" if method == "simdino" else "DINOLoss"
   _extract(main_dino, ("train_one_epoch", loss_name), ns)
@@ -856,8 +858,9 @@ def main(argv=None):
     "--dtype",
     choices=("float32", "bfloat16"),
     default="float32",
-    help="bfloat16 (simdino, dino): our model.dtype bfloat16 against the official mixed-precision branch under "
-    "torch.autocast('cpu', bfloat16); compared within BF16_LOSS_TOL / BF16_UPDATE_TOL, not the float32 goals",
+    help="bfloat16 (dino; simdino's official loss is not finite under bfloat16 autocast): our model.dtype "
+    "bfloat16 against the official mixed-precision branch under torch.autocast('cpu', bfloat16); compared within "
+    "BF16_LOSS_TOL / BF16_UPDATE_TOL, not the float32 goals",
   )
   parser.add_argument(
     "--drop_path",

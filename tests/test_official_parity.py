@@ -24,7 +24,7 @@ STEP0_TOL, LOSS_TOL, PARAM_TOL = 1e-5, 1e-3, 1e-3
 # The student's whole update (student_update_rel_diff, all leaves together) is held to 1e-3 at any length.
 STEPS = int(os.environ.get("SIMDINO_PARITY_STEPS", "3"))
 SHORT_RUN_PARAM_TOL = 1e-2
-BF16_LOSS_TOL, BF16_UPDATE_TOL = 1e-2, 0.1  # as official_parity.py's (--dtype bfloat16)
+BF16_LOSS_TOL, BF16_UPDATE_TOL = 1e-3, 0.1  # as official_parity.py's (--dtype bfloat16)
 
 
 def _run(args, python=sys.executable, timeout=60):
@@ -128,10 +128,11 @@ def test_parity_with_drop_path_and_ten_local_crops(method):
 
 
 def test_bfloat16_run_is_close_to_the_official_autocast_run():
-  """simdino with our model.dtype bfloat16 against the official --use_fp16 branch under torch.autocast('cpu',
+  """dino with our model.dtype bfloat16 against the official --use_fp16 branch under torch.autocast('cpu',
   bfloat16): different roundings of the same computation, held to the bfloat16 bounds (official_parity.py
-  BF16_LOSS_TOL, BF16_UPDATE_TOL) in both loss conventions."""
-  r = _parity_run("simdino", "--dtype", "bfloat16")
+  BF16_LOSS_TOL, BF16_UPDATE_TOL) in both loss conventions. (simdino: the official loss is not finite at step 0
+  under bfloat16 autocast on this preset, docs/parity.md.)"""
+  r = _parity_run("dino", "--dtype", "bfloat16")
   report = json.dumps(
     {k: r.get(k) for k in ("losses_ours", "losses_official", "our_convention", "student_update_rel_diff")}
   )
