@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+
 from simdino_jax.errors import PlotError
 
 # Panel order and grouping. Keys not named here are loss terms of some method: they get a panel each, after the

@@ -16,11 +16,11 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from simdino_jax import config as config_lib  # noqa: E402
-
 import claims  # noqa: E402
 import miniature  # noqa: E402
 import recipe_transfer  # noqa: E402
+
+from simdino_jax import config as config_lib  # noqa: E402
 
 TINY = [
   "model.embed_dim=32",

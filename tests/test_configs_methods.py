@@ -11,8 +11,8 @@ import runpy
 
 import pytest
 
-from simdino_jax import methods
 from simdino_jax import config as config_lib
+from simdino_jax import methods
 from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

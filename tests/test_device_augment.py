@@ -360,6 +360,7 @@ def device_run(tmp_path_factory):
   """4 steps of batch 8 over a 16-image train split (2 epochs) in device mode with one grain worker; 2 of the
   16 files are corrupt (one truncated, one not an image) and each is followed by a good file."""
   from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+
   from simdino_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp("device_run")

@@ -7,10 +7,10 @@ first epoch, so AdamW skips it: no moments, no decay, and its step count starts 
 apply_optim_scheduler) gives it lr 0: its moments accumulate, the weights (decay included) do not move.
 """
 
-import ml_collections
-import numpy as np
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import pytest
 
 from simdino_jax import optim, schedules

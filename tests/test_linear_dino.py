@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from simdino_jax import evaluate
 from simdino_jax import config as config_lib
+from simdino_jax import evaluate
 from simdino_jax.data import augment
 from simdino_jax.evals import linear_dino, runner
 

@@ -13,8 +13,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import checkpoint_at_init, make_tiny_config
+
 from simdino_jax import export
 from simdino_jax.errors import CheckpointMismatchError, ResumeError
 from simdino_jax.io import formats

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from etils import epath
-
 from conftest import make_tiny_config
+from etils import epath
 from test_step import fixed_batch
+
 from simdino_jax import export
 from simdino_jax.errors import CheckpointMismatchError, ResumeError
 from simdino_jax.io import checkpointing

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from simdino_jax import optim, schedules
 from simdino_jax import config as config_lib
+from simdino_jax import optim, schedules
 
 
 def official_cosine_scheduler(base, final, total, warmup, start_warmup=0.0):

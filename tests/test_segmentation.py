@@ -324,6 +324,7 @@ def _write_shapes(root, n_train=12, n_val=6, size=48):
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory):
   from conftest import make_tiny_config
+
   from simdino_jax.io import checkpointing
   from simdino_jax.train import trainer
 
@@ -365,6 +366,7 @@ def test_segmentation_through_evaluate_beats_chance_and_writes_json_and_pictures
 
 def test_validation_refuses_bad_fields():
   from conftest import make_tiny_config
+
   from simdino_jax import config as config_lib
 
   for field, value, match in [

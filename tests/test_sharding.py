@@ -17,8 +17,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from simdino_jax import sharding
 from simdino_jax import config as config_lib
+from simdino_jax import sharding
 from simdino_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,9 +7,9 @@ import numpy as np
 from flax import nnx
 
 from simdino_jax import methods, optim, schedules
+from simdino_jax.methods import build_network
 from simdino_jax.train.state import TrainState
 from simdino_jax.train.step import make_train_step
-from simdino_jax.methods import build_network
 
 
 def build(config, momentum=0.9):

@@ -244,6 +244,7 @@ def test_tfds_source_is_sharded_by_process_like_every_source(data_dir):
 
 def test_trainer_trains_on_a_tfds_source(data_dir, tmp_path):
   from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+
   from simdino_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   c = make_tiny_config()

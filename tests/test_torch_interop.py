@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from conftest import make_tiny_config
 from flax import nnx
 
-from conftest import make_tiny_config
 from simdino_jax import export, methods
 from simdino_jax.backbone import load_backbone
 from simdino_jax.errors import ExportError, InteropError

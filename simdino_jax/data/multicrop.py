@@ -23,7 +23,6 @@ from PIL import Image
 
 from simdino_jax.data import augment
 
-
 # "host": every augmentation on the host; "device": the host only crops (uint8), the rest runs in the jitted step.
 AUGMENT_MODES = ("host", "device")
 

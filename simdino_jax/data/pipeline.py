@@ -59,9 +59,9 @@ import numpy as np
 from PIL import Image
 
 from simdino_jax.data import augment
-from simdino_jax.data.sources import eval_example
 from simdino_jax.data.masking import BatchMasks
 from simdino_jax.data.multicrop import MultiCrop, MultiCropConfig
+from simdino_jax.data.sources import eval_example
 
 
 def _derive_seed(seed: int, *stream: int) -> int:
