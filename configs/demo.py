@@ -4,7 +4,7 @@ Command (the README's main command):
 
   python -m simdino_jax.train --config=configs/demo.py --workdir=/tmp/simdino_demo
 
-Runtime: about 3 minutes on 2 CPU cores with tcmalloc (166 s measured, compilation and both k-NN evaluations included).
+Runtime: about 2 minutes on 2 CPU cores with tcmalloc (121 s measured, compilation and both k-NN evaluations included).
 Expected result: DIR/eval/knn.json with the teacher backbone's k-NN top-1 around 72% against about 51% for the
 same network at initialisation (`accuracy_at_init`); docs/results.md has the measured figures.
 

@@ -3,7 +3,7 @@ points.
 
 The demo config as shipped, shortened from 600 to 200 steps (warm-up 60 -> 20, the same tenth; in-process, to skip a
 second compilation cache): 92 s of CPU time instead of 234 s (2 cores), with a wide margin: 60.7% vs 51.5% at
-initialisation, +9.2 points against the 3 required (150 steps gave +7.2, 250 steps +12.5, the full 600 steps +20.9:
+initialisation, +9.2 points against the 3 required (150 steps gave +7.2, 250 steps +12.5, the full 600 steps +20.3:
 docs/results.md).
 """
 
