@@ -246,12 +246,9 @@ def apply_command_line(config: ml_collections.ConfigDict, overrides) -> list[str
   ]
 
 
-_require = require  # errors.require: the one config check
-
-
 def _one_of(value, options: tuple, field: str) -> None:
   """``value`` must be one of ``options``, the list the module that uses the field owns."""
-  _require(value in options, field, f"must be one of {', '.join(map(repr, options))}, got {value!r}")
+  require(value in options, field, f"must be one of {', '.join(map(repr, options))}, got {value!r}")
 
 
 def validate(
@@ -261,56 +258,56 @@ def validate(
 
   ``num_local_devices`` (this process's devices) defaults to num_devices // num_processes."""
   _validate_structure(config)
-  _require(
+  require(
     config.method in methods.METHODS,
     "method",
     f"unknown method {config.method!r}; choose one of {sorted(methods.METHODS)}",
   )
-  _require(config.batch_size > 0, "batch_size", f"must be positive, got {config.batch_size}")
-  _require(
+  require(config.batch_size > 0, "batch_size", f"must be positive, got {config.batch_size}")
+  require(
     config.batch_size % num_devices == 0,
     "batch_size",
     f"{config.batch_size} is not divisible by the {num_devices} devices",
   )
-  _require(
+  require(
     config.batch_size % num_processes == 0,
     "batch_size",
     f"{config.batch_size} is not divisible by the {num_processes} processes",
   )
   local = num_local_devices if num_local_devices is not None else max(num_devices // num_processes, 1)
   per_process = config.batch_size // num_processes
-  _require(
+  require(
     per_process % local == 0,
     "batch_size",
     f"{config.batch_size} over {num_processes} processes gives {per_process} examples per process, "
     f"not divisible by its {local} local devices",
   )
-  _require(
+  require(
     config.total_steps > 0 or config.total_epochs > 0,
     "total_steps",
     "set total_steps or total_epochs to a positive value",
   )
-  _require(config.log_every > 0, "log_every", f"must be positive, got {config.log_every}")
-  _require(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
-  _require(config.checkpoint_keep >= 1, "checkpoint_keep", f"must be >= 1, got {config.checkpoint_keep}")
-  _require(
+  require(config.log_every > 0, "log_every", f"must be positive, got {config.log_every}")
+  require(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
+  require(config.checkpoint_keep >= 1, "checkpoint_keep", f"must be >= 1, got {config.checkpoint_keep}")
+  require(
     isinstance(config.restart_from_step, int) and config.restart_from_step >= 0,
     "restart_from_step",
     f"must be a step >= 0 (0: the newest checkpoint), got {config.restart_from_step!r}",
   )
   for field in ("resume", "init_from"):
-    _require(
+    require(
       isinstance(config.get(field, ""), str),
       field,
       f"must be a path (a workdir, a checkpoint directory or an exported file), got {config.get(field)!r}",
     )
-  _require(
+  require(
     isinstance(config.model.get("remat", False), bool),
     "model.remat",
     f"must be True or False, got {config.model.get('remat')!r}",
   )
 
-  _require(
+  require(
     bool(config.data.source),
     "data.source",
     "not set: give the training data as folder:PATH, npz:PATH, tfds:NAME or digits (your photos: "
@@ -319,24 +316,24 @@ def validate(
     "launch/prepare_data.sh cifar10 https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz /path/to/cifar10.tar)",
   )
   sizes = [size for _, size in config.mesh]
-  _require(
+  require(
     all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
     "mesh",
     f"axis sizes must be positive with at most one -1, got {config.mesh}",
   )
   fixed = math.prod(s for s in sizes if s > 0)
-  _require(
+  require(
     num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices),
     "mesh",
     f"{config.mesh} does not fit {num_devices} devices",
   )
   names = [name for name, _ in config.mesh]
-  _require(
+  require(
     len(set(names)) == len(names) and all(n in sharding.MESH_AXES for n in names),
     "mesh",
     f"axis names must be distinct, each 'data' or 'fsdp' (sharding.MESH_AXES), got {names}",
   )
-  _require(
+  require(
     isinstance(config.sharding.fsdp_min_size, int) and config.sharding.fsdp_min_size >= 0,
     "sharding.fsdp_min_size",
     f"must be an integer >= 0, got {config.sharding.fsdp_min_size!r}",
@@ -350,29 +347,29 @@ def validate(
   patch = variant["patch_size"]
   d = config.data
   _validate_patch_sizes(config, patch)
-  _require(
+  require(
     d.num_global in (1, 2), "data.num_global", f"the DINO recipe defines one or two global crops, got {d.num_global}"
   )
-  _require(d.num_local >= 0, "data.num_local", f"must be >= 0, got {d.num_local}")
+  require(d.num_local >= 0, "data.num_local", f"must be >= 0, got {d.num_local}")
   for field in ("global_scale", "local_scale"):
     lo, hi = d[field]
-    _require(0 < lo <= hi <= 1, f"data.{field}", f"need 0 < min <= max <= 1, got {d[field]}")
-  _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    require(0 < lo <= hi <= 1, f"data.{field}", f"need 0 < min <= max <= 1, got {d[field]}")
+  require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
   _one_of(d.augment_mode, AUGMENT_MODES, "data.augment_mode")
   _one_of(d.augment.get("resize", "cv2"), augment.RESIZE_BACKENDS, "data.augment.resize")
-  _require(
+  require(
     isinstance(d.tfds_data_dir, str),
     "data.tfds_data_dir",
     f"must be a directory path (or '' for $TFDS_DATA_DIR), got {d.tfds_data_dir!r}",
   )
   _one_of(config.model.dtype, tuple(DTYPES), "model.dtype")
-  _require(
+  require(
     0.0 <= config.model.drop_path_rate < 1.0,
     "model.drop_path_rate",
     f"must be in [0, 1), got {config.model.drop_path_rate}",
   )
   _one_of(config.model.token_init, TOKEN_INITS, "model.token_init")
-  _require(
+  require(
     config.head.out_dim > 0 and config.head.hidden_dim > 0 and config.head.num_layers >= 1,
     "head",
     "out_dim, hidden_dim must be positive and num_layers >= 1",
@@ -382,17 +379,17 @@ def validate(
   methods.get_method(config.method).validate(config, num_devices=num_devices)
 
   o = config.optim
-  _require(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "lr and min_lr must be >= 0")
+  require(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "lr and min_lr must be >= 0")
   _one_of(o.lr_scaling, optim.LR_SCALINGS, "optim.lr_scaling")
   _one_of(o.clip_mode, optim.CLIP_MODES, "optim.clip_mode")
   _one_of(o.get("warmup_rule", "linspace"), schedules.WARMUP_RULES, "optim.warmup_rule")
   _one_of(o.get("freeze_mode", "drop_grads"), optim.FREEZE_MODES, "optim.freeze_mode")
-  _require(
+  require(
     0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0,
     "optim.layer_decay",
     "layer_decay must be in (0, 1] and patch_embed_lr_mult positive",
   )
-  _require(
+  require(
     0.0 <= config.teacher.momentum <= 1.0 and 0.0 <= config.teacher.momentum_end <= 1.0,
     "teacher.momentum",
     "momentum and momentum_end must be in [0, 1]",
@@ -410,7 +407,7 @@ def _validate_structure(config: ml_collections.ConfigDict) -> None:
   """The shapes of tuple-valued fields, before anything unpacks them (a command-line "--config.mesh=foo" is the
   1-tuple ("foo",))."""
   mesh = config.mesh
-  _require(
+  require(
     isinstance(mesh, (tuple, list))
     and len(mesh) >= 1
     and all(
@@ -455,9 +452,9 @@ def _validate_patch_sizes(config: ml_collections.ConfigDict, patch: int) -> None
 
 def _validate_eval(config: ml_collections.ConfigDict, patch: int, depth: int, num_devices: int = 1) -> None:
   e = config.eval
-  _require(e.batch_size >= 1, "eval.batch_size", f"must be positive, got {e.batch_size}")
+  require(e.batch_size >= 1, "eval.batch_size", f"must be positive, got {e.batch_size}")
   _one_of(e.get("dtype", "float32"), EVAL_DTYPES, "eval.dtype")
-  _require(
+  require(
     e.image_size == 0 or (e.image_size > 0 and e.image_size % patch == 0),
     "eval.image_size",
     f"must be 0 (the global crop size) or a positive multiple of the patch size {patch}, got {e.image_size}",

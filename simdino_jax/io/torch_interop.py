@@ -349,6 +349,16 @@ def _file_kind(path: str) -> str:
   return "safetensors"
 
 
+def read_source(source: Any, where: str | None) -> tuple[Any, dict[str, str], str]:
+  """(state dict object, file metadata, name for errors) of a loader's ``source``: a path (read_state_dict) or a
+  mapping of names to arrays / tensors (no metadata; named ``where`` or "state dict")."""
+  if isinstance(source, (str, os.PathLike)):
+    return (*read_state_dict(os.fspath(source)), where or os.fspath(source))
+  if isinstance(source, Mapping):
+    return source, {}, where or "state dict"
+  raise InteropError(f"source must be a path or a mapping of names to arrays, got {type(source).__name__}")
+
+
 def read_state_dict(path: str) -> tuple[dict[str, Any], dict[str, str]]:
   """({key: array or nested dict}, metadata) of a .pth (needs torch), .safetensors or .npz file."""
   path = os.fspath(path)
@@ -588,14 +598,7 @@ def load_state_dict(
 
   Missing keys and misshaped arrays raise InteropError naming the official key and the expected vs got shape; a
   missing mask_token (DINO v1 has none) is zeros."""
-  metadata: dict[str, str] = {}
-  if isinstance(source, (str, os.PathLike)):
-    where = where or os.fspath(source)
-    obj, metadata = read_state_dict(os.fspath(source))
-  elif isinstance(source, Mapping):
-    where, obj = where or "state dict", source
-  else:
-    raise InteropError(f"source must be a path or a mapping of names to arrays, got {type(source).__name__}")
+  obj, metadata, where = read_source(source, where)
   if config is None and metadata.get("config"):
     try:
       config = json.loads(metadata["config"])

@@ -25,7 +25,6 @@ Python API: ``to_torchvision(params)`` / ``from_torchvision(state_dict)``, ``inf
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from simdino_jax.errors import InteropError
-from simdino_jax.io.torch_interop import _normalise_keys, _select_state_dict, _to_numpy, read_state_dict
+from simdino_jax.io.torch_interop import _normalise_keys, _select_state_dict, _to_numpy, read_source
 from simdino_jax.models.resnet import ResNet
 from simdino_jax.tree import map_with_name, named_leaves
 
@@ -159,13 +158,7 @@ def load_resnet_state_dict(source: Any, *, which: str = "teacher", strict: bool 
   """A torchvision / DINO ResNet state dict (a path: .pth with torch installed, .safetensors, .npz; or a mapping of
   arrays / tensors) -> ImportedResNet. Missing keys and misshaped arrays raise InteropError naming the torchvision
   key (a missing ``num_batches_tracked`` is 0); keys that are not backbone entries (``fc.*``, heads) are ignored and listed, or refused with ``strict``."""
-  if isinstance(source, (str, os.PathLike)):
-    where = where or os.fspath(source)
-    obj, _ = read_state_dict(os.fspath(source))
-  elif isinstance(source, Mapping):
-    where, obj = where or "state dict", source
-  else:
-    raise InteropError(f"source must be a path or a mapping of names to arrays, got {type(source).__name__}")
+  obj, _, where = read_source(source, where)
   state, ignored = _normalise_keys(_select_state_dict(obj, which, where), which, where)
   kwargs = infer_resnet_kwargs(state, where=where)
   abstract = nnx.eval_shape(lambda: ResNet(**kwargs, rngs=nnx.Rngs(0)))
