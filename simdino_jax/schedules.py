@@ -84,3 +84,26 @@ def teacher_temperature(
     return jnp.where(index < length, warm, temp).astype(jnp.float32)
 
   return schedule
+
+
+def linear_warmup_cosine_constant(
+  start: float, peak: float, end: float, warmup_steps: int, total_steps: int, cosine_steps: int | None = None
+) -> Schedule:
+  """DINOv3's ``linear_warmup_cosine_decay`` (dinov3/train/cosine_lr_scheduler.py): np.linspace(start, peak, W,
+  endpoint=False), then a half cosine peak -> end over C steps (np.linspace(0, pi, C): step W + C - 1 reaches end),
+  then ``end`` (C defaults to total - W). DINOv3's Gram loss weight (ViT-7B: start 0, peak 0, end 2, W = 1000
+  epochs, C = 1 epoch) and its other schedules use it."""
+  cosine_steps = total_steps - warmup_steps if cosine_steps is None else cosine_steps
+  if warmup_steps < 0 or cosine_steps < 1 or warmup_steps + cosine_steps > total_steps:
+    raise ValueError(
+      f"need 0 <= warmup ({warmup_steps}) and 1 <= cosine ({cosine_steps}), sum <= total ({total_steps})"
+    )
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = start + (peak - start) * step / max(warmup_steps, 1)
+    frac = jnp.clip((step - warmup_steps) / max(cosine_steps - 1, 1), 0.0, 1.0)
+    cos = (peak - end) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0 + end
+    return jnp.where(step < warmup_steps, warm, cos).astype(jnp.float32)
+
+  return schedule
