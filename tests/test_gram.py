@@ -2,6 +2,10 @@
 (dinov3/loss/gram_loss.py), the refresh rule of dinov3/train/train.py and linear_warmup_cosine_decay
 (dinov3/train/cosine_lr_scheduler.py), lines quoted at each transcription."""
 
+import json
+import os
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +138,38 @@ def test_weight_schedule_matches_linear_warmup_cosine_decay(warmup, total, cosin
   ref = np.concatenate([linear, cos, np.full((total - c - warmup,), end)])
   got = schedules.linear_warmup_cosine_constant(start, peak, end, warmup, total, cosine)(jnp.arange(total))
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
+
+
+_OFFICIAL_DRIVER = r"""
+import importlib.util, json, sys
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("gram_loss", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+data = np.load(sys.argv[2])
+out = {}
+for img_level in (True, False):
+  for name, kw in (("keep", {"remove_neg": False}), ("remove", {"remove_neg": True}),
+                   ("teacher", {"remove_neg": False, "remove_only_teacher_neg": True})):
+    loss = mod.GramLoss(apply_norm=True, **kw)
+    s = torch.tensor(data["s"]); t = torch.tensor(data["t"])
+    out[f"{img_level}-{name}"] = float(loss(s, t, img_level=img_level))
+print(json.dumps(out))
+"""
+
+
+def test_gram_loss_matches_the_official_module_run_in_torch(feats, tmp_path):
+  """The official dinov3/loss/gram_loss.py itself, in the torch venv (SIMDINO_TORCH_PYTHON, SIMDINO_OFFICIAL_DIR)."""
+  python, official = os.environ.get("SIMDINO_TORCH_PYTHON"), os.environ.get("SIMDINO_OFFICIAL_DIR")
+  source = os.path.join(official or "", "dinov3", "dinov3", "loss", "gram_loss.py")
+  if not python or not os.path.exists(source):
+    pytest.skip("needs SIMDINO_TORCH_PYTHON and SIMDINO_OFFICIAL_DIR/dinov3 (facebookresearch/dinov3)")
+  s, t = (a.astype(np.float32) for a in feats)
+  np.savez(tmp_path / "f.npz", s=s, t=t)
+  run = subprocess.run(
+    [python, "-c", _OFFICIAL_DRIVER, source, str(tmp_path / "f.npz")], capture_output=True, text=True
+  )
+  assert run.returncode == 0, run.stderr[-2000:]
+  for key, value in json.loads(run.stdout).items():
+    img_level, negatives = key.split("-")
+    got = gram.gram_loss(jnp.asarray(s), jnp.asarray(t), img_level=img_level == "True", negatives=negatives)
+    np.testing.assert_allclose(float(got), value, rtol=1e-5, err_msg=key)
