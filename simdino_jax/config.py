@@ -176,6 +176,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.adam_eps = 1e-8
+  c.optim.name = "adamw"  # main_dino --optimizer: adamw, sgd (torch.optim.SGD), lars (DINO's utils.LARS)
+  c.optim.momentum = 0.9  # sgd / lars momentum (main_dino.py's SGD(momentum=0.9), LARS's default 0.9)
+  c.optim.lars_eta = 0.001  # LARS trust coefficient eta (DINO utils.LARS / BYOL / SwAV's LARC: 0.001)
+  c.optim.lars_exclude_1d = True  # DINO's LARS: 1-D tensors (biases, norm/BN scales) not rescaled; False: every tensor
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.momentum = 0.996
@@ -384,6 +388,9 @@ def validate(
   _one_of(o.clip_mode, optim.CLIP_MODES, "optim.clip_mode")
   _one_of(o.get("warmup_rule", "linspace"), schedules.WARMUP_RULES, "optim.warmup_rule")
   _one_of(o.get("freeze_mode", "drop_grads"), optim.FREEZE_MODES, "optim.freeze_mode")
+  _one_of(o.get("name", "adamw"), optim.OPTIMIZERS, "optim.name")
+  require(0.0 <= o.get("momentum", 0.9) < 1.0, "optim.momentum", f"must be in [0, 1), got {o.get('momentum', 0.9)}")
+  require(o.get("lars_eta", 0.001) > 0, "optim.lars_eta", f"must be positive, got {o.get('lars_eta', 0.001)}")
   require(
     0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0,
     "optim.layer_decay",

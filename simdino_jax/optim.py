@@ -1,6 +1,14 @@
-"""The optax chain from a config: clipping -> Adam moments -> scheduled decoupled weight decay -> lr.
+"""The optax chain from a config: clipping -> the optimiser (``config.optim.name``) -> lr -> lr multipliers -> freezes.
 
-This is AdamW as in PyTorch (decay multiplied by the learning rate), with the DINO-family details:
+``adamw`` (default): clipping -> Adam moments -> scheduled decoupled weight decay -> lr, AdamW as in PyTorch (decay
+multiplied by the learning rate). ``sgd``: torch.optim.SGD as DINO's main_dino.py builds it (momentum 0.9, dampening
+0, no Nesterov): the scheduled weight decay is added to the gradient, the momentum buffer accumulates that (its first
+value is the first gradient), and the lr multiplies the buffer. ``lars``: DINO's ``utils.LARS`` (the barlowtwins
+LARS): as ``sgd`` with each gradient-plus-decay rescaled by eta ||p|| / ||g + wd p|| before the momentum, except
+the 1-D tensors (biases, norm and BatchNorm scales: ``lars_adapts``), which get neither decay nor rescaling. BYOL's
+optax ``lars`` computes the same update (its exclusion is by name, bias and norm, the same set here); SwAV's apex
+``LARC(clip=False)`` is another variant (eta ||p|| / (||g|| + wd ||p|| + eps), every tensor adapted), not provided.
+The same DINO-family details apply to every optimiser:
   * weight decay follows a cosine schedule (0.04 -> 0.4) and skips biases, norms and LayerScale gammas
     (DINO v1: names ending in bias or any 1-D tensor; DINOv2: names containing bias/norm/gamma; the union of
     both rules gives the same set on our ViT). Tokens, pos-embed and the mask token are decayed, as official.
@@ -19,6 +27,7 @@ import optax
 from simdino_jax import schedules
 from simdino_jax.tree import map_with_name
 
+OPTIMIZERS = ("adamw", "sgd", "lars")  # config.optim.name: main_dino.py's --optimizer choices
 CLIP_MODES = ("per_tensor", "global", "per_module")
 LR_SCALINGS = ("linear_256", "sqrt_1024", "none")  # base lr x batch / 256, x sqrt(batch / 1024), or as given
 # How a frozen leaf (DINO's last layer during the first epoch(s), the weight-norm g with norm_last_layer) is held:
@@ -40,6 +49,77 @@ def decays(name: str, leaf: Any) -> bool:
 
 def weight_decay_mask(params: Any) -> Any:
   return map_with_name(decays, params)
+
+
+def lars_adapts(name: str, leaf: Any) -> bool:
+  """Whether DINO's ``utils.LARS`` rescales (and decays) the parameter: every tensor that is not 1-D in PyTorch
+  (``if p.ndim != 1``). Our weight-norm g is (K,), PyTorch's (K, 1), so it is adapted as there."""
+  return name.rsplit("/", 1)[-1] == "weight_g" or jnp.ndim(leaf) != 1
+
+
+def scale_by_lars_trust(eta: float, mask: Any) -> optax.GradientTransformation:
+  """DINO ``utils.LARS``'s trust ratio on the (gradient + decay) of the masked leaves: x eta ||p|| / ||dp||, or x 1
+  when either norm is 0 (``torch.where(param_norm > 0., torch.where(update_norm > 0, eta * param_norm /
+  update_norm, one), one)``). Needs the parameters."""
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_lars_trust needs the parameters")
+
+    def scale(g, p, m):
+      if not m:
+        return g
+      p_norm = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32))))
+      g_norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+      q = jnp.where(p_norm > 0.0, jnp.where(g_norm > 0.0, eta * p_norm / g_norm, 1.0), 1.0)
+      return (g * q).astype(g.dtype)
+
+    return jax.tree_util.tree_map(scale, updates, params, mask), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class MomentumState(NamedTuple):
+  count: jax.Array
+  mu: Any
+
+
+def momentum_skipping(momentum: float, starts: Any) -> optax.GradientTransformation:
+  """Heavy-ball momentum mu <- momentum mu + g (torch.optim.SGD with dampening 0, DINO's LARS), output mu, where
+  leaf i takes no part until update ``starts[i]`` (-1: never): a skipped update leaves its buffer untouched and
+  outputs 0, as PyTorch's optimisers skip a parameter whose ``.grad`` is None (DINO's freeze_last_layer). A zero
+  initial buffer makes the first active update mu = g, PyTorch's ``buf = torch.clone(d_p)``."""
+
+  def init_fn(params):
+    return MomentumState(count=jnp.zeros((), jnp.int32), mu=jax.tree_util.tree_map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g, mu, start):
+      active = (state.count >= start) if start >= 0 else jnp.asarray(False)
+      new_mu = jnp.where(active, momentum * mu + g, mu)
+      return jnp.where(active, new_mu, jnp.zeros_like(g)).astype(g.dtype), new_mu
+
+    flat_g, treedef = jax.tree_util.tree_flatten(updates)
+    flat = [
+      leaf(g, mu, st) for g, mu, st in zip(flat_g, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(starts))
+    ]
+    out, mu = (treedef.unflatten([f[i] for f in flat]) for i in range(2))
+    return out, MomentumState(count=optax.safe_increment(state.count), mu=mu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def freeze_starts(params: Any, freezes: tuple) -> Any:
+  """Per leaf, the first update it takes part in under "drop_grads": 0, the largest ``until`` of the freezes that
+  mask it, or -1 when one of them never ends."""
+  starts = jax.tree_util.tree_map(lambda _: 0, params)
+  for mask, until in freezes:
+    starts = jax.tree_util.tree_map(
+      lambda s, m, u=until: (-1 if u < 0 or s < 0 else max(s, u)) if m else s, starts, mask
+    )
+  return starts
 
 
 def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
@@ -86,14 +166,25 @@ def wd_schedule(optim_cfg, total_steps: int) -> schedules.Schedule:
 
 
 def make_optimizer(
-  optim_cfg, params: Any, lr: schedules.Schedule, wd: schedules.Schedule, *, lr_mults: Any = None, freezes: tuple = ()
+  optim_cfg,
+  params: Any,
+  lr: schedules.Schedule,
+  wd: schedules.Schedule,
+  *,
+  lr_mults: Any = None,
+  freezes: tuple = (),
+  unit_norm: tuple = (),
 ) -> optax.GradientTransformation:
-  """AdamW with clipping, scheduled weight decay on the masked leaves and the scheduled learning rate.
+  """``optim_cfg.name`` (AdamW, SGD or LARS) with clipping, scheduled weight decay on the masked leaves and the
+  scheduled learning rate. Clipping comes first for every optimiser, as DINO clips ``.grad`` before ``step()``.
 
   lr_mults: optional tree of per-leaf lr multipliers (layer-wise decay, patch-embed multiplier).
   freezes: (mask_tree, until_step) pairs whose leaves get no update while the step is < until_step (< 0: never);
     ``optim_cfg.freeze_mode`` (FREEZE_MODES) says whether their Adam moments meanwhile stay untouched
     ("drop_grads", DINO v1) or accumulate ("zero_lr", DINOv2). Either way the weights do not move, decay included.
+    Under "drop_grads" an SGD / LARS momentum buffer is held too (PyTorch skips a parameter whose .grad is None).
+  unit_norm: (mask_tree, axis) pairs whose leaves are kept unit-norm along ``axis`` (``project_unit_norm``, last in
+    the chain: SwAV's prototypes).
   """
   parts = []
   if optim_cfg.clip_grad > 0:
@@ -108,23 +199,37 @@ def make_optimizer(
   freeze_mode = optim_cfg.get("freeze_mode", "drop_grads")
   if freeze_mode not in FREEZE_MODES:
     raise ValueError(f"config.optim.freeze_mode must be one of {FREEZE_MODES}, got {freeze_mode!r}")
-  if freezes and freeze_mode == "drop_grads":
-    starts = jax.tree_util.tree_map(lambda _: 0, params)
-    for mask, until in freezes:
-      starts = jax.tree_util.tree_map(
-        lambda s, m, u=until: (-1 if u < 0 or s < 0 else max(s, u)) if m else s, starts, mask
-      )
-    adam = scale_by_adam_skipping(optim_cfg.b1, optim_cfg.b2, optim_cfg.adam_eps, starts)
+  starts = freeze_starts(params, freezes) if freezes and freeze_mode == "drop_grads" else None
+  name = optim_cfg.get("name", "adamw")
+  if name == "adamw":
+    if starts is not None:
+      adam = scale_by_adam_skipping(optim_cfg.b1, optim_cfg.b2, optim_cfg.adam_eps, starts)
+    else:
+      adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.adam_eps)
+    parts += [
+      adam,
+      optax.add_decayed_weights(wd, mask=weight_decay_mask(params)),
+      optax.scale_by_learning_rate(lr),
+    ]
+  elif name in ("sgd", "lars"):
+    # Coupled decay (added to the gradient before the momentum), as torch.optim.SGD and DINO's LARS. For LARS the
+    # decayed set is weight_decay_mask (DINO's regularised group: no bias, no 1-D tensor), which is also the set
+    # LARS itself decays (p.ndim != 1), as every bias is 1-D.
+    parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask(params)))
+    if name == "lars":
+      exclude = optim_cfg.get("lars_exclude_1d", True)
+      adapts = map_with_name(lars_adapts if exclude else (lambda name, leaf: True), params)
+      parts.append(scale_by_lars_trust(optim_cfg.get("lars_eta", 0.001), adapts))
+    m = optim_cfg.get("momentum", 0.9)
+    parts.append(momentum_skipping(m, starts) if starts is not None else optax.trace(decay=m, nesterov=False))
+    parts.append(optax.scale_by_learning_rate(lr))
   else:
-    adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.adam_eps)
-  parts += [
-    adam,
-    optax.add_decayed_weights(wd, mask=weight_decay_mask(params)),
-    optax.scale_by_learning_rate(lr),
-  ]
+    raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {name!r}")
   if lr_mults is not None:
     parts.append(scale_by_tree(lr_mults))
   parts += [freeze(mask, until) for mask, until in freezes]
+  # SwAV's prototypes: kept unit-norm after everything else (project_unit_norm's docstring: why this is exact).
+  parts += [project_unit_norm(mask, axis) for mask, axis in unit_norm]
   return optax.chain(*parts)
 
 
@@ -241,3 +346,32 @@ def freeze(mask: Any, until_step: int) -> optax.GradientTransformation:
     return updates, FreezeState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def project_unit_norm(mask: Any, axis: int = -1) -> optax.GradientTransformation:
+  """Keep the masked leaves unit-norm along ``axis`` (``make_optimizer``'s ``unit_norm``): the update becomes
+  normalize(p + u) - p, so that ``optax.apply_updates`` stores normalize(p + u) (to float32 rounding, ~1 ulp), with
+  torch's ``F.normalize`` (norm bounded below by 1e-12). Last in the chain, after weight decay and freezes.
+
+  SwAV (main_swav.py) renormalises its prototypes in place at the start of every iteration, before the forward: the
+  forward, the gradients, the weight decay and the optimiser's state all see the unit-norm weights w_t, and the
+  step stores w_t + u_t, which the next iteration renormalises. Storing normalize(w_t + u_t) at the end of step t
+  gives every forward and every optimiser step the same weights, given unit-norm initial weights (the official
+  normalisation of the first iteration, applied at init); only the value stored between iterations differs (an
+  official checkpoint holds the unnormalised w_t + u_t). A frozen leaf (u = 0) stays where it is, bit for bit."""
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("project_unit_norm needs the parameters")
+
+    def leaf(u, p, m):
+      if not m:
+        return u
+      new = p.astype(jnp.float32) + u.astype(jnp.float32)
+      new = new / jnp.maximum(jnp.sqrt(jnp.sum(new * new, axis=axis, keepdims=True)), 1e-12)
+      # No update (a frozen leaf): leave the stored unit-norm value bit for bit instead of renormalising it anew.
+      return jnp.where(jnp.any(u != 0), new - p, 0.0).astype(u.dtype)
+
+    return jax.tree_util.tree_map(leaf, updates, params, mask), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
