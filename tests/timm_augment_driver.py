@@ -184,7 +184,8 @@ def _erasing(er, job, arrays):
     return torch.from_numpy(noise[fake.k, top : top + h, left : left + w].transpose(2, 0, 1).copy()).to(dtype)
 
   er._get_pixels = get_pixels
-  t = er.RandomErasing(job["probability"], mode=job["mode"], min_count=lo, max_count=hi, device="cpu")
+  kw = {k: job[k] for k in ("min_area", "max_area", "min_aspect")}
+  t = er.RandomErasing(job["probability"], mode=job["mode"], min_count=lo, max_count=hi, device="cpu", **kw)
   x = torch.from_numpy(arrays[job["x"]].transpose(2, 0, 1).copy())
   return t(x).numpy().transpose(1, 2, 0)
 
