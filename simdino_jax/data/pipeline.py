@@ -47,6 +47,16 @@ Evaluation (``eval_batches``), deterministic and unaugmented:
   the end of the dataset are padding (zeros, label -1, ``valid=False``).
 * An undecodable image is never replaced: its slot is ``valid=False`` (the evaluators drop those slots, as they
   drop padding) and marked in ``"skipped"``.
+
+Fine-tuning augmentations (the BEiT / iBOT / DeiT recipe, timm's; used by the fine-tuning evaluator only, pre-training
+above is unchanged), pure functions with explicit randomness, each tested against timm run on the same draws
+(docs/data.md#fine-tuning-augmentations):
+
+  crop + flip -> RandAugment (:mod:`simdino_jax.data.randaugment`: host, PIL, uint8, a ``np.random.Generator``)
+  -> normalise -> random erasing (:mod:`simdino_jax.data.random_erasing`: JAX, per image, on normalised values)
+  -> mixup / CutMix + label smoothing (:mod:`simdino_jax.data.mixup`: JAX, per batch, (B, K) soft targets)
+
+timm's order: RandAugment inside the per-image transform, erasing after ``Normalize``, mixup on the collated batch.
 """
 
 from __future__ import annotations

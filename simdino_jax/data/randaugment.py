@@ -90,7 +90,11 @@ SIGNED_OPS = frozenset(
     "SharpnessIncreasing",
   }
 )
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.BICUBIC}
+_RESAMPLE = {
+  "nearest": Image.Resampling.NEAREST,
+  "bilinear": Image.Resampling.BILINEAR,
+  "bicubic": Image.Resampling.BICUBIC,
+}
 _RANDOM_RESAMPLE = ("bilinear", "bicubic")  # timm _RANDOM_INTERPOLATION
 
 

@@ -15,9 +15,9 @@ timm's ``create_transform`` appends ``RandomErasing(re_prob, mode=re_mode, max_c
 Here all the draws of one image are made at once from an explicit JAX key (``sample_erasing`` ->
 ``ErasingDraws``: all 10 attempts of every box, the first valid one is used, as timm's loop would), and applied by a
 deterministic function (``apply_erasing``), vmapped over the batch by ``random_erasing``; tests replay the same
-draws in timm (tests/test_random_erasing.py). Images are (H, W, C) here, (C, H, W) in timm. The box sides are computed in
-float32 (float64 in timm): a side can differ by one pixel when ``sqrt(target_area aspect)`` lies within float32
-rounding of a half-integer. Python's ``round`` and ``jnp.round`` both round halves to even. timm's
+draws in timm (tests/test_random_erasing.py). Images are (H, W, C) here, (C, H, W) in timm. The box sides are
+computed in float32 (float64 in timm): a side can differ by one pixel when ``sqrt(target_area aspect)`` lies within
+float32 rounding of a half-integer. Python's ``round`` and ``jnp.round`` both round halves to even. timm's
 ``num_splits`` (a clean, unerased part of the batch for AugMix splits) is not implemented (the recipe's is 0).
 """
 
