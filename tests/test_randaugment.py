@@ -112,7 +112,7 @@ def test_skipped_ops_leave_the_image_and_same_generator_same_result():
   a = ra.rand_augment(img, np.random.default_rng(5))
   np.testing.assert_array_equal(a, ra.rand_augment(img, np.random.default_rng(5)))
   assert a.dtype == np.uint8 and a.shape == img.shape
-  # Posterize to 0 bits (PosterizeIncreasing at the clipped magnitude 10): PIL < 13's mask ~255, a black image.
+  # Posterize to 0 bits (PosterizeIncreasing at the clipped magnitude 10): older Pillow's mask ~255, a black image.
   black = ra.apply_ops(img, [ra.RandAugmentOp("PosterizeIncreasing", True, 10.0, False)])
   np.testing.assert_array_equal(black, np.zeros_like(img))
   inverted = ra.apply_ops(img, [ra.RandAugmentOp("Invert", True, 0.0, False)])
@@ -136,7 +136,7 @@ def test_every_op_and_whole_policies_equal_timm():
   imgs = _images(64)
   arrays = {f"img{i}": im for i, im in enumerate(imgs)}
 
-  def zero_bits(op):  # posterize to 0 bits: PIL 13 raises inside timm (tested below against older PIL's black)
+  def zero_bits(op):  # posterize to 0 bits: Pillow 13 raises inside timm (black: tested above)
     return op.applied and op.name.startswith("Posterize") and ra.op_argument(op.name, op.magnitude) == 0
 
   def add(spec, ops, image, mean=(0.5, 0.5, 0.5), interpolation="bicubic"):

@@ -17,8 +17,10 @@ Here the decisions are drawn first from an explicit ``np.random.Generator`` (``s
 same choices in timm (tests/test_randaugment.py; timm's own functions run with its ``random`` replaced by the
 recorded draws) and a grain map can draw them from its per-example generator. The ops are the same PIL calls as
 timm's, so for the same records the images are bitwise equal (measured on every op at magnitudes 0..10 and on whole
-policies; PIL 13.0.0 on both sides), except where timm fails: posterize to 0 bits, which PIL 13 refuses and older
-PIL computed as a black image (what this module returns).
+policies; PIL 13.0.0 on both sides), except where timm fails: posterize to 0 bits, which Pillow 13.0 refuses and older
+Pillow computed as a black image (what this module returns). Older timm (0.4.x, BEiT's era) draws and maps the same
+way for this recipe; its increasing-enhance mapping lacks the ``max(0.1, .)``, which changes nothing at magnitudes
+<= 10.
 
 Parameters that come from the rest of the recipe, not from the spec string (``create_transform``'s ``aa_params``):
 ``fill = round(255 * mean)`` ((128, 128, 128) for the Inception mean 0.5 the iBOT/BEiT recipe defaults to,
@@ -264,8 +266,8 @@ def apply_op(img: Image.Image, name: str, arg, fill=(128, 128, 128), interpolati
     return img.transform(img.size, Image.AFFINE, a, resample=resample, fillcolor=fill)
   if kind == "Posterize":
     if arg <= 0:
-      # Keep 0 bits: black. PIL < 13 computed exactly that (mask ~255); PIL 13 refuses bits=0, so timm itself raises
-      # there (PosterizeIncreasing at magnitude 10, Posterize below 2.5).
+      # Keep 0 bits: black. Pillow without the 1..8 range check computed that (mask ~255); 13.0 refuses bits=0, so
+      # timm raises there (PosterizeIncreasing at magnitude 10, Posterize below 2.5).
       return Image.new(img.mode, img.size)
     return img if arg >= 8 else ImageOps.posterize(img, arg)
   if kind == "Solarize":
