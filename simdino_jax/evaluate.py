@@ -54,9 +54,10 @@ from simdino_jax import workdir as workdir_lib
 from simdino_jax.data import sources
 from simdino_jax.errors import ConfigError, InteropError, SimdinoError
 from simdino_jax.evals import runner
-from simdino_jax.io import restore, torch_interop
+from simdino_jax.io import checkpointing, restore, torch_interop
 from simdino_jax.models.network import backbone_kwargs
 from simdino_jax.models.vit import VisionTransformer
+from simdino_jax.train import metrics
 from simdino_jax.tree import path_str
 
 WHICH = ("teacher", "student")
@@ -222,6 +223,8 @@ def _context(config, vit_kwargs: dict, param_sharding, mesh, out_dir: str, which
     suffix="" if which == "teacher" else f"_{which}",
     log=print,
     dtype=config.eval.dtype,
+    checkpointer=checkpointing.Checkpointer,
+    metrics_log=metrics.MetricsLog,
   )
 
 

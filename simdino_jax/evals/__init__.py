@@ -13,7 +13,18 @@ from __future__ import annotations
 import ml_collections
 
 from simdino_jax.errors import require
-from simdino_jax.evals import attention, davis, fewshot, knn, linear_eval, maskcut, retrieval, runner, segmentation
+from simdino_jax.evals import (
+  attention,
+  davis,
+  fewshot,
+  finetune,
+  knn,
+  linear_eval,
+  maskcut,
+  retrieval,
+  runner,
+  segmentation,
+)
 
 TYPES: dict[str, type[runner.Evaluator]] = {
   "knn": knn.KnnEvaluator,
@@ -24,6 +35,7 @@ TYPES: dict[str, type[runner.Evaluator]] = {
   "segmentation": segmentation.SegmentationEvaluator,
   "retrieval": retrieval.RetrievalEvaluator,
   "maskcut": maskcut.MaskCutEvaluator,
+  "finetune": finetune.FinetuneEvaluator,
 }
 COMMON = dict(every=0, final=False, at_init=False)  # fields every evaluator has (module docstring)
 

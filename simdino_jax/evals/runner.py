@@ -118,8 +118,13 @@ class Context:
     suffix: str = "",
     log: Callable[[str], None] = print,
     dtype: str | None = None,
+    checkpointer: Callable | None = None,
+    metrics_log: Callable | None = None,
   ):
     self.config = config
+    # Factories of io.checkpointing.Checkpointer and train.metrics.MetricsLog for the evaluators that train for hours
+    # (fine-tuning): handed over by the entry points, since evals/ imports neither layer.
+    self.checkpointer, self.metrics_log = checkpointer, metrics_log
     self.graphdef = graphdef
     self.dtype = dtype or config.eval.get("dtype", "float32")
     self.param_sharding = param_sharding

@@ -570,6 +570,8 @@ class Trainer:
         out_dir=os.path.join(self.workdir, "eval"),
         log=self.log,
         dtype=self.config.eval.dtype,
+        checkpointer=checkpointing.Checkpointer,
+        metrics_log=MetricsLog,
       )
     return self._eval_ctx
 
