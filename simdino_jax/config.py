@@ -204,6 +204,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.segmentation = evals.declare("segmentation")
   c.evals.retrieval = evals.declare("retrieval")
   c.evals.maskcut = evals.declare("maskcut")
+  c.evals.transfer = evals.declare("transfer")  # the nine transfer datasets (evals/transfer.py); on request
   c.evals.finetune = evals.declare("finetune")  # full fine-tuning, BEiT/iBOT or DeiT recipe (evals/finetune.py); off
   return c
 

@@ -24,6 +24,7 @@ from simdino_jax.evals import (
   retrieval,
   runner,
   segmentation,
+  transfer,
 )
 
 TYPES: dict[str, type[runner.Evaluator]] = {
@@ -36,6 +37,7 @@ TYPES: dict[str, type[runner.Evaluator]] = {
   "retrieval": retrieval.RetrievalEvaluator,
   "maskcut": maskcut.MaskCutEvaluator,
   "finetune": finetune.FinetuneEvaluator,
+  "transfer": transfer.TransferEvaluator,
 }
 COMMON = dict(every=0, final=False, at_init=False)  # fields every evaluator has (module docstring)
 

@@ -209,8 +209,9 @@ def tfds_has_labelled_split(name: str, split: str, data_dir: str | None = None) 
   return "label" in builder.info.features
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None) -> TfdsSource:
-  """Our ``split`` (``"train"``/``"test"``) of the TFDS dataset ``name``.
+def load_tfds(name: str, split: str, data_dir: str | None = None, *, exact: bool = False) -> TfdsSource:
+  """Our ``split`` (``"train"``/``"test"``) of the TFDS dataset ``name``; ``exact``: ``split`` is TFDS's own split
+  name, read as is (the transfer evaluator reads ``test`` of datasets that also have a ``validation`` split).
 
   ``name`` may carry a config and version as TFDS spells them (``imagenet2012``, ``imagenette/full-size-v2:1.0.0``).
   ``data_dir``: the TFDS data directory (local or ``gs://``); None uses ``$TFDS_DATA_DIR`` or
@@ -227,7 +228,10 @@ def load_tfds(name: str, split: str, data_dir: str | None = None) -> TfdsSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   spec = f"tfds:{name}"
-  tfds_split = tfds_split_for(split, list(builder.info.splits.keys()), spec)
+  available = list(builder.info.splits.keys())
+  if exact and available and split not in available:
+    raise MissingDataError(f"data source {spec!r}: no split {split!r}; the dataset has splits {sorted(available)}.")
+  tfds_split = split if exact else tfds_split_for(split, available, spec)
   features = builder.info.features
   encoded = "image" in features and isinstance(features["image"], tfds.features.Image)
   try:
