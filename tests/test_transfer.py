@@ -134,9 +134,16 @@ def test_unknown_dataset_and_bad_metric_are_config_errors():
 
 def test_evaluator_writes_each_dataset_and_skips_an_absent_one(tmp_path, tiny_config):
   config = tiny_config
+  few = tmp_path / "few.npz"  # two images per class: 5-fold cross-validation cannot split it
+  images = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+  np.savez(few, train_images=images, train_labels=[0, 0, 1, 1], test_images=images, test_labels=[0, 0, 1, 1])
   config.evals = {
     "transfer": evals.declare(
-      "transfer", datasets="aircraft,digits", sources="digits=digits", metrics="digits=mean_per_class", num_wds=6
+      "transfer",
+      datasets="aircraft,few,digits",
+      sources=f"digits=digits,few=npz:{few}",
+      metrics="digits=mean_per_class",
+      num_wds=6,
     )
   }
   graphdef, state = nnx.split(nnx.jit(lambda: build_backbone(config.model, rngs=nnx.Rngs(0)))())
@@ -152,18 +159,21 @@ def test_evaluator_writes_each_dataset_and_skips_an_absent_one(tmp_path, tiny_co
     out_dir=str(tmp_path / "eval"),
     log=logged.append,
   )
+  extracted = []  # what the evaluator extracted: train, then test
+  extract = ctx.extract
+  ctx.extract = lambda *a, **k: extracted.append(extract(*a, **k)) or extracted[-1]
   result = runner.run_round(ctx, evals.build(config), state)["transfer"]
   assert list(result["per_dataset"]) == ["digits"] and list(result["absent"]) == ["aircraft"]
   assert any(line.startswith("transfer: aircraft: absent, skipped (FGVC-Aircraft") for line in logged)
+  assert list(result["failed"]) == ["few"] and "5-fold cross-validation" in result["failed"]["few"]
+  assert any(line.startswith("transfer: few: FAILED: DataError") for line in logged)
   saved = json.loads((tmp_path / "eval" / "transfer_digits.json").read_text())
   assert saved["metric"] == "mean_per_class" and len(saved["cv_scores"]) == 6 and saved["num_classes"] == 10
   assert saved["accuracy"] == result["per_dataset"]["digits"] == result["accuracy"]
   assert "| digits |" in result["table"] and "| aircraft | - | absent" in result["table"]
-  # The same figure from the shared features of the same view, selected and fitted directly.
-  size = ctx.image_size
-  fn = ctx.backbone_fn(("features", (("cls",),)), runner.make_feature_fn(graphdef, (("cls",),)))
-  view = lambda im: transfer.linear_dino.eval_view(im, crop=size, resize_to=size)  # noqa: E731
-  (f, y), (tf, ty) = [ctx.extract(state, ctx.__dict__[s], fn, transform=view) for s in ("train_source", "test_source")]
+  # The same figure from the extracted features, selected and fitted directly.
+  (f, y), (tf, ty) = extracted[-2:]
+  assert len(y) == len(ctx.train_source) and len(ty) == len(ctx.test_source) and f["cls"].shape[1] == 32
   direct = transfer.select_and_fit(
     f["cls"], y, tf["cls"], ty, num_classes=10, metric="mean_per_class", wds=transfer.weight_decays(-6, 5, 6)
   )

@@ -408,12 +408,10 @@ class TransferEvaluator(runner.Evaluator):
     for name, ds in table.items():
       try:
         parts, test_src = load_dataset(ds, tfds_dir)
+        rows[name] = self._one(ctx, params, fn, transform, size, name, ds, parts, test_src)
       except sources.MissingDataError as e:
         absent[name] = " ".join(str(e).split())
         ctx.log(f"{self.name}: {name}: absent, skipped ({absent[name]})")
-        continue
-      try:
-        rows[name] = self._one(ctx, params, fn, transform, size, name, ds, parts, test_src)
       except Exception as e:  # pylint: disable=broad-except  (one dataset must not discard the others)
         failed[name] = runner.failure_line(e)
         ctx.log(f"{self.name}: {name}: FAILED: {failed[name]}")
