@@ -15,7 +15,7 @@ from simdino_jax import evals, methods, optim, schedules, sharding
 from simdino_jax.data import augment
 from simdino_jax.data.multicrop import AUGMENT_MODES
 from simdino_jax.errors import ConfigError, require
-from simdino_jax.models.network import DTYPES, backbone_kwargs
+from simdino_jax.models.network import ARCHS, DTYPES, backbone_kwargs
 from simdino_jax.models.vit import TOKEN_INITS, parse_variant
 
 
@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   )  # crop resize: "pil" (the official op) or "cv2" (faster; docs/performance.md#data-pipeline)
 
   c.model = ml_collections.ConfigDict()
+  # Backbone: "vit" (model.variant below) or a torchvision ResNet: resnet18 / 34 / 50 / 101, or resnet18_cifar (3x3
+  # stride-1 stem, no max-pool; models/resnet.py). A ResNet's feature is its pooled map (no patch tokens).
+  c.model.arch = "vit"
+  c.model.resnet_width = 0  # ResNet: > 0 overrides the base width (torchvision's 64; e.g. 16 for a CPU miniature)
+  c.model.zero_init_residual = False  # ResNet: gamma 0 in each block's last BN (torchvision's default is False)
   # mu, Ti, S, B, L, g  /  patch size. Given on the command line, the variant decides the architecture: the
   # embed_dim / depth / num_heads a recipe set are reset to 0 unless the command line sets them too
   # (apply_command_line); a new patch size needs data.global_size, data.local_size and model.img_size to follow.
@@ -346,6 +351,7 @@ def validate(
   )
   sharding.compile_rules(config.sharding.rules)  # ConfigError naming config.sharding.rules[i]
 
+  _validate_arch(config)
   try:
     variant = parse_variant(config.model.variant)
   except ValueError as e:
@@ -404,6 +410,38 @@ def validate(
     "momentum and momentum_end must be in [0, 1]",
   )
   _validate_eval(config, patch, depth=backbone_kwargs(config.model)["depth"], num_devices=num_devices)
+
+
+# Evaluators that read only the backbone's pooled feature ("cls"): the ones a ResNet backbone can run.
+POOLED_FEATURE_EVALUATORS = ("knn", "linear", "fewshot", "retrieval")
+
+
+def _validate_arch(config: ml_collections.ConfigDict) -> None:
+  """config.model.arch and what a ResNet backbone cannot do: patch masks (the masked methods) and the evaluators that
+  read patch tokens or attention (each refused in one line naming it)."""
+  arch = config.model.get("arch", "vit")
+  _one_of(arch, ARCHS, "model.arch")
+  if arch == "vit":
+    return
+  width = config.model.get("resnet_width", 0)
+  require(
+    isinstance(width, int) and width >= 0, "model.resnet_width", f"must be 0 or a positive width, got {width!r}"
+  )
+  require(
+    config.method not in methods.METHODS or not methods.get_method(config.method).uses_masks,
+    "model.arch",
+    f"{arch!r} has no patch tokens to mask; method {config.method!r} masks patches (use a ViT, or a method "
+    "without masks: simdino, dino, ...)",
+  )
+  for name, cfg in config.get("evals", {}).items():
+    kind = cfg.get("type") if hasattr(cfg, "get") else None
+    enabled = kind is not None and (cfg.get("every", 0) != 0 or cfg.get("final") or cfg.get("at_init"))
+    require(
+      not enabled or kind not in evals.TYPES or kind in POOLED_FEATURE_EVALUATORS,
+      f"evals.{name}",
+      f"the {kind!r} evaluator reads a ViT's patch tokens or attention, which model.arch={arch!r} does not have "
+      f"(a ResNet runs {', '.join(POOLED_FEATURE_EVALUATORS)}); turn it off (every=0, final=False, at_init=False)",
+    )
 
 
 def _get(config: ml_collections.ConfigDict, field: str):

@@ -103,8 +103,18 @@ def finetune_config(tiny_config, data, **fields):
   c = tiny_config
   c.data.source = data
   c.model.drop_path_rate = 0.0
+  # The recipe's random erasing and mixup / cutmix run in the step; RandAugment is off here (its Invert / Solarize
+  # would flip this task's colour labels).
   base = dict(
-    lr=2e-3, epochs=6, batch_size=32, warmup_epochs=1, layer_decay=0.75, drop_path=0.1, eval_every=3, log_every=5
+    lr=2e-3,
+    epochs=6,
+    batch_size=32,
+    warmup_epochs=1,
+    layer_decay=0.75,
+    drop_path=0.1,
+    eval_every=3,
+    log_every=5,
+    auto_augment="none",
   )
   c.evals = {"finetune": evals.declare("finetune", **{**base, **fields})}
   return c
@@ -165,14 +175,25 @@ def test_schedules_follow_the_official_schedulers():
   np.testing.assert_allclose(got, trained)
 
 
-def test_switches_for_missing_augmentations_are_refused_naming_the_field(tiny_config):
+def test_bad_fields_are_refused_naming_the_field(tiny_config):
   cfg = tiny_config
-  cfg.evals = {"finetune": evals.declare("finetune", mixup_cutmix=True)}
-  with pytest.raises(ConfigError, match=r"^config\.evals\.finetune\.mixup_cutmix: simdino_jax/data/mixup\.py"):
-    evals.validate(cfg, patch=4, depth=2, num_devices=1)
-  cfg.evals = {"finetune": evals.declare("finetune", recipe="mae")}
-  with pytest.raises(ConfigError, match=r"^config\.evals\.finetune\.recipe: must be one of"):
-    evals.validate(cfg, patch=4, depth=2, num_devices=1)
+  for fields, match in (
+    (dict(auto_augment="rand-x9"), r"^config\.evals\.finetune\.auto_augment: unknown RandAugment section"),
+    (dict(batch_size=33), r"^config\.evals\.finetune\.batch_size: mixup / cutmix pair .* 33 is odd"),
+    (dict(recipe="mae"), r"^config\.evals\.finetune\.recipe: must be one of"),
+  ):
+    cfg.evals = {"finetune": evals.declare("finetune", **fields)}
+    with pytest.raises(ConfigError, match=match):
+      evals.validate(cfg, patch=4, depth=2, num_devices=1)
+
+
+def test_soft_target_ce_matches_timm():
+  """timm SoftTargetCrossEntropy: sum(-target * log_softmax(x), -1).mean()."""
+  rng = np.random.default_rng(1)
+  x, t = rng.normal(size=(6, 5)), rng.dirichlet(np.ones(5), size=6)
+  logp = x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  want = np.mean(np.sum(-t * logp, axis=-1))
+  np.testing.assert_allclose(float(finetune.soft_target_ce(jnp.asarray(x), jnp.asarray(t))), want, rtol=1e-6)
 
 
 # -- end to end ---------------------------------------------------------------------------------------------------------

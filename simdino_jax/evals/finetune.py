@@ -31,7 +31,11 @@ no weight decay    1-D, bias, pos_embed,       1-D, bias       optim_factory.py:
 layer_decay        0.75 / 0.65 / 0.75          1.0 (none)      README.md:30,37,44, run.sh:181 / (none)
 drop_path          0.1 / 0.2 / 0.4             0.1             README.md:29,36,43 / eval_cls.py:64
 smoothing          0.1                         0.1             rcf.py:111 / eval_cls.py:119
-mixup, cutmix      0.8, 1.0                    0.8, 1.0        run.sh:182-183 / eval_cls.py:138,140
+mixup, cutmix      0.8, 1.0                    0.8, 1.0        run.sh:182-183 / eval_cls.py:138,140 (prob 1,
+                                                               switch 0.5, batch mode: rcf.py:136-141)
+auto_augment       rand-m9-mstd0.5-inc1        the same        rcf.py:109 / eval_cls.py:116
+reprob             0.25 (pixel, 1 box)         0.25            rcf.py:120-125 / eval_cls.py:128-133
+hflip              0.5                         0.5             timm create_transform's default
 pooling            cls (--use_cls)             cls             run.sh:187 / eval_cls.py:48 (avgpool 0)
 head init          trunc_normal(.02) x 0.001   trunc_normal    modeling_finetune.py:315,319-320, rcf.py:148 /
                    (std 2e-5), bias 0          (.02), bias 0   eval_cls.py:626-629, models/vision_transformer.py:174
@@ -57,12 +61,15 @@ ImageNet mean / std (run.sh passes --imagenet_default_mean_and_std; eval_cls.py:
 permutation, the last partial batch dropped (drop_last=True, rcf.py:351, eval_cls.py:585); steps per epoch =
 len(train) // batch (rcf.py:540).
 
-Not reproduced (stated in every result's ``recipe``): RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 and
-mixup/cutmix wait for ``data/randaugment.py`` / ``data/mixup.py`` (switches ``randaugment`` and ``mixup_cutmix``,
-off; validation refuses them on while those modules are missing); DeiT's repeated augmentation (RASampler, 3
-repeats) is not done; mixed precision (autocast) is replaced by ``config.eval.dtype``. DeiT's script keeps a model
-EMA (decay 0.99996) but validates the raw model (eval_cls.py:769), so ``ema_decay`` is 0 for both recipes; with
-``ema_decay > 0`` the EMA (timm ModelEma: ema = d ema + (1 - d) w after each step) is validated beside the raw model.
+Augmentations: H7's pure functions of timm's (tested against timm there): ``data/randaugment.py`` on the host after
+the crop and flip, ``data/random_erasing.py`` on the normalised batch and ``data/mixup.py`` (timm's Mixup in batch
+mode with the smoothed soft targets, then SoftTargetCrossEntropy) inside the jitted step; ``mixup_cutmix=False``,
+``auto_augment="none"``, ``reprob=0`` turn each off. Not reproduced (stated in every result's ``recipe``): DeiT's
+repeated augmentation (RASampler, 3 repeats); timm's colour jitter (off whenever an auto-augment policy is set, as
+both recipes set one); mixed precision (autocast): the fine-tune computes in ``config.eval.dtype``. DeiT's script
+keeps a model EMA (decay 0.99996) but validates the raw model (eval_cls.py:769), so ``ema_decay`` is 0 for both
+recipes; with ``ema_decay > 0`` the EMA (timm ModelEma: ema = d ema + (1 - d) w after each step) is validated beside
+the raw model.
 
 Validation every ``eval_every`` epochs and at the end on the test split: top-1, top-5 and mean-per-class accuracy;
 ``metric`` ("top1" or "mean_per_class", the papers' choice for Aircraft / Flowers / Pets / Caltech) picks the
@@ -98,7 +105,7 @@ from flax import nnx
 from PIL import Image
 
 from simdino_jax import optim
-from simdino_jax.data import augment, device_augment
+from simdino_jax.data import augment, device_augment, mixup, randaugment, random_erasing
 from simdino_jax.errors import ConfigError, require
 from simdino_jax.evals import linear_dino, runner
 from simdino_jax.models.network import backbone_kwargs
@@ -134,6 +141,8 @@ RECIPE_DEFAULTS = {
     head_init_scale=0.001,
     ema_decay=0.0,
     hflip=0.5,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
   ),
   "deit": dict(
     epochs=1000,
@@ -155,12 +164,14 @@ RECIPE_DEFAULTS = {
     head_init_scale=1.0,
     ema_decay=0.0,
     hflip=0.5,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
   ),
 }
 # Fields whose value means "the recipe's": numbers at -1 (0 is meaningful for them), the rest at 0 / "".
 _MINUS_ONE = ("min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "layer_decay", "drop_path", "smoothing")
-_MINUS_ONE += ("mixup", "cutmix", "head_init_scale", "ema_decay", "hflip")
-_ZERO = ("epochs", "batch_size", "lr", "lr_scaling", "schedule", "pooling")
+_MINUS_ONE += ("mixup", "cutmix", "head_init_scale", "ema_decay", "hflip", "reprob")
+_ZERO = ("epochs", "batch_size", "lr", "lr_scaling", "schedule", "pooling", "auto_augment")
 
 
 def size_of(embed_dim: int) -> str:
@@ -221,6 +232,23 @@ def lr_table(r: dict, lr: float, steps_per_epoch: int) -> np.ndarray:
     ]
     values = np.repeat(np.asarray(per_epoch, np.float64), steps_per_epoch)
   return values.astype(np.float32)
+
+
+def augmentations(r: dict):
+  """(MixupConfig or None, ErasingConfig or None, RandAugmentConfig or None) of the resolved settings: timm's Mixup
+  (prob 1, switch 0.5, batch mode: rcf.py:136-141), RandomErasing (pixel mode, 1 box: rcf.py:120-125) and the
+  RandAugment policy with create_transform's fill, round(255 x ImageNet mean) (run.sh passes
+  --imagenet_default_mean_and_std; eval_cls.py keeps timm's default mean)."""
+  mix = None
+  if r["mixup_cutmix"] and (r["mixup"] > 0 or r["cutmix"] > 0):
+    mix = mixup.MixupConfig(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], label_smoothing=r["smoothing"])
+  erase = random_erasing.ErasingConfig(probability=r["reprob"]) if r["reprob"] > 0 else None
+  ra = None
+  if r["auto_augment"] != "none":
+    ra = randaugment.parse_rand_augment(
+      r["auto_augment"], mean=augment.IMAGENET_MEAN, field="evals.finetune.auto_augment"
+    )
+  return mix, erase, ra
 
 
 def decays(name: str, leaf, no_decay_tokens: bool) -> bool:
@@ -296,15 +324,41 @@ def make_logits_fn(graphdef, pooling: str):
   return logits_fn
 
 
-def make_train_step(logits_fn, tx, *, smoothing: float, ema_decay: float, seed: int):
-  """(state, images uint8, labels) -> (state, loss): one AdamW step; drop path from fold_in(key(seed), step)."""
+def soft_target_ce(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """timm's SoftTargetCrossEntropy (the criterion with mixup / cutmix): sum(-t log p) over classes, batch mean."""
+  return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1))
+
+
+def make_train_step(
+  logits_fn,
+  tx,
+  *,
+  smoothing: float,
+  ema_decay: float,
+  seed: int,
+  num_classes: int = 0,
+  mix: mixup.MixupConfig | None = None,
+  erasing: random_erasing.ErasingConfig | None = None,
+):
+  """(state, images uint8, labels) -> (state, loss): one AdamW step. The step's key fold_in(key(seed), step) drives
+  drop path, random erasing (on the normalised batch, as timm's transform ends) and mixup / cutmix (timm's Mixup on
+  the batch, then SoftTargetCrossEntropy; else LabelSmoothingCrossEntropy)."""
 
   def step(state, images, labels):
     images = device_augment.normalize(images.astype(jnp.float32))
-    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    key, erase_key, mix_key = (jax.random.fold_in(step_key, i) for i in range(3))
+    if erasing is not None:
+      images = random_erasing.random_erasing(erase_key, images, erasing)
+    targets = None
+    if mix is not None:
+      images, targets = mixup.mixup(mix_key, images, labels, num_classes, mix)
 
     def loss_fn(params):
-      return label_smoothing_ce(logits_fn(params, images, key), labels, smoothing)
+      logits = logits_fn(params, images, key)
+      if targets is not None:
+        return soft_target_ce(logits, targets)
+      return label_smoothing_ce(logits, labels, smoothing)
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -318,7 +372,13 @@ def make_train_step(logits_fn, tx, *, smoothing: float, ema_decay: float, seed: 
 
 
 # -- views --------------------------------------------------------------------------------------------------------------
-def train_view(image, rng: np.random.Generator, size: int, hflip: float = 0.5) -> np.ndarray:
+def train_view(
+  image,
+  rng: np.random.Generator,
+  size: int,
+  hflip: float = 0.5,
+  rand_augment: randaugment.RandAugmentConfig | None = None,
+) -> np.ndarray:
   """timm's training view without RandAugment / erasing: RandomResizedCrop(size, scale (0.08, 1), bicubic, PIL) or at
   <= 32 px RandomCrop(size, padding=4) (module docstring), then a horizontal flip with probability ``hflip``; uint8
   (size, size, 3)."""
@@ -339,6 +399,8 @@ def train_view(image, rng: np.random.Generator, size: int, hflip: float = 0.5) -
     x = padded[top : top + size, left : left + size]
   if rng.random() < hflip:
     x = x[:, ::-1]
+  if rand_augment is not None:  # timm's order: crop, flip, then the auto-augment policy
+    x = randaugment.rand_augment(np.ascontiguousarray(x), rng, rand_augment)
   return np.ascontiguousarray(x)
 
 
@@ -412,8 +474,9 @@ class FinetuneEvaluator(runner.Evaluator):
   # per-size values. Fields at -1 / 0 / "": the recipe's (module docstring's table). lr_sweep: () or several lrs,
   # each its own fine-tune. eval_every: epochs between validations (the end is always validated). checkpoint_every:
   # steps between checkpoints (validations and the end always save). log_every: steps between progress lines.
-  # image_size: 0 = the run's eval image size. metric: what ``accuracy`` reports. mixup_cutmix / randaugment:
-  # switches for the recipe's augmentations (refused while data/mixup.py / data/randaugment.py are missing).
+  # image_size: 0 = the run's eval image size. metric: what ``accuracy`` reports. mixup_cutmix: timm's Mixup with
+  # the recipe's mixup / cutmix alphas (False: label smoothing alone); auto_augment: "" the recipe's RandAugment,
+  # "none" off, or a timm "rand-..." string; reprob: random-erasing probability (0 off); hflip: flip probability.
   DEFAULTS = dict(
     recipe="beit",
     size="",
@@ -432,8 +495,9 @@ class FinetuneEvaluator(runner.Evaluator):
     smoothing=-1.0,
     mixup=-1.0,
     cutmix=-1.0,
-    mixup_cutmix=False,
-    randaugment=False,
+    mixup_cutmix=True,
+    auto_augment="",
+    reprob=-1.0,
     hflip=-1.0,
     pooling="",
     head_init_scale=-1.0,
@@ -470,10 +534,7 @@ class FinetuneEvaluator(runner.Evaluator):
     best = max(per_lr, key=lambda k: per_lr[k]["best"][r["metric"]])  # first of equals: the first lr given
     b = per_lr[best]
     recipe = {k: r[k] for k in sorted(r) if k not in ("lrs", "lr_sweep", "lr")}
-    recipe["not_reproduced"] = (
-      "RandAugment, random erasing and mixup/cutmix (until data/randaugment.py and data/mixup.py), DeiT's repeated "
-      "augmentation, autocast"
-    )
+    recipe["not_reproduced"] = "DeiT's repeated augmentation (3 repeats), autocast (computed in config.eval.dtype)"
     return {
       "accuracy": b["best"][r["metric"]],
       "metric": r["metric"],
@@ -499,6 +560,7 @@ class FinetuneEvaluator(runner.Evaluator):
     batch = r["batch_size"]
     if batch > n:  # a small dataset: one full-dataset batch per step rather than no step at all
       batch = max(n_dev, n // n_dev * n_dev)
+      batch -= batch % (2 * n_dev) if r["mixup_cutmix"] and batch >= 2 * n_dev else 0  # mixup pairs i, B - 1 - i
       ctx.log(f"{self.name}: batch {r['batch_size']} > {n} training images: batch {batch}")
     spe = max(1, n // batch)  # drop_last
     total = r["epochs"] * spe
@@ -546,10 +608,20 @@ class FinetuneEvaluator(runner.Evaluator):
     history = []
     if start and history_path.exists():
       history = [h for h in json.loads(history_path.read_text()) if h["step"] <= start]
+    mix_cfg, erase_cfg, ra_cfg = augmentations(r)
     step_fn = ctx.compiled(
       ("finetune_step", self.name, lr, batch),
       lambda: jax.jit(
-        make_train_step(logits_fn, tx, smoothing=r["smoothing"], ema_decay=r["ema_decay"], seed=config.seed),
+        make_train_step(
+          logits_fn,
+          tx,
+          smoothing=r["smoothing"],
+          ema_decay=r["ema_decay"],
+          seed=config.seed,
+          num_classes=ctx.num_classes,
+          mix=mix_cfg,
+          erasing=erase_cfg,
+        ),
         donate_argnums=0,
         in_shardings=(rep, bsh, bsh),
         out_shardings=(rep, rep),
@@ -608,7 +680,7 @@ class FinetuneEvaluator(runner.Evaluator):
 
         def one(index):
           ex = train_src[int(index)]
-          view = train_view(ex["image"], example_rng(config.seed, epoch, int(index)), size, r["hflip"])
+          view = train_view(ex["image"], example_rng(config.seed, epoch, int(index)), size, r["hflip"], ra_cfg)
           return view, int(ex["label"])
 
         return [pool.submit(one, j) for j in idx]
@@ -648,10 +720,12 @@ class FinetuneEvaluator(runner.Evaluator):
         if stopping:
           ckpt.wait()
           ckpt.close()
-          raise FinetuneStopped(
+          msg = (
             f"{self.name} (lr {lr:g}): stopped at step {done}/{total}, checkpoint {ckpt.path(done)}: run the same "
             "command again to resume"
           )
+          ctx.log(msg)
+          raise FinetuneStopped(msg)
       ckpt.wait()
       ckpt.close()
       metrics.draw_curves()
@@ -717,8 +791,9 @@ class FinetuneEvaluator(runner.Evaluator):
     require(size % patch == 0, f"{field}.image_size", f"{size} is not a multiple of the patch size {patch}")
     batch = cfg.batch_size or RECIPE_DEFAULTS[cfg.recipe]["batch_size"]
     require(batch % num_devices == 0, f"{field}.batch_size", f"{batch} is not divisible by the {num_devices} devices")
-    for switch, module in (("mixup_cutmix", "mixup"), ("randaugment", "randaugment")):
-      if cfg[switch]:
-        raise ConfigError(
-          f"config.{field}.{switch}: simdino_jax/data/{module}.py is not in this tree yet; leave it False"
-        )
+    require(cfg.reprob == -1 or 0 <= cfg.reprob <= 1, f"{field}.reprob", "must be in [0, 1] or -1 (the recipe's 0.25)")
+    if cfg.auto_augment not in ("", "none"):
+      randaugment.parse_rand_augment(cfg.auto_augment, field=f"{field}.auto_augment")
+    if cfg.mixup_cutmix:
+      batch = cfg.batch_size or RECIPE_DEFAULTS[cfg.recipe]["batch_size"]
+      require(batch % 2 == 0, f"{field}.batch_size", f"mixup / cutmix pair example i with B - 1 - i: {batch} is odd")

@@ -49,9 +49,9 @@ from simdino_jax.data import device_augment
 from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.errors import ConfigError
 from simdino_jax.evals import runner
-from simdino_jax.models.network import backbone_kwargs, compute_dtype
+from simdino_jax.models.network import backbone_kwargs, compute_dtype, eval_backbone_graphdef
 from simdino_jax.train.state import TrainState
-from simdino_jax.train.step import make_train_step
+from simdino_jax.train.step import make_train_step, split_params
 
 
 # ---- durations ----------------------------------------------------------------------------------------------------
@@ -156,16 +156,19 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
 
   # The network's shapes (no FLOPs): its graph, and the optimiser built on the abstract parameters.
   abstract = nnx.eval_shape(lambda: methods.build_network(config))
-  graphdef, abstract_params = nnx.split(abstract)
+  # The optimiser sees the parameters only; BN running statistics (ResNet, BN heads) ride in the state beside them
+  # (train/step.py's module docstring: "BatchNorm statistics").
+  graphdef, abstract_variables = nnx.split(abstract)
+  abstract_params = split_params(abstract_variables)[0]
   tx = make_optimizer(config, abstract_params, lr_fn, wd_fn, d.steps_per_epoch)
 
   def init_fn() -> TrainState:
-    params = nnx.split(methods.build_network(config))[1]
+    variables = nnx.split(methods.build_network(config))[1]  # parameters and (BN) statistics
     return TrainState(
       step=jnp.zeros((), jnp.int32),
-      student=params,
-      teacher=params,
-      opt_state=tx.init(params),
+      student=variables,
+      teacher=variables,
+      opt_state=tx.init(split_params(variables)[0]),
       loss_state=method.init_loss_state(config),
       rng=jax.random.key_data(jax.random.key(config.seed + 1)),
     )
@@ -182,7 +185,7 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
     graphdef=graphdef,
     backbone_graphdef=nnx.split(abstract.backbone)[0],
     # The evaluators' graph: the same backbone (same float32 parameters) computing in config.eval.dtype.
-    eval_graphdef=runner.eval_graphdef(vit, config.eval.dtype),
+    eval_graphdef=eval_backbone_graphdef(config.model, config.eval.dtype),  # BN: evaluation mode
     tx=tx,
     loss_fn=method.make_loss(config, d.steps_per_epoch),
     init_fn=init_fn,

@@ -15,8 +15,10 @@ import jax
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: number of updates applied so far
-  student: Any  # nnx.State of the student's parameters (backbone + head)
-  teacher: Any  # same structure: EMA of the student, never differentiated
-  opt_state: Any  # optax state for the student
+  # nnx.State of the student's variables (backbone + head): its nnx.Param leaves and, for networks with BatchNorm,
+  # its nnx.BatchStat running statistics (train/step.py "BatchNorm statistics"); a ViT has parameters only
+  student: Any
+  teacher: Any  # same structure: parameters = EMA of the student's, never differentiated; statistics its own
+  opt_state: Any  # optax state for the student's parameters (not its statistics)
   loss_state: Any  # method-specific state (e.g. DINO centres); {} for SimDINO
   rng: jax.Array  # base PRNG key; step keys are fold_in(rng, step), so a resumed run draws the same noise

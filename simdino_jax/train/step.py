@@ -4,6 +4,28 @@
 once with explicit shardings and donates the state. Batch arrays are batch-major, (B, views, H, W, 3), and stay so:
 views are folded into the batch axis with a reshape that keeps the batch axis outermost, so a data-sharded
 batch never needs an all-gather (docs/distributed.md#batch-major-layout).
+
+BatchNorm statistics (the contract every network with ``nnx.BatchStat`` variables follows; docs/methods.md
+"BatchNorm in training"):
+  - ``state.student`` / ``state.teacher`` are the network's WHOLE nnx.State: its ``nnx.Param`` leaves and its
+    ``nnx.BatchStat`` leaves (BN running mean / var / num_batches_tracked; anything not an ``nnx.Param`` counts as a
+    statistic). A ViT has none, so its TrainState, checkpoints and numbers are those of a params-only state.
+  - ``split_params(tree) -> (params, stats)`` and ``nnx.merge_state(params, stats)`` go between the two. Gradients,
+    the optimizer (its state is built on the params alone: ``setup.build``), weight-decay masks, freezes and the
+    teacher's EMA see ONLY the params, as PyTorch's ``model.parameters()`` (DINO's EMA zips the parameters, so the
+    teacher's running statistics are never averaged from the student's).
+  - Both networks run in training mode (the batch statistics, as DINO converts student and teacher to SyncBN and
+    calls both in train mode): a BN layer normalises with the statistics of the whole global batch (a ``jnp.mean``
+    over the sharded batch axis: an all-reduce, i.e. SyncBN) and updates its running statistics in place. The
+    student's new statistics come from its own forward (one update per resolution: the global crops, then the
+    local crops, as DINO's MultiCropWrapper runs one backbone call per resolution), the teacher's from ITS forward
+    on the global crops; each network keeps its own. A head with BN (BYOL, SwAV) updates the same way, once per
+    head call. With ``momentum_fn`` = 0 (no self-distillation) the teacher's parameters are the student's, its
+    statistics still its own.
+  - The non-finite rollback restores the statistics with the rest of the state; checkpoints and resumes carry them
+    (they are TrainState leaves); the evaluators run the backbone in evaluation mode (running statistics).
+  A network module reads its mode from its own attributes (``use_running_average`` of models/resnet.py's
+  BatchNorm, default training mode), so the step needs no flag; nothing here names a method.
 """
 
 from __future__ import annotations
@@ -128,6 +150,19 @@ def collapse_monitors(features: jax.Array) -> dict:
   return {"feature_std": std, "effective_rank": rank}
 
 
+def split_params(tree: nnx.State) -> tuple[nnx.State, nnx.State]:
+  """(the ``nnx.Param`` leaves, every other leaf: BN running statistics) of a network's nnx.State; the second is an
+  empty State for a ViT. ``nnx.merge_state(params, stats)`` puts them back together."""
+  return nnx.split_state(tree, nnx.Param, ...)
+
+
+def network_stats(network: nnx.Module, like: nnx.State) -> nnx.State:
+  """The non-parameter variables of ``network`` after its forward (the updated running statistics), in the dtypes
+  of ``like`` (the state's: a 16-bit ``cast_params`` must not change the stored statistics' dtype)."""
+  stats = split_params(nnx.state(network))[1]
+  return jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), stats, like)
+
+
 def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
@@ -179,28 +214,40 @@ def make_train_step(
       masks = batch["mask"]
       gather = masked_gather(masks, mask_positions, mask_groups, mask_tokens)
 
-    teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher))
+    # Parameters and BN statistics apart (split_params): gradients, optimizer and EMA see the parameters only.
+    student_params, student_stats = split_params(state.student)
+    teacher_params, teacher_stats = split_params(state.teacher)
+    # copy=True: merge would otherwise put the state's own Variables in the network, and a BN layer's in-place update
+    # of its statistics would rewrite ``state`` (which the non-finite rollback below returns).
+    teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher), copy=True)
     teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, gather=gather))
+    teacher_stats = jax.lax.stop_gradient(network_stats(teacher_net, teacher_stats))  # from its own forward
 
     def objective(params):
-      student_net = nnx.merge(graphdef, cast("student", params))
+      # copy=True: fresh Variables of this (grad) trace, which a BN layer may update in place (nnx refuses to
+      # mutate Variables of another trace level; without the copy, merge reuses the statistics' own Variables).
+      student_net = nnx.merge(graphdef, cast("student", nnx.merge_state(params, student_stats)), copy=True)
       student_out = forward(student_net, batch, key=key, student=True, masks=masks, gather=gather)
       if mask_positions:
         student_out["patch_mask"] = gather.valid
       loss, metrics, loss_state = loss_fn(student_out, teacher_out, state.loss_state, state.step)
-      return loss, (metrics, loss_state)
+      return loss, (metrics, loss_state, network_stats(student_net, student_stats))
 
-    (loss, (metrics, loss_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.student)
-    updates, opt_state = tx.update(grads, state.opt_state, state.student)
-    student = optax.apply_updates(state.student, updates)
+    (loss, (metrics, loss_state, new_student_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+      student_params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, student_params)
+    student = optax.apply_updates(student_params, updates)
     momentum = momentum_fn(state.step)
-    teacher = optax.incremental_update(student, state.teacher, step_size=1.0 - momentum)
+    teacher = optax.incremental_update(student, teacher_params, step_size=1.0 - momentum)
+    student = nnx.merge_state(student, jax.lax.stop_gradient(new_student_stats))
+    teacher = nnx.merge_state(teacher, teacher_stats)
 
     new_state = state.replace(
       step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, loss_state=loss_state
     )
-    # A non-finite loss leaves the state untouched (the trainer stops and names the step), so the last
-    # checkpointable state is the last good one.
+    # A non-finite loss leaves the state untouched, BN statistics included (the trainer stops and names the step),
+    # so the last checkpointable state is the last good one.
     finite = jnp.isfinite(loss)
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = dict(
