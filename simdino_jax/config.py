@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.norm_last_layer = True  # DINO: g frozen at 1 (unit prototypes); False for DINOv2 / vMF
   c.head.separate_patch_head = False  # masked methods: own head for patch tokens (DINOv2 ibot.separate_head)
   c.head.patch_num_prototypes = 0  # 0: same as num_prototypes
+  c.head.use_bn = False  # byol (and dino's predictor): BatchNorm in the MLPs' hidden layer (BYOL's recipe: True)
+  c.head.predictor = False  # dino: BYOL's predictor MLP on the student's head output (DINO Table 14 "+ pred.")
+  c.head.predictor_hidden_dim = 4096  # byol / dino's head.predictor: the predictor MLP's hidden width
 
   # Block masks for the student's global crops (SimDINOv2, DINOv2/iBOT, iBOT-vMF).
   c.masking = ml_collections.ConfigDict()
@@ -144,6 +147,15 @@ def base_config() -> ml_collections.ConfigDict:
   # KoLeo's row groups: 0 = one per device, as DINOv2 (each GPU's rows, gradients averaged); N = N consecutive groups
   # of the global batch (e.g. the official run's GPU count, to match its per-GPU rows on other hardware).
   c.dino.koleo_groups = 0
+  # dino: "ce" (DINO) or "mse" (DINO Table 14 "MSE": BYOL's regression ||s/|s| - t/|t|||^2 between the student's and
+  # the centred teacher's head outputs, over DINO's cross-view pairs).
+  c.dino.loss = "ce"
+
+  # moco_v2 (facebookresearch/moco builder.py; head.out_dim is its dim, 128 in the recipe).
+  c.moco = ml_collections.ConfigDict()
+  c.moco.queue_size = 65536  # K negatives; a multiple of the keys enqueued per step (batch_size, x2 if symmetric)
+  c.moco.temperature = 0.2  # InfoNCE T (MoCo-v2's --moco-t 0.2; builder.py's default 0.07 is v1's)
+  c.moco.symmetric = False  # False: query view 1, key view 2 (MoCo-v2); True: both directions averaged
 
   c.vmf = ml_collections.ConfigDict()
   c.vmf.terms = 1  # terms of the Bessel uniform asymptotic expansion (1 = the DINO-vMF paper)

@@ -28,7 +28,7 @@ def demo_config(method, **overrides):
   c.total_steps, c.warmup_steps, c.log_every, c.batch_size = 3, 1, 1, 16
   c.model.depth, c.model.embed_dim = 2, 48
   c.head.hidden_dim, c.head.num_prototypes = 64, 128
-  c.data.num_local = 2
+  c.data.num_local = 0 if method in ("moco_v2", "byol") else 2  # the two-view methods refuse local crops
   if method.endswith("vmf"):
     c.head.norm_last_layer = False
   c.update_from_flattened_dict(overrides)

@@ -79,3 +79,44 @@ def mlp_param_shapes(input_size: int, hidden_size: int = 4096, output_size: int 
     "batch_norm/offset": (1, hidden_size),
     "linear_1/w": (hidden_size, output_size),
   }
+
+
+def pairwise_regression_loss(
+  student: jax.Array, teacher: jax.Array, *, exclude_same_view: bool = True
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """BYOL's ``regression_loss`` over DINO's multi-crop view pairs (DINO Table 14 "MSE" row): the squared distance
+  of the l2-normalised student output of view j to the l2-normalised teacher output of view i,
+
+      L = 1/P sum_{(i, j) pairs} mean_b ||s_bj/|s_bj| - t_bi/|t_bi|||^2,
+
+  with the pairs of ``losses.dino.dino_cross_entropy`` (P = Mg (M - 1) without the same-view pairs, Mg M with).
+  For two views this is half of ``byol_loss`` (BYOL sums its two view terms, DINO averages its pairs). Reduces over
+  the features, both view axes and the batch.
+
+  Args:
+    student: (B, M, D) student outputs, the Mg global views first (gradient flows).
+    teacher: (B, Mg, D) teacher outputs (stop-gradient here).
+    exclude_same_view: skip the pairs where student view j is teacher view i.
+
+  Returns:
+    (loss, metrics): "mse" (= loss) and "cosine" (the pair-averaged cosine, 1 - loss / 2).
+  """
+  if student.ndim != 3 or teacher.ndim != 3 or teacher.shape[0] != student.shape[0]:
+    raise ValueError(f"pairwise_regression_loss expects (B, M, D) and (B, Mg, D), got {student.shape}, {teacher.shape}")
+  b, m, d = student.shape
+  mg = teacher.shape[1]
+  if teacher.shape[2] != d or mg > m:
+    raise ValueError(f"pairwise_regression_loss: teacher {teacher.shape} does not match student {student.shape}")
+  keep = jnp.ones((mg, m), jnp.float32)
+  if exclude_same_view:
+    keep = keep.at[jnp.arange(mg), jnp.arange(mg)].set(0.0)
+  num_pairs = mg * (m - 1) if exclude_same_view else mg * m
+  if num_pairs == 0:
+    raise ValueError("pairwise_regression_loss: no (teacher, student) view pair left")
+  s = l2_normalize(student)
+  t = l2_normalize(jax.lax.stop_gradient(teacher))
+  # ||s - t||^2 = |s|^2 + |t|^2 - 2 s.t for every (i, j) without materialising (B, Mg, M, D) differences.
+  dot = jnp.einsum("bid,bjd->bij", t, s, precision=jax.lax.Precision.HIGHEST)
+  sq = jnp.sum(jnp.square(t), -1)[:, :, None] + jnp.sum(jnp.square(s), -1)[:, None, :] - 2.0 * dot
+  loss = jnp.sum(sq * keep) / (b * num_pairs)
+  return loss, {"mse": loss, "cosine": 1.0 - loss / 2.0}

@@ -1,6 +1,10 @@
 """DINO and DINOv2 (iBOT patch loss, KoLeo): prototype heads, the cross-entropy losses with a centred or
 Sinkhorn-Knopp teacher, their centres (the loss state), the prototype-layer freezing and the ``config.dino`` checks.
 
+Two of DINO's appendix components (Table 14) switch DINO's own loss: ``dino.loss="mse"`` (BYOL's regression on
+l2-normalised outputs instead of the cross-entropy) and ``head.predictor`` (BYOL's predictor MLP on the student's head
+output); both are for ``dino`` only and off by default (then the code path is the plain DINO one).
+
 The prototype pieces (heads, teacher temperature, freezing, checks) are shared with the vMF methods (``vmf.py``).
 """
 
@@ -14,13 +18,16 @@ from flax import nnx
 
 from simdino_jax import schedules
 from simdino_jax.errors import require
+from simdino_jax.losses import byol as bl
 from simdino_jax.losses import dino as dl
 from simdino_jax.methods.base import Method, validate_masking
-from simdino_jax.models.heads import DINOHead
+from simdino_jax.methods.byol import validate_mlp_head
+from simdino_jax.models.heads import MLP, DINOHead, WithPredictor
 from simdino_jax.models.network import compute_dtype
 from simdino_jax.tree import map_with_name
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
+LOSSES = ("ce", "mse")  # config.dino.loss: DINO's cross-entropy, or Table 14's "MSE" row
 
 
 # ---- heads -------------------------------------------------------------------------------------------------
@@ -37,6 +44,26 @@ def dino_head(config, in_dim: int, rngs: nnx.Rngs, num_prototypes: int = 0, head
     dtype=compute_dtype(config.model.dtype),
     rngs=rngs,
   )
+
+
+def dino_student_head(config, in_dim: int, rngs: nnx.Rngs) -> nnx.Module:
+  """``dino_head``, wrapped with BYOL's predictor MLP on its logits when ``head.predictor`` (K -> predictor_hidden_dim
+  -> K, ``head.use_bn``, no output bias; the student's loss reads its "prediction", the teacher's targets its
+  "logits"). The predictor draws its weights after the head's, so the head's initial weights do not change."""
+  head = dino_head(config, in_dim, rngs)
+  if not config.head.predictor:
+    return head
+  h = config.head
+  predictor = MLP(
+    h.num_prototypes,
+    h.predictor_hidden_dim,
+    h.num_prototypes,
+    use_bn=h.use_bn,
+    out_bias=False,
+    dtype=compute_dtype(config.model.dtype),
+    rngs=rngs,
+  )
+  return WithPredictor(head, predictor, key="logits")
 
 
 def dino_patch_head(config, in_dim: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -89,13 +116,20 @@ def make_dino_loss(config, steps_per_epoch: int, *, with_patches: bool):
   temp_fn = teacher_temp_fn(config, steps_per_epoch)
   groups = koleo_groups(config) if d.koleo_weight > 0 else 1
 
+  # The student side: the head's logits, or the predictor's output on them (head.predictor, Table 14 "+ pred.").
+  student_key = "prediction" if config.head.get("predictor", False) else "logits"
+  mse = d.get("loss", "ce") == "mse"
+
   def loss(student, teacher, loss_state, step):
     t_temp = temp_fn(step)
     t_logits = teacher["cls"]["logits"]
-    q = dl.teacher_targets(t_logits, mode=d.centering, temperature=t_temp, center=loss_state["center"])
-    value, metrics = dl.dino_cross_entropy(
-      student["cls"]["logits"], q, student_temp=d.student_temp, exclude_same_view=True
-    )
+    if mse:  # Table 14 "MSE": BYOL's regression to the centred teacher outputs (the temperatures cancel)
+      value, metrics = bl.pairwise_regression_loss(student["cls"][student_key], t_logits - loss_state["center"])
+    else:
+      q = dl.teacher_targets(t_logits, mode=d.centering, temperature=t_temp, center=loss_state["center"])
+      value, metrics = dl.dino_cross_entropy(
+        student["cls"][student_key], q, student_temp=d.student_temp, exclude_same_view=True
+      )
     new_state = dict(loss_state)
     if d.centering == "centering":
       new_state["center"] = dl.update_center(loss_state["center"], t_logits, d.center_momentum)
@@ -166,13 +200,33 @@ def validate(config, *, num_devices: int, masked: bool) -> None:
   if masked:
     validate_masking(config)
   validate_prototypes(config)
+  validate_components(config, masked=masked)
+
+
+def validate_components(config, *, masked: bool) -> None:
+  """DINO's Table 14 switches (``dino.loss``, ``head.predictor``): valid values, and only for ``dino`` (cls loss)."""
+  loss = config.dino.get("loss", "ce")
+  require(loss in LOSSES, "dino.loss", f"must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
+  if loss == "mse":
+    require(not masked, "dino.loss", f"'mse' is DINO's Table 14 row, for method 'dino' only, not {config.method!r}")
+    require(
+      config.dino.centering == "centering",
+      "dino.loss",
+      f"'mse' regresses on the centred teacher outputs: needs dino.centering='centering', "
+      f"got {config.dino.centering!r}",
+    )
+  predictor = config.head.get("predictor", False)
+  require(isinstance(predictor, bool), "head.predictor", f"must be True or False, got {predictor!r}")
+  if predictor:
+    require(not masked, "head.predictor", f"the student predictor is for method 'dino' only, not {config.method!r}")
+    validate_mlp_head(config)
 
 
 # ---- the methods -------------------------------------------------------------------------------------------
 def _method(name: str, *, masked: bool, progress_keys: tuple[str, ...]) -> Method:
   return Method(
     name,
-    build_head=dino_head,
+    build_head=dino_student_head,
     make_loss=functools.partial(make_dino_loss, with_patches=masked),
     init_loss_state=functools.partial(dino_state, with_patches=masked),
     validate=functools.partial(validate, masked=masked),

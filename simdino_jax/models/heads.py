@@ -2,6 +2,8 @@
 
 `ProjectionHead` is the DINO/DINOv2 head up to the l2-normalised bottleneck (SimDINO uses it alone);
 `WeightNormPrototypes` is DINO's weight-normalised last layer (DINO, DINOv2/iBOT, DINO-vMF logits).
+`MLP` is the one-hidden-layer perceptron of the classic systems: BYOL's projector / predictor (`BYOLHead`, and the
+student predictor `WithPredictor` of DINO's Table 14 "+ pred." row) and MoCo-v2's ``--mlp`` head (`MoCoHead`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simdino_jax.models.resnet import BatchNorm
 from simdino_jax.models.vit import gelu_exact, trunc_normal_init, uniform_init
 
 _L2_EPS = 1e-12
@@ -126,3 +129,108 @@ class DINOHead(nnx.Module):
   def __call__(self, x: jax.Array) -> dict:
     z = self.proj(x)
     return {"z": z, "logits": self.last_layer(z)}
+
+
+# ---- the classic systems' MLP heads (MoCo-v2, BYOL; DINO's student predictor) ----------------------------------------
+MLP_INITS = ("haiku", "torch")
+
+
+def _linear_inits(init: str, fan_in: int) -> tuple:
+  """(kernel, bias) initialisers of a Linear: haiku's ``hk.Linear`` default (BYOL: truncated normal, stddev
+  1/sqrt(fan_in), cut at 2 stddev, zero bias) or torch's ``nn.Linear`` default (MoCo: U(+-1/sqrt(fan_in)) for both)."""
+  std = 1.0 / math.sqrt(fan_in)
+  if init == "haiku":
+    return trunc_normal_init(std, -2.0 * std, 2.0 * std), nnx.initializers.zeros_init()
+  if init == "torch":
+    return uniform_init(std), uniform_init(std)
+  raise ValueError(f"MLP init must be one of {MLP_INITS}, got {init!r}")
+
+
+class MLP(nnx.Module):
+  """Linear(in->hidden) [BatchNorm] ReLU Linear(hidden->out) on (rows, features).
+
+  BYOL's ``networks.MLP`` is ``use_bn=True, out_bias=False, init="haiku"`` (hk.Linear with bias -> hk.BatchNorm ->
+  relu -> hk.Linear without bias); MoCo-v2's ``--mlp`` head (builder.py: ``nn.Sequential(nn.Linear(dim_mlp,
+  dim_mlp), nn.ReLU(), fc)``) is ``use_bn=False, out_bias=True, init="torch"``. The BatchNorm is models/resnet.py's
+  (torch numerics; batch statistics over all rows, so over the whole sharded batch: SyncBN, as BYOL's
+  ``cross_replica_axis``), its running statistics ``nnx.BatchStat``s; computed in float32, output float32."""
+
+  def __init__(
+    self,
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    use_bn: bool,
+    out_bias: bool,
+    init: str = "haiku",
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    k1, b1 = _linear_inits(init, in_dim)
+    k2, b2 = _linear_inits(init, hidden_dim)
+    common = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.fc1 = nnx.Linear(in_dim, hidden_dim, kernel_init=k1, bias_init=b1, **common)
+    self.bn = BatchNorm(hidden_dim) if use_bn else None
+    self.fc2 = nnx.Linear(hidden_dim, out_dim, use_bias=out_bias, kernel_init=k2, bias_init=b2, **common)
+    self.out_dim = out_dim
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.fc1(x)
+    if self.bn is not None:
+      h = self.bn(h)
+    return self.fc2(jax.nn.relu(h)).astype(jnp.float32)
+
+
+def per_view(mlp: nnx.Module, x: jax.Array) -> jax.Array:
+  """``mlp`` on (B, M, D) one view at a time, so that BatchNorm statistics are each view's, as BYOL's
+  ``apply_once_fn`` per view (view-major batches are never built: the batch axis stays first)."""
+  if x.ndim == 2:
+    return mlp(x)
+  lead = x.shape[:-1]
+  x = x.reshape(lead[0], -1, x.shape[-1])
+  out = jnp.stack([mlp(x[:, v]) for v in range(x.shape[1])], axis=1)
+  return out.reshape(*lead, out.shape[-1])
+
+
+class BYOLHead(nnx.Module):
+  """BYOL's projector and predictor: {"z": projector(x), "p": predictor(z)}, both ``MLP(use_bn, out_bias=False,
+  init="haiku")``, hidden 4096 and output 256 in the recipe. The teacher (target) computes "p" too and the loss
+  ignores it, as the official target network's forward does (byol_experiment.py runs the same ``_forward``)."""
+
+  def __init__(
+    self, in_dim: int, *, hidden_dim: int, out_dim: int, predictor_hidden_dim: int, use_bn: bool, dtype, rngs: nnx.Rngs
+  ):
+    self.projector = MLP(in_dim, hidden_dim, out_dim, use_bn=use_bn, out_bias=False, dtype=dtype, rngs=rngs)
+    self.predictor = MLP(out_dim, predictor_hidden_dim, out_dim, use_bn=use_bn, out_bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> dict:
+    z = per_view(self.projector, x)
+    return {"z": z, "p": per_view(self.predictor, z)}
+
+
+class MoCoHead(nnx.Module):
+  """MoCo-v2's ``--mlp`` head on the backbone feature: Linear(D, D) ReLU Linear(D, dim), torch's default init,
+  raw (un-normalised) outputs (the InfoNCE normalises queries and keys)."""
+
+  def __init__(self, in_dim: int, *, out_dim: int, dtype, rngs: nnx.Rngs):
+    self.mlp = MLP(in_dim, in_dim, out_dim, use_bn=False, out_bias=True, init="torch", dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return per_view(self.mlp, x)
+
+
+class WithPredictor(nnx.Module):
+  """A head whose output ``key`` also goes through a student predictor (DINO's Table 14 "+ pred." row: BYOL's
+  predictor MLP on the head output): returns the head's outputs plus "prediction" = predictor(outputs[key]). The
+  teacher computes it too (the step runs one head for both) and the loss reads it only on the student side."""
+
+  def __init__(self, head: nnx.Module, predictor: nnx.Module, key: str = "logits"):
+    self.head = head
+    self.predictor = predictor
+    self.key = key
+
+  def __call__(self, x: jax.Array) -> dict:
+    out = dict(self.head(x))
+    out["prediction"] = per_view(self.predictor, out[self.key])
+    return out

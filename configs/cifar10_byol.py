@@ -1,0 +1,30 @@
+r"""BYOL on CIFAR-10, CPU-sized: configs/cifar10_common.py with BYOL's projector, predictor and regression loss,
+two crops.
+
+Command (from the repository root; data.source is relative to it):
+
+  python -m simdino_jax.train --config=configs/cifar10_byol.py --workdir=/tmp/cifar10_byol
+
+Runtime: see docs/results.md (measured figures below when present).
+
+BYOL (deepmind-research/byol) on the shared ViT, optimiser and image budget: projector 96 -> 1024 -> 128 and
+predictor 128 -> 1024 -> 128 (the recipe's 4096 / 256 scaled as the shared head), the symmetric regression loss,
+teacher (target) momentum cosine 0.99 -> 1 (the shared recipe's; BYOL's 300-epoch preset is also 0.99). Two global
+crops and no local crops at scale (0.14, 1) (main_dino.py's advice without multi-crop; BYOL's own is 0.08), the
+shared photometric recipe (the same as BYOL's: DINO took it from BYOL).
+"""
+
+import os
+import runpy
+
+# Loaded by path so the config works from any working directory.
+_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_common.py"))
+
+
+def get_config(arg=None):
+  c = _COMMON["get_config"](arg)
+  c.method = "byol"
+  c.data.num_local = 0
+  c.data.global_scale = (0.14, 1.0)
+  c.head.predictor_hidden_dim = 1024
+  return c
