@@ -83,6 +83,11 @@ def get_config(arg=None):
   c.optim.freeze_last_layer_epochs = 0.1
   c.teacher.momentum = 0.99
   # evals.linear.protocol stays config.py's "frozen": small data, the fast probe on cached features.
+  # Fine-tuning check sized for CPU (evals/finetune.py, docs/evaluation.md#fine-tuning), off; one flag runs it on the
+  # final teacher (--config.evals.finetune.final=True) or on a checkpoint (python -m simdino_jax.evaluate
+  # --workdir=DIR --eval=finetune): BEiT's recipe with its augmentations at 32 px (RandomCrop + flip, RandAugment,
+  # erasing, mixup/cutmix, layer decay 0.75, drop path 0.1), but 3 epochs of batch 64 at lr 1e-3 instead of 100-1000.
+  c.evals.finetune.update(epochs=3, warmup_epochs=1, batch_size=64, lr=1e-3, layer_decay=0.75, drop_path=0.1)
   return c
 
 

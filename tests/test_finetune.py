@@ -217,7 +217,8 @@ def test_finetune_learns_resumes_bitwise_and_writes_its_files(tiny_config, data,
   assert [r["step"] for r in logged] == [5, 9, 10, 15, 18] and "val_top1" in logged[-1]
   assert list((lr_dir / "tensorboard").iterdir()) and (lr_dir / "curves.png").exists()
 
-  ctx_b, _ = make_context(config, tmp_path / "b")
+  ctx_b = ctx  # the same context (its compiled step), another directory
+  ctx_b.out_dir = str(tmp_path / "b")
   ev.stop_after_steps = 7
   with pytest.raises(finetune.FinetuneStopped) as stopped:
     ev.run(ctx_b, backbone, None)

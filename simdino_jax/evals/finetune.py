@@ -636,7 +636,10 @@ class FinetuneEvaluator(runner.Evaluator):
         out_["ema_logits"] = logits_fn(p[1], images, None)
       return out_
 
-    evaluate = jax.jit(eval_fn, in_shardings=(rep, bsh), out_shardings=bsh)
+    evaluate = ctx.compiled(
+      ("finetune_eval", self.name, lr, r["pooling"], ema),
+      lambda: jax.jit(eval_fn, in_shardings=(rep, bsh), out_shardings=bsh),
+    )
 
     def validate(step: int) -> dict:
       p = (state["params"], state["ema"] if ema else None)
