@@ -8,7 +8,8 @@ Command (from the repository root; data.source is relative to it):
 Runtime: see docs/results.md (measured figures below when present).
 
 BYOL (deepmind-research/byol) on the shared ViT, optimiser and image budget: projector 96 -> 1024 -> 128 and
-predictor 128 -> 1024 -> 128 (the recipe's 4096 / 256 scaled as the shared head), the symmetric regression loss,
+predictor 128 -> 1024 -> 128 with BatchNorm (the recipe's 4096 / 256 scaled as the shared head), the symmetric
+regression loss,
 teacher (target) momentum cosine 0.99 -> 1 (the shared recipe's; BYOL's 300-epoch preset is also 0.99). Two global
 crops and no local crops at scale (0.14, 1) (main_dino.py's advice without multi-crop; BYOL's own is 0.08), the
 shared photometric recipe (the same as BYOL's: DINO took it from BYOL).
@@ -27,4 +28,5 @@ def get_config(arg=None):
   c.data.num_local = 0
   c.data.global_scale = (0.14, 1.0)
   c.head.predictor_hidden_dim = 1024
+  c.head.use_bn = True  # BYOL's MLPs: Linear -> BN -> ReLU -> Linear
   return c

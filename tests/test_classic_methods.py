@@ -317,3 +317,40 @@ def test_classic_fields_are_refused_in_one_line(method, overrides, message):
   with pytest.raises(ConfigError) as e:
     config_lib.validate(c, num_devices=1)
   assert re.match(message, str(e.value)) and "\n" not in str(e.value), str(e.value)
+
+
+# ---- the published recipes ---------------------------------------------------------------------------------------
+def load_recipe(name):
+  import os
+  import runpy
+
+  return runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name))["get_config"]()
+
+
+def test_moco_v2_and_byol_resnet50_recipes_hold_the_official_values():
+  m = load_recipe("moco_v2_resnet50_in1k.py")  # main_moco.py --lr 0.03 --batch-size 256 --mlp --moco-t 0.2 --cos
+  assert (m.method, m.model.arch, m.batch_size, m.total_epochs, m.warmup_epochs) == ("moco_v2", "resnet50", 256, 200, 0)
+  assert (m.optim.name, m.optim.lr, m.optim.momentum, m.optim.weight_decay, m.optim.weight_decay_end) == (
+    "sgd",
+    0.03,
+    0.9,
+    1e-4,
+    1e-4,
+  )
+  assert (m.moco.queue_size, m.moco.temperature, m.moco.symmetric, m.head.out_dim) == (65536, 0.2, False, 128)
+  assert (m.teacher.momentum, m.teacher.momentum_end) == (0.999, 0.999)
+  assert (m.data.num_local, tuple(m.data.global_scale), m.data.augment.solarize_p) == (0, (0.2, 1.0), 0.0)
+  b = load_recipe("byol_resnet50_in1k.py")  # byol/configs/byol.py presets for 1000 epochs, main_loop.py batch 4096
+  assert (b.method, b.model.arch, b.batch_size, b.total_epochs, b.warmup_epochs) == ("byol", "resnet50", 4096, 1000, 10)
+  assert (b.optim.name, b.optim.lr, b.optim.lars_eta, b.optim.momentum, b.optim.weight_decay) == (
+    "lars",
+    0.2,
+    1e-3,
+    0.9,
+    1.5e-6,
+  )
+  assert (b.head.hidden_dim, b.head.out_dim, b.head.predictor_hidden_dim, b.head.use_bn) == (4096, 256, 4096, True)
+  assert (b.teacher.momentum, b.teacher.momentum_end, tuple(b.data.global_scale)) == (0.996, 1.0, (0.08, 1.0))
+  for c in (m, b):
+    assert c.optim.min_lr == 0.0 and c.optim.clip_grad == 0.0
+    config_lib.validate(c, num_devices=8)
