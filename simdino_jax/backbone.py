@@ -22,7 +22,10 @@ import numpy as np
 from flax import nnx
 
 from simdino_jax import workdir as workdir_lib
-from simdino_jax.io import restore, torch_interop
+from simdino_jax.errors import InteropError
+from simdino_jax.io import restore, torch_interop, torchvision_resnet
+from simdino_jax.models.network import ResNetBackbone
+from simdino_jax.tree import map_with_name
 
 
 class Backbone:
@@ -38,14 +41,16 @@ class Backbone:
     self.source = source
     self.step = step
     self.embed_dim = model.embed_dim
-    self.patch_size = model.patch_size
-    self.num_registers = model.num_registers
+    self.patch_size = getattr(model, "patch_size", 1)  # a ResNet takes any image size
+    self.num_registers = getattr(model, "num_registers", 0)
+    if isinstance(model, ResNetBackbone):
+      model.eval()  # BN with its running statistics, as DINO's evaluation scripts
     graphdef, params = nnx.split(model)
     self._params = params
 
     def features(params, images):
       out = nnx.merge(graphdef, params)(images, key=None)  # deterministic: no drop path
-      return {"cls": out["cls"].astype(jnp.float32), "patch": out["patch"].astype(jnp.float32)}
+      return {k: out[k].astype(jnp.float32) for k in ("cls", "patch") if k in out}  # a ResNet: "cls" only
 
     self._features = jax.jit(features)
 
@@ -59,6 +64,8 @@ class Backbone:
 
   def __repr__(self) -> str:
     k = self.kwargs
+    if "block" in k:  # a ResNet
+      return f"Backbone(resnet {k['block']} {list(k['layers'])}, width={k['width']}, source={self.source!r})"
     return (
       f"Backbone(width={k['embed_dim']}, depth={k['depth']}, heads={k['num_heads']}, patch={k['patch_size']}, "
       f"registers={k['num_registers']}, layerscale={k['layerscale_init'] is not None}, source={self.source!r})"
@@ -77,6 +84,10 @@ def load_backbone(
   path = workdir_lib.resolve(os.fspath(path))  # relative and ~ paths work (orbax needs absolute ones)
   if os.path.isdir(path):
     arrays, restored_step, config = restore.restore_params(path, which=which, step=step)
+    if (config.get("model") or {}).get("arch", "vit") != "vit":  # a ResNet run: weights and running statistics
+      imported = torchvision_resnet.load_resnet_state_dict(torchvision_resnet.to_torchvision(arrays), where=path)
+      source = f"{path} (step {restored_step}, {which})"
+      return Backbone(_resnet(imported, overrides), imported.kwargs, source, restored_step)
     imported = torch_interop.load_state_dict(arrays, num_heads=num_heads, config=config, **overrides)
     imported.source = f"{path} (step {restored_step}, {which})"
     return Backbone(imported.build(), imported.kwargs, imported.source, restored_step)
@@ -84,8 +95,21 @@ def load_backbone(
     raise FileNotFoundError(f"{path}: no such training workdir or weights file")
   if step is not None:
     raise ValueError(f"step={step} selects a checkpoint of a workdir; {path} is a file")
-  imported = torch_interop.load_state_dict(path, which=which, num_heads=num_heads, **overrides)
+  try:
+    imported = torch_interop.load_state_dict(path, which=which, num_heads=num_heads, **overrides)
+  except InteropError as error:  # not a ViT: a torchvision / DINO ResNet state dict?
+    try:
+      resnet = torchvision_resnet.load_resnet_state_dict(path, which=which)
+    except InteropError:
+      raise error from None
+    return Backbone(_resnet(resnet, overrides), resnet.kwargs, resnet.source)
   saved_step = imported.metadata.get("step")
   return Backbone(
     imported.build(), imported.kwargs, imported.source, int(saved_step) if str(saved_step).isdigit() else None
   )
+
+
+def _resnet(imported, overrides: dict) -> ResNetBackbone:
+  """The imported ResNet's weights and running statistics in a ResNetBackbone (the backbone interface)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: ResNetBackbone(**imported.kwargs, **overrides, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, map_with_name(lambda name, _: jnp.asarray(imported.params[name]), state))

@@ -54,8 +54,14 @@ from simdino_jax import workdir as workdir_lib
 from simdino_jax.data import sources
 from simdino_jax.errors import ConfigError, InteropError, SimdinoError
 from simdino_jax.evals import runner
-from simdino_jax.io import checkpointing, restore, torch_interop
-from simdino_jax.models.network import backbone_kwargs
+from simdino_jax.io import checkpointing, restore, torch_interop, torchvision_resnet
+from simdino_jax.models.network import (
+  RESNET_VARIANTS,
+  backbone_kwargs,
+  build_backbone,
+  eval_backbone_graphdef,
+  is_resnet,
+)
 from simdino_jax.models.vit import VisionTransformer
 from simdino_jax.train import metrics
 from simdino_jax.tree import path_str
@@ -87,10 +93,14 @@ def parse_names(names, valid=None) -> list[str]:
   return list(dict.fromkeys(names))
 
 
-def place_params(config, vit_kwargs: dict, arrays: dict, which: str):
+def place_params(config, vit_kwargs: dict, arrays: dict, which: str, model_cfg=None):
   """(params on the mesh with the training run's sharding rules, param sharding, mesh) of a VisionTransformer with
-  ``vit_kwargs``; ``arrays``: {our parameter name (blocks/0/attn/qkv/kernel): array}, cast to float32."""
-  abstract = nnx.split(nnx.eval_shape(lambda: VisionTransformer(**vit_kwargs, rngs=nnx.Rngs(0))))[1]
+  ``vit_kwargs`` (or of ``model_cfg``'s ResNet, weights and running statistics); ``arrays``: {our parameter name
+  (blocks/0/attn/qkv/kernel): array}, cast to float32."""
+  if model_cfg is not None and is_resnet(model_cfg):
+    abstract = nnx.split(nnx.eval_shape(lambda: build_backbone(model_cfg, rngs=nnx.Rngs(0))))[1]
+  else:
+    abstract = nnx.split(nnx.eval_shape(lambda: VisionTransformer(**vit_kwargs, rngs=nnx.Rngs(0))))[1]
   mesh = sharding.make_mesh(config.mesh)
   # The training run's sharding rules, on the names training gives these leaves ("teacher/backbone/...").
   param_sharding = sharding.state_shardings({which: {"backbone": abstract}}, mesh, config)[which]["backbone"]
@@ -115,7 +125,7 @@ def load_params(config, workdir: str, which: str):
   vit_kwargs = backbone_kwargs(model_cfg)
   prefix = "backbone/"
   backbone = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-  params, param_sharding, mesh = place_params(config, vit_kwargs, backbone, which)
+  params, param_sharding, mesh = place_params(config, vit_kwargs, backbone, which, model_cfg)
   return vit_kwargs, params, param_sharding, mesh, step, model_cfg
 
 
@@ -142,8 +152,16 @@ def load_weights(config, path: str, which: str):
   PyTorch state dict (.pth; .safetensors / .npz with official names) or our export (its run's model config)."""
   obj, metadata = torch_interop.read_state_dict(path)  # InteropError naming the file (e.g. .pth without PyTorch)
   stored = json.loads(metadata["config"]) if metadata.get("config") else None
+  if (stored or {}).get("model", {}).get("arch", "vit") != "vit":
+    return _load_resnet_weights(config, obj, metadata, stored, path, which)
   # The head count does not change a parameter's shape: import with one, decide it below.
-  imported = torch_interop.load_state_dict(obj, which=which, num_heads=1, where=path)
+  try:
+    imported = torch_interop.load_state_dict(obj, which=which, num_heads=1, where=path)
+  except InteropError as error:  # not a ViT: a torchvision / DINO ResNet state dict?
+    try:
+      return _load_resnet_weights(config, obj, metadata, stored, path, which)
+    except InteropError:
+      raise error from None
   kw = imported.kwargs
   if stored and stored.get("model"):  # our export: the run's own model config, as evaluating its workdir
     model_cfg = config_lib.from_dict({"model": stored["model"]}).model
@@ -169,8 +187,40 @@ def load_weights(config, path: str, which: str):
   return vit_kwargs, imported.params, int(step) if str(step).isdigit() else None, model_cfg
 
 
+def _load_resnet_weights(config, obj, metadata, stored, path: str, which: str):
+  """load_weights for a ResNet: a torchvision / DINO state dict, or a ResNet run's export (its stored model config);
+  the model config of an official file comes from its shapes (a named variant, its width)."""
+  imported = torchvision_resnet.load_resnet_state_dict(obj, which=which, where=path)
+  kw = imported.kwargs
+  if stored and stored.get("model"):
+    model_cfg = config_lib.from_dict({"model": stored["model"]}).model
+  else:
+    model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+    names = [
+      n
+      for n, v in RESNET_VARIANTS.items()
+      if (v[0], tuple(v[1]), v[3]) == (kw["block"], kw["layers"], kw["cifar_stem"])
+    ]
+    if not names:
+      raise InteropError(
+        f"{path}: a ResNet of {kw['block']} blocks {list(kw['layers'])} is none of {sorted(RESNET_VARIANTS)}"
+      )
+    model_cfg.arch, model_cfg.resnet_width = names[0], kw["width"]
+  step = metadata.get("step")
+  return kw, imported.params, int(step) if str(step).isdigit() else None, model_cfg
+
+
 def _prepare(config, names, num_devices=None):
   names = parse_names(names, config.evals)
+  if is_resnet(config.model):  # named on the command line: refused like an enabled one (config.validate)
+    for name in names:
+      kind = config.evals[name].type
+      if kind not in config_lib.POOLED_FEATURE_EVALUATORS:
+        raise ConfigError(
+          f"config.evals.{name}: the {kind!r} evaluator reads a ViT's patch tokens or attention, which "
+          f"model.arch={config.model.arch!r} does not have (a ResNet runs "
+          f"{', '.join(config_lib.POOLED_FEATURE_EVALUATORS)})"
+        )
   config_lib.validate(
     config,
     num_devices=jax.device_count() if num_devices is None else num_devices,
@@ -214,7 +264,9 @@ def _context(config, vit_kwargs: dict, param_sharding, mesh, out_dir: str, which
   student)."""
   return runner.Context(
     config,
-    graphdef=runner.eval_graphdef(vit_kwargs, config.eval.dtype),
+    graphdef=eval_backbone_graphdef(config.model, config.eval.dtype)  # a ResNet in evaluation mode
+    if is_resnet(config.model)
+    else runner.eval_graphdef(vit_kwargs, config.eval.dtype),
     param_sharding=param_sharding,
     mesh=mesh,
     train_source=sources.from_config(config.data, "train", evaluation=True),
@@ -314,14 +366,17 @@ def evaluate_weights(
   vit_kwargs, arrays, step, model_cfg = load_weights(config, weights, which)
   config = _with_model(config, model_cfg)  # the evaluators read the weights' architecture (patch size, depth ...)
   names = _prepare(config, names)
-  params, param_sharding, mesh = place_params(config, vit_kwargs, arrays, which)
+  params, param_sharding, mesh = place_params(config, vit_kwargs, arrays, which, model_cfg)
   ctx = _context(config, vit_kwargs, param_sharding, mesh, workdir_lib.resolve(output), which)
   evaluators = evals.build(config, names)
   k = vit_kwargs
-  ctx.log(
-    f"evaluating {weights} (width {k['embed_dim']}, depth {k['depth']}, {k['num_heads']} heads, patch "
-    f"{k['patch_size']}, {k['num_registers']} registers) in {ctx.dtype}: " + ", ".join(names)
+  what = (
+    f"{model_cfg.arch}, width {k['width']}"
+    if is_resnet(model_cfg)
+    else f"width {k['embed_dim']}, depth {k['depth']}, {k['num_heads']} heads, patch {k['patch_size']}, "
+    f"{k['num_registers']} registers"
   )
+  ctx.log(f"evaluating {weights} ({what}) in {ctx.dtype}: " + ", ".join(names))
   features = f"backbone of {os.path.basename(weights)}"
 
   def write(name, result):

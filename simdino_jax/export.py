@@ -47,7 +47,7 @@ from absl import app, flags, logging
 from simdino_jax import cli
 from simdino_jax import workdir as workdir_lib
 from simdino_jax.errors import ExportError, SimdinoError
-from simdino_jax.io import formats, restore, torch_interop
+from simdino_jax.io import formats, restore, torch_interop, torchvision_resnet
 
 FORMATS = ("safetensors", "npz", "torch")
 # The file's container for --format=torch, from --output's extension: torch.save's .pth unless safetensors or npz.
@@ -144,7 +144,9 @@ def _export_torch(workdir: str, output: str | None, *, which: str, step: int | N
   container = _TORCH_CONTAINERS.get(os.path.splitext(output)[1], "pth") if output else "pth"
   torch = _import_torch(output) if container == "pth" else None  # before the restore: fail fast
   arrays, step, config = restore.restore_params(workdir, which=which, step=step)
-  state_dict = torch_interop.to_torch(arrays)
+  arch = (config.get("model") or {}).get("arch", "vit")
+  # A ResNet run: torchvision's state dict (weights and running statistics, no fc), io/torchvision_resnet.py.
+  state_dict = torch_interop.to_torch(arrays) if arch == "vit" else torchvision_resnet.to_torchvision(arrays)
   if output is None:
     output = default_output(workdir, "torch", which, step, False)
   _makedirs_for(output)
@@ -170,7 +172,11 @@ def _export_torch(workdir: str, output: str | None, *, which: str, step: int | N
   else:
     writer = formats.save_safetensors if container == "safetensors" else formats.save_npz
     size = writer(state_dict, output, metadata)
-  kwargs = torch_interop.load_state_dict(state_dict, config=config).kwargs  # shapes + the config's head count
+  if arch == "vit":
+    kwargs = torch_interop.load_state_dict(state_dict, config=config).kwargs  # shapes + the config's head count
+    constructor = torch_interop.official_constructor(kwargs, "dinov2" if "mask_token" in state_dict else "dino")
+  else:
+    constructor = resnet_constructor(arch, torchvision_resnet.infer_resnet_kwargs(state_dict))
   dtypes = sorted({a.dtype.name for a in state_dict.values()})
   return {
     "output": output,
@@ -182,8 +188,22 @@ def _export_torch(workdir: str, output: str | None, *, which: str, step: int | N
     "parameters": int(sum(a.size for a in state_dict.values())),
     "bytes": size,
     "dtypes": dtypes,
-    "constructor": torch_interop.official_constructor(kwargs, "dinov2" if "mask_token" in state_dict else "dino"),
+    "constructor": constructor,
   }
+
+
+def resnet_constructor(arch: str, kwargs: dict) -> str:
+  """The torchvision module whose ``load_state_dict(strict=True)`` takes a ResNet run's export (as DINO builds its
+  backbone: ``torchvision_models.__dict__[arch]()`` with ``fc = nn.Identity()``)."""
+  base = arch.removesuffix("_cifar")
+  line = f"torchvision.models.{base}() with model.fc = torch.nn.Identity()"
+  if kwargs["cifar_stem"]:
+    line += (
+      f", model.conv1 = torch.nn.Conv2d(3, {kwargs['width']}, 3, 1, 1, bias=False), model.maxpool = torch.nn.Identity()"
+    )
+  if kwargs["width"] != 64:
+    line += f" (width {kwargs['width']}: torchvision builds width 64 only; the names and layouts are its own)"
+  return line
 
 
 def _summary_line(s: dict) -> str:

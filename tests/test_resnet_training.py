@@ -275,3 +275,54 @@ def test_config_accepts_a_resnet_with_pooled_feature_evaluators():
   for name in ("knn", "linear", "fewshot", "retrieval"):
     config.evals[name].final = True
   config_lib.validate(config, num_devices=1)
+
+
+def test_resnet_run_exports_torchvision_state_dict_that_init_from_and_load_backbone_read(tmp_path):
+  # A ResNet run's --format=torch export is torchvision's state dict (weights + running statistics, no fc): it loads
+  # strictly into our torchvision importer, config.init_from reads it as the run's own backbone names, and
+  # load_backbone gives the workdir's features from it (evaluation mode).
+  from conftest import checkpoint_at_init
+
+  from simdino_jax import export
+  from simdino_jax.backbone import load_backbone
+  from simdino_jax.io import restore
+  from simdino_jax.io.torchvision_resnet import load_resnet_state_dict
+  from simdino_jax.tree import named_leaves
+
+  config = resnet_config()
+  workdir = str(tmp_path / "run")
+  _, state = checkpoint_at_init(config, workdir)
+  out = export.export(workdir, str(tmp_path / "rn.npz"), fmt="torch")
+  assert "torchvision.models.resnet18()" in out["constructor"] and "maxpool = torch.nn.Identity()" in out["constructor"]
+  from simdino_jax.io import formats
+
+  sd = formats.load_arrays(out["output"])
+  assert "bn1.running_mean" in sd and "layer1.0.conv1.weight" in sd and not any(k.startswith("fc.") for k in sd)
+  imported = load_resnet_state_dict(sd, strict=True)
+  teacher = {
+    k[len("backbone/") :]: np.asarray(v) for k, v in named_leaves(state.teacher).items() if k.startswith("backbone/")
+  }
+  assert set(imported.params) == set(teacher)
+  for k, v in teacher.items():
+    np.testing.assert_array_equal(imported.params[k], v, err_msg=k)
+
+  arrays, description = restore.load_init_arrays(out["output"])
+  assert description.startswith("torchvision ResNet weights file")
+  loaded, notes = restore.match_init_arrays(named_leaves(state.student), arrays)
+  assert {n for n in loaded if n.startswith("backbone/")} == {
+    n for n in named_leaves(state.student) if n.startswith("backbone/")
+  }
+
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  from_file, from_workdir = load_backbone(out["output"])(x), load_backbone(workdir)(x)
+  assert set(from_workdir) == {"cls"} and from_workdir["cls"].shape == (2, 32)
+  np.testing.assert_allclose(from_file["cls"], from_workdir["cls"], rtol=1e-6, atol=1e-6)
+
+
+def test_evaluate_refuses_a_dense_evaluator_named_for_a_resnet():
+  from simdino_jax import evaluate
+
+  config = resnet_config()
+  with pytest.raises(ConfigError, match=r"^config\.evals\.attention: the 'attention' evaluator reads"):
+    evaluate._prepare(config, "knn,attention", num_devices=1)
+  assert evaluate._prepare(config, "knn,retrieval", num_devices=1) == ["knn", "retrieval"]

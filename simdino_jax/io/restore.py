@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from simdino_jax.errors import CheckpointMismatchError, ExportError, InteropError, ResumeError
-from simdino_jax.io import torch_interop
+from simdino_jax.io import torch_interop, torchvision_resnet
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into the step directory as the last act of a save
 WHICH = ("teacher", "student")  # the networks of a TrainState that restore_params reads
@@ -294,7 +294,11 @@ def load_init_arrays(path: str, which: str = "teacher") -> tuple[dict[str, np.nd
     try:
       arrays, layout = torch_interop.named_arrays(str(root), which=which)
     except (ExportError, InteropError) as e:
-      raise ResumeError(f"config.init_from: {e}") from None
+      try:  # a torchvision / DINO ResNet state dict (a ResNet run's --format=torch export, DINO's resnet50 files)
+        resnet = torchvision_resnet.load_resnet_state_dict(str(root), which=which)
+      except (ExportError, InteropError):
+        raise ResumeError(f"config.init_from: {e}") from None
+      return {f"backbone/{k}": v for k, v in resnet.params.items()}, f"torchvision ResNet weights file {path}"
     return arrays, f"{layout} weights file {path}"
   step_dir = find_checkpoint(path, "config.init_from")
   workdir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent

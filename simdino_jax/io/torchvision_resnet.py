@@ -179,7 +179,7 @@ def load_resnet_state_dict(source: Any, *, which: str = "teacher", strict: bool 
       raise InteropError(f"{where}: {key!r} has shape {list(a.shape)}, expected {list(want)}")
     if a.ndim == 4:
       a = a.transpose(2, 3, 1, 0)
-    params[name] = np.ascontiguousarray(a.astype(leaf.dtype))
+    params[name] = np.array(a, dtype=leaf.dtype, order="C")  # not ascontiguousarray: it makes a 0-d count 1-d
     used.add(key)
   ignored = sorted(ignored + [k for k in state if k not in used])
   if ignored and strict:

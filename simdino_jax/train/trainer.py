@@ -196,6 +196,13 @@ def process_batch_rows(batch_sharding, batch_size: int) -> np.ndarray:
   return np.asarray(rows, np.int64)
 
 
+def _model_name(model_cfg) -> str:
+  """The backbone in the start line: the ViT variant, or the ResNet arch and its width."""
+  if model_cfg.get("arch", "vit") == "vit":
+    return model_cfg.variant
+  return f"{model_cfg.arch}" + (f" (width {model_cfg.resnet_width})" if model_cfg.get("resnet_width", 0) else "")
+
+
 class Trainer:
   """A run in a workdir: ``run()`` trains and evaluates. The numerical pieces come from ``train/setup.py``
   (``self.setup``); the trainer adds the workdir, the restore policy, the data, the evaluation and the loop, and is
@@ -254,7 +261,7 @@ class Trainer:
       self.wpath("eval").mkdir(parents=True, exist_ok=True)
       self.wpath("config.json").write_text(config.to_json_best_effort(indent=2))
     self.log(
-      f"simdino_jax: method={config.method} model={config.model.variant} devices={jax.device_count()} "
+      f"simdino_jax: method={config.method} model={_model_name(config.model)} devices={jax.device_count()} "
       f"({jax.devices()[0].platform}) batch={config.batch_size} steps={d.total_steps} "
       f"(warm-up {d.warmup_steps}, {d.steps_per_epoch} steps/epoch) workdir={self.workdir}"
     )
