@@ -50,7 +50,7 @@ multiplied by the same lr (engine_for_finetuning.py:60-62, torch AdamW). ``optim
 (pre-training's DINOv2 rule) give those ids on ``backbone/...`` names (the extra register tokens: layer 0), so they
 are reused here (tests/test_finetune.py checks them against a NumPy transcription of the official groups).
 
-Model: our ViT with the recipe's drop path (linear over the blocks, modeling_finetune.py:297), the trained weights,
+Model: our ViT with the recipe's drop path (linear over the blocks, modeling_finetune.py:299), the trained weights,
 and a new ``Linear(width, classes)``: on the final-normed cls token ("cls"), or with ``pooling="mean"`` on
 ``fc_norm(mean of the patch tokens)`` where ``fc_norm`` is a new LayerNorm and the trained final norm is unused
 (modeling_finetune.py:307-308,366-372; registers are not averaged). Loss: timm's LabelSmoothingCrossEntropy (mean
