@@ -22,7 +22,7 @@ from simdino_jax.train import metrics
 from simdino_jax.tree import named_leaves
 
 
-# -- NumPy transcriptions of the official code ------------------------------------------------------------------------
+# -- NumPy transcriptions of the official code -------------------------------------------------------------------------
 def ibot_num_layer_for_vit(var_name, num_max_layer):  # optim_factory.py:32-43
   if var_name in ("cls_token", "mask_token", "pos_embed"):
     return 0
@@ -63,7 +63,7 @@ def timm_label_smoothing_ce(x, target, smoothing):  # timm/loss/cross_entropy.py
   return np.mean((1.0 - smoothing) * nll_loss + smoothing * smooth_loss)
 
 
-# -- fixtures ---------------------------------------------------------------------------------------------------------
+# -- fixtures ----------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def data(tmp_path):
   """3 classes told apart by the dominant colour channel, 16x16 px: separable whatever the backbone."""
@@ -120,7 +120,7 @@ def finetune_config(tiny_config, data, **fields):
   return c
 
 
-# -- the recipe's pieces ----------------------------------------------------------------------------------------------
+# -- the recipe's pieces -----------------------------------------------------------------------------------------------
 def test_adamw_step_follows_ibot_layer_decay_groups(tiny_config):
   """One AdamW step with gradient 1 everywhere moves each leaf by -lr x lr_scale x (1 / (1 + eps) + wd x w): the
   official group's lr_scale and weight decay, per leaf (head and the unused mask token included)."""
@@ -175,6 +175,23 @@ def test_schedules_follow_the_official_schedulers():
   np.testing.assert_allclose(got, trained)
 
 
+def test_recipe_values_follow_the_size_and_yield_to_set_fields():
+  """BEiT's per-size rows from the width (S <= 384 < B <= 768 < L) or ``size``; a field given explicitly wins."""
+  s, b = finetune.resolve(evals.declare("finetune"), 384), finetune.resolve(evals.declare("finetune"), 768)
+  assert (s["epochs"], s["layer_decay"], s["drop_path"], s["warmup_epochs"]) == (200, 0.75, 0.1, 20)
+  assert (b["epochs"], b["layer_decay"], b["drop_path"], b["lr"], b["batch_size"]) == (100, 0.65, 0.2, 4e-3, 1024)
+  forced = finetune.resolve(evals.declare("finetune", size="L", epochs=3), 96)
+  assert (forced["epochs"], forced["drop_path"], forced["warmup_epochs"]) == (3, 0.4, 5)
+  deit = finetune.resolve(evals.declare("finetune", recipe="deit"), 768)
+  assert (deit["epochs"], deit["lr"], deit["lr_scaling"], deit["layer_decay"], deit["schedule"]) == (
+    1000,
+    7.5e-6,
+    "linear_512",
+    1.0,
+    "per_epoch",
+  )
+
+
 def test_bad_fields_are_refused_naming_the_field(tiny_config):
   cfg = tiny_config
   for fields, match in (
@@ -196,7 +213,7 @@ def test_soft_target_ce_matches_timm():
   np.testing.assert_allclose(float(finetune.soft_target_ce(jnp.asarray(x), jnp.asarray(t))), want, rtol=1e-6)
 
 
-# -- end to end ---------------------------------------------------------------------------------------------------------
+# -- end to end --------------------------------------------------------------------------------------------------------
 def _state_arrays(directory, step):
   return named_leaves(ocp.StandardCheckpointer().restore(directory / "checkpoints" / str(step) / "state"))
 

@@ -81,10 +81,11 @@ Files, per lr, under DIR/eval/finetune{suffix}/lr<lr>/: ``checkpoints/N`` (orbax
 at each validation and at the end; the whole state: step, weights, Adam moments, EMA), ``metrics.jsonl`` and
 ``tensorboard/`` (loss, lr and the validations), ``curves.png``, ``validations.json``. The same command resumes from
 the newest checkpoint and ends bitwise as an uninterrupted run (the batches and drop-path draws are functions of
-(seed, step)); a finished lr is not trained again. SIGTERM (outside training, whose own handler stops it) saves a
-checkpoint at the next step and exits with status 75, as training does. The checkpointer and metrics log are the
-trainer's (``io/checkpointing.py``, ``train/metrics.py``), handed over by the entry points through
-``runner.Context`` (evals/ imports neither layer).
+(seed, step)); a finished lr is not trained again. In ``python -m simdino_jax.evaluate``, SIGTERM saves a checkpoint
+at the next step and exits with status 75, as training does; inside a training run the trainer's own handler keeps
+SIGTERM (it acts after the evaluation round), so a kill there keeps the fine-tune's last periodic checkpoint. The
+checkpointer and metrics log are the trainer's (``io/checkpointing.py``, ``train/metrics.py``), handed over by the
+entry points through ``runner.Context`` (evals/ imports neither layer).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def resolve(cfg, embed_dim: int) -> dict:
   r = dict(cfg)
   recipe = dict(RECIPE_DEFAULTS.get(cfg.recipe, RECIPE_DEFAULTS["beit"]))
   if cfg.recipe != "deit":
-    recipe.update(BEIT_BY_SIZE[size_of(embed_dim)])
+    recipe.update(BEIT_BY_SIZE[cfg.get("size") or size_of(embed_dim)])
   for k in _MINUS_ONE:
     if r[k] == -1:
       r[k] = recipe[k]
@@ -197,7 +198,7 @@ def resolve(cfg, embed_dim: int) -> dict:
   return r
 
 
-# -- the optimiser and its schedule -----------------------------------------------------------------------------------
+# -- the optimiser and its schedule ------------------------------------------------------------------------------------
 def beit_cosine(base: float, final: float, epochs: int, niter_per_ep: int, warmup_epochs: int, start: float = 0.0):
   """utils.cosine_scheduler (classification_layer_decay/utils.py:379-396): a value per iteration, linspace from
   ``start`` to ``base`` over the warm-up iterations, then cosine from ``base`` to ``final``."""
@@ -276,7 +277,7 @@ def make_optimizer(params, *, r: dict, lrs: np.ndarray, depth: int) -> optax.Gra
   return optax.chain(*parts)
 
 
-# -- the loss ---------------------------------------------------------------------------------------------------------
+# -- the loss ----------------------------------------------------------------------------------------------------------
 def label_smoothing_ce(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
   """timm's LabelSmoothingCrossEntropy: (1 - s) NLL + s x mean over classes of -log p, mean over the batch."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -284,7 +285,7 @@ def label_smoothing_ce(logits: jax.Array, labels: jax.Array, smoothing: float) -
   return jnp.mean((1.0 - smoothing) * nll + smoothing * -jnp.mean(logp, axis=-1))
 
 
-# -- the model --------------------------------------------------------------------------------------------------------
+# -- the model ---------------------------------------------------------------------------------------------------------
 def init_head(key: jax.Array, dim: int, num_classes: int, *, init_scale: float, pooling: str) -> dict:
   """The new head: trunc_normal(0.02) weight x init_scale and zero bias (modeling_finetune.py:315,319-320); with mean
   pooling a fresh LayerNorm ``fc_norm`` (ones, zeros)."""
@@ -315,7 +316,8 @@ def make_logits_fn(graphdef, pooling: str):
       feat = vit(images, key=key)["cls"]
     else:
       # BEiT's mean pooling: the blocks' tokens WITHOUT the trained final norm, averaged, then fc_norm.
-      x, _, _ = vit._blocks(vit.prepare_tokens(images), key=key, return_attention=False)  # pylint: disable=protected-access
+      # The ViT's own block loop (a private method: its public calls all apply the final norm).
+      x, _, _ = vit._blocks(vit.prepare_tokens(images), key=key, return_attention=False)
       tokens = x.reshape(b, -1, vit.embed_dim)[:, 1 + vit.num_registers :]
       feat = _layer_norm(jnp.mean(tokens.astype(jnp.float32), axis=1), params["fc_norm"])
     feat = feat.astype(jnp.float32)
@@ -371,7 +373,7 @@ def make_train_step(
   return step
 
 
-# -- views --------------------------------------------------------------------------------------------------------------
+# -- views -------------------------------------------------------------------------------------------------------------
 def train_view(
   image,
   rng: np.random.Generator,
@@ -414,7 +416,7 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, 0xF17E, epoch, index])
 
 
-# -- scoring ------------------------------------------------------------------------------------------------------------
+# -- scoring -----------------------------------------------------------------------------------------------------------
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
   """top-1 / top-5 / mean-per-class accuracy (percent) of ``logits`` (N, C); mean per class over the classes present."""
   logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
@@ -524,8 +526,6 @@ class FinetuneEvaluator(runner.Evaluator):
       )
     kw = backbone_kwargs(self.config.model)
     r = resolve(self.cfg, kw["embed_dim"])
-    if self.cfg.size:
-      r.update(BEIT_BY_SIZE[self.cfg.size] if self.cfg.recipe == "beit" else {})
     size = self.cfg.image_size or ctx.image_size
     out = epath.Path(ctx.out_dir) / f"{self.name}{ctx.suffix}"
     per_lr = {}
