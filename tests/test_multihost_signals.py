@@ -2,12 +2,13 @@
 
 A simulated 2-host pod (tests/pod.py: two processes on 127.0.0.1, one CPU device each) trains configs/demo.py,
 shrunk. One workdir goes through a chain of runs, each checked on its own, and its end is compared with an
-uninterrupted pod run of the same command:
+uninterrupted run of the same command:
 
   SIGTERM to process 1 only -> both processes stop at one agreed step with a checkpoint, exit 75
   re-run, SIGINT to both (Ctrl-C in a terminal) -> the same, no KeyboardInterrupt traceback
   re-run, a second signal to both -> both abort at once (die of the signal), no new checkpoint, none hangs
-  re-run -> resumes and finishes: final student and teacher bitwise equal to the uninterrupted run's
+  re-run -> resumes and finishes: final student and teacher bitwise equal to an uninterrupted run's (one process
+  with the pod's two devices, one process less than a pod)
 
 A live lock of another host on the workdir is refused by both processes in the same one line, before anything is
 compiled, and a JAX_* variable missing or out of range is one line naming it (a single process is enough).
@@ -104,11 +105,12 @@ def final_params(workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """Final parameters of an uninterrupted 2-process run of the same command."""
+  """Final parameters of an uninterrupted run of the same command as ONE process with two devices (one process less
+  than a pod; tests/test_multihost_train.py shows the pod trains bitwise as this process does)."""
   base = tmp_path_factory.mktemp("reference")
   workdir = base / "run"
-  pod.finish(start(workdir, base / "logs"), base / "logs", what="uninterrupted pod")
-  assert "resumed" not in logs(base / "logs")[0]
+  pod.finish(pod.start(argv(workdir), base / "logs", 1, 2), base / "logs", what="uninterrupted run")
+  assert "resumed" not in open(os.path.join(base / "logs", "process0.log")).read()
   assert logged_steps(workdir)[-1] == STEPS
   return final_params(workdir)
 
