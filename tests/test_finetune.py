@@ -255,10 +255,14 @@ def test_finetune_learns_resumes_bitwise_and_writes_its_files(tiny_config, data,
 
 
 def test_a_failing_finetune_keeps_the_other_results(tiny_config, data, tmp_path):
-  config = finetune_config(tiny_config, data)
+  config = finetune_config(tiny_config, data, warmup_epochs=7)  # more warm-up than the 6 epochs: refused at run time
   config.evals["knn"] = evals.declare("knn")
-  ctx, backbone = make_context(config, tmp_path, tools=False)  # no checkpointer: the fine-tune refuses to start
+  ctx, backbone = make_context(config, tmp_path)
   failed = {}
   results = runner.run_round(ctx, evals.build(config, ["knn", "finetune"]), backbone, failed=failed)
   assert set(results) == {"knn"} and results["knn"]["accuracy"] > 0
-  assert isinstance(failed["finetune"], ConfigError) and "checkpointer" in str(failed["finetune"])
+  assert isinstance(failed["finetune"], ConfigError)
+  assert str(failed["finetune"]).startswith("config.evals.finetune.warmup_epochs: 7 warm-up epochs")
+  bare, _ = make_context(config, tmp_path, tools=False)  # a context without the entry points' checkpointer
+  with pytest.raises(ConfigError, match=r"^config\.evals\.finetune: fine-tuning needs the checkpointer"):
+    evals.build(config)["finetune"].run(bare, backbone, None)

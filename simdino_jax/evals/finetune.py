@@ -563,6 +563,11 @@ class FinetuneEvaluator(runner.Evaluator):
       batch -= batch % (2 * n_dev) if r["mixup_cutmix"] and batch >= 2 * n_dev else 0  # mixup pairs i, B - 1 - i
       ctx.log(f"{self.name}: batch {r['batch_size']} > {n} training images: batch {batch}")
     spe = max(1, n // batch)  # drop_last
+    if r["warmup_epochs"] > r["epochs"]:  # the official scheduler asserts (utils.py:395); the values resolve here
+      raise ConfigError(
+        f"config.evals.{self.name}.warmup_epochs: {r['warmup_epochs']} warm-up epochs (the recipe's when -1) exceed "
+        f"the {r['epochs']} epochs: give fewer"
+      )
     total = r["epochs"] * spe
     peak = lr * batch / 512.0 if r["lr_scaling"] == "linear_512" else lr
     lrs = lr_table(r, peak, spe)
