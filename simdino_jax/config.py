@@ -157,6 +157,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.moco.temperature = 0.2  # InfoNCE T (MoCo-v2's --moco-t 0.2; builder.py's default 0.07 is v1's)
   c.moco.symmetric = False  # False: query view 1, key view 2 (MoCo-v2); True: both directions averaged
 
+  # swav (facebookresearch/swav main_swav.py's defaults; head: hidden_dim 2048 -> out_dim 128, K = num_prototypes).
+  c.swav = ml_collections.ConfigDict()
+  c.swav.temperature = 0.1  # student softmax temperature (--temperature)
+  c.swav.epsilon = 0.05  # Sinkhorn-Knopp regularisation (--epsilon)
+  c.swav.sinkhorn_iterations = 3  # (--sinkhorn_iterations)
+  c.swav.crops_for_assign = (0, 1)  # crops whose codes are targets (--crops_for_assign)
+  c.swav.queue_length = 0  # global queue of past embeddings, a multiple of batch_size; 0: none (--queue_length)
+  c.swav.queue_start_epoch = 15.0  # epoch from which the queue is filled (--epoch_queue_starts)
+  c.swav.freeze_prototypes_iters = 313  # prototypes held during the first iterations (--freeze_prototypes_niters)
+
   c.vmf = ml_collections.ConfigDict()
   c.vmf.terms = 1  # terms of the Bessel uniform asymptotic expansion (1 = the DINO-vMF paper)
 
@@ -436,9 +446,7 @@ def _validate_arch(config: ml_collections.ConfigDict) -> None:
   if arch == "vit":
     return
   width = config.model.get("resnet_width", 0)
-  require(
-    isinstance(width, int) and width >= 0, "model.resnet_width", f"must be 0 or a positive width, got {width!r}"
-  )
+  require(isinstance(width, int) and width >= 0, "model.resnet_width", f"must be 0 or a positive width, got {width!r}")
   require(
     config.method not in methods.METHODS or not methods.get_method(config.method).uses_masks,
     "model.arch",

@@ -159,7 +159,8 @@ def swav_loss(
       loop, which reads the queue and then fills it). prototypes: (K, D), needed with a queue.
 
   Returns:
-    (loss, metrics): "swav" (= loss), "queue_in_use" (0/1), "prototypes_used" (distinct argmax of the codes).
+    (loss, metrics): "swav" (= loss), "queue_in_use" (0/1), "teacher_entropy" (mean entropy of the codes, the
+    targets: as DINO's metric of its teacher's targets), "prototypes_used" (distinct argmax of the codes).
   """
   used = jnp.bool_(False)
   q_scores = None
@@ -176,9 +177,11 @@ def swav_loss(
   loss = swapped_prediction_loss(scores, assigned, crops_for_assign, temperature=temperature)
   k = scores.shape[-1]
   hit = jnp.zeros((k,), jnp.bool_).at[jnp.argmax(assigned, axis=-1).reshape(-1)].set(True)
+  entropy = -jnp.sum(jnp.where(assigned > 0, assigned * jnp.log(jnp.where(assigned > 0, assigned, 1.0)), 0.0), -1)
   return loss, {
     "swav": loss,
     "queue_in_use": used.astype(jnp.float32),
+    "teacher_entropy": jnp.mean(entropy),
     "prototypes_used": jnp.sum(hit).astype(jnp.float32),
   }
 

@@ -3,9 +3,9 @@ network, the masked-patch gather size).
 
 A method is a ``Method`` (``base.py``): heads, loss, loss state, optimiser extras, progress-line metrics and the
 checks of its own config fields, declared by its family module: ``simdino.py`` (simdino, simdinov2), ``dino.py``
-(dino, dinov2), ``vmf.py`` (dino_vmf, ibot_vmf), ``moco.py`` (moco_v2) and ``byol.py`` (byol). The trainer and the
-step are shared by every method; adding one means a ``losses/`` file, its ``Method`` in a family module (listed in
-``_FAMILIES`` below when the module is new) and configs.
+(dino, dinov2), ``vmf.py`` (dino_vmf, ibot_vmf), ``moco.py`` (moco_v2), ``byol.py`` (byol) and ``swav.py`` (swav).
+The trainer and the step are shared by every method; adding one means a ``losses/`` file, its ``Method`` in a family
+module (listed in ``_FAMILIES`` below when the module is new) and configs.
 
 The loss receives the step's forward outputs (see ``train.step.forward``):
   student: {"cls": head(cls) (B, M, ...), "backbone_cls": (B, Mg, D), ["patch": (B, Mg, P, ...), "patch_mask":
@@ -22,11 +22,11 @@ import math
 from flax import nnx
 
 from simdino_jax.data.masking import max_masked_tokens
-from simdino_jax.methods import byol, dino, moco, simdino, vmf
+from simdino_jax.methods import byol, dino, moco, simdino, swav, vmf
 from simdino_jax.methods.base import Method, num_patches
 from simdino_jax.models.network import Network, build_backbone
 
-_FAMILIES = (simdino, dino, vmf, moco, byol)
+_FAMILIES = (simdino, dino, vmf, moco, byol, swav)
 
 METHODS: dict[str, Method] = {m.name: m for family in _FAMILIES for m in family.METHODS}
 

@@ -36,6 +36,11 @@ def _no_freezes(config, params, steps_per_epoch: int) -> tuple:
   return ()
 
 
+def _no_unit_norm(config, params) -> tuple:
+  del config, params
+  return ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A self-supervised method, as the trainer and the step see it.
@@ -55,6 +60,10 @@ class Method:
   prototypes: the head ends in K prototypes (logits over K; ``config.head.num_prototypes``).
   optimizer_freezes: (config, abstract params, steps_per_epoch) -> ((mask tree, until_step), ...): leaves held
     fixed while step < until_step (< 0: for good), ``optim.make_optimizer``'s ``freezes``.
+  optimizer_unit_norm: (config, abstract params) -> ((mask tree, axis), ...): leaves kept unit-norm along axis after
+    every update (SwAV's prototypes), ``optim.make_optimizer``'s ``unit_norm``.
+  momentum_teacher: False for a method without a momentum encoder (SwAV): the teacher is the current student at
+    every step whatever ``config.teacher`` says (``train.setup.momentum_schedule``), so the evaluators read it.
   progress_keys: the loss's metrics the progress line shows, in order (those absent from a record are skipped);
     ``progress_line_keys`` adds the shared ones.
   """
@@ -68,6 +77,8 @@ class Method:
   build_patch_head: Callable[[Any, int, nnx.Rngs], nnx.Module] | None = None
   prototypes: bool = False
   optimizer_freezes: Callable[[Any, Any, int], tuple] = _no_freezes
+  optimizer_unit_norm: Callable[[Any, Any], tuple] = _no_unit_norm
+  momentum_teacher: bool = True
   progress_keys: tuple[str, ...] = ()
 
   def __post_init__(self):

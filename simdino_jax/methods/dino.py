@@ -26,7 +26,9 @@ from simdino_jax.models.heads import MLP, DINOHead, WithPredictor
 from simdino_jax.models.network import compute_dtype
 from simdino_jax.tree import map_with_name
 
-CENTERINGS = ("centering", "sinkhorn_knopp")
+# The teacher output operations (losses.dino.teacher_targets): DINO's centring, DINOv2's / SwAV's Sinkhorn-Knopp and
+# the Softmax(batch) of DINO's appendix (Table 15, rows 2 and 5).
+CENTERINGS = ("centering", "sinkhorn_knopp", "softmax_batch")
 LOSSES = ("ce", "mse")  # config.dino.loss: DINO's cross-entropy, or Table 14's "MSE" row
 
 
@@ -182,7 +184,7 @@ def validate_prototypes(config) -> None:
   require(
     config.dino.centering in CENTERINGS,
     "dino.centering",
-    f"must be 'centering' or 'sinkhorn_knopp', got {config.dino.centering!r}",
+    f"must be one of {', '.join(map(repr, CENTERINGS))}, got {config.dino.centering!r}",
   )
 
 

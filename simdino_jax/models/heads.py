@@ -4,6 +4,7 @@
 `WeightNormPrototypes` is DINO's weight-normalised last layer (DINO, DINOv2/iBOT, DINO-vMF logits).
 `MLP` is the one-hidden-layer perceptron of the classic systems: BYOL's projector / predictor (`BYOLHead`, and the
 student predictor `WithPredictor` of DINO's Table 14 "+ pred." row) and MoCo-v2's ``--mlp`` head (`MoCoHead`).
+`SwAVHead` is SwAV's projection head (an `MLP` with torch's init) and its unit-norm prototypes.
 """
 
 from __future__ import annotations
@@ -234,3 +235,56 @@ class WithPredictor(nnx.Module):
     out = dict(self.head(x))
     out["prediction"] = per_view(self.predictor, out[self.key])
     return out
+
+
+class SwAVHead(nnx.Module):
+  """SwAV's projection head and prototypes (facebookresearch/swav ``src/resnet50.py``, ``hidden_mlp`` > 0):
+  Linear(in->hidden) -> BatchNorm1d -> ReLU -> Linear(hidden->out) (``MLP`` with torch's init), l2-normalise, then
+  the scores against K prototypes (``nn.Linear(out, K, bias=False)``); ``hidden_dim=0`` is the official
+  ``hidden_mlp=0``, one Linear.
+
+  Returns {"z": (..., out) unit vectors (the official ``embedding``), "logits": (..., K) = z . w_k (``output``),
+  "prototypes": (K, out) the prototype weights in torch's layout (the queue is scored against them)}. All crops go
+  through the head as one batch, as the official ``forward_head`` on the concatenated crops (one BN statistic).
+
+  Init as the official: the Linear layers keep torch's default U(+-1/sqrt(fan_in)) for weights and biases (its init
+  loop only touches convolutions and norms), BN gamma 1 / beta 0. The prototypes are drawn likewise and stored
+  unit-norm: the official loop renormalises them at the start of every iteration, the first included, so its
+  network always computes with unit prototypes (``methods/swav.py`` keeps them so through the optimiser).
+  ``use_bn``: models/resnet.py's BatchNorm (torch numerics; batch statistics over the global batch = SyncBN)."""
+
+  def __init__(
+    self,
+    in_dim: int,
+    *,
+    hidden_dim: int = 2048,
+    out_dim: int = 128,
+    num_prototypes: int = 3000,
+    use_bn: bool = True,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    if hidden_dim > 0:
+      self.projection = MLP(
+        in_dim, hidden_dim, out_dim, use_bn=use_bn, out_bias=True, init="torch", dtype=dtype, rngs=rngs
+      )
+    else:
+      kernel, bias = _linear_inits("torch", in_dim)
+      self.projection = nnx.Linear(
+        in_dim, out_dim, kernel_init=kernel, bias_init=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+      )
+    w = uniform_init(1.0 / math.sqrt(out_dim))(rngs.params(), (num_prototypes, out_dim))
+    self.prototypes = nnx.Param(l2_normalize(w))  # (K, out): torch's weight layout, rows unit-norm
+    self.out_dim = out_dim
+    self.num_prototypes = num_prototypes
+
+  def __call__(self, x: jax.Array) -> dict:
+    lead = x.shape[:-1]
+    z = l2_normalize(self.projection(x.reshape(-1, x.shape[-1])).astype(jnp.float32))
+    w = self.prototypes[...].astype(jnp.float32)
+    logits = jnp.matmul(z, w.T, precision=jax.lax.Precision.HIGHEST)
+    return {
+      "z": z.reshape(*lead, self.out_dim),
+      "logits": logits.reshape(*lead, self.num_prototypes),
+      "prototypes": w,
+    }

@@ -81,8 +81,9 @@ def durations(config, num_train: int) -> Durations:
 # ---- schedules ----------------------------------------------------------------------------------------------------
 def momentum_schedule(config, total_steps: int) -> schedules.Schedule:
   """The teacher's EMA momentum m(step): cosine ``teacher.momentum`` -> ``teacher.momentum_end`` over the run; a
-  constant 0 for the paper's ablation without self-distillation (the teacher is the current student)."""
-  if config.teacher.self_distillation:
+  constant 0 for the paper's ablation without self-distillation (the teacher is the current student) and for a
+  method without a momentum encoder (``Method.momentum_teacher`` False: SwAV)."""
+  if config.teacher.self_distillation and methods.get_method(config.method).momentum_teacher:
     return schedules.cosine(config.teacher.momentum, config.teacher.momentum_end, total_steps)
   return schedules.constant(0.0)
 
@@ -99,8 +100,10 @@ def make_optimizer(config, params, lr_fn, wd_fn, steps_per_epoch: int) -> optax.
       layer_decay=o.layer_decay,
       patch_embed_mult=o.patch_embed_lr_mult,
     )
-  freezes = methods.get_method(config.method).optimizer_freezes(config, params, steps_per_epoch)
-  return optim.make_optimizer(o, params, lr_fn, wd_fn, lr_mults=lr_mults, freezes=freezes)
+  method = methods.get_method(config.method)
+  freezes = method.optimizer_freezes(config, params, steps_per_epoch)
+  unit_norm = method.optimizer_unit_norm(config, params)  # SwAV's prototypes
+  return optim.make_optimizer(o, params, lr_fn, wd_fn, lr_mults=lr_mults, freezes=freezes, unit_norm=unit_norm)
 
 
 # ---- data shapes --------------------------------------------------------------------------------------------------
