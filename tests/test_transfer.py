@@ -46,8 +46,8 @@ def test_grid_is_ericssons_logspace():
 
 def test_cross_validation_picks_sklearns_strength_and_matches_its_accuracy():
   x, y, tx, ty = gaussian_problem()
-  ours = transfer.select_and_fit(x, y, tx, ty, num_classes=4, folds=5, seed=0)
-  wds = transfer.weight_decays()
+  wds = transfer.weight_decays()[::2]  # every other value of Ericsson's grid (23: 10^-6 ... 10^5), for time
+  ours = transfer.select_and_fit(x, y, tx, ty, num_classes=4, folds=5, seed=0, wds=wds)
   grid = {"C": [float(1.0 / w) for w in wds]}  # wd ascending, linear.py's order (ties: the first)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # scikit-learn's multi_class deprecation and ConvergenceWarnings
@@ -62,7 +62,7 @@ def test_cross_validation_picks_sklearns_strength_and_matches_its_accuracy():
   # The curve, held-out fold by fold: within two of the 32 held-out images where either solver is converged.
   cv = 100.0 * search.cv_results_["mean_test_score"]
   assert np.max(np.abs(np.asarray(ours["cv_scores"]) - cv)) <= 2 * 100 / 32 + 1e-6
-  assert 10 <= sum(ours["converged"]) <= 45 and ours["selection"] == "kfold" and ours["folds"] == 5
+  assert 5 <= sum(ours["converged"]) <= 23 and ours["selection"] == "kfold" and ours["folds"] == 5
 
 
 def test_solution_is_sklearns_minimiser_at_one_strength():
