@@ -17,6 +17,16 @@ What runs (float32, CPU, no fp16, no DDP):
     official recipe (official_recipe_overrides below; the v2 methods take _parity_official_v2.OUR_OVERRIDES on top).
     Durations: 2 epochs of ceil(steps / 2) steps (num_train = that x batch), lr warm-up 1 epoch, teacher-temperature
     warm-up 2 epochs, last layer frozen 1 epoch (dino).
+  * RESNET (--arch resnet18|34|50|101, dino): the backbone is torchvision's ResNet on both sides (ours
+    models/resnet.py through setup.build, theirs ``torchvision.models.__dict__[arch]()`` as main_dino.py builds it,
+    fc replaced by Identity in MultiCropWrapper) with DINO's README ResNet-50 recipe read from
+    configs/dino_resnet50_in1k.py (resnet_recipe_overrides: SGD momentum 0.9, lr 0.03 x B/256, weight decay 1e-4
+    constant, crop scales (0.14, 1) / (0.05, 0.14), teacher temperature 0.04 constant) and the official
+    ``torch.optim.SGD(params_groups, lr=0, momentum=0.9)`` (``utils.LARS`` with the recipe's optim.name lars). Both
+    networks train in train mode (batch statistics; one running-statistics update per resolution for the student,
+    per forward for the teacher), and the running statistics are compared with the parameters (state_dict buffers:
+    running_mean / running_var / num_batches_tracked). The step-0 forward check runs both sides in train mode (the
+    official running statistics are restored after it, so training starts from the initial ones).
   * DROP PATH (--drop_path RATE, simdino / dino): the student's stochastic depth at RATE, linear over depth as the
     official --drop_path_rate, with the same per-sample keep masks on both sides (DropPathDraws): ours through
     simdino_jax.models.vit.drop_path_factors, the official drop_path formula untouched (its torch.rand draws are
@@ -53,6 +63,9 @@ Patches (what cannot run as is on CPU without DDP; also listed in the JSON ``pat
   4. utils.SmoothedValue.synchronize_between_processes -> no-op (it builds a CUDA tensor to average logging meters).
   5. the loss module is wrapped to record each step's loss and to run the lockstep comparison before it (no change
      to what it computes).
+  6. --arch resnet*: main_dino.py's nn.SyncBatchNorm.convert_sync_batchnorm is not applied (torch refuses SyncBN on
+     CPU tensors once a process group exists; with world size 1 it computes BatchNorm2d's statistics), and the
+     teacher is not DDP-wrapped (main_dino.py wraps it only for SyncBN).
   Constructor arguments that differ from the official command-line defaults (not patches): img_size=[32] (the
   positional embedding is stored for the 32 px global crops, as our model.img_size; 16 px local crops interpolate it
   in both), drop_path_rate=0, fp16 off, the preset sizes above.
@@ -227,11 +240,46 @@ def official_recipe_overrides(args) -> dict:
   return o
 
 
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision archs main_dino.py builds
+# The fields of configs/dino_resnet50_in1k.py (DINO's README ResNet-50 command) a --arch resnet* run takes: the
+# optimiser, its schedules' values, the crop scales and the teacher temperature (durations, batch and sizes stay the
+# preset's).
+RESNET_RECIPE_FIELDS = (
+  "optim.name",
+  "optim.momentum",
+  "optim.lars_eta",
+  "optim.lr",
+  "optim.weight_decay",
+  "optim.weight_decay_end",
+  "data.global_scale",
+  "data.local_scale",
+  "dino.teacher_temp",
+  "dino.warmup_teacher_temp",
+  "dino.warmup_teacher_temp_epochs",
+)
+
+
+def resnet_recipe_overrides(args) -> dict:
+  """--arch resnet*: our ResNet and the RESNET_RECIPE_FIELDS of configs/dino_resnet50_in1k.py (dotted -> value)."""
+  import runpy  # pylint: disable=g-import-not-at-top
+
+  recipe = runpy.run_path(os.path.join(ROOT, "configs", "dino_resnet50_in1k.py"))["get_config"]()
+  out = {"model.arch": args.arch, "model.drop_path_rate": 0.0}
+  for name in RESNET_RECIPE_FIELDS:
+    node = recipe
+    for part in name.split("."):
+      node = node[part]
+    out[name] = tuple(node) if isinstance(node, (list, tuple)) else node
+  return out
+
+
 def build_config(args, extra: dict | None = None):
   from simdino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.base_config()
-  for name, value in {**official_recipe_overrides(args), **(extra or {})}.items():
+  arch = getattr(args, "arch", "vit")
+  resnet = resnet_recipe_overrides(args) if arch != "vit" else {}
+  for name, value in {**official_recipe_overrides(args), **resnet, **(extra or {})}.items():
     node = config
     *parents, leaf = name.split(".")
     for p in parents:
@@ -317,10 +365,22 @@ class Ours:
     return {k: np.array(v, copy=True) for k, v in named_leaves(getattr(self.state, which)).items()}
 
   def torch_state(self, which: str) -> dict:
-    """The student's / teacher's parameters in official names and layouts (backbone + heads)."""
+    """The student's / teacher's parameters in official names and layouts (backbone + heads); for a ResNet also its
+    BN running statistics (torchvision's state dict names, as the official state_dict() has them)."""
     from simdino_jax.io import torch_interop  # pylint: disable=g-import-not-at-top
 
-    return torch_interop.network_to_torch(self.flat(which), flavor=self.flavor, **self.heads)
+    flat = self.flat(which)
+    if self.config.model.get("arch", "vit") == "vit":
+      return torch_interop.network_to_torch(flat, flavor=self.flavor, **self.heads)
+    from simdino_jax.io import torchvision_resnet  # pylint: disable=g-import-not-at-top
+
+    out = {f"backbone.{k}": v for k, v in torchvision_resnet.to_torchvision(flat).items()}
+    head = {k: v for k, v in flat.items() if k.startswith("head/")}
+    layers = torch_interop._head_layers(head, "head")  # pylint: disable=protected-access
+    for name, a in head.items():
+      tname, layout = torch_interop.head_torch_name(name[len("head/") :], layers)
+      out[f"head.{tname}"] = a.reshape(-1, 1) if layout == "column" else torch_interop._to_torch_layout(a, layout)  # pylint: disable=protected-access
+    return out
 
   def head_outputs(self, batch: dict, student: bool):
     """Head outputs of the step's forward in the official row order (crop-major: view v, image b -> row v*B + b);
@@ -372,6 +432,14 @@ def max_leaf_diff(ours: dict, theirs: dict, *, key_bias: bool = False) -> tuple[
     if d > worst or not name:
       worst, name = d, k
   return worst, name
+
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def params_only(state: dict) -> dict:
+  """A state dict without BatchNorm's running statistics (buffers)."""
+  return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in BN_BUFFERS}
 
 
 def update_rel_diff(ours: dict, theirs: dict, init: dict) -> float:
@@ -587,11 +655,28 @@ def run_official_v1(
 
   h = config.head
   p = int(config.model.variant.split("/")[1])
+  o = config.optim
+
+  arch = config.model.get("arch", "vit")
+  if arch != "vit":
+    # torchvision as main_dino.py imports it; its _meta_registrations module fails on this torch build and only
+    # registers meta kernels (docs: PITFALLS), so it is stubbed.
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    from torchvision import models as torchvision_models  # pylint: disable=g-import-not-at-top
+
+    patches.append(
+      "--arch resnet*: nn.SyncBatchNorm.convert_sync_batchnorm not applied and the teacher not DDP-wrapped (torch "
+      "refuses SyncBN on CPU tensors; with world size 1 SyncBN computes BatchNorm2d's statistics)"
+    )
 
   def network(student: bool):
     # The official teacher is built without drop path (main_dino.py: no drop_path_rate argument).
     rate = float(config.model.drop_path_rate) if student else 0.0
-    backbone = vits.vit_tiny(patch_size=p, drop_path_rate=rate, img_size=[config.data.global_size])
+    if arch != "vit":  # main_dino.py: torchvision_models.__dict__[args.arch](), embed_dim = fc's input width
+      backbone = torchvision_models.__dict__[arch]()
+      backbone.embed_dim = backbone.fc.weight.shape[1]
+    else:
+      backbone = vits.vit_tiny(patch_size=p, drop_path_rate=rate, img_size=[config.data.global_size])
     if method == "simdino":
       head = vits.DINOHead(backbone.embed_dim, h.num_prototypes, hidden_dim=h.hidden_dim, bottleneck_dim=h.out_dim)
     elif student:
@@ -660,8 +745,14 @@ def run_official_v1(
       center_momentum=d.center_momentum,
     )
   params_groups = utils.get_params_groups(student_ddp)
-  optimizer = torch.optim.AdamW(params_groups, fused=True) if method == "simdino" else torch.optim.AdamW(params_groups)
-  o = config.optim
+  if o.name == "sgd":  # main_dino.py's --optimizer branches
+    optimizer = torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by scheduler
+  elif o.name == "lars":
+    optimizer = utils.LARS(params_groups)  # to use with convnet and large batches
+  elif method == "simdino":
+    optimizer = torch.optim.AdamW(params_groups, fused=True)
+  else:
+    optimizer = torch.optim.AdamW(params_groups)
   lr_schedule = utils.cosine_scheduler(o.lr * config.batch_size / 256.0, o.min_lr, epochs, niter, warmup_epochs=1)
   wd_schedule = utils.cosine_scheduler(o.weight_decay, o.weight_decay_end, epochs, niter)
   momentum_schedule = utils.cosine_scheduler(config.teacher.momentum, 1, epochs, niter)
@@ -681,10 +772,16 @@ def run_official_v1(
     return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
   if ours is not None:  # step-0 forward check on the first batch, before anything trains
-    student.eval()  # deterministic, as our reference forward (no drop path)
+    # A ResNet: our step's forward uses the batch statistics, so train mode, with the running statistics restored
+    # afterwards (deepcopy refuses weight_norm modules); a ViT: eval mode, deterministic (no drop path).
+    saved = [(b, b.clone()) for net in (student, teacher) for b in net.buffers()]
+    student.train(arch != "vit")
+    teacher.train(arch != "vit")
     with torch.no_grad():
       s_off = student(images[0]).numpy()
       t_off = teacher(images[0][: config.data.num_global]).numpy()
+      for b, copy in saved:
+        b.copy_(copy)
     result["step0_forward"] = {
       "student_rel_diff": rel_diff(ours.head_outputs(batches[0], True), s_off),
       "teacher_rel_diff": rel_diff(ours.head_outputs(batches[0], False), t_off),
@@ -702,8 +799,10 @@ def run_official_v1(
       t = len(result["losses"])
       if ours is not None:
         row = {"step": t}
-        s_diff, s_leaf = max_leaf_diff(ours.torch_state("student"), named(student))
-        t_diff, t_leaf = max_leaf_diff(ours.torch_state("teacher"), named(teacher))
+        # Parameters only: the official BN running statistics already hold this step's forward (the loss comes
+        # after it), ours not yet; they are compared after the run.
+        s_diff, s_leaf = max_leaf_diff(*(params_only(x) for x in (ours.torch_state("student"), named(student))))
+        t_diff, t_leaf = max_leaf_diff(*(params_only(x) for x in (ours.torch_state("teacher"), named(teacher))))
         row.update(
           student_param_rel_diff=s_diff, student_worst=s_leaf, teacher_param_rel_diff=t_diff, teacher_worst=t_leaf
         )
@@ -855,6 +954,13 @@ def main(argv=None):
   parser.add_argument("--num_prototypes", type=int, default=4096)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
+    "--arch",
+    choices=("vit",) + RESNET_ARCHS,
+    default="vit",
+    help="dino: a torchvision ResNet on both sides (main_dino.py --arch resnet50) with configs/dino_resnet50_in1k.py's "
+    "optimiser (SGD), schedules' values, crop scales and teacher temperature; BN running statistics compared too",
+  )
+  parser.add_argument(
     "--dtype",
     choices=("float32", "bfloat16"),
     default="float32",
@@ -876,6 +982,8 @@ def main(argv=None):
     "names) to this .npz, for looking into a divergence",
   )
   args = parser.parse_args(argv)
+  if args.arch != "vit" and (args.method != "dino" or args.drop_path > 0 or args.dtype != "float32"):
+    error(f"--arch {args.arch}: implemented for --method dino in float32 without --drop_path")
   repo = resolve_repo(args.method, args.official_repo)
   if args.steps < 1:
     error(f"--steps must be >= 1, got {args.steps}")
@@ -974,6 +1082,12 @@ def main(argv=None):
   student_diff, student_leaf = max_leaf_diff(ours.torch_state("student"), off["student"])
   teacher_diff, teacher_leaf = max_leaf_diff(ours.torch_state("teacher"), off["teacher"])
   key_bias_diff = max_leaf_diff(ours.torch_state("student"), off["student"], key_bias=True)[0]
+  bn_stats = {}  # a ResNet's BN running statistics alone (they are in the parameter figures above too)
+  for which in ("student", "teacher"):
+    mine, theirs = ours.torch_state(which), off[which]
+    stats = [k for k in theirs if k.rsplit(".", 1)[-1] in BN_BUFFERS]
+    if stats:
+      bn_stats[which] = max_leaf_diff({k: mine.get(k) for k in stats if k in mine}, {k: theirs[k] for k in stats})
   student_update = update_rel_diff(ours.torch_state("student"), off["student"], student_sd)
   teacher_update = update_rel_diff(ours.torch_state("teacher"), off["teacher"], teacher_sd)
   losses_official = off["losses"]
@@ -1005,6 +1119,8 @@ def main(argv=None):
     "teacher_param_rel_diff": teacher_diff,
     "teacher_worst_leaf": teacher_leaf,
     "key_bias_rel_diff": key_bias_diff,  # student attn key biases, left out above (split_key_bias)
+    # --arch resnet*: max over the BN running_mean / running_var / num_batches_tracked leaves, and the worst one
+    "bn_stats_rel_diff": {k: {"max": v[0], "worst": v[1]} for k, v in bn_stats.items()} or None,
     "student_update_rel_diff": student_update,
     "teacher_update_rel_diff": teacher_update,
     "step0_forward": step0_forward,
@@ -1012,7 +1128,8 @@ def main(argv=None):
     # --drop_path: the rate and how many keep masks each side drew (equal counts: the same masks on both sides)
     "drop_path": {"rate": args.drop_path, **draws.used} if draws is not None else None,
     "preset": {
-      "variant": config.model.variant,
+      "variant": config.model.variant if args.arch == "vit" else args.arch,
+      "optimizer": config.optim.name,
       "batch_size": config.batch_size,
       "crops": f"{config.data.num_global}x{config.data.global_size} + {config.data.num_local}x{config.data.local_size}",
       "head": f"{config.head.hidden_dim}/{config.head.out_dim}",

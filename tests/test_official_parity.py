@@ -175,3 +175,40 @@ def test_drop_path_keep_masks_reach_our_blocks_in_our_row_order(monkeypatch):
   x = jax.random.normal(jax.random.key(1), (6 * 3, 8))
   monkeypatch.setattr(vit, "drop_path_factors", lambda key, keep_prob, batch: jnp.zeros((batch,), jnp.float32))
   np.testing.assert_array_equal(block(x, 6, key=jax.random.key(2))[0], x)
+
+
+def test_resnet_run_refuses_other_methods_with_one_line():
+  out = _run(["--method", "simdino", "--arch", "resnet50"])
+  assert out.returncode == 2 and out.stdout == ""
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "--arch resnet50: implemented for --method dino" in lines[0], out.stderr
+
+
+def test_resnet_run_takes_the_resnet50_recipe():
+  """--arch resnet*: our config is the preset with configs/dino_resnet50_in1k.py's optimiser, schedule values, crop
+  scales and teacher temperature (the recipe's conditions), not the ViT preset's AdamW."""
+  import argparse
+
+  harness = _harness()
+  args = argparse.Namespace(
+    method="dino", arch="resnet50", steps=20, epochs=2, seed=0, batch_size=16, num_local=4, global_size=32,
+    local_size=16, patch_size=4, drop_path=0.0, dtype="float32", hidden_dim=2048, out_dim=256, num_prototypes=4096,
+  )  # fmt: skip
+  c = harness.build_config(args)
+  assert (c.model.arch, c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.weight_decay_end) == (
+    "resnet50",
+    "sgd",
+    0.03,
+    1e-4,
+    1e-4,
+  )
+  assert tuple(c.data.global_scale) == (0.14, 1.0) and tuple(c.data.local_scale) == (0.05, 0.14)
+  assert (c.dino.teacher_temp, c.dino.warmup_teacher_temp_epochs, c.batch_size) == (0.04, 0, 16)
+
+
+def test_dino_resnet_parity_with_the_official_trainer():
+  """main_dino.py --arch resnet18 (torchvision's, the smallest architecture it builds) with the README ResNet-50
+  recipe's SGD against our ResNet through setup.build + make_step: losses, parameters and BN running statistics."""
+  r = _parity_run("dino", "--arch", "resnet18")
+  _assert_parity(r, "dino")
+  assert r["preset"]["optimizer"] == "sgd" and r["preset"]["variant"] == "resnet18", r["preset"]
