@@ -131,7 +131,7 @@ def test_adamw_step_follows_ibot_layer_decay_groups(tiny_config):
   params = {"backbone": backbone, **head}
   r = finetune.resolve(evals.declare("finetune", layer_decay=0.65), kw["embed_dim"])
   lr = 0.01
-  tx = finetune.make_optimizer(params, r=r, lrs=np.full((3,), lr, np.float32), depth=kw["depth"])
+  tx = finetune.finetune_optimizer(params, r=r, lrs=np.full((3,), lr, np.float32), depth=kw["depth"])
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   leaves, moved = named_leaves(params), named_leaves(updates)

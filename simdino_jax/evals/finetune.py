@@ -260,7 +260,7 @@ def decays(name: str, leaf, no_decay_tokens: bool) -> bool:
   return not (no_decay_tokens and name in ("backbone/pos_embed", "backbone/cls_token"))
 
 
-def make_optimizer(params, *, r: dict, lrs: np.ndarray, depth: int) -> optax.GradientTransformation:
+def finetune_optimizer(params, *, r: dict, lrs: np.ndarray, depth: int) -> optax.GradientTransformation:
   """torch AdamW over the recipe's parameter groups: Adam, decoupled constant weight decay on the decayed leaves, the
   step's lr from ``lrs`` (indexed by the update count), times each leaf's layer-decay scale (decay included)."""
   mask = map_with_name(lambda name, leaf: decays(name, leaf, r["no_decay_tokens"]), params)
@@ -585,7 +585,7 @@ class FinetuneEvaluator(runner.Evaluator):
     model = {"backbone": params, **head}
     # Copies: the step donates its state, and the caller's backbone (training's teacher) must survive.
     model = jax.tree.map(lambda x: jnp.copy(jax.device_put(x, rep)), model)
-    tx = make_optimizer(model, r=r, lrs=lrs, depth=kw["depth"])
+    tx = finetune_optimizer(model, r=r, lrs=lrs, depth=kw["depth"])
     state = {"step": jnp.zeros((), jnp.int32), "params": model, "opt_state": tx.init(model)}
     if r["ema_decay"] > 0:
       state["ema"] = jax.tree.map(jnp.copy, model)  # its own buffers (the step donates the state)
