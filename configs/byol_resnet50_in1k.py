@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.method = "byol"
   c.batch_size = 4096
   c.total_epochs = 1000
-  c.warmup_epochs = 10
+  # warm-up: 10 epochs, the base config's warmup_epochs
   c.log_every = 100
   c.checkpoint_every = 2500
   c.data.num_workers = 16
@@ -40,13 +40,12 @@ def get_config(arg=None):
   c.data.num_local = 0
   c.data.global_scale = (0.08, 1.0)
   c.data.augment.blur_p = (1.0, 0.1, 0.0)
-  c.data.augment.solarize_p = 0.2  # view 2 only
-  c.head.hidden_dim, c.head.out_dim, c.head.predictor_hidden_dim = 4096, 256, 4096
+  # solarisation 0.2 on view 2 only: the base config's solarize_p
+  c.head.hidden_dim = 4096  # out_dim 256 and predictor_hidden_dim 4096 are the base config's
   c.head.use_bn = True
-  c.teacher.momentum, c.teacher.momentum_end = 0.996, 1.0
+  # teacher momentum 0.996 -> 1 (cosine): the base config's
   c.optim.name = "lars"
-  c.optim.momentum = 0.9
-  c.optim.lars_eta = 1e-3
+  # LARS momentum 0.9 and eta 1e-3: the base config's optim.momentum / optim.lars_eta
   c.optim.lr = 0.2  # per 256 images
   c.optim.min_lr = 0.0
   c.optim.weight_decay = c.optim.weight_decay_end = 1.5e-6

@@ -37,6 +37,6 @@ def get_config(arg=None):
   c.data.num_local = 0
   c.data.global_scale = (0.14, 1.0)
   c.moco.queue_size = 4096
-  c.moco.temperature = 0.2
-  c.teacher.momentum = c.teacher.momentum_end = 0.99
+  # InfoNCE temperature 0.2: the base config's moco.temperature
+  c.teacher.momentum_end = 0.99  # constant 0.99 (the shared recipe's start value), as MoCo's constant m
   return c

@@ -43,11 +43,10 @@ def get_config(arg=None):
   c.data.augment.blur_p = (0.5, 0.5, 0.5)
   c.data.augment.solarize_p = 0.0
   c.head.out_dim = 128  # --moco-dim
-  c.moco.queue_size = 65536
-  c.moco.temperature = 0.2
+  # --moco-k 65536 and --moco-t 0.2: the base config's moco.queue_size / moco.temperature
   c.teacher.momentum = c.teacher.momentum_end = 0.999  # --moco-m, constant
   c.optim.name = "sgd"
-  c.optim.momentum = 0.9
+  # --momentum 0.9: the base config's optim.momentum
   c.optim.lr = 0.03  # per 256 images
   c.optim.min_lr = 0.0
   c.optim.weight_decay = c.optim.weight_decay_end = 1e-4

@@ -60,8 +60,8 @@ def test_help_exits_0(prog, monkeypatch, capsys):
 
 @pytest.mark.parametrize("prog", list(ENTRIES))
 def test_a_missing_config_file_is_one_line_naming_it(prog, monkeypatch, tmp_path):
-  status, message = run(prog, ["--config=configs/nope.py", f"--workdir={tmp_path}"], monkeypatch)
-  assert_one_line(status, message, prog, "--config=configs/nope.py: no such config file (configs holds ")
+  status, message = run(prog, ["--config=configs/qqqqxz.py", f"--workdir={tmp_path}"], monkeypatch)
+  assert_one_line(status, message, prog, "--config=configs/qqqqxz.py: no such config file (configs holds ")
   status, message = run(prog, ["--config=configs/dem.py", f"--workdir={tmp_path}", "--config.seed=1"], monkeypatch)
   assert_one_line(status, message, prog, "--config=configs/dem.py: no such config file; did you mean configs/demo.py?")
 

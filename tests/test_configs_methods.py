@@ -157,8 +157,9 @@ def test_cifar10_configs_share_one_recipe():
     assert (c.batch_size * c.total_steps, c.batch_size * c.warmup_steps) == (64_000, 6_400), name
     assert (c.batch_size, c.total_steps) in ((64, 1000), (32, 2000)), name
     assert (c.optim.lr, c.optim.lr_scaling) == (8e-3, "linear_256"), name  # 2e-3 at batch 64, 1e-3 at 32
-    if methods.get_method(c.method).prototypes:
-      assert c.head.num_prototypes == 4096 and c.dino.warmup_teacher_temp_epochs == 1, name
+    if methods.get_method(c.method).prototypes:  # SwAV's own recipe has 3000 prototypes (its ImageNet count)
+      assert c.head.num_prototypes == (3000 if c.method == "swav" else 4096), name
+      assert c.dino.warmup_teacher_temp_epochs == 1, name
       assert c.optim.freeze_last_layer_epochs in (0.0, 0.1), name
     config_lib.validate(c, num_devices=8)
   # The data pipeline and the optimiser's schedule are identical across methods (one shared recipe).
@@ -188,7 +189,7 @@ def test_cifar10_config_trains_two_steps(name, method, tmp_path):
   c = load(name)
   c.data.source = "digits"  # bundled, no decoding: keeps the test fast
   c.batch_size, c.total_steps, c.warmup_steps, c.log_every, c.checkpoint_every = 8, 2, 1, 1, 0
-  c.data.num_local = 2
+  c.data.num_local = 0 if method in TWO_VIEW else 2  # MoCo-v2 and BYOL take the two global crops only
   c.model.depth, c.model.embed_dim, c.model.num_heads = 1, 32, 2
   c.head.hidden_dim, c.head.out_dim, c.head.num_prototypes = 64, 32, 64
   result = trainer.train(c, str(tmp_path))
@@ -203,6 +204,8 @@ def test_cifar10_config_trains_two_steps(name, method, tmp_path):
     "dino_vmf": ("ce", "kappa_mean"),
     "ibot_vmf": ("ce", "ibot_ce", "kappa_mean"),
     "swav": ("swav", "teacher_entropy"),
+    "moco_v2": ("info_nce", "top1"),
+    "byol": ("byol", "cosine"),
   }[method]
   for key in keys:
     assert all(math.isfinite(r[key]) for r in records), key
