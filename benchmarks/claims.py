@@ -20,6 +20,17 @@ not learn in the first place).
 
   python benchmarks/claims.py --data /path/to/cifar10.tar --out /tmp/claims [--steps 300] [--seeds 2] [--only t6,t9]
 
+DINO's appendix (Tables 14 "Relation to MoCo-v2 and BYOL" and 15 "Relation to SwAV", ViT-S/16 300 epochs, linear
+top-1) in miniature: each cell is a row of configs/dino_appendix.py (the same config as
+``--config=configs/dino_appendix.py:ROW``: configs/cifar10_dino.py with the row's components switched, or the
+MoCo-v2 / BYOL CIFAR recipe), on the shared ViT, plus one ResNet cell: DINO's row 1 with the backbone switched to
+``resnet18_cifar`` at width 16 (a CIFAR-size ResNet-18-like variant: 3x3 stride-1 stem, no max-pool; a stand-in for
+the paper's ResNet-50, not its architecture), scored against the k-NN of ITS network at initialisation. The paper's
+figures are linear top-1; the miniature scores k-NN top-1, as for the other tables.
+
+  python benchmarks/claims.py --data /path/to/cifar10.tar --out runs/appendix --steps 1000 --seeds 1 --only t14,t15,t13
+  python benchmarks/claims.py ... --cells appendix_sk   # run one cell; the claims whose cells are stored are scored
+
 Each finished cell is stored as OUT/cells/<cell>-seed<k>.json, so an interrupted run resumes where it stopped (and
 --only re-scores a subset); OUT/claims.md gets the table: claim | paper | miniature | agrees?. Prints one JSON line.
 Seeds: every cell runs seed 0; the cells of a claim whose decisive quantity is within ``--close`` k-NN points of its
@@ -31,12 +42,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import miniature  # benchmarks/miniature.py: one CIFAR-10 run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # cell name -> (recipe configs/cifar10_<recipe>.py, overrides, batch-size factor for the image budget)
 CELLS = {
@@ -55,12 +69,34 @@ CELLS = {
   "simdino_barlow": ("simdino_shared", ["loss.regularizer=barlow"], 1.0),
 }
 
+# DINO's appendix rows (configs/dino_appendix.py ROWS: row -> (base recipe, the paper's rows, components)) as cells.
+# Rows 1 (plain DINO) and "no momentum" are the cells "dino" and "dino_no_self_distillation" above (the same configs).
+APPENDIX_ROWS = runpy.run_path(os.path.join(ROOT, "configs", "dino_appendix.py"))["ROWS"]
+APPENDIX_CELL = {"dino": "dino", "no_momentum": "dino_no_self_distillation"}
+
+
+def _override(field, value):
+  """A component as the FIELD=VALUE string miniature.apply_override reads."""
+  if isinstance(value, bool):
+    value = str(value).lower()
+  return f"{field}={value}"
+
+
+for _row, (_base, _, _components) in APPENDIX_ROWS.items():
+  APPENDIX_CELL.setdefault(_row, f"appendix_{_row}")
+  CELLS.setdefault(APPENDIX_CELL[_row], (_base, [_override(f, v) for f, v in _components.items()], 1.0))
+# The ResNet cell: Table 14/15's row 1 (DINO's CIFAR recipe) with a CIFAR-size ResNet-18-like backbone.
+CELLS["dino_resnet18_cifar"] = ("dino", ["model.arch=resnet18_cifar", "model.resnet_width=16"], 1.0)
+
 # VERDICT RULES (fixed before measuring; k-NN points, means over the seeds run):
 HURT = 2.0  # a perturbation "hurts" when k-NN drops >= HURT below its base cell, the loss goes non-finite, or k-NN
 #             ends at or below the network at initialisation (no learning / collapse)
 STABLE = 2.0  # "insensitive": |k-NN - base| < STABLE and finite; "robust to batch size": max - min < STABLE
 LEARNS = 2.0  # "still learns": k-NN >= at-init + LEARNS
 BEATS = 1.0  # "A beats B": k-NN(A) >= k-NN(B) + BEATS
+# Fixed with the Table 13-15 cells, before any of them ran: "matches" and "ahead" are "insensitive" and "beats" whose
+# reference (the first cell) must itself learn (k-NN >= its at-init + LEARNS), else inconclusive: two runs that did
+# not learn are neither alike nor ordered in any sense these tables mean. "hurts", "learns" and "collapses" as above.
 
 # claim id -> (table, claim, paper figure, cells, kind)
 CLAIMS = [
@@ -144,6 +180,113 @@ CLAIMS = [
     ["simdino_barlow"],
     "collapses",
   ),
+  # DINO's appendix B, Table 15 "Relation to SwAV" (ViT-S/16, 300 epochs, linear top-1); cells: configs/dino_appendix.py
+  (
+    "t15_no_momentum",
+    "Table 15",
+    "without momentum, DINO with centering collapses",
+    "0.1 (76.1 with momentum)",
+    ["dino", "dino_no_self_distillation"],
+    "hurts",
+  ),
+  (
+    "t15_no_momentum_softmax_batch",
+    "Table 15",
+    "without momentum, Softmax(batch) still learns",
+    "72.2",
+    ["appendix_no_momentum_softmax_batch"],
+    "learns",
+  ),
+  (
+    "t15_swav",
+    "Table 15",
+    "without momentum, Sinkhorn-Knopp (SwAV) still learns",
+    "71.8",
+    ["appendix_swav"],
+    "learns",
+  ),
+  (
+    "t15_operation",
+    "Table 15",
+    "with momentum, the teacher output operation hardly matters",
+    "76.1 / 75.8 / 76.0 (centering / Softmax(batch) / Sinkhorn-Knopp)",
+    ["dino", "appendix_softmax_batch", "appendix_sk"],
+    "matches",
+  ),
+  (
+    "t15_momentum_sk",
+    "Table 15",
+    "momentum helps Sinkhorn-Knopp",
+    "76.0 vs 71.8 without momentum",
+    ["appendix_sk", "appendix_swav"],
+    "ahead",
+  ),
+  (
+    "t15_momentum_softmax_batch",
+    "Table 15",
+    "momentum helps Softmax(batch)",
+    "75.8 vs 72.2 without momentum",
+    ["appendix_softmax_batch", "appendix_no_momentum_softmax_batch"],
+    "ahead",
+  ),
+  # Table 14 "Relation to MoCo-v2 and BYOL".
+  (
+    "t14_mse",
+    "Table 14",
+    "MSE in place of DINO's cross-entropy hurts",
+    "62.4 vs 76.1",
+    ["dino", "appendix_mse"],
+    "hurts",
+  ),
+  (
+    "t14_predictor",
+    "Table 14",
+    "BYOL's predictor on the student changes DINO little",
+    "75.6 vs 76.1",
+    ["dino", "appendix_predictor"],
+    "matches",
+  ),
+  (
+    "t14_multicrop",
+    "Table 14",
+    "multi-crop helps DINO",
+    "76.1 vs 72.5 without",
+    ["dino", "appendix_no_multicrop"],
+    "ahead",
+  ),
+  (
+    "t14_mse_no_multicrop",
+    "Table 14",
+    "without multi-crop, MSE in place of the cross-entropy hurts",
+    "52.6 vs 72.5",
+    ["appendix_no_multicrop", "appendix_mse_no_multicrop"],
+    "hurts",
+  ),
+  (
+    "t14_moco_v2",
+    "Table 14",
+    "DINO beats MoCo-v2",
+    "76.1 vs 71.4",
+    ["dino", "appendix_moco_v2"],
+    "ahead",
+  ),
+  (
+    "t14_byol",
+    "Table 14",
+    "DINO beats BYOL",
+    "76.1 vs 71.4",
+    ["dino", "appendix_byol"],
+    "ahead",
+  ),
+  # The ResNet cell (Tables 10 / 13 report DINO on ResNet-50; here a CIFAR-size ResNet-18-like variant).
+  (
+    "t13_resnet",
+    "Table 13",
+    "DINO also trains a ResNet (here resnet18_cifar, width 16)",
+    "ResNet-50: 67.5 k-NN / 75.3 linear",
+    ["dino_resnet18_cifar"],
+    "learns",
+  ),
 ]
 
 
@@ -157,6 +300,12 @@ def parse_args(argv=None):
   p.add_argument("--seeds", type=int, default=2, help="seeds for the cells of close claims (all cells run seed 0)")
   p.add_argument("--close", type=float, default=1.5, help="k-NN points from a verdict threshold that count as close")
   p.add_argument("--only", default="", help="comma-separated claim id prefixes, e.g. t6,t9 (default: all)")
+  p.add_argument(
+    "--cells",
+    default="",
+    help="comma-separated cell names to run (seed 0) before scoring; with it, only the claims whose cells are all "
+    "stored are scored, the others listed as not run (default: every cell the selected claims need)",
+  )
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every cell")
   return p.parse_args(argv)
 
@@ -181,19 +330,27 @@ class Cells:
     steps = max(1, round(self.args.steps / factor))
     overrides = [f"seed={seed}", *overrides, *self.args.set]
     config = miniature.recipe_config(recipe, self.args.data, overrides, steps=steps)
-    init = self.init_knn(seed)
+    backbone = backbone_key(config)
+    init = self.init_knn(seed, backbone)
     print(f"claims: cell {name} seed {seed} ({recipe}, {steps} steps of {config.batch_size})", flush=True)
     result = miniature.run(config, knn_at_init=init is None)
     if init is None:
       init = result["knn_top1_at_init"]
-      _write_json(os.path.join(self.dir, f"init-seed{seed}.json"), {"knn_top1_at_init": init})
+      _write_json(self.init_path(seed, backbone), {"knn_top1_at_init": init})
     result.update(cell=name, seed=seed, method=config.method, recipe=recipe, overrides=overrides, knn_top1_at_init=init)
     _write_json(path, result)
     return result
 
-  def init_knn(self, seed):
-    """The backbone at init is the same for every cell of a seed (heads and batch size do not change it)."""
-    path = os.path.join(self.dir, f"init-seed{seed}.json")
+  def stored(self, name, seed):
+    return os.path.exists(self.path(name, seed))
+
+  def init_path(self, seed, backbone):
+    return os.path.join(self.dir, f"init-{backbone + '-' if backbone else ''}seed{seed}.json")
+
+  def init_knn(self, seed, backbone=""):
+    """The backbone at init is the same for every cell of a seed and backbone (heads and batch size do not change
+    it): measured once per (seed, backbone)."""
+    path = self.init_path(seed, backbone)
     if not os.path.exists(path):
       return None
     with open(path) as f:
@@ -213,6 +370,13 @@ class Cells:
       "nonfinite": [r["nonfinite_step"] for r in runs if r["nonfinite_step"] is not None],
       "minutes": sum(r["minutes"] for r in runs),
     }
+
+
+def backbone_key(config) -> str:
+  """ "" for the shared ViT (the init file of the ViT cells keeps its name), else the ResNet and its width."""
+  if config.model.arch == "vit":
+    return ""
+  return f"{config.model.arch}_w{config.model.resnet_width}"
 
 
 def judge(kind, cells):
@@ -252,6 +416,11 @@ def judge(kind, cells):
     if b["knn"] is None:
       return True, inf
     return a["knn"] >= b["knn"] + BEATS, abs(a["knn"] - b["knn"] - BEATS)
+  if kind in ("matches", "ahead"):  # "insensitive" / "beats" whose reference must learn
+    ref = cells[0]
+    if ref["knn"] is None or ref["knn"] < ref["init"] + LEARNS:
+      return None, inf
+    return judge({"matches": "insensitive", "ahead": "beats"}[kind], cells)
   if kind == "collapses":
     c = cells[0]
     if c["nonfinite"] or c["knn"] is None:
@@ -285,6 +454,17 @@ def main(argv=None):
   cells = Cells(args)
   claims = [c for c in CLAIMS if not args.only or any(c[0].startswith(p) for p in args.only.split(","))]
   start = time.time()
+  selected = [n.strip() for n in args.cells.split(",") if n.strip()]
+  unknown = [n for n in selected if n not in CELLS]
+  if unknown:
+    sys.exit(f"claims.py: --cells: unknown cell {', '.join(unknown)}; cells: {', '.join(CELLS)}")
+  for name in selected:
+    cells.get(name, 0)
+  if selected:  # score only what is stored; list the rest
+    not_run = [c for c in claims if not all(cells.stored(n, 0) for n in c[4])]
+    claims = [c for c in claims if c not in not_run]
+  else:
+    not_run = []
   rows = []
   for cid, table, claim, paper, names, kind in claims:
     seeds = [0]
@@ -306,7 +486,7 @@ def main(argv=None):
         "cells": {n: scored[n] for n in names},
       }
     )
-  write_markdown(args, rows)
+  write_markdown(args, rows, not_run, cells)
   import jax
 
   from simdino_jax import tcmalloc
@@ -324,12 +504,13 @@ def main(argv=None):
         "disagree": sum(r["agrees"] is False for r in rows),
         "claims": len(rows),
         "rows": rows,
+        "not_run": [c[0] for c in not_run],
       }
     )
   )
 
 
-def write_markdown(args, rows):
+def write_markdown(args, rows, not_run=(), cells=None):
   lines = [
     (
       f"Miniature claims: CIFAR-10, {args.steps} steps of batch 64 per run (batch-size cells: same images), "
@@ -343,6 +524,9 @@ def write_markdown(args, rows):
     mini = "<br>".join(describe(n, c) for n, c in r["cells"].items())
     verdict = {True: "yes", False: "**no**", None: "inconclusive (the reference did not learn)"}[r["agrees"]]
     lines.append(f"| {r['table']} | {r['text']} | {r['paper']} | {mini} | {verdict} |")
+  for cid, table, claim, paper, names, _ in not_run:
+    missing = ", ".join(n for n in names if not cells.stored(n, 0))
+    lines.append(f"| {table} | {claim} | {paper} | not run yet: {missing} | - |")
   path = os.path.join(os.path.abspath(os.path.expanduser(args.out)), "claims.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
