@@ -21,6 +21,7 @@ import jax
 
 from simdino_jax.errors import require
 from simdino_jax.evals import linear, linear_dino, linear_dinov2, runner
+from simdino_jax.models.network import is_resnet
 
 PROTOCOLS = ("frozen", "dino", "dinov2", "simdinov2")
 # What a field left at 0 / () means, per protocol: the official script's default. frozen: our probe's own choice;
@@ -81,7 +82,10 @@ class LinearEvaluator(runner.Evaluator):
 
   @property
   def spec(self) -> tuple:
-    return ("linear", resolve(self.cfg)["n_last_blocks"], bool(self.cfg.avgpool))
+    # A ResNet has no patch tokens: DINO's eval_linear.py reads ``model(inp)``, the pooled feature (itself the
+    # average over the last map), whatever --avgpool_patchtokens and --n_last_blocks say; so does this spec.
+    avgpool = bool(self.cfg.avgpool) and not is_resnet(self.config.model)
+    return ("linear", resolve(self.cfg)["n_last_blocks"], avgpool)
 
   def feature_specs(self) -> tuple:
     return (self.spec,) if self.cfg.protocol == "frozen" else ()  # the others re-draw training views
@@ -93,9 +97,11 @@ class LinearEvaluator(runner.Evaluator):
       what = f"cls of the last n block(s) for n in {list(blocks)}, x avg-pooled patch tokens in {list(pools)}"
       common = dict(protocol=c.protocol, features=what, n_last_blocks_grid=blocks, avgpool_grid=pools, lrs=r["lrs"])
       return dict(self._dinov2(ctx, params, r), **common)
-    n = r["n_last_blocks"]
-    what = f"cls of the last {n} block(s)" + (" + avg-pooled patch tokens" if c.avgpool else "")
-    common = dict(protocol=c.protocol, features=what, n_last_blocks=n, avgpool=c.avgpool)
+    n, avgpool = r["n_last_blocks"], self.spec[2]
+    what = f"cls of the last {n} block(s)" + (" + avg-pooled patch tokens" if avgpool else "")
+    if is_resnet(self.config.model):
+      what = "the ResNet's pooled feature (DINO's eval_linear.py: model(inp), whatever n_last_blocks / avgpool)"
+    common = dict(protocol=c.protocol, features=what, n_last_blocks=n, avgpool=avgpool)
     if c.protocol == "dino":
       return dict(self._dino(ctx, params, r), **common)
     key = runner.spec_key(self.spec)
@@ -333,6 +339,12 @@ class LinearEvaluator(runner.Evaluator):
       )
     # The protocol's own values (fields at 0 / ()) must fit the backbone too.
     if cfg.protocol in linear_dinov2.GRIDS:
+      require(
+        not is_resnet(config.model),
+        f"{field}.protocol",
+        f"{cfg.protocol!r} is a grid over a ViT's blocks and patch tokens; model.arch={config.model.arch!r} has one "
+        "pooled feature: use protocol 'dino' (DINO's eval_linear.py on a ResNet) or 'frozen'",
+      )
       grid = tuple(r["n_last_blocks_grid"])
       require(
         max(grid) <= depth,
