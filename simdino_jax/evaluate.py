@@ -6,16 +6,16 @@ python -m simdino_jax.evaluate --weights=FILE --config=configs/FILE.py --output=
     [--config.model.FIELD=VALUE ...]
 
 --workdir: the config is the run's own (DIR/config.json, over today's defaults: stored_config.py) unless --config
-names a recipe; --config.FIELD overrides apply on top either way. Reads the ``which`` backbone (teacher by default)
-of the newest committed checkpoint of ``DIR/checkpoints`` without opening a checkpoint manager (read-only: a run
+names a recipe; --config.FIELD overrides apply on top either way. Reads the ``which`` backbone (by default the one
+training evaluates, the method's ``Method.evaluated``: the teacher, or the student for moco_v2 / byol) of the newest committed checkpoint of ``DIR/checkpoints`` without opening a checkpoint manager (read-only: a run
 training into DIR is not disturbed), builds it from the model config stored WITH the checkpoint (so the weights
 always fit), places it on this machine's mesh, and runs the evaluators ``--eval`` names (entries of
 ``config.evals``, docs/evaluation.md) through the same runner the training loop uses: features shared by k-NN,
 few-shot and the frozen linear probe are extracted once per split. Writes (process 0) DIR/eval/NAME.json per
-evaluator (and DIR/eval/attention/*.png), or into --output; with --which=student the files are named
-NAME_student.json (and attention_student/). A NAME.json of another step or other data (training's own result) is
+evaluator (and DIR/eval/attention/*.png), or into --output; with the other network (e.g. --which=student for DINO)
+the files are named NAME_student.json (and attention_student/). A NAME.json of another step or other data (training's own result) is
 kept and the new result named NAME-stepN-DATA.json. The k-NN result keeps the run's at-init figures
-(eval/knn_init.json, written by training) when the teacher is evaluated on the same data.
+(eval/knn_init.json, written by training) when training's network is evaluated on the same data.
 
 --weights: a released or exported backbone instead of a run: an official DINO / DINOv2 / SimDINO / SimDINOv2
 PyTorch ``.pth`` (read with PyTorch, which must then be installed; never a dependency), the state dict bare or under
@@ -48,7 +48,7 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from simdino_jax import cli, evals, sharding, stored_config
+from simdino_jax import cli, evals, methods, sharding, stored_config
 from simdino_jax import config as config_lib
 from simdino_jax import workdir as workdir_lib
 from simdino_jax.data import sources
@@ -258,10 +258,12 @@ def _with_model(config, model_cfg):
   return config
 
 
-def _context(config, vit_kwargs: dict, param_sharding, mesh, out_dir: str, which: str) -> runner.Context:
+def _context(
+  config, vit_kwargs: dict, param_sharding, mesh, out_dir: str, which: str, default: str = "teacher"
+) -> runner.Context:
   """The evaluation context of a backbone built in config.eval.dtype (float32 by default) whatever it trained in,
-  reading the config's labelled train / test splits and writing into ``out_dir`` (``_student`` names for the
-  student)."""
+  reading the config's labelled train / test splits and writing into ``out_dir`` (``_{which}`` names unless
+  ``which`` is ``default``, the network training evaluates)."""
   return runner.Context(
     config,
     graphdef=eval_backbone_graphdef(config.model, config.eval.dtype)  # a ResNet in evaluation mode
@@ -272,7 +274,7 @@ def _context(config, vit_kwargs: dict, param_sharding, mesh, out_dir: str, which
     train_source=sources.from_config(config.data, "train", evaluation=True),
     test_source=sources.from_config(config.data, "test", evaluation=True),
     out_dir=out_dir,
-    suffix="" if which == "teacher" else f"_{which}",
+    suffix="" if which == default else f"_{which}",
     log=print,
     dtype=config.eval.dtype,
     checkpointer=checkpointing.Checkpointer,
@@ -296,7 +298,7 @@ def evaluate(
   config,
   workdir: str,
   names=("knn", "linear", "attention"),
-  which: str = "teacher",
+  which: str | None = None,
   output: str | None = None,
   failed: dict | None = None,
 ) -> dict:
@@ -308,6 +310,8 @@ def evaluate(
   workdir = workdir_lib.resolve(workdir)
   if config is None:
     config = stored_config.get_config(workdir)
+  default = methods.get_method(config.method).evaluated  # the network training evaluated (results, at-init figures)
+  which = which or default
   if which not in WHICH:
     raise ValueError(f"--which: must be 'teacher' or 'student', got {which!r}")
   names = _prepare(config, names)
@@ -315,16 +319,17 @@ def evaluate(
   vit_kwargs, params, param_sharding, mesh, step, model_cfg = load_params(config, workdir, which)
   config = _with_model(config, model_cfg)  # the evaluators read the stored model
   eval_dir = os.path.join(workdir, "eval")
-  ctx = _context(config, vit_kwargs, param_sharding, mesh, workdir_lib.resolve(output) if output else eval_dir, which)
+  out_dir = workdir_lib.resolve(output) if output else eval_dir
+  ctx = _context(config, vit_kwargs, param_sharding, mesh, out_dir, which, default)
   evaluators = evals.build(config, names)
   ctx.log(
     f"evaluating the {which} backbone of {os.path.join(workdir, 'checkpoints', str(step))} in {ctx.dtype}: "
     + ", ".join(names)
   )
   init = {}
-  for name in names:  # the at-init figures training stored (teacher only: training evaluates the teacher)
+  for name in names:  # the at-init figures training stored, of the network training evaluates
     path = epath.Path(eval_dir) / f"{name}_init.json"
-    if which == "teacher" and path.exists():
+    if which == default and path.exists():
       stored = json.loads(path.read_text())
       if stored.get("data", sources.eval_spec(config.data)) == sources.eval_spec(config.data):  # the same data only
         init[name] = stored
@@ -347,7 +352,7 @@ def evaluate_weights(
   config,
   weights: str,
   names=("knn",),
-  which: str = "teacher",
+  which: str | None = None,
   output: str | None = None,
   failed: dict | None = None,
 ) -> dict:
@@ -357,6 +362,7 @@ def evaluate_weights(
     raise ValueError("--weights: name the data and evaluators with --config=configs/FILE.py")
   if not output:
     raise ValueError("--weights: name the directory for the results with --output=DIR")
+  which = which or "teacher"  # the file's teacher when it holds both
   if which not in WHICH:
     raise ValueError(f"--which: must be 'teacher' or 'student', got {which!r}")
   require_labels(config, parse_names(names, config.evals))  # a bad --eval or unlabelled data before a large file
@@ -411,7 +417,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagValue
   flags.DEFINE_list(
     "eval", ["knn", "linear", "attention"], "Evaluators to run: entries of config.evals.", flag_values=flag_values
   )
-  flags.DEFINE_enum("which", "teacher", list(WHICH), "The backbone to evaluate.", flag_values=flag_values)
+  flags.DEFINE_enum(
+    "which",
+    None,
+    list(WHICH),
+    "The backbone to evaluate (default: the one training evaluates, the teacher or, for moco_v2 / byol, the student; "
+    "with --weights the teacher).",
+    flag_values=flag_values,
+  )
   flags.DEFINE_string(
     "output",
     None,

@@ -210,3 +210,7 @@ def test_cifar10_config_trains_two_steps(name, method, tmp_path):
   for key in keys:
     assert all(math.isfinite(r[key]) for r in records), key
   assert 0 <= result["accuracy"] <= 100 and result["step"] == 2
+  # The network the official evaluation reads: MoCo's main_lincls.py keeps encoder_q, BYOL's eval_experiment.py the
+  # online params; the DINO family (and SwAV's model itself) the teacher.
+  evaluated = "student" if method in TWO_VIEW else "teacher"
+  assert json.loads((tmp_path / "eval" / "knn.json").read_text())["features"] == f"{evaluated} backbone"

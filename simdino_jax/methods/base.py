@@ -64,6 +64,8 @@ class Method:
     every update (SwAV's prototypes), ``optim.make_optimizer``'s ``unit_norm``.
   momentum_teacher: False for a method without a momentum encoder (SwAV): the teacher is the current student at
     every step whatever ``config.teacher`` says (``train.setup.momentum_schedule``), so the evaluators read it.
+  evaluated: the network the evaluators read ("teacher" or "student"; ``evaluate.py --which``'s default): the
+    official evaluation's choice, the teacher for the DINO family, the query / online network for MoCo-v2 / BYOL.
   progress_keys: the loss's metrics the progress line shows, in order (those absent from a record are skipped);
     ``progress_line_keys`` adds the shared ones.
   """
@@ -79,6 +81,7 @@ class Method:
   optimizer_freezes: Callable[[Any, Any, int], tuple] = _no_freezes
   optimizer_unit_norm: Callable[[Any, Any], tuple] = _no_unit_norm
   momentum_teacher: bool = True
+  evaluated: str = "teacher"
   progress_keys: tuple[str, ...] = ()
 
   def __post_init__(self):

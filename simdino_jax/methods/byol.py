@@ -76,6 +76,7 @@ BYOL = Method(
   build_head=byol_head,
   make_loss=make_byol_loss,
   validate=validate,
+  evaluated="student",  # eval_experiment.py reads checkpoint_data["experiment_state"].online_params
   progress_keys=("byol", "cosine"),
 )
 

@@ -99,6 +99,7 @@ MOCO_V2 = Method(
   make_loss=make_moco_loss,
   init_loss_state=queue_state,
   validate=validate,
+  evaluated="student",  # main_lincls.py keeps "module.encoder_q" only: the query encoder
   progress_keys=("info_nce", "top1"),
 )
 

@@ -290,11 +290,16 @@ class Trainer:
 
     def write(name, result):  # as soon as each evaluator finishes: a later failure loses nothing
       self.results[name] = runner.write_result(
-        self.eval_context(), final[name], result, step=step, features="teacher backbone", init=init.get(name)
+        self.eval_context(),
+        final[name],
+        result,
+        step=step,
+        features=f"{self.method.evaluated} backbone",
+        init=init.get(name),
       )
 
     if final:  # none, e.g. on unlabelled data: no evaluation data is even opened
-      self.evaluate(state.teacher, final, step, on_result=write)
+      self.evaluate(getattr(state, self.method.evaluated), final, step, on_result=write)
     if self.eval_failures:
       names = ",".join(self.eval_failures)
       self.log(
@@ -369,7 +374,7 @@ class Trainer:
         paths[name].write_text(json.dumps(dict(result, step=0, data=spec, dtype=dtype), indent=2))
       self.log(f"{name} at init: {at_init[name].summary(result)}")
 
-    return self.evaluate(state.teacher, at_init, 0, on_result=write)
+    return self.evaluate(getattr(state, self.method.evaluated), at_init, 0, on_result=write)
 
   def train_loop(self, state: TrainState, start: int, ckpt: checkpointing.Checkpointer, stop_request: _StopRequest):
     """Steps ``start`` .. total_steps with logging and checkpoints; returns (state, None | stop summary)."""
@@ -400,8 +405,8 @@ class Trainer:
         if done % config.log_every == 0 or done == d.total_steps or due:
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           self.check_finite(done, values)
-          if due:  # periodic evaluation of the teacher, logged with the step's metrics
-            values.update(self.periodic_metrics(state.teacher, done, due))
+          if due:  # periodic evaluation of the teacher (Method.evaluated), logged with the step's metrics
+            values.update(self.periodic_metrics(getattr(state, self.method.evaluated), done, due))
           values["data/skipped"] = skipped_base + self.skipped_images()
           metrics_log.write(done, values)
         # Stop requests: a signal on a single host, the preemption service's agreed step on several (_StopRequest).
@@ -570,7 +575,7 @@ class Trainer:
       self._eval_ctx = runner.Context(
         self.config,
         graphdef=self.setup.eval_graphdef,
-        param_sharding=self.state_sharding.teacher["backbone"],
+        param_sharding=getattr(self.state_sharding, self.method.evaluated)["backbone"],
         mesh=self.mesh,
         train_source=self.eval_train_source(),
         test_source=sources.from_config(self.config.data, "test", evaluation=True),
