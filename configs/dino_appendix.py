@@ -69,8 +69,9 @@ What is not exactly the paper's:
   * Table 14 rows 6 and 10 (MoCo-v2 and BYOL with multi-crop) are not rows: methods/moco.py and methods/byol.py take
     the two global crops only.
   * Table 14 row 8 (BYOL without predictor, collapses) is not a row: methods/byol.py always has its predictor.
-  * Appendix C's "BN in the head" of DINO (k-NN 69.7 without, 68.6 with, ViT-S 100 epochs) is not a row: the DINO
-    head has no BN switch.
+  * Appendix C's "BN in the head" of DINO (k-NN 69.7 without, 68.6 with, ViT-S 100 epochs) is not a row of these
+    tables; it is ``--config=configs/dino_appendix.py:dino --config.head.use_bn_in_head=True`` (main_dino.py's
+    ``--use_bn_in_head``: BatchNorm after each hidden Linear of DINO's head).
   * ``,in1k`` exists for the dino-method rows only; the paper's MoCo-v2 / BYOL reimplementations on ViT-S (head,
     optimiser, schedule) are not given in the paper.
 

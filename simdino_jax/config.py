@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.separate_patch_head = False  # masked methods: own head for patch tokens (DINOv2 ibot.separate_head)
   c.head.patch_num_prototypes = 0  # 0: same as num_prototypes
   c.head.use_bn = False  # byol (and dino's predictor): BatchNorm in the MLPs' hidden layer (BYOL's recipe: True)
+  c.head.use_bn_in_head = False  # dino: BatchNorm after each hidden Linear of DINO's head (--use_bn_in_head)
   c.head.predictor = False  # dino: BYOL's predictor MLP on the student's head output (DINO Table 14 "+ pred.")
   c.head.predictor_hidden_dim = 4096  # byol / dino's head.predictor: the predictor MLP's hidden width
 

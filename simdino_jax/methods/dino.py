@@ -43,6 +43,7 @@ def dino_head(config, in_dim: int, rngs: nnx.Rngs, num_prototypes: int = 0, head
     bottleneck_dim=h.out_dim,
     num_layers=h.num_layers,
     num_prototypes=num_prototypes or h.num_prototypes,
+    use_bn=h.get("use_bn_in_head", False),
     dtype=compute_dtype(config.model.dtype),
     rngs=rngs,
   )
@@ -185,6 +186,13 @@ def validate_prototypes(config) -> None:
     config.dino.centering in CENTERINGS,
     "dino.centering",
     f"must be one of {', '.join(map(repr, CENTERINGS))}, got {config.dino.centering!r}",
+  )
+  bn = config.head.get("use_bn_in_head", False)  # every dino_head builder reads it: checked for all of them here
+  require(isinstance(bn, bool), "head.use_bn_in_head", f"must be True or False, got {bn!r}")
+  require(
+    not bn or config.method == "dino",
+    "head.use_bn_in_head",
+    f"BatchNorm in DINO's head (main_dino.py --use_bn_in_head) is for method 'dino' only, not {config.method!r}",
   )
 
 

@@ -29,10 +29,14 @@ def l2_normalize(x: jax.Array, eps: float = _L2_EPS) -> jax.Array:
 
 
 class ProjectionHead(nnx.Module):
-  """Linear(in->hidden) GELU [Linear(hidden->hidden) GELU]* Linear(hidden->out), then l2-normalise.
+  """Linear(in->hidden) [BN] GELU [Linear(hidden->hidden) [BN] GELU]* Linear(hidden->out), then l2-normalise.
 
   `num_layers` counts the Linear layers (official `nlayers`, default 3); 1 means a single Linear(in->out).
-  Parameters live under `mlp/<i>` (official `mlp.<2i>`, the GELUs taking the odd indices there)."""
+  Parameters live under `mlp/<i>` (official `mlp.<2i>`, the GELUs taking the odd indices there). `use_bn`: DINO's
+  ``DINOHead(use_bn=True)`` (main_dino.py ``--use_bn_in_head``): a BatchNorm1d after each hidden Linear, under
+  `bn/<i>` (models/resnet.py's BatchNorm: torch numerics, statistics over all rows = every crop the head sees at once,
+  as DINO's SyncBN over the MultiCropWrapper's concatenated crops). Without it the module holds no `bn` attribute,
+  so the default head's parameters, graph and numbers are unchanged."""
 
   def __init__(
     self,
@@ -41,6 +45,7 @@ class ProjectionHead(nnx.Module):
     hidden_dim: int = 2048,
     out_dim: int = 256,
     num_layers: int = 3,
+    use_bn: bool = False,
     dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -61,6 +66,8 @@ class ProjectionHead(nnx.Module):
         for i in range(num_layers)
       ]
     )
+    if use_bn:  # official nlayers == 1 is a bare Linear: no BN
+      self.bn = nnx.List([BatchNorm(hidden_dim, dtype=dtype) for _ in range(num_layers - 1)])
     self.in_dim = in_dim
     self.out_dim = out_dim
 
@@ -68,9 +75,12 @@ class ProjectionHead(nnx.Module):
     lead = x.shape[:-1]
     # 2-D (rows, features) matmuls are the fast layout on CPU.
     x = x.reshape(-1, x.shape[-1])
+    bn = getattr(self, "bn", None)
     for i, layer in enumerate(self.mlp):
       x = layer(x)
       if i < len(self.mlp) - 1:
+        if bn is not None:
+          x = bn[i](x)
         x = gelu_exact(x)
     # Normalise in float32 whatever the compute dtype: the losses work on these unit vectors.
     x = l2_normalize(x.astype(jnp.float32))
@@ -116,11 +126,18 @@ class DINOHead(nnx.Module):
     bottleneck_dim: int = 256,
     num_layers: int = 3,
     num_prototypes: int = 65536,
+    use_bn: bool = False,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
     self.proj = ProjectionHead(
-      in_dim, hidden_dim=hidden_dim, out_dim=bottleneck_dim, num_layers=num_layers, dtype=dtype, rngs=rngs
+      in_dim,
+      hidden_dim=hidden_dim,
+      out_dim=bottleneck_dim,
+      num_layers=num_layers,
+      use_bn=use_bn,
+      dtype=dtype,
+      rngs=rngs,
     )
     self.last_layer = WeightNormPrototypes(bottleneck_dim, num_prototypes, rngs=rngs)
 
