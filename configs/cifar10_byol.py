@@ -8,9 +8,10 @@ Command (from the repository root; data.source is relative to it):
 Runtime: see docs/results.md for the full 1000-step recipe (not measured). Measured: a short run of 300 steps
 (``--config.total_steps=300 --config.warmup_steps=30``) took 27 min wall (0.27 steps/s) on 2 cores shared with
 another training run and ~7 other jobs (load ~25), the final k-NN included.
-Expected result (seed 0, measured, that 300-step run): teacher (target) k-NN top-1 29.49% (top-5 79.4%) against
-29.85% at init (-0.4); the student (online network, the one BYOL's own evaluation reads: ``python -m
-simdino_jax.evaluate --workdir=DIR --eval=knn --which=student``) 30.28% (+0.4); cosine of the predicted pairs 0.58 at
+Expected result (seed 0, measured, that 300-step run, when training still evaluated the teacher): teacher (target)
+k-NN top-1 29.49% (top-5 79.4%) against 29.85% at init (-0.4); the student (online network, the one BYOL's own
+evaluation reads, which training and ``python -m simdino_jax.evaluate`` now evaluate by default: methods/byol.py
+``evaluated="student"``) 30.28% (+0.4); cosine of the predicted pairs 0.58 at
 step 50 and 0.59 at step 300, effective rank 2.7. Not a learning result: BYOL on this tiny ViT barely moves in 300
 steps.
 Without BatchNorm in the MLPs (``--config.head.use_bn=False``) the same run collapsed at once (step 50: cosine 0.963,

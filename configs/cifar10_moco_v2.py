@@ -7,9 +7,10 @@ Command (from the repository root; data.source is relative to it):
 Runtime: see docs/results.md for the full 1000-step recipe (not measured). Measured: a short run of 300 steps
 (``--config.total_steps=300 --config.warmup_steps=30``) took 27 min wall (0.26 steps/s) on 2 cores shared with
 another training run and ~7 other jobs (load ~25), the final k-NN included.
-Expected result (seed 0, measured, that 300-step run): teacher (key encoder) k-NN top-1 27.83% (top-5 76.9%)
-against 29.85% at init (-2.0); the student (query encoder, the network MoCo's own linear evaluation reads:
-``python -m simdino_jax.evaluate --workdir=DIR --eval=knn --which=student``) 27.79%; loss 6.39 at step 50, 7.06 at
+Expected result (seed 0, measured, that 300-step run, when training still evaluated the teacher): teacher (key
+encoder) k-NN top-1 27.83% (top-5 76.9%) against 29.85% at init (-2.0); the student (query encoder, the network
+MoCo's own linear evaluation reads, which training and ``python -m simdino_jax.evaluate`` now evaluate by default:
+methods/moco.py ``evaluated="student"``) 27.79%; loss 6.39 at step 50, 7.06 at
 step 300 (InfoNCE over 1 + 4096 candidates: ln 4097 = 8.3 by chance), effective rank 2.7. Not a learning result:
 MoCo-v2 on this tiny ViT does not gain in 300 steps.
 
