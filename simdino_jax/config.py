@@ -15,6 +15,7 @@ from simdino_jax import evals, methods, optim, schedules, sharding
 from simdino_jax.data import augment
 from simdino_jax.data.multicrop import AUGMENT_MODES
 from simdino_jax.errors import ConfigError, require
+from simdino_jax.losses import gram as gram_lib
 from simdino_jax.models.network import ARCHS, DTYPES, backbone_kwargs
 from simdino_jax.models.vit import TOKEN_INITS, parse_variant
 
@@ -213,6 +214,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.momentum = 0.996
   c.teacher.momentum_end = 1.0
   c.teacher.self_distillation = True  # False: the teacher is the current student at every step (paper's ablation)
+
+  # Gram anchoring (DINOv3; train/gram.py, docs/methods.md#gram-anchoring-in-training): weight x MSE between the
+  # Gram matrices of the student's normed patch tokens of the global crops and a frozen Gram teacher's (a snapshot of
+  # the EMA teacher's backbone). Scale-free defaults: DINOv3's ViT-7B values
+  # (dinov3/configs/train/dinov3_vit7b16_gram_anchor.yaml).
+  c.gram = ml_collections.ConfigDict()
+  c.gram.enabled = False  # True: add the term (methods with patch tokens: simdino, simdinov2, dinov2, ibot_vmf)
+  c.gram.weight = 1.0  # loss_weight, used when weight_schedule is empty
+  c.gram.weight_schedule = ()  # (start, peak, end, warmup steps, cosine steps); ViT-7B: (0, 0, 2, 1000000, 1000)
+  c.gram.img_level = True  # one N x N Gram per image (ViT-7B); False: per device's batch (DINOv3's default)
+  c.gram.negatives = "keep"  # losses/gram.py NEGATIVES: keep, remove, teacher, teacher_intended
+  c.gram.normalize = True  # l2-normalise the patch features first
+  c.gram.tokens_used = "all"  # all, masked, unmasked (the student's masked patches; needs img_level False)
+  c.gram.start_step = 0  # EMA teacher copied in before this step, term off before (it_load_ema_teacher)
+  c.gram.first_refresh = 0  # refreshes after step s when s + 1 >= this (it_first_update; ViT-7B 1010000) ...
+  c.gram.refresh_every = 10000  # ... and (s + 1) % this == 0 (update_frequency; 0: never refreshed)
+  c.gram.max_refreshes = 3  # at most this many (max_updates; 0: unlimited)
 
   # Feature extraction shared by every evaluator: eval batch (global) and image size (0: the global crop size).
   # dtype: the frozen backbone's compute dtype in every evaluation (training's rounds and evaluate.py), whatever
@@ -433,6 +451,39 @@ def validate(
     "momentum and momentum_end must be in [0, 1]",
   )
   _validate_eval(config, patch, depth=backbone_kwargs(config.model)["depth"], num_devices=num_devices)
+  _validate_gram(config)
+
+
+GRAM_METHODS = ("simdino", "simdinov2", "dinov2", "ibot_vmf")  # config.gram: the methods with patch features
+
+
+def _validate_gram(config: ml_collections.ConfigDict) -> None:
+  """config.gram's fields (train/gram.py)."""
+  g = config.get("gram")
+  if g is None or not g.enabled:
+    return
+  _one_of(config.method, GRAM_METHODS, "method")
+  require(config.model.get("arch", "vit") == "vit", "model.arch", "Gram anchoring needs a ViT's patch tokens")
+  require(g.weight >= 0, "gram.weight", f"must be >= 0, got {g.weight}")
+  sched = tuple(g.weight_schedule)
+  require(len(sched) in (0, 5), "gram.weight_schedule", f"need () or (start, peak, end, warmup, cosine), got {sched}")
+  if sched:
+    require(
+      all(float(v) >= 0 for v in sched[:3]) and int(sched[3]) == sched[3] >= 0 and int(sched[4]) == sched[4] >= 1,
+      "gram.weight_schedule",
+      f"need weights >= 0, warmup steps >= 0 and cosine steps >= 1, got {sched}",
+    )
+  _one_of(g.negatives, gram_lib.NEGATIVES, "gram.negatives")
+  _one_of(g.tokens_used, gram_lib.TOKENS_USED, "gram.tokens_used")
+  if g.tokens_used != "all":
+    require(not g.img_level, "gram.tokens_used", f"{g.tokens_used!r} needs gram.img_level=False (as in DINOv3)")
+    require(
+      methods.get_method(config.method).uses_masks,
+      "gram.tokens_used",
+      f"{g.tokens_used!r} needs a method with masks, not {config.method!r}",
+    )
+  for field in ("start_step", "first_refresh", "refresh_every", "max_refreshes"):
+    require(int(g[field]) == g[field] >= 0, f"gram.{field}", f"must be an integer >= 0, got {g[field]}")
 
 
 # Evaluators that read only the backbone's pooled feature ("cls"): the ones a ResNet backbone can run.

@@ -38,6 +38,7 @@ Python API: ``Checkpointer``, ``abstract_target``, ``config_dict``, ``announce_p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -172,12 +173,30 @@ class Checkpointer:
     # Every process must refuse together (process 0 checked), or the others would enter orbax's collective restore.
     if bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))):
       raise ValueError(f"{self.path(step)}: {problem or 'corrupted (checked by process 0)'}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    state = restored["state"]
+    try:
+      state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except ValueError as e:
+      state = self._restore_without_empty_fields(step, target, e)
     saved_step = getattr(state, "step", None)
     if saved_step is not None and int(np.asarray(jax.device_get(saved_step))) != step:
       raise ValueError(f"{self.path(step)} holds the state of step {int(saved_step)}, not {step}")
     return state
+
+  def _restore_without_empty_fields(self, step: int, target: Any, error: ValueError) -> Any:
+    """A checkpoint written before the state gained optional fields (TrainState.gram_teacher, distill_teacher: None
+    when off) has no entry for them, and orbax refuses the tree; restored into a dict of the target's other fields
+    it is the same state. Any other mismatch raises ``error``."""
+    if not dataclasses.is_dataclass(target) or "tree structures do not match" not in str(error):
+      raise error
+    fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+    present = {k: v for k, v in fields.items() if v is not None}
+    if len(present) == len(fields):
+      raise error
+    try:
+      item = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(present)))["state"]
+    except ValueError:
+      raise error from None
+    return target.replace(**item)
 
   def restore_config(self, step: int) -> dict:
     """The config dict stored with checkpoint ``step``."""

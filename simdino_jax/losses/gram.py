@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 NEGATIVES = ("keep", "remove", "teacher", "teacher_intended")
+TOKENS_USED = ("all", "masked", "unmasked")  # DINOv3's gram.tokens_used: the patches that enter (``mask``)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

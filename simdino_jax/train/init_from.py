@@ -38,4 +38,6 @@ def load(path: str, state: TrainState, tx: optax.GradientTransformation, opt_sha
     f"initialised from the {source} (config.init_from): {len(loaded)} of {len(params)} parameter arrays; "
     + ", ".join(["backbone loaded"] + notes)
   )
+  if state.gram_teacher is not None:  # config.gram: the Gram teacher starts as the (loaded) teacher's backbone
+    state = state.replace(gram_teacher=jax.tree_util.tree_map(lambda x: x.copy(), teacher["backbone"]))
   return state.replace(student=student, teacher=teacher, opt_state=opt_state)

@@ -50,6 +50,7 @@ from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.errors import ConfigError
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs, compute_dtype, eval_backbone_graphdef
+from simdino_jax.train import gram as gram_lib
 from simdino_jax.train.state import TrainState
 from simdino_jax.train.step import make_train_step, split_params
 
@@ -146,6 +147,7 @@ class Setup:
   num_local_patches: int
   mask_positions: int
   eval_batch: int
+  gram: Any = None  # config.gram's train.gram.GramAnchor (its row groups set on the mesh by make_step); None: off
 
 
 def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
@@ -164,9 +166,12 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
   graphdef, abstract_variables = nnx.split(abstract)
   abstract_params = split_params(abstract_variables)[0]
   tx = make_optimizer(config, abstract_params, lr_fn, wd_fn, d.steps_per_epoch)
+  backbone_graphdef = nnx.split(abstract.backbone)[0]
+  gram = gram_lib.make(config, backbone_graphdef, d.total_steps)
 
   def init_fn() -> TrainState:
     variables = nnx.split(methods.build_network(config))[1]  # parameters and (BN) statistics
+    extra = {} if gram is None else {"gram_teacher": gram.init(variables)}  # the initial teacher's backbone
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       student=variables,
@@ -174,6 +179,7 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
       opt_state=tx.init(split_params(variables)[0]),
       loss_state=method.init_loss_state(config),
       rng=jax.random.key_data(jax.random.key(config.seed + 1)),
+      **extra,
     )
 
   vit = backbone_kwargs(config.model)
@@ -186,7 +192,7 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
     wd_fn=wd_fn,
     momentum_fn=momentum_fn,
     graphdef=graphdef,
-    backbone_graphdef=nnx.split(abstract.backbone)[0],
+    backbone_graphdef=backbone_graphdef,
     # The evaluators' graph: the same backbone (same float32 parameters) computing in config.eval.dtype.
     eval_graphdef=eval_backbone_graphdef(config.model, config.eval.dtype),  # BN: evaluation mode
     tx=tx,
@@ -200,6 +206,7 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
     num_local_patches=(config.data.local_size // patch) ** 2,
     mask_positions=methods.mask_positions(config),
     eval_batch=runner.device_batch(config.eval.batch_size),
+    gram=gram,
   )
 
 
@@ -207,7 +214,10 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
 def state_sharding(setup: Setup, mesh) -> TrainState:
   """One NamedSharding per TrainState leaf from ``config.sharding.rules``: all replicated on a data-only mesh; big
   leaves split over the "fsdp" mesh axis when it has one (sharding.state_shardings)."""
-  return sharding.state_shardings(setup.abstract_state, mesh, setup.config)
+  shardings = sharding.state_shardings(setup.abstract_state, mesh, setup.config)
+  if setup.gram is not None:  # the Gram teacher is laid out as the teacher's backbone, whatever the rules name
+    shardings = shardings.replace(gram_teacher=shardings.teacher["backbone"])
+  return shardings
 
 
 def init_state(setup: Setup, shardings: TrainState) -> TrainState:
@@ -221,7 +231,7 @@ def param_cast(setup: Setup, mesh, shardings: TrainState) -> Callable | None:
   dtype = compute_dtype(setup.config.model.dtype)
   if dtype == jnp.float32 or dict(mesh.shape).get(sharding.FSDP_AXIS, 1) <= 1:
     return None
-  by_role = {"student": shardings.student, "teacher": shardings.teacher}
+  by_role = {"student": shardings.student, "teacher": shardings.teacher, "gram_teacher": shardings.gram_teacher}
   return lambda which, params: sharding.cast_sharded(params, by_role[which], dtype)
 
 
@@ -250,6 +260,7 @@ def make_step(
     else None,
     augment=device_augment.make_batch_augment(setup.multicrop) if config.data.augment_mode == "device" else None,
     cast_params=param_cast(setup, mesh, shardings),
+    gram=None if setup.gram is None else dataclasses.replace(setup.gram, groups=mesh.size),  # per-device Grams
   )
   return jax.jit(
     step,

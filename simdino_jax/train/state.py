@@ -22,3 +22,5 @@ class TrainState:
   opt_state: Any  # optax state for the student's parameters (not its statistics)
   loss_state: Any  # method-specific state (e.g. DINO centres); {} for SimDINO
   rng: jax.Array  # base PRNG key; step keys are fold_in(rng, step), so a resumed run draws the same noise
+  # config.gram: Gram anchoring's frozen snapshot of the EMA teacher's backbone (train/gram.py); None when off
+  gram_teacher: Any = None

@@ -94,6 +94,7 @@ def forward(
   student: bool,
   masks: jax.Array | None = None,
   gather: MaskedGather | None = None,
+  keep_patches: bool = False,
 ) -> dict:
   """Backbone + head on the crops of a batch (views in global-then-local order, batch axis first).
 
@@ -103,6 +104,7 @@ def forward(
   method's loss reads, the step adds nothing method-specific.
   The teacher (student=False) sees only the global crops, unmasked; the student also the local crops, with the
   global crops' masked patches replaced by the mask token. One backbone call per resolution: two static shapes.
+  ``keep_patches`` adds "global_patch_tokens" (B*Mg, N, D), the global crops' normed patch tokens (Gram anchoring).
   """
   glob = batch["global"]
   b, mg = glob.shape[:2]
@@ -116,6 +118,8 @@ def forward(
     cls.append(_unfold_views(network.backbone(_fold_views(batch["local"]), key=key_l)["cls"], b))
   cls = jnp.concatenate(cls, axis=1) if len(cls) > 1 else cls[0]
   out = {"cls": network.head(cls), "backbone_cls": cls[:, :mg]}
+  if keep_patches:
+    out["global_patch_tokens"] = out_g["patch"]
   if gather is not None:
     g, u = gather.tokens.shape
     patch = out_g["patch"].reshape(g, -1, out_g["patch"].shape[-1])  # (G, B/G * Mg * N, D), shard-major
@@ -183,6 +187,7 @@ def make_train_step(
   mask_tokens: int | None = None,
   augment: Callable | None = None,
   cast_params: Callable | None = None,
+  gram=None,
 ) -> Callable:
   """Build the pure step.
 
@@ -202,6 +207,8 @@ def make_train_step(
     cast_params: ``cast_params(which, params) -> params`` ("student" / "teacher") applied to the parameters before
       the network uses them (the trainer's bfloat16 cast of fsdp-sharded leaves, so that the all-gathers move
       bfloat16; ``sharding.cast_sharded``). The state, the gradients and the optimizer stay float32.
+    gram: a ``train.gram.GramAnchor`` (config.gram): its term on the global crops' patch tokens is added to the loss
+      and ``state.gram_teacher`` refreshed on its steps; None (default): neither, the step as without it.
   """
   cast = cast_params if cast_params is not None else (lambda which, params: params)
 
@@ -222,15 +229,24 @@ def make_train_step(
     teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher), copy=True)
     teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, gather=gather))
     teacher_stats = jax.lax.stop_gradient(network_stats(teacher_net, teacher_stats))  # from its own forward
+    if gram is not None:  # the snapshot this iteration uses (a refresh due after the previous one taken now)
+      gram_params = gram.current(state.step, state.teacher, state.gram_teacher)
+      gram_target = gram.teacher_patches(cast("gram_teacher", gram_params), batch["global"])
 
     def objective(params):
       # copy=True: fresh Variables of this (grad) trace, which a BN layer may update in place (nnx refuses to
       # mutate Variables of another trace level; without the copy, merge reuses the statistics' own Variables).
       student_net = nnx.merge(graphdef, cast("student", nnx.merge_state(params, student_stats)), copy=True)
-      student_out = forward(student_net, batch, key=key, student=True, masks=masks, gather=gather)
+      student_out = forward(
+        student_net, batch, key=key, student=True, masks=masks, gather=gather, keep_patches=gram is not None
+      )
       if mask_positions:
         student_out["patch_mask"] = gather.valid
+      patches = student_out.pop("global_patch_tokens", None)
       loss, metrics, loss_state = loss_fn(student_out, teacher_out, state.loss_state, state.step)
+      if gram is not None:  # DINOv3: the weighted Gram loss joins the total, its value is logged
+        term, gram_metrics = gram.term(patches, gram_target, masks, state.step)
+        loss, metrics = loss + term, dict(metrics, **gram_metrics)
       return loss, (metrics, loss_state, network_stats(student_net, student_stats))
 
     (loss, (metrics, loss_state, new_student_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -246,6 +262,8 @@ def make_train_step(
     new_state = state.replace(
       step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, loss_state=loss_state
     )
+    if gram is not None:
+      new_state = new_state.replace(gram_teacher=gram_params)
     # A non-finite loss leaves the state untouched, BN statistics included (the trainer stops and names the step),
     # so the last checkpointable state is the last good one.
     finite = jnp.isfinite(loss)

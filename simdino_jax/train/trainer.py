@@ -389,7 +389,7 @@ class Trainer:
       total_steps=d.total_steps,
       start_step=start,
       batch_size=config.batch_size,
-      progress_keys=self.method.progress_line_keys,
+      progress_keys=self.method.progress_line_keys + (("gram_loss",) if self.setup.gram is not None else ()),
       config=config,
       is_main=self.is_main,
     )

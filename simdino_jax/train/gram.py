@@ -1,0 +1,138 @@
+"""Gram anchoring in training (DINOv3): the Gram teacher the step carries in ``TrainState.gram_teacher``, its loss term
+and its refreshes, for any method whose student has patch tokens (``config.gram``,
+docs/methods.md#gram-anchoring-in-training).
+
+What DINOv3 does (facebookresearch/dinov3 ``dinov3/train/ssl_meta_arch.py`` ``get_gram_teacher_output`` /
+``compute_losses`` and ``dinov3/train/train.py``'s "[GRAM]" block), and what is done here:
+
+  - student side: ``student_global["patch_pre_head"]``, the backbone's NORMED patch tokens (``x_norm_patchtokens``)
+    of the global crops from the student's own forward, i.e. with the masked patches replaced by the mask token
+    (the student backbone is called with ``masks``); here the same array, ``forward``'s global-crop "patch" output;
+  - Gram teacher side: a separate frozen backbone (``gram_teacher.backbone(images, is_training=True)``, its
+    ``x_norm_patchtokens``) on the global crops, unmasked, without drop path; here the backbone parameters in
+    ``state.gram_teacher`` on the same global crops as the student (DINOv3's optional larger ``gram_teacher_crops``
+    resized to the student's grid are left out: the crops would have to come from the data pipeline);
+  - loss: ``gram_loss_weight(iteration) * GramLoss(student, teacher)`` added to the total (``losses/gram.py``), its
+    value logged as ``gram_loss`` (and the weight as ``gram_weight``); the token selection ``tokens_used`` (all /
+    masked / unmasked patches, the latter two at batch level as DINOv3 asserts);
+  - Gram teacher: the EMA teacher's backbone copied in at ``start_step`` (DINOv3's ``it_load_ema_teacher``: before
+    that iteration; 0: the initial teacher, which is the initial student) and after the update of every iteration
+    ``losses.gram.refresh_after`` names (``it_first_update``, ``update_frequency``, ``max_updates``), inside the
+    jitted step with ``jnp.where`` (applied as the next iteration starts: ``GramAnchor.current``): no host round
+    trip, and a resumed run refreshes exactly as an uninterrupted one
+    (the snapshot is part of the checkpointed state). Before ``start_step`` the term's weight is 0 (DINOv3 refuses
+    to run without an initialised Gram teacher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from simdino_jax import schedules
+from simdino_jax.losses import gram as gram_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class GramAnchor:
+  """The Gram term of one config (``make``); ``groups`` (the batch-level Gram's row groups: the data-parallel
+  devices, as DINOv3's per-GPU batch) is set on the mesh by ``train.setup.make_step``."""
+
+  backbone_graphdef: nnx.GraphDef
+  weight_fn: Callable
+  start_step: int
+  first_refresh: int
+  refresh_every: int
+  max_refreshes: int
+  normalize: bool
+  img_level: bool
+  negatives: str
+  tokens_used: str
+  groups: int = 1
+
+  def init(self, variables: nnx.State) -> nnx.State:
+    """The Gram teacher at initialisation: the backbone part of the (teacher) network's state."""
+    return jax.tree_util.tree_map(jnp.copy, variables["backbone"])
+
+  def teacher_patches(self, params: nnx.State, glob: jax.Array) -> jax.Array:
+    """The Gram teacher's normed patch tokens (B*Mg, N, D) of the global crops (B, Mg, H, W, 3), unmasked, no drop
+    path; no gradient."""
+    net = nnx.merge(self.backbone_graphdef, params, copy=True)
+    flat = glob.reshape((glob.shape[0] * glob.shape[1],) + glob.shape[2:])  # image-major, batch axis outermost
+    return jax.lax.stop_gradient(net(flat, key=None)["patch"])
+
+  def term(
+    self, student: jax.Array, teacher: jax.Array, masks: jax.Array | None, step: jax.Array
+  ) -> tuple[jax.Array, dict]:
+    """(weight(step) x GramLoss, {"gram_loss", "gram_weight"}) of the student's patch tokens (B*Mg, N, D) against
+    the Gram teacher's; ``masks`` (B, Mg, N) the student's block masks (for ``tokens_used``)."""
+    mask = None
+    if self.tokens_used != "all":
+      mask = masks.reshape(student.shape[:2])
+      mask = mask if self.tokens_used == "masked" else jnp.logical_not(mask)
+    loss = gram_lib.gram_loss(
+      student,
+      teacher,
+      normalize=self.normalize,
+      img_level=self.img_level,
+      negatives=self.negatives,
+      groups=self.groups,
+      mask=mask,
+    )
+    weight = jnp.where(step >= self.start_step, self.weight_fn(step), 0.0).astype(jnp.float32)
+    return weight * loss, {"gram_loss": loss, "gram_weight": weight}
+
+  def due(self, step: jax.Array) -> jax.Array:
+    """Whether the Gram teacher takes the EMA teacher's backbone after the update of iteration ``step``."""
+    due = jnp.asarray(step + 1 == self.start_step)  # loaded before iteration start_step (never for start 0)
+    if self.refresh_every > 0:
+      due = due | gram_lib.refresh_after(
+        step, first=self.first_refresh, every=self.refresh_every, max_updates=self.max_refreshes
+      )
+    return due
+
+  def current(self, step: jax.Array, teacher: nnx.State, gram_teacher: Any) -> Any:
+    """The Gram teacher iteration ``step`` uses (and stores): the EMA teacher's backbone as iteration ``step - 1``
+    left it (``teacher``, the state's) when a refresh was ``due`` after ``step - 1``, else ``gram_teacher``.
+
+    Taken at the start of the next iteration from the stored teacher rather than at the end of the refreshing one:
+    the same snapshot, but a bitwise copy of the stored arrays (at the end, XLA CPU fused a recomputation of the EMA
+    into the copy, one ulp off the stored teacher, optimization barriers being removed before fusion)."""
+    due = (step >= 1) & self.due(step - 1)
+    if self.start_step == 0:  # the initial teacher: init's copy (bitwise the same arrays at step 0)
+      due = due | (step == 0)
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(due, new, old), teacher["backbone"], gram_teacher)
+
+
+def weight_schedule(config, total_steps: int) -> schedules.Schedule:
+  """``gram.weight`` throughout, or DINOv3's ``loss_weight_schedule`` (linear_warmup_cosine_decay) from the 5-tuple
+  ``gram.weight_schedule`` = (start, peak, end, warmup steps, cosine steps), ``end`` after it."""
+  g = config.gram
+  if not g.weight_schedule:
+    return schedules.constant(float(g.weight))
+  start, peak, end, warmup, cosine = g.weight_schedule
+  total = max(int(total_steps), int(warmup) + int(cosine))  # the constant tail past the run's end changes nothing
+  return schedules.linear_warmup_cosine_constant(float(start), float(peak), float(end), int(warmup), total, int(cosine))
+
+
+def make(config, backbone_graphdef: nnx.GraphDef, total_steps: int) -> GramAnchor | None:
+  """The config's ``GramAnchor``, or None when ``gram.enabled`` is False (the step and state are then unchanged)."""
+  g = config.gram
+  if not g.enabled:
+    return None
+  return GramAnchor(
+    backbone_graphdef=backbone_graphdef,
+    weight_fn=weight_schedule(config, total_steps),
+    start_step=int(g.start_step),
+    first_refresh=int(g.first_refresh),
+    refresh_every=int(g.refresh_every),
+    max_refreshes=int(g.max_refreshes),
+    normalize=bool(g.normalize),
+    img_level=bool(g.img_level),
+    negatives=str(g.negatives),
+    tokens_used=str(g.tokens_used),
+  )
