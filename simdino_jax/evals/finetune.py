@@ -56,7 +56,8 @@ and a new ``Linear(width, classes)``: on the final-normed cls token ("cls"), or 
 (modeling_finetune.py:307-308,366-372; registers are not averaged). Loss: timm's LabelSmoothingCrossEntropy (mean
 over the batch). Training views: RandomResizedCrop (scale (0.08, 1), bicubic) + horizontal flip (timm's
 transforms_imagenet_train), or for images of at most 32 px RandomCrop(size, padding=4) + flip (rcf.py:272-276,
-eval_cls.py:329-333); validation: resize (x 256 / 224, bicubic) + centre crop (rcf.py:279-294), none at <= 32 px.
+eval_cls.py:329-333; ``crop_padding``); validation: resize (x 256 / 224; BEiT bilinear, rcf.py:279-294, DeiT bicubic,
+eval_cls.py:336-346) + centre crop, none at <= 32 px.
 ImageNet mean / std (run.sh passes --imagenet_default_mean_and_std; eval_cls.py:345). Every epoch is a fresh
 permutation, the last partial batch dropped (drop_last=True, rcf.py:351, eval_cls.py:585); steps per epoch =
 len(train) // batch (rcf.py:540).
@@ -142,6 +143,7 @@ RECIPE_DEFAULTS = {
     head_init_scale=0.001,
     ema_decay=0.0,
     hflip=0.5,
+    crop_padding=4,
     auto_augment="rand-m9-mstd0.5-inc1",
     reprob=0.25,
   ),
@@ -165,13 +167,14 @@ RECIPE_DEFAULTS = {
     head_init_scale=1.0,
     ema_decay=0.0,
     hflip=0.5,
+    crop_padding=4,
     auto_augment="rand-m9-mstd0.5-inc1",
     reprob=0.25,
   ),
 }
 # Fields whose value means "the recipe's": numbers at -1 (0 is meaningful for them), the rest at 0 / "".
 _MINUS_ONE = ("min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "layer_decay", "drop_path", "smoothing")
-_MINUS_ONE += ("mixup", "cutmix", "head_init_scale", "ema_decay", "hflip", "reprob")
+_MINUS_ONE += ("mixup", "cutmix", "head_init_scale", "ema_decay", "hflip", "reprob", "crop_padding")
 _ZERO = ("epochs", "batch_size", "lr", "lr_scaling", "schedule", "pooling", "auto_augment")
 
 
@@ -380,10 +383,11 @@ def train_view(
   size: int,
   hflip: float = 0.5,
   rand_augment: randaugment.RandAugmentConfig | None = None,
+  padding: int = 4,
 ) -> np.ndarray:
-  """timm's training view without RandAugment / erasing: RandomResizedCrop(size, scale (0.08, 1), bicubic, PIL) or at
-  <= 32 px RandomCrop(size, padding=4) (module docstring), then a horizontal flip with probability ``hflip``; uint8
-  (size, size, 3)."""
+  """timm's training view without erasing: RandomResizedCrop(size, scale (0.08, 1), bicubic, PIL) or at <= 32 px
+  RandomCrop(size, padding=``padding``) (the recipes' 4, meant for CIFAR's 32 px; module docstring), then a
+  horizontal flip with probability ``hflip``, then RandAugment; uint8 (size, size, 3)."""
   image = augment.to_uint8(image)
   if size > 32:
     top, left, h, w = augment.rrc_params(
@@ -395,7 +399,7 @@ def train_view(
   else:
     if image.shape[:2] != (size, size):  # the official assumes CIFAR's 32 px; other small images: resized to it first
       image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
     top = int(rng.integers(0, padded.shape[0] - size + 1))
     left = int(rng.integers(0, padded.shape[1] - size + 1))
     x = padded[top : top + size, left : left + size]
@@ -406,10 +410,20 @@ def train_view(
   return np.ascontiguousarray(x)
 
 
-def eval_view(image, size: int) -> np.ndarray:
-  """Resize (size x 256 / 224, bicubic) + centre crop, or at <= 32 px the image as is (a smaller or larger one:
-  its shorter side resized to ``size``, then centre-cropped, as ``train_view`` resizes it)."""
-  return linear_dino.eval_view(image, size, size if size <= 32 else int(size * 256 / 224))
+def eval_view(image, size: int, bilinear: bool = False) -> np.ndarray:
+  """Resize of the shorter side + centre crop, or at <= 32 px the image as is (a smaller or larger one: its shorter
+  side resized to ``size``, then centre-cropped, as ``train_view`` resizes it). BEiT's script resizes to
+  int(size / (224 / 256)) with torchvision's ``interpolation=2``, PIL's BILINEAR (rcf.py:281-289: ``bilinear``);
+  DeiT's to int(256 / 224 x size), bicubic (eval_cls.py:337-341)."""
+  if size <= 32 or not bilinear:
+    return linear_dino.eval_view(image, size, size if size <= 32 else int(256 / 224 * size))
+  image = augment.to_uint8(image)
+  h, w = image.shape[:2]
+  short = int(size / (224 / 256))
+  new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # (width, height); long truncated
+  x = np.asarray(Image.fromarray(image).resize(new, Image.BILINEAR))
+  top, left = int(round((x.shape[0] - size) / 2.0)), int(round((x.shape[1] - size) / 2.0))
+  return augment.normalize(x[top : top + size, left : left + size])
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -478,7 +492,8 @@ class FinetuneEvaluator(runner.Evaluator):
   # steps between checkpoints (validations and the end always save). log_every: steps between progress lines.
   # image_size: 0 = the run's eval image size. metric: what ``accuracy`` reports. mixup_cutmix: timm's Mixup with
   # the recipe's mixup / cutmix alphas (False: label smoothing alone); auto_augment: "" the recipe's RandAugment,
-  # "none" off, or a timm "rand-..." string; reprob: random-erasing probability (0 off); hflip: flip probability.
+  # "none" off, or a timm "rand-..." string; reprob: random-erasing probability (0 off); hflip: flip probability;
+  # crop_padding: RandomCrop's zero padding at <= 32 px (0: no shift; the recipes' 4 is 1/8 of CIFAR's 32 px).
   DEFAULTS = dict(
     recipe="beit",
     size="",
@@ -501,6 +516,7 @@ class FinetuneEvaluator(runner.Evaluator):
     auto_augment="",
     reprob=-1.0,
     hflip=-1.0,
+    crop_padding=-1,
     pooling="",
     head_init_scale=-1.0,
     ema_decay=-1.0,
@@ -646,9 +662,13 @@ class FinetuneEvaluator(runner.Evaluator):
       lambda: jax.jit(eval_fn, in_shardings=(rep, bsh), out_shardings=bsh),
     )
 
+    bilinear = c.recipe == "beit"  # the validation resize of each script (eval_view)
+
     def validate(step: int) -> dict:
       p = (state["params"], state["ema"] if ema else None)
-      outs, labels = ctx.extract(p, test_src, evaluate, image_size=size, transform=lambda im: eval_view(im, size))
+      outs, labels = ctx.extract(
+        p, test_src, evaluate, image_size=size, transform=lambda im: eval_view(im, size, bilinear)
+      )
       h = {"step": step, "epoch": step / spe, **scores(outs["logits"], labels)}
       if ema:
         h.update({f"ema_{k}": v for k, v in scores(outs["ema_logits"], labels).items()})
@@ -688,7 +708,8 @@ class FinetuneEvaluator(runner.Evaluator):
 
         def one(index):
           ex = train_src[int(index)]
-          view = train_view(ex["image"], example_rng(config.seed, epoch, int(index)), size, r["hflip"], ra_cfg)
+          rng = example_rng(config.seed, epoch, int(index))
+          view = train_view(ex["image"], rng, size, r["hflip"], ra_cfg, padding=r["crop_padding"])
           return view, int(ex["label"])
 
         return [pool.submit(one, j) for j in idx]
@@ -795,6 +816,11 @@ class FinetuneEvaluator(runner.Evaluator):
     require(cfg.ema_decay == -1 or 0 <= cfg.ema_decay < 1, f"{field}.ema_decay", "must be in [0, 1) or -1")
     require(cfg.smoothing == -1 or 0 <= cfg.smoothing < 1, f"{field}.smoothing", "must be in [0, 1) or -1")
     require(cfg.hflip == -1 or 0 <= cfg.hflip <= 1, f"{field}.hflip", "must be in [0, 1] or -1 (the recipe's 0.5)")
+    require(
+      isinstance(cfg.crop_padding, int) and cfg.crop_padding >= -1,
+      f"{field}.crop_padding",
+      f"must be >= 0 or -1 (the recipe's 4), got {cfg.crop_padding!r}",
+    )
     size = cfg.image_size or runner.eval_image_size(config)
     require(size % patch == 0, f"{field}.image_size", f"{size} is not a multiple of the patch size {patch}")
     batch = cfg.batch_size or RECIPE_DEFAULTS[cfg.recipe]["batch_size"]
