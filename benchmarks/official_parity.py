@@ -115,6 +115,20 @@ BF16_LOSS_TOL, BF16_UPDATE_TOL = 1e-3, 0.1  # dino, 3 steps: 7.5e-5, 3.6e-2
 OFFICIAL_EPS = 0.05  # SimDINO README --eps (official eps = paper eps**2)
 
 
+def enable_float64() -> None:
+  """--float64: jax x64, and ``jnp.float32`` replaced by ``jnp.float64`` before simdino_jax is imported, so that every
+  explicit float32 in the package (parameters, BatchNorm statistics, losses, schedules, default dtype arguments)
+  is float64. A diagnostic of the harness only: it tells float32 rounding noise amplified by training from a
+  semantic difference (the two sides then agree to ~1e-12 per step if the computations are the same)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  if any(m.startswith("simdino_jax") for m in sys.modules):
+    error("--float64 must take effect before simdino_jax is imported")
+  jax.config.update("jax_enable_x64", True)
+  jnp.float32 = jnp.float64
+
+
 def error(msg: str) -> None:
   print(f"official_parity.py: error: {msg}", file=sys.stderr, flush=True)
   raise SystemExit(2)
@@ -620,6 +634,7 @@ def run_official_v1(
   niter,
   ours: Ours | None = None,
   draws: DropPathDraws | None = None,
+  float64: bool = False,
 ) -> dict:
   """SimDINO v1 / DINO v1 from the clone: the official objects and train_one_epoch, from our weights.
 
@@ -695,6 +710,9 @@ def run_official_v1(
     return utils.MultiCropWrapper(backbone, head)
 
   student, teacher = network(True), network(False)
+  if float64:  # --float64: the official networks (before our float64 weights load), loss and images in double
+    student.double()
+    teacher.double()
   student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in student_sd.items()}, strict=True)
   teacher.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in teacher_sd.items()}, strict=True)
   for param in teacher.parameters():
@@ -765,7 +783,12 @@ def run_official_v1(
     enable_logging=False,
   )
 
+  if float64:
+    loss_module.double()
+    patches.append("--float64: student, teacher, loss module (its centre) and images cast to torch.float64")
   images = [to_official_images(b, torch) for b in batches[:steps]]
+  if float64:
+    images = [[c.double() for c in crops] for crops in images]
   result = {"patches": patches, "official_commit": git_commit(official_repo), "losses": []}
 
   def named(module):
@@ -981,7 +1004,23 @@ def main(argv=None):
     help="write both sides' final student / teacher parameters (official "
     "names) to this .npz, for looking into a divergence",
   )
+  parser.add_argument(
+    "--float64",
+    action="store_true",
+    help="diagnostic: both sides in double precision (ours: jax x64 with jnp.float32 mapped to float64 before "
+    "simdino_jax is imported; official: .double()), to tell float32 rounding from a semantic difference",
+  )
+  parser.add_argument(
+    "--official_float32_vs_float64",
+    action="store_true",
+    help="diagnostic (dino): the OFFICIAL trainer alone, run twice from our initial weights on our batches, in "
+    "float32 and in float64; reports how far its own float32 run ends from its float64 run (the float32 bound)",
+  )
   args = parser.parse_args(argv)
+  if args.official_float32_vs_float64 and (args.method != "dino" or args.float64 or args.dtype != "float32"):
+    error("--official_float32_vs_float64: implemented for --method dino without --float64 / --dtype")
+  if args.float64 and (args.method != "dino" or args.dtype != "float32" or args.drop_path > 0):
+    error("--float64: implemented for --method dino in float32 without --drop_path")
   if args.arch != "vit" and (args.method != "dino" or args.drop_path > 0 or args.dtype != "float32"):
     error(f"--arch {args.arch}: implemented for --method dino in float32 without --drop_path")
   repo = resolve_repo(args.method, args.official_repo)
@@ -993,6 +1032,8 @@ def main(argv=None):
 
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity: no reduced-precision passes
+  if args.float64:
+    enable_float64()
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   v2 = None
@@ -1025,6 +1066,26 @@ def main(argv=None):
   batches = make_batches(ours.setup, args.steps)
   student_sd, teacher_sd = ours.torch_state("student"), ours.torch_state("teacher")
 
+  if args.official_float32_vs_float64:
+    runs = {}
+    for wide in (False, True):
+      runs[wide] = run_official_v1(
+        args.method, config, student_sd, teacher_sd, batches, args.steps, repo, args.threads,
+        epochs=epochs, niter=niter, float64=wide,
+      )  # fmt: skip
+    out = {"method": args.method, "steps": args.steps, "arch": args.arch, "compared": "official float32 vs float64"}
+    out.update(loss_agreement(runs[False]["losses"], runs[True]["losses"]))
+    for which, init in (("student", student_sd), ("teacher", teacher_sd)):
+      f32, f64 = runs[False][which], runs[True][which]
+      out[f"{which}_param_rel_diff"], out[f"{which}_worst_leaf"] = max_leaf_diff(params_only(f32), params_only(f64))
+      out[f"{which}_update_rel_diff"] = update_rel_diff(params_only(f32), params_only(f64), params_only(init))
+      stats = [k for k in f64 if k.rsplit(".", 1)[-1] in BN_BUFFERS]
+      if stats:
+        out[f"{which}_bn_stats_rel_diff"] = max_leaf_diff({k: f32[k] for k in stats}, {k: f64[k] for k in stats})[0]
+    out["losses_float32"], out["losses_float64"] = runs[False]["losses"], runs[True]["losses"]
+    out["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(out), flush=True)
+    return out
   if v2 is None:
     off = run_official_v1(
       args.method,
@@ -1039,6 +1100,7 @@ def main(argv=None):
       niter=niter,
       ours=ours,
       draws=draws,
+      float64=args.float64,
     )
     lockstep = off.pop("lockstep")
     losses_ours = [row["loss_ours"] for row in lockstep]
@@ -1135,7 +1197,7 @@ def main(argv=None):
       "head": f"{config.head.hidden_dim}/{config.head.out_dim}",
       "epochs": epochs,
       "niter_per_ep": niter,
-      "dtype": config.model.dtype,
+      "dtype": "float64 (--float64)" if args.float64 else config.model.dtype,
       "prototypes": config.head.num_prototypes if ours.method.prototypes else None,
     },
   }

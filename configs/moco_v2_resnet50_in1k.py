@@ -13,9 +13,8 @@ at T = 0.2; the --cos schedule lr x 0.5 (1 + cos(pi epoch / epochs)), no warm-up
 scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, PIL Gaussian blur radius U(0.1, 2) with
 p 0.5, horizontal flip, no solarisation. Here: the same values; lr 0.03 x B/256 (the README's linear scaling for
 other batches), cosine per step to 0 instead of per epoch, and BatchNorm over the whole global batch (SyncBN) instead
-of per-GPU BN with shuffled keys (methods/moco.py says what that changes). One difference this file cannot remove:
-torch.optim.SGD decays every parameter (BN and biases included), optim.py's SGD decays the weights only (DINO's
-regularised group), as the recipes DINO's ResNet runs use.
+of per-GPU BN with shuffled keys (methods/moco.py says what that changes). torch.optim.SGD(model.parameters())
+decays every parameter, BN and biases included: ``optim.weight_decay_all`` (DINO's recipes decay the weights only).
 
 Runtime: ResNet-50 forward 4.1 GFLOP at 224 px; student forward + backward on 2 crops and teacher forward on 2:
 ~33 GFLOP per image, 8.5e18 FLOP for 200 epochs, about a day on 8 H200s or less; host decoding of 2 crops per image
@@ -50,6 +49,7 @@ def get_config(arg=None):
   c.optim.lr = 0.03  # per 256 images
   c.optim.min_lr = 0.0
   c.optim.weight_decay = c.optim.weight_decay_end = 1e-4
+  c.optim.weight_decay_all = True  # SGD(model.parameters(), weight_decay=1e-4): BN and biases decayed too
   c.optim.clip_grad = 0.0  # no clipping
   c.eval.batch_size = 1024
   return c

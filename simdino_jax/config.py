@@ -209,6 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9  # sgd / lars momentum (main_dino.py's SGD(momentum=0.9), LARS's default 0.9)
   c.optim.lars_eta = 0.001  # LARS trust coefficient eta (DINO utils.LARS / BYOL / SwAV's LARC: 0.001)
   c.optim.lars_exclude_1d = True  # DINO's LARS: 1-D tensors (biases, norm/BN scales) not rescaled; False: every tensor
+  c.optim.weight_decay_all = False  # True: decay every parameter (torch.optim.SGD(model.parameters()): MoCo, SwAV)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.momentum = 0.996

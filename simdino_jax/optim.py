@@ -47,7 +47,12 @@ def decays(name: str, leaf: Any) -> bool:
   return True
 
 
-def weight_decay_mask(params: Any) -> Any:
+def weight_decay_mask(params: Any, decay_all: bool = False) -> Any:
+  """The decayed leaves: DINO's regularised group (``decays``), or with ``decay_all`` every leaf, as
+  ``torch.optim.SGD(model.parameters(), weight_decay=wd)`` in MoCo's main_moco.py and SwAV's main_swav.py (biases
+  and BatchNorm scales included; ``config.optim.weight_decay_all``)."""
+  if decay_all:
+    return jax.tree_util.tree_map(lambda _: True, params)
   return map_with_name(decays, params)
 
 
@@ -200,6 +205,10 @@ def make_optimizer(
   if freeze_mode not in FREEZE_MODES:
     raise ValueError(f"config.optim.freeze_mode must be one of {FREEZE_MODES}, got {freeze_mode!r}")
   starts = freeze_starts(params, freezes) if freezes and freeze_mode == "drop_grads" else None
+  decay_all = optim_cfg.get("weight_decay_all", False)
+  if not isinstance(decay_all, bool):
+    raise ValueError(f"config.optim.weight_decay_all must be True or False, got {decay_all!r}")
+  decayed = weight_decay_mask(params, decay_all)
   name = optim_cfg.get("name", "adamw")
   if name == "adamw":
     if starts is not None:
@@ -208,14 +217,14 @@ def make_optimizer(
       adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.adam_eps)
     parts += [
       adam,
-      optax.add_decayed_weights(wd, mask=weight_decay_mask(params)),
+      optax.add_decayed_weights(wd, mask=decayed),
       optax.scale_by_learning_rate(lr),
     ]
   elif name in ("sgd", "lars"):
     # Coupled decay (added to the gradient before the momentum), as torch.optim.SGD and DINO's LARS. For LARS the
     # decayed set is weight_decay_mask (DINO's regularised group: no bias, no 1-D tensor), which is also the set
     # LARS itself decays (p.ndim != 1), as every bias is 1-D.
-    parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask(params)))
+    parts.append(optax.add_decayed_weights(wd, mask=decayed))
     if name == "lars":
       exclude = optim_cfg.get("lars_exclude_1d", True)
       adapts = map_with_name(lars_adapts if exclude else (lambda name, leaf: True), params)
