@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "simdino"
   c.seed = 0
   c.batch_size = 512  # global, over all devices and processes
+  # Gradient accumulation (train/accumulation.py, docs/training.md#gradient-accumulation): the batch as K micro-batches
+  # of batch_size / K in the jitted step, one update per step; K = 1: the plain step.
+  c.accumulation_steps = 1
+  c.accumulation_mode = "micro"  # micro: batch statistics per micro-batch (a K-device run); exact: the whole batch's
   # Durations: steps win when > 0, else epochs x (train examples // batch_size).
   c.total_steps = 0
   c.total_epochs = 100
@@ -453,6 +457,7 @@ def validate(
   )
   _validate_eval(config, patch, depth=backbone_kwargs(config.model)["depth"], num_devices=num_devices)
   _validate_gram(config)
+  _validate_accumulation(config, num_devices)
 
 
 GRAM_METHODS = ("simdino", "simdinov2", "dinov2", "ibot_vmf")  # config.gram: the methods with patch features
@@ -485,6 +490,65 @@ def _validate_gram(config: ml_collections.ConfigDict) -> None:
     )
   for field in ("start_step", "first_refresh", "refresh_every", "max_refreshes"):
     require(int(g[field]) == g[field] >= 0, f"gram.{field}", f"must be an integer >= 0, got {g[field]}")
+
+
+ACCUMULATION_MODES = ("micro", "exact")  # config.accumulation_mode (train/accumulation.py)
+ACCUMULATION_QUEUES = ("moco_v2", "swav")  # a queue of the batch's keys: K micro-batch enqueues cannot be averaged
+EXACT_ACCUMULATION_METHODS = ("simdino", "simdinov2", "dino", "dinov2")  # losses of per-row, batch-first outputs
+
+
+def _validate_accumulation(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """config.accumulation_steps / accumulation_mode: the micro-batches split every device's rows evenly, and the
+  batch-level terms the chosen mode handles (train/accumulation.py)."""
+  k, mode = config.get("accumulation_steps", 1), config.get("accumulation_mode", "micro")
+  require(isinstance(k, int) and k >= 1, "accumulation_steps", f"must be an integer >= 1, got {k!r}")
+  _one_of(mode, ACCUMULATION_MODES, "accumulation_mode")
+  if k == 1:
+    return
+  require(
+    config.batch_size % (k * num_devices) == 0,
+    "accumulation_steps",
+    f"{k} micro-batches do not split each of the {num_devices} devices' {config.batch_size // num_devices} "
+    f"examples evenly (batch_size={config.batch_size})",
+  )
+  require(
+    config.method not in ACCUMULATION_QUEUES,
+    "accumulation_steps",
+    f"method {config.method!r} enqueues the batch's keys once per step; accumulation is not built for it",
+  )
+  for block in ("distill", "gram"):
+    require(
+      not config.get(block, {}).get("enabled", False),
+      "accumulation_steps",
+      f"does not combine with config.{block}.enabled yet (the accumulated step has no {block} path)",
+    )
+  micro = config.batch_size // k
+  if mode == "exact":
+    require(
+      config.method in EXACT_ACCUMULATION_METHODS,
+      "accumulation_mode",
+      f"'exact' is built for {', '.join(EXACT_ACCUMULATION_METHODS)}, got {config.method!r}; use 'micro'",
+    )
+    require(
+      config.model.get("arch", "vit") == "vit",
+      "accumulation_mode",
+      f"'exact' needs per-row network outputs; {config.model.arch!r} has BatchNorm: use 'micro'",
+    )
+    return
+  # micro: every per-batch group of the loss lies inside one micro-batch
+  if config.method in ("simdino", "simdinov2"):
+    require(
+      micro % config.loss.groups == 0,
+      "loss.groups",
+      f"{config.loss.groups} must divide the micro-batch of {micro} (batch_size / accumulation_steps)",
+    )
+  if config.method in ("dino", "dinov2") and config.dino.koleo_weight > 0:
+    groups = config.dino.get("koleo_groups", 0) or num_devices
+    require(
+      micro % groups == 0 and micro // groups >= 2,
+      "dino.koleo_groups",
+      f"{groups} groups must split the micro-batch of {micro} (batch_size / accumulation_steps) into >= 2 rows each",
+    )
 
 
 # Evaluators that read only the backbone's pooled feature ("cls"): the ones a ResNet backbone can run.

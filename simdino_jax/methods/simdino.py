@@ -54,6 +54,8 @@ def simdino_gamma(config, *, masked: bool | None = None) -> float:
     masked = config.method == SIMDINOV2.name
   loss_cfg = config.loss
   rows = config.batch_size // loss_cfg.groups
+  if config.get("accumulation_mode", "micro") == "micro":  # each covariance then holds one micro-batch's rows
+    rows //= config.get("accumulation_steps", 1)
   dim = config.head.out_dim
   views = config.data.num_global + config.data.num_local
   rule = loss_cfg.gamma_rule

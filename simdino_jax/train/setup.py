@@ -50,6 +50,7 @@ from simdino_jax.data.multicrop import MultiCropConfig
 from simdino_jax.errors import ConfigError
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs, compute_dtype, eval_backbone_graphdef
+from simdino_jax.train import accumulation
 from simdino_jax.train import gram as gram_lib
 from simdino_jax.train.state import TrainState
 from simdino_jax.train.step import make_train_step, split_params
@@ -262,6 +263,26 @@ def make_step(
     cast_params=param_cast(setup, mesh, shardings),
     gram=None if setup.gram is None else dataclasses.replace(setup.gram, groups=mesh.size),  # per-device Grams
   )
+  k = config.get("accumulation_steps", 1)
+  if k > 1:  # gradient accumulation (train/accumulation.py); config.py refuses it with distill / gram
+    step = accumulation.make_accumulated_train_step(
+      setup.graphdef,
+      setup.loss_fn,
+      setup.tx,
+      steps=k,
+      mode=config.accumulation_mode,
+      lr_fn=setup.lr_fn,
+      wd_fn=setup.wd_fn,
+      momentum_fn=setup.momentum_fn,
+      mask_positions=setup.mask_positions,
+      mask_groups=mesh.size,
+      # One micro-batch holds batch_size / (shards x K) rows of each shard: the budget of mesh.size x K shards.
+      mask_tokens=methods.masked_token_budget(config, host_batch=config.batch_size, shards=mesh.size * k)
+      if pack_masks
+      else None,
+      augment=device_augment.make_batch_augment(setup.multicrop) if config.data.augment_mode == "device" else None,
+      cast_params=param_cast(setup, mesh, shardings),
+    )
   return jax.jit(
     step,
     in_shardings=(shardings, sharding.batch_sharding(mesh)),
