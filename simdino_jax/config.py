@@ -220,6 +220,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.momentum_end = 1.0
   c.teacher.self_distillation = True  # False: the teacher is the current student at every step (paper's ablation)
 
+  # Distillation (train/distill.py, docs/training.md#distillation): a frozen teacher's outputs are the targets of a
+  # smaller student; state.teacher stays the student's EMA (what the evaluators read), as DINOv2 / DINOv3 distil.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.enabled = False  # True: distil from distill.teacher
+  c.distill.teacher = ""  # a workdir / checkpoint dir of ours (its EMA teacher), an export with heads, official weights
+  c.distill.teacher_config = ""  # the teacher's model + head blocks when the file has none: configs/*.py or .json
+  c.distill.mask_student = False  # masked methods: False = unmasked student crops, patch loss kept (DINOv3's code)
+
   # Gram anchoring (DINOv3; train/gram.py, docs/methods.md#gram-anchoring-in-training): weight x MSE between the
   # Gram matrices of the student's normed patch tokens of the global crops and a frozen Gram teacher's (a snapshot of
   # the EMA teacher's backbone). Scale-free defaults: DINOv3's ViT-7B values
@@ -456,8 +464,35 @@ def validate(
     "momentum and momentum_end must be in [0, 1]",
   )
   _validate_eval(config, patch, depth=backbone_kwargs(config.model)["depth"], num_devices=num_devices)
+  _validate_distill(config)
   _validate_gram(config)
   _validate_accumulation(config, num_devices)
+
+
+DISTILL_METHODS = ("simdino", "simdinov2", "dino", "dinov2")  # config.distill: the methods with a frozen-teacher path
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+  """config.distill's own fields; what needs the teacher's files (its head, patch size) is train/distill.py's."""
+  dist = config.get("distill")
+  if dist is None or not dist.enabled:
+    return
+  require(
+    isinstance(dist.teacher, str) and bool(dist.teacher),
+    "distill.teacher",
+    "not set: the frozen teacher's workdir, exported file (with --with_head) or official weights",
+  )
+  require(
+    config.method in DISTILL_METHODS,
+    "method",
+    f"distillation (config.distill.enabled) is built for {', '.join(DISTILL_METHODS)}, got {config.method!r}",
+  )
+  require(
+    config.model.get("arch", "vit") == "vit",
+    "model.arch",
+    f"distillation trains ViTs (the step does not run the student's EMA, whose BatchNorm statistics would then never "
+    f"update), got {config.model.arch!r}",
+  )
 
 
 GRAM_METHODS = ("simdino", "simdinov2", "dinov2", "ibot_vmf")  # config.gram: the methods with patch features

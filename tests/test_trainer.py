@@ -98,7 +98,7 @@ def test_every_config_file_is_valid(name):
 
   get_config = runpy.run_path(os.path.join(ROOT, "configs", name))["get_config"]
   # The CIFAR-10 recipes take their data as the argument (no data is read by validation).
-  if name.startswith(("cifar10_", "own_images")):
+  if name.startswith(("cifar10_", "own_images", "distill_")):
     config = get_config("/path/to/cifar10.tar")
   elif name == "dino_appendix.py":  # a row of the CIFAR-10 miniature (tests/test_appendix_rows.py checks every row)
     config = get_config("dino,/path/to/cifar10.tar")

@@ -27,6 +27,8 @@ it, so none can drift from what training runs), as free functions in the style o
   num_local_patches               ... and of a local crop
   mask_positions                  the most masked patches of one global crop (P; 0 without masks)
   eval_batch                      config.eval.batch_size rounded to the devices (``evals.runner.device_batch``)
+  distill_graphdef, distill_config  config.distill: the frozen teacher's graph and network config (None when off;
+                                  its weights are filled into the state by ``train.distill.fill``)
 
 Derived values are computed here and read from here: nothing else recomputes the per-process batch, the patch
 size or the schedules of a run.
@@ -51,6 +53,7 @@ from simdino_jax.errors import ConfigError
 from simdino_jax.evals import runner
 from simdino_jax.models.network import backbone_kwargs, compute_dtype, eval_backbone_graphdef
 from simdino_jax.train import accumulation
+from simdino_jax.train import distill as distill_lib
 from simdino_jax.train import gram as gram_lib
 from simdino_jax.train.state import TrainState
 from simdino_jax.train.step import make_train_step, split_params
@@ -149,11 +152,15 @@ class Setup:
   mask_positions: int
   eval_batch: int
   gram: Any = None  # config.gram's train.gram.GramAnchor (its row groups set on the mesh by make_step); None: off
+  distill_graphdef: nnx.GraphDef | None = None  # config.distill: the frozen teacher's graph; None: off
+  distill_config: Any = None  # config.distill: the frozen teacher's network config (train/distill.teacher_config)
 
 
-def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
+def build(config: ml_collections.ConfigDict, num_train: int, *, distill_source: dict | None = None) -> Setup:
   """The Setup of ``config`` for a training split of ``num_train`` examples. Shapes only: no parameter is
-  initialised (``init_fn`` does that when called), nothing is compiled, no file or data source is touched."""
+  initialised (``init_fn`` does that when called), nothing is compiled, no file or data source is touched (but for
+  config.distill, the frozen teacher's stored config, unless ``distill_source`` gives it: its shapes are part of the
+  state)."""
   method = methods.get_method(config.method)
   d = durations(config, num_train)
   lr_fn = optim.lr_schedule(config.optim, config.batch_size, d.total_steps, d.warmup_steps)
@@ -169,10 +176,16 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
   tx = make_optimizer(config, abstract_params, lr_fn, wd_fn, d.steps_per_epoch)
   backbone_graphdef = nnx.split(abstract.backbone)[0]
   gram = gram_lib.make(config, backbone_graphdef, d.total_steps)
+  distill_config = distill_graphdef = distill_variables = None
+  if config.get("distill") is not None and config.distill.enabled:  # the frozen teacher's network (train/distill.py)
+    distill_config = distill_lib.teacher_config(config, distill_source)
+    distill_graphdef, distill_variables = nnx.split(nnx.eval_shape(lambda: methods.build_network(distill_config)))
 
   def init_fn() -> TrainState:
     variables = nnx.split(methods.build_network(config))[1]  # parameters and (BN) statistics
     extra = {} if gram is None else {"gram_teacher": gram.init(variables)}  # the initial teacher's backbone
+    if distill_variables is not None:  # zeros here; distill.fill loads the teacher on a fresh start
+      extra["distill_teacher"] = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), distill_variables)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       student=variables,
@@ -208,6 +221,8 @@ def build(config: ml_collections.ConfigDict, num_train: int) -> Setup:
     mask_positions=methods.mask_positions(config),
     eval_batch=runner.device_batch(config.eval.batch_size),
     gram=gram,
+    distill_graphdef=distill_graphdef,
+    distill_config=distill_config,
   )
 
 
@@ -233,6 +248,7 @@ def param_cast(setup: Setup, mesh, shardings: TrainState) -> Callable | None:
   if dtype == jnp.float32 or dict(mesh.shape).get(sharding.FSDP_AXIS, 1) <= 1:
     return None
   by_role = {"student": shardings.student, "teacher": shardings.teacher, "gram_teacher": shardings.gram_teacher}
+  by_role["distill_teacher"] = shardings.distill_teacher
   return lambda which, params: sharding.cast_sharded(params, by_role[which], dtype)
 
 
@@ -262,6 +278,8 @@ def make_step(
     augment=device_augment.make_batch_augment(setup.multicrop) if config.data.augment_mode == "device" else None,
     cast_params=param_cast(setup, mesh, shardings),
     gram=None if setup.gram is None else dataclasses.replace(setup.gram, groups=mesh.size),  # per-device Grams
+    distill_graphdef=setup.distill_graphdef,
+    distill_masks=setup.distill_graphdef is not None and config.distill.mask_student,
   )
   k = config.get("accumulation_steps", 1)
   if k > 1:  # gradient accumulation (train/accumulation.py); config.py refuses it with distill / gram

@@ -22,5 +22,7 @@ class TrainState:
   opt_state: Any  # optax state for the student's parameters (not its statistics)
   loss_state: Any  # method-specific state (e.g. DINO centres); {} for SimDINO
   rng: jax.Array  # base PRNG key; step keys are fold_in(rng, step), so a resumed run draws the same noise
+  # config.distill: the frozen teacher's nnx.State (never updated; checkpointed with the state: train/distill.py)
+  distill_teacher: Any = None
   # config.gram: Gram anchoring's frozen snapshot of the EMA teacher's backbone (train/gram.py); None when off
   gram_teacher: Any = None

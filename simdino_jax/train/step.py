@@ -187,6 +187,8 @@ def make_train_step(
   mask_tokens: int | None = None,
   augment: Callable | None = None,
   cast_params: Callable | None = None,
+  distill_graphdef: nnx.GraphDef | None = None,
+  distill_masks: bool = False,
   gram=None,
 ) -> Callable:
   """Build the pure step.
@@ -207,6 +209,11 @@ def make_train_step(
     cast_params: ``cast_params(which, params) -> params`` ("student" / "teacher") applied to the parameters before
       the network uses them (the trainer's bfloat16 cast of fsdp-sharded leaves, so that the all-gathers move
       bfloat16; ``sharding.cast_sharded``). The state, the gradients and the optimizer stay float32.
+    distill_graphdef: config.distill (train/distill.py): the frozen teacher's own network structure. The targets
+      (``teacher_out``) then come from it on ``state.distill_teacher``, which is never updated; ``state.teacher``
+      stays the EMA of the student and is not run (DINOv2/v3 distillation); the collapse monitors read the student.
+    distill_masks: with distill_graphdef, whether the student's global crops are masked (False: DINOv3's
+      distillation, unmasked crops, the patch loss still on the masked positions).
     gram: a ``train.gram.GramAnchor`` (config.gram): its term on the global crops' patch tokens is added to the loss
       and ``state.gram_teacher`` refreshed on its steps; None (default): neither, the step as without it.
   """
@@ -224,11 +231,17 @@ def make_train_step(
     # Parameters and BN statistics apart (split_params): gradients, optimizer and EMA see the parameters only.
     student_params, student_stats = split_params(state.student)
     teacher_params, teacher_stats = split_params(state.teacher)
-    # copy=True: merge would otherwise put the state's own Variables in the network, and a BN layer's in-place update
-    # of its statistics would rewrite ``state`` (which the non-finite rollback below returns).
-    teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher), copy=True)
-    teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, gather=gather))
-    teacher_stats = jax.lax.stop_gradient(network_stats(teacher_net, teacher_stats))  # from its own forward
+    student_masks = masks
+    if distill_graphdef is None:
+      # copy=True: merge would otherwise put the state's own Variables in the network, and a BN layer's in-place
+      # update of its statistics would rewrite ``state`` (which the non-finite rollback below returns).
+      teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher), copy=True)
+      teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, gather=gather))
+      teacher_stats = jax.lax.stop_gradient(network_stats(teacher_net, teacher_stats))  # from its own forward
+    else:  # the frozen teacher's targets; the EMA (a ViT: no statistics) is not run
+      frozen = nnx.merge(distill_graphdef, cast("distill_teacher", state.distill_teacher), copy=True)
+      teacher_out = jax.lax.stop_gradient(forward(frozen, batch, key=None, student=False, gather=gather))
+      student_masks = masks if distill_masks else None
     if gram is not None:  # the snapshot this iteration uses (a refresh due after the previous one taken now)
       gram_params = gram.current(state.step, state.teacher, state.gram_teacher)
       gram_target = gram.teacher_patches(cast("gram_teacher", gram_params), batch["global"])
@@ -238,7 +251,7 @@ def make_train_step(
       # mutate Variables of another trace level; without the copy, merge reuses the statistics' own Variables).
       student_net = nnx.merge(graphdef, cast("student", nnx.merge_state(params, student_stats)), copy=True)
       student_out = forward(
-        student_net, batch, key=key, student=True, masks=masks, gather=gather, keep_patches=gram is not None
+        student_net, batch, key=key, student=True, masks=student_masks, gather=gather, keep_patches=gram is not None
       )
       if mask_positions:
         student_out["patch_mask"] = gather.valid
@@ -247,9 +260,10 @@ def make_train_step(
       if gram is not None:  # DINOv3: the weighted Gram loss joins the total, its value is logged
         term, gram_metrics = gram.term(patches, gram_target, masks, state.step)
         loss, metrics = loss + term, dict(metrics, **gram_metrics)
-      return loss, (metrics, loss_state, network_stats(student_net, student_stats))
+      monitored = None if distill_graphdef is None else student_out["backbone_cls"]  # distilling: the student's
+      return loss, (metrics, loss_state, network_stats(student_net, student_stats), monitored)
 
-    (loss, (metrics, loss_state, new_student_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+    (loss, (metrics, loss_state, new_student_stats, monitored)), grads = jax.value_and_grad(objective, has_aux=True)(
       student_params
     )
     updates, opt_state = tx.update(grads, state.opt_state, student_params)
@@ -275,7 +289,7 @@ def make_train_step(
       wd=wd_fn(state.step),
       momentum=momentum,
       grad_norm=global_norm(grads),
-      **collapse_monitors(teacher_out["backbone_cls"][:, 0]),
+      **collapse_monitors((teacher_out["backbone_cls"] if monitored is None else monitored)[:, 0]),
     )
     return new_state, metrics
 

@@ -60,7 +60,7 @@ from simdino_jax.data import pipeline, sources
 from simdino_jax.errors import NonFiniteLossError, ResumeError
 from simdino_jax.evals import runner
 from simdino_jax.io import checkpointing, restore
-from simdino_jax.train import init_from
+from simdino_jax.train import distill, init_from
 from simdino_jax.train import setup as setup_lib
 from simdino_jax.train.metrics import MetricsLog
 from simdino_jax.train.state import TrainState
@@ -226,7 +226,8 @@ class Trainer:
     self.skipped_local = 0  # undecodable images replaced in the batches used (data/skipped)
 
     self.train_source = sources.from_config(config.data, "train")
-    self.setup = setup_lib.build(config, len(self.train_source))
+    # config.distill: a resumed run reads its frozen teacher's config from its own workdir (train/distill.py).
+    self.setup = setup_lib.build(config, len(self.train_source), distill_source=distill.recorded(self.workdir))
     self.method = self.setup.method
     # One sharding per state leaf (config.sharding.rules) and the target a checkpoint is restored onto.
     self.state_sharding = setup_lib.state_sharding(self.setup, self.mesh)
@@ -314,7 +315,8 @@ class Trainer:
     """(state, step), by precedence: this workdir's newest usable checkpoint; else ``config.resume`` (another run's
     workdir, checkpoints/ directory or checkpoints/<step>: its full state, continuing from its step); else
     ``config.init_from`` (exported weights or a workdir: backbone, and heads whose shapes match, into student and
-    teacher, at step 0 with a fresh optimizer); else the initial state and 0."""
+    teacher, at step 0 with a fresh optimizer); else the initial state and 0. A fresh start with config.distill
+    loads the frozen teacher (train/distill.py); a resumed one restores it with the rest of the state."""
     config = self.config
     self.check_restart(ckpt)
     restored = ckpt.restore_latest(self.abstract_state(), config=checkpointing.config_dict(config))
@@ -332,8 +334,15 @@ class Trainer:
       state = init_from.load(
         config.init_from, self.init_state(), self.setup.tx, self.state_sharding.opt_state, self.log
       )
-      return state, 0
-    return self.init_state(), 0
+      return self.fresh_distill(state), 0
+    return self.fresh_distill(self.init_state()), 0
+
+  def fresh_distill(self, state: TrainState) -> TrainState:
+    """A fresh start's state with config.distill's frozen teacher loaded and its config recorded (train/distill.py);
+    ``state`` itself without distillation."""
+    if self.is_main:
+      distill.record(self.setup, self.workdir)
+    return distill.fill(self.setup, state, self.state_sharding, self.log)
 
   def check_restart(self, ckpt: checkpointing.Checkpointer) -> None:
     """Never resume silently into a divergence: after a run stopped on a non-finite loss (DIR/nonfinite.json), a
