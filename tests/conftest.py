@@ -24,8 +24,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 # The suite's programs are tiny and run a few steps each, so XLA's compile time dominates it: without LLVM's
-# optimisation passes a compilation costs ~40% less CPU (a step ~1.75x more). Subprocesses inherit it; those that set
-# their own XLA_FLAGS (a device count) compile with XLA's default on both sides of their comparison. The whole suite
+# optimisation passes a compilation costs ~40% less CPU (a step ~1.75x more). Subprocesses inherit it, those with a
+# device count of their own through tests/pod.py's env(); test_demo.py alone runs XLA's default, as a user. The suite
 # passes either way (fresh clone, 2 cores: 867 s with it, all 824 passed; SIMDINO_TEST_XLA_OPT=1 keeps the default).
 # Set before jax is imported.
 if os.environ.get("SIMDINO_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(

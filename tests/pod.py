@@ -24,11 +24,23 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def xla_flags(devices: int) -> str:
+  """``devices`` CPU devices, and the suite's XLA optimisation level when the parent has one (conftest.py: compile
+  time dominates the suite's tiny programs), so that every subprocess of a comparison compiles the same way."""
+  opt = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *opt])
+
+
+def env(devices: int = 1, **extra) -> dict:
+  """The environment of a one-process subprocess with ``devices`` CPU devices (``extra`` added)."""
+  return envs(1, devices, **extra)[0]
+
+
 def envs(processes: int, devices_per_process: int = 1, **extra) -> list[dict]:
   """The environment of each process of a pod (``extra`` added to every one); inherited JAX_* pod variables are
   dropped so that a test run inside a pod does not leak them."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", JAX_PLATFORMS="cpu", **extra)
+  env.update(XLA_FLAGS=xla_flags(devices_per_process), JAX_PLATFORMS="cpu", **extra)
   if processes == 1:
     return [env]
   env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))

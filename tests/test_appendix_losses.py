@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pod
 import pytest
 
 from simdino_jax.errors import ConfigError
@@ -298,7 +299,7 @@ def compute_all(batch, rep):
 
 
 def test_two_device_sharded_batch_gives_the_one_device_values():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = pod.env(2)
   out = subprocess.run(
     [sys.executable, "-c", SCRIPT], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )  # a hang guard, not a speed check

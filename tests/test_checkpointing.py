@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pod
 import pytest
 
 from simdino_jax.io import checkpointing
@@ -64,7 +65,7 @@ def cli(workdir):
 @pytest.fixture(scope="module")
 def env():
   # The session's compilation cache (tests/conftest.py) comes with os.environ: the CLI runs compile once.
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+  return pod.env(NUM_DEVICES)
 
 
 @pytest.fixture(scope="module")

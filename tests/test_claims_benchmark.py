@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import claims  # noqa: E402
 import miniature  # noqa: E402
+import pod
 import recipe_transfer  # noqa: E402
 
 from simdino_jax import config as config_lib  # noqa: E402
@@ -114,7 +115,7 @@ def _image_tar(path, splits=("train", "test"), per_class=8, size=40):
 
 
 def _run(script, args, cwd):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = pod.env(1)
   out = subprocess.run(
     [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
     cwd=cwd,

@@ -209,6 +209,12 @@ def test_cifar10_config_trains_two_steps(name, method, tmp_path):
   }[method]
   for key in keys:
     assert all(math.isfinite(r[key]) for r in records), key
+  m = methods.get_method(method)
+  for r in records:  # the collapse monitors every step, and the progress line's terms (but the optional ones)
+    assert 0 <= r["feature_std"] and 1 <= r["effective_rank"] <= c.batch_size + 1e-3
+    assert all(k in r for k in m.progress_line_keys if k not in ("regularizer", "koleo")), (m.progress_line_keys, r)
+    if m.prototypes:
+      assert 0 < r["prototypes_used"] <= c.head.num_prototypes and r["teacher_entropy"] >= 0
   assert 0 <= result["accuracy"] <= 100 and result["step"] == 2
   # The network the official evaluation reads: MoCo's main_lincls.py keeps encoder_q, BYOL's eval_experiment.py the
   # online params; the DINO family (and SwAV's model itself) the teacher.

@@ -15,6 +15,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pod
 import pytest
 from PIL import Image, ImageFilter
 from scipy import stats
@@ -333,7 +334,7 @@ print("OK")
 def test_device_augmentation_of_a_sharded_batch_stays_local_and_does_not_depend_on_the_device_count():
   """Two simulated devices: no collective in the compiled program, the same values as on one device (the keys
   are split from the step key for the global batch); no local crops works too."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = pod.env(2)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pod
 import pytest
 
 from simdino_jax import config as config_lib
@@ -56,7 +57,7 @@ def np_official_koleo(feats, devices):
 
 @pytest.fixture(scope="module")
 def report():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = pod.env(2)
   out = subprocess.run(
     [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )  # a hang guard, not a speed check

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pod
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +83,7 @@ print("REPORT " + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def report():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+  env = pod.env(NUM_DEVICES)
   script = SCRIPT.format(tests=os.path.join(ROOT, "tests"), n=NUM_DEVICES)
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]

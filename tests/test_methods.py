@@ -1,4 +1,4 @@
-"""Every method trains from configs/demo.py; method-specific mechanics (masks, freezing, layer decay, no EMA)."""
+"""Method-specific mechanics on configs/demo.py (masks, freezing, layer decay, no EMA)."""
 
 import json
 import math
@@ -35,27 +35,9 @@ def demo_config(method, **overrides):
   return c
 
 
-# No k-NN evaluation in the training runs below (nothing here reads it): the CIFAR-10 recipes' tests in
-# test_configs_methods.py evaluate the k-NN after every method's training.
+# No k-NN evaluation in the training runs below (nothing here reads it). Every method's training through the
+# trainer, its metrics and progress-line terms: test_configs_methods.py's test_cifar10_config_trains_two_steps.
 NO_KNN = {"evals.knn.at_init": False, "evals.knn.final": False}
-
-
-@pytest.mark.parametrize("method", sorted(methods.METHODS))
-def test_every_method_trains_from_the_demo_config(method, tmp_path):
-  trainer.train(demo_config(method, **NO_KNN), str(tmp_path))
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert len(records) == 3
-  for r in records:
-    assert math.isfinite(r["loss"])
-    assert 0 <= r["feature_std"] and 1 <= r["effective_rank"] <= 16 + 1e-3  # collapse monitors, every step
-  if methods.METHODS[method].prototypes:
-    assert all(0 < r["prototypes_used"] <= 128 and r["teacher_entropy"] >= 0 for r in records)
-  if methods.METHODS[method].uses_masks:
-    assert all(math.isfinite(r.get("patch_align", r.get("ibot_ce", float("nan")))) for r in records)
-  # The progress line shows the method's loss terms: every one it declares is logged (but the optional ones).
-  optional = {"regularizer", "koleo"}  # Table 5 regularizers only / koleo_weight > 0 only
-  for r in records:
-    assert all(k in r for k in methods.METHODS[method].progress_line_keys if k not in optional)
 
 
 @pytest.mark.parametrize("regularizer", ["infonce", "uniformity", "barlow"])

@@ -15,6 +15,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pod
 import pytest
 from flax import nnx
 
@@ -268,7 +269,7 @@ print("REPORT " + json.dumps(dict(one=one, two=two, half=half, stats1=stats1, st
 
 
 def test_two_device_sharded_forward_equals_one_device_syncbn():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = pod.env(2)
   out = subprocess.run(
     [sys.executable, "-c", SHARDED], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )

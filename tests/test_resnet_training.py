@@ -16,6 +16,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pod
 import pytest
 from conftest import make_tiny_config
 from flax import nnx
@@ -225,7 +226,7 @@ print("REPORT " + json.dumps(results))
 
 def test_two_device_sharded_step_equals_the_one_device_step():
   # Global-batch statistics under a sharded batch (an all-reduce: SyncBN), so the 2-device step is the 1-device one.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = pod.env(2)
   out = subprocess.run(
     [sys.executable, "-c", SHARDED], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )

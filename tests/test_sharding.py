@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jax
+import pod
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -129,7 +130,7 @@ print("REPORT " + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+  env = pod.env(NUM_DEVICES)
   script = SCRIPT.format(
     tests=os.path.join(ROOT, "tests"),
     n=NUM_DEVICES,

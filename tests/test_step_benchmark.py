@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pod
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ TINY = [
 
 
 def run(args, tmp_path, devices=1):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = pod.env(devices)
   out = subprocess.run(
     [sys.executable, SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
   )
