@@ -514,7 +514,8 @@ def write_markdown(args, rows, not_run=(), cells=None):
   lines = [
     (
       f"Miniature claims: CIFAR-10, {args.steps} steps of batch 64 per run (batch-size cells: same images), "
-      "teacher k-NN top-1 (k=20, 50k/10k), mean over the seeds shown."
+      "k-NN top-1 (k=20, 50k/10k) of the evaluated network (the teacher; MoCo-v2 / BYOL: the student), mean over the "
+      "seeds shown."
     ),
     "",
     "| table | claim | paper | miniature | agrees? |",
