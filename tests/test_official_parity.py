@@ -210,7 +210,8 @@ def test_dino_resnet_parity_with_the_official_trainer():
   """main_dino.py --arch resnet18 (torchvision's, the smallest architecture it builds) with the README ResNet-50
   recipe's SGD against our ResNet through setup.build + make_step: losses, parameters and BN running statistics.
   Passes at the default 3 steps (update 9.8e-7); at SIMDINO_PARITY_STEPS=20 it fails (BN biases drift, update
-  5.8e-3: docs/parity.md "Known limits"), which is recorded there, not hidden here."""
+  5.8e-3: docs/parity.md "DINO on a ResNet": float32 rounding, the float64 run below agrees to 4e-14), which is
+  recorded there, not hidden here."""
   r = _parity_run("dino", "--arch", "resnet18")
   _assert_parity(r, "dino")
   assert r["preset"]["optimizer"] == "sgd" and r["preset"]["variant"] == "resnet18", r["preset"]
