@@ -260,7 +260,7 @@ SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-sys.path.insert(0, ".")
+sys.path[:0] = [".", "tests"]  # the module imports tests/pod.py
 from tests.test_appendix_losses import sharded_inputs, compute_all
 assert jax.device_count() == 2
 mesh = Mesh(np.array(jax.devices()), ("data",))
