@@ -23,15 +23,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# The suite's programs are tiny and run a few steps each, so XLA's compile time dominates it: without LLVM's
-# optimisation passes a compilation costs ~40% less CPU (a step ~1.75x more). Subprocesses inherit it, those with a
-# device count of their own through tests/pod.py's env(); test_demo.py alone runs XLA's default, as a user. The suite
-# passes either way (fresh clone, 2 cores: 867 s with it, all 824 passed; SIMDINO_TEST_XLA_OPT=1 keeps the default).
-# Set before jax is imported.
-if os.environ.get("SIMDINO_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
-  "XLA_FLAGS", ""
-):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The suite's programs are tiny and run a few steps each, so XLA's compile time dominates it. SUITE_XLA_FLAGS cut a
+# compilation's CPU: without LLVM's optimisation passes ~40% less (a step ~1.75x more); with XLA:CPU's former
+# (non-MLIR) fusion emitters another ~55% (tiny SimDINO / DINO train steps: 4.4 -> 2.0 s and 4.9 -> 2.1 s of CPU, the
+# step itself 11 vs 13 ms; benchmarks are not timed here). Subprocesses inherit them, those with a device count of
+# their own through tests/pod.py's env(); test_demo.py alone runs XLA's defaults, as a user. The suite passes either
+# way (SIMDINO_TEST_XLA_OPT=1 keeps XLA's defaults). Set before jax is imported.
+SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+if os.environ.get("SIMDINO_TEST_XLA_OPT") != "1":
+  _flags = os.environ.get("XLA_FLAGS", "").split()
+  _names = {f.split("=")[0] for f in _flags}
+  os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in SUITE_XLA_FLAGS if f.split("=")[0] not in _names])
 
 
 def make_tiny_config():

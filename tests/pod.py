@@ -25,10 +25,10 @@ def free_port() -> int:
 
 
 def xla_flags(devices: int) -> str:
-  """``devices`` CPU devices, and the suite's XLA optimisation level when the parent has one (conftest.py: compile
-  time dominates the suite's tiny programs), so that every subprocess of a comparison compiles the same way."""
-  opt = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
-  return " ".join([f"--xla_force_host_platform_device_count={devices}", *opt])
+  """``devices`` CPU devices, and the parent's other XLA flags (the suite's compile-time flags, conftest.py), so that
+  every subprocess of a comparison compiles the same way."""
+  rest = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *rest])
 
 
 def env(devices: int = 1, **extra) -> dict:

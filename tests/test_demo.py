@@ -16,6 +16,8 @@ import runpy
 import subprocess
 import sys
 
+from conftest import SUITE_XLA_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 150
 
@@ -23,8 +25,8 @@ STEPS = 150
 def test_demo_config_learns_beyond_initialisation(tmp_path):
   config = runpy.run_path(os.path.join(ROOT, "configs", "demo.py"))["get_config"]()
   assert (config.total_steps, config.warmup_steps) == (600, 60)  # the figures above are measured against these
-  # XLA's default optimisation (the suite's --xla_backend_optimization_level=0 dropped), one process, one device.
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_backend_optimization_level" not in f)
+  # XLA's defaults (the suite's compile-time flags dropped, tests/conftest.py), one process, one device.
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in SUITE_XLA_FLAGS)
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   command = [
     sys.executable,
