@@ -43,9 +43,8 @@ from flax import nnx
 from simdino_jax.train.state import TrainState
 from simdino_jax.train.step import (
   _AUGMENT_STREAM,
-  collapse_monitors,
+  apply_update,
   forward,
-  global_norm,
   masked_gather,
   network_stats,
   split_params,
@@ -194,27 +193,21 @@ def make_accumulated_train_step(
 
     loss = jnp.mean(losses)
     metrics = mean0(metrics)  # averages over the micro-batches (exact: K equal values)
-    updates, opt_state = tx.update(grads, state.opt_state, student_params)
-    student = optax.apply_updates(student_params, updates)
-    momentum = momentum_fn(state.step)
-    teacher = optax.incremental_update(student, teacher_params, step_size=1.0 - momentum)
-    student = nnx.merge_state(student, jax.lax.stop_gradient(new_student_stats))
-    teacher = nnx.merge_state(teacher, teacher_stats)
-
-    new_state = state.replace(
-      step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, loss_state=loss_state
-    )
-    finite = jnp.isfinite(loss)  # as make_train_step: a non-finite loss leaves the state untouched
-    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics = dict(
-      metrics,
+    return apply_update(
+      state,
+      grads,
       loss=loss,
-      lr=lr_fn(state.step),
-      wd=wd_fn(state.step),
-      momentum=momentum,
-      grad_norm=global_norm(grads),
-      **collapse_monitors(merge_micro(monitor, groups)),  # over the whole batch's teacher features
+      metrics=metrics,
+      loss_state=loss_state,
+      student_params=student_params,
+      teacher_params=teacher_params,
+      student_stats=new_student_stats,
+      teacher_stats=teacher_stats,
+      tx=tx,
+      momentum_fn=momentum_fn,
+      lr_fn=lr_fn,
+      wd_fn=wd_fn,
+      monitored=merge_micro(monitor, groups),  # over the whole batch's teacher features
     )
-    return new_state, metrics
 
   return train_step

@@ -171,6 +171,53 @@ def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def apply_update(
+  state: TrainState,
+  grads: Any,
+  *,
+  loss: jax.Array,
+  metrics: dict,
+  loss_state: Any,
+  student_params: Any,
+  teacher_params: Any,
+  student_stats: Any,
+  teacher_stats: Any,
+  tx: optax.GradientTransformation,
+  momentum_fn: Callable,
+  lr_fn: Callable,
+  wd_fn: Callable,
+  monitored: jax.Array,
+  **fields,
+) -> tuple[TrainState, dict]:
+  """The end of every train step (plain and accumulated): one optimizer update of the student's parameters, the
+  teacher's EMA, the BN statistics put back, ``fields`` (other TrainState fields) replaced; a non-finite loss leaves
+  the whole state untouched; the step's metrics with the schedules, the gradient norm and the collapse monitors of
+  ``monitored`` (B, D)."""
+  updates, opt_state = tx.update(grads, state.opt_state, student_params)
+  student = optax.apply_updates(student_params, updates)
+  momentum = momentum_fn(state.step)
+  teacher = optax.incremental_update(student, teacher_params, step_size=1.0 - momentum)
+  student = nnx.merge_state(student, jax.lax.stop_gradient(student_stats))
+  teacher = nnx.merge_state(teacher, teacher_stats)
+  new_state = state.replace(
+    step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, loss_state=loss_state, **fields
+  )
+  # A non-finite loss leaves the state untouched, BN statistics included (the trainer stops and names the step),
+  # so the last checkpointable state is the last good one.
+  finite = jnp.isfinite(loss)
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = dict(
+    metrics,
+    loss=loss,
+    lr=lr_fn(state.step),
+    wd=wd_fn(state.step),
+    momentum=momentum,
+    grad_norm=global_norm(grads),
+    **collapse_monitors(monitored),
+  )
+  return new_state, metrics
+
+
 _AUGMENT_STREAM = 0x61756720  # fold_in constant of the on-device augmentation's key ("aug ")
 
 
@@ -266,31 +313,22 @@ def make_train_step(
     (loss, (metrics, loss_state, new_student_stats, monitored)), grads = jax.value_and_grad(objective, has_aux=True)(
       student_params
     )
-    updates, opt_state = tx.update(grads, state.opt_state, student_params)
-    student = optax.apply_updates(student_params, updates)
-    momentum = momentum_fn(state.step)
-    teacher = optax.incremental_update(student, teacher_params, step_size=1.0 - momentum)
-    student = nnx.merge_state(student, jax.lax.stop_gradient(new_student_stats))
-    teacher = nnx.merge_state(teacher, teacher_stats)
-
-    new_state = state.replace(
-      step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, loss_state=loss_state
-    )
-    if gram is not None:
-      new_state = new_state.replace(gram_teacher=gram_params)
-    # A non-finite loss leaves the state untouched, BN statistics included (the trainer stops and names the step),
-    # so the last checkpointable state is the last good one.
-    finite = jnp.isfinite(loss)
-    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics = dict(
-      metrics,
+    return apply_update(
+      state,
+      grads,
       loss=loss,
-      lr=lr_fn(state.step),
-      wd=wd_fn(state.step),
-      momentum=momentum,
-      grad_norm=global_norm(grads),
-      **collapse_monitors((teacher_out["backbone_cls"] if monitored is None else monitored)[:, 0]),
+      metrics=metrics,
+      loss_state=loss_state,
+      student_params=student_params,
+      teacher_params=teacher_params,
+      student_stats=new_student_stats,
+      teacher_stats=teacher_stats,
+      tx=tx,
+      momentum_fn=momentum_fn,
+      lr_fn=lr_fn,
+      wd_fn=wd_fn,
+      monitored=(teacher_out["backbone_cls"] if monitored is None else monitored)[:, 0],
+      **({} if gram is None else {"gram_teacher": gram_params}),
     )
-    return new_state, metrics
 
   return train_step
