@@ -194,6 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr_scaling = "linear_256"
   c.optim.min_lr = 1e-6
   c.optim.warmup_from_min_lr = False
+  c.optim.warmup_start_lr = 0.0  # lr at warm-up step 0 (SwAV's --start_warmup; not rescaled); 0: DINO / DINOv2
   # "linspace" (DINO / DINOv2: base reached at warm-up step W-1) or "step_over_warmup" (the SimDINOv2 fork: at W).
   c.optim.warmup_rule = "linspace"
   c.optim.weight_decay = 0.04
@@ -209,11 +210,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.adam_eps = 1e-8
-  c.optim.name = "adamw"  # main_dino --optimizer: adamw, sgd (torch.optim.SGD), lars (DINO's utils.LARS)
+  c.optim.name = "adamw"  # main_dino --optimizer: adamw, sgd (torch.optim.SGD), lars (DINO's utils.LARS); larc (apex)
   c.optim.momentum = 0.9  # sgd / lars momentum (main_dino.py's SGD(momentum=0.9), LARS's default 0.9)
   c.optim.lars_eta = 0.001  # LARS trust coefficient eta (DINO utils.LARS / BYOL / SwAV's LARC: 0.001)
   c.optim.lars_exclude_1d = True  # DINO's LARS: 1-D tensors (biases, norm/BN scales) not rescaled; False: every tensor
   c.optim.weight_decay_all = False  # True: decay every parameter (torch.optim.SGD(model.parameters()): MoCo, SwAV)
+  c.optim.larc_eps = 1e-8  # apex LARC's eps in eta ||p|| / (||g|| + wd ||p|| + eps) (trust coefficient: lars_eta)
+  c.optim.larc_clip = False  # apex LARC's clip: ratio min(eta ||p|| / (...) / lr, 1); SwAV: False (scaling mode)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.momentum = 0.996
@@ -453,6 +456,20 @@ def validate(
   _one_of(o.get("name", "adamw"), optim.OPTIMIZERS, "optim.name")
   require(0.0 <= o.get("momentum", 0.9) < 1.0, "optim.momentum", f"must be in [0, 1), got {o.get('momentum', 0.9)}")
   require(o.get("lars_eta", 0.001) > 0, "optim.lars_eta", f"must be positive, got {o.get('lars_eta', 0.001)}")
+  start = o.get("warmup_start_lr", 0.0)
+  require(start >= 0, "optim.warmup_start_lr", f"must be >= 0, got {start}")
+  require(
+    not (start > 0 and o.get("warmup_from_min_lr", False)),
+    "optim.warmup_start_lr",
+    f"{start} conflicts with optim.warmup_from_min_lr=True (the warm-up starts at min_lr): set one",
+  )
+  larc_eps, larc_clip = o.get("larc_eps", 1e-8), o.get("larc_clip", False)
+  require(
+    isinstance(larc_eps, (int, float)) and not isinstance(larc_eps, bool) and larc_eps >= 0,
+    "optim.larc_eps",
+    f"must be a number >= 0, got {larc_eps!r}",
+  )
+  require(isinstance(larc_clip, bool), "optim.larc_clip", f"must be True or False, got {larc_clip!r}")
   require(
     0 < o.layer_decay <= 1 and o.patch_embed_lr_mult > 0,
     "optim.layer_decay",

@@ -6,8 +6,13 @@ multiplied by the learning rate). ``sgd``: torch.optim.SGD as DINO's main_dino.p
 value is the first gradient), and the lr multiplies the buffer. ``lars``: DINO's ``utils.LARS`` (the barlowtwins
 LARS): as ``sgd`` with each gradient-plus-decay rescaled by eta ||p|| / ||g + wd p|| before the momentum, except
 the 1-D tensors (biases, norm and BatchNorm scales: ``lars_adapts``), which get neither decay nor rescaling. BYOL's
-optax ``lars`` computes the same update (its exclusion is by name, bias and norm, the same set here); SwAV's apex
-``LARC(clip=False)`` is another variant (eta ||p|| / (||g|| + wd ||p|| + eps), every tensor adapted), not provided.
+optax ``lars`` computes the same update (its exclusion is by name, bias and norm, the same set here). ``larc``:
+apex's ``LARC(SGD)`` as SwAV's main_swav.py builds it (``scale_by_larc``): the gradient of EVERY tensor (1-D biases and
+BatchNorm scales included; only DINO's LARS leaves those out) becomes (g + wd p) x eta ||p|| / (||g|| + wd ||p|| +
+eps), the trust ratio from the raw gradient's norm (LARS: from ||g + wd p||), the decay and the ratio both skipped
+when ||p|| or ||g|| is 0; ``optim.larc_clip`` takes min(ratio / lr, 1) (apex's clip=True) instead. SGD's momentum
+and lr then act on that gradient (LARC sets the inner SGD's weight_decay to 0 during its step); wd is 0 on the leaves
+outside ``weight_decay_mask`` (SwAV decays every one: ``optim.weight_decay_all``).
 The same DINO-family details apply to every optimiser:
   * weight decay follows a cosine schedule (0.04 -> 0.4) and skips biases, norms and LayerScale gammas
     (DINO v1: names ending in bias or any 1-D tensor; DINOv2: names containing bias/norm/gamma; the union of
@@ -27,7 +32,7 @@ import optax
 from simdino_jax import schedules
 from simdino_jax.tree import map_with_name
 
-OPTIMIZERS = ("adamw", "sgd", "lars")  # config.optim.name: main_dino.py's --optimizer choices
+OPTIMIZERS = ("adamw", "sgd", "lars", "larc")  # config.optim.name: main_dino.py's --optimizer choices + SwAV's LARC
 CLIP_MODES = ("per_tensor", "global", "per_module")
 LR_SCALINGS = ("linear_256", "sqrt_1024", "none")  # base lr x batch / 256, x sqrt(batch / 1024), or as given
 # How a frozen leaf (DINO's last layer during the first epoch(s), the weight-norm g with norm_last_layer) is held:
@@ -82,6 +87,60 @@ def scale_by_lars_trust(eta: float, mask: Any) -> optax.GradientTransformation:
     return jax.tree_util.tree_map(scale, updates, params, mask), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class LarcState(NamedTuple):
+  count: jax.Array
+
+
+def scale_by_larc(
+  trust: float,
+  wd: schedules.Schedule,
+  decayed: Any,
+  *,
+  eps: float = 1e-8,
+  clip: bool = False,
+  lr: schedules.Schedule | None = None,
+  lr_mults: Any = None,
+) -> optax.GradientTransformation:
+  """apex ``LARC.step`` (apex/parallel/LARC.py) in front of SGD's momentum: per leaf, with a = trust ||p|| / (||g|| +
+  wd ||p|| + eps), the gradient becomes (g + wd p) a where ||p|| != 0 and ||g|| != 0, and stays g elsewhere (no
+  decay either: LARC adds it inside that branch and zeroes the inner SGD's own ``weight_decay`` during the step).
+
+  Every leaf is adapted, as apex does for every parameter with a ``.grad`` (1-D tensors included, unlike DINO's LARS,
+  ``lars_adapts``); wd is the scheduled decay on the ``decayed`` leaves and 0 on the others (a torch param group
+  with weight_decay 0). ``clip`` is apex's clip=True: a <- min(a / group lr, 1), the group lr being the scheduled
+  ``lr`` times the leaf's ``lr_mults`` (an lr of 0 gives a = 1, as a / 0 = inf in torch). Norms in float32 (float64
+  for float64 leaves), each over the whole leaf."""
+  if clip and lr is None:
+    raise ValueError("scale_by_larc with clip needs the lr schedule")
+
+  def init_fn(params):
+    del params
+    return LarcState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_larc needs the parameters")
+    w = wd(state.count)
+    group_lr = lr(state.count) if clip else None
+    mults = lr_mults if lr_mults is not None else jax.tree_util.tree_map(lambda _: 1.0, params)
+
+    def leaf(g, p, m, mult):
+      dt = jnp.promote_types(p.dtype, jnp.float32)
+      p32, g32 = p.astype(dt), g.astype(dt)
+      w_leaf = w.astype(dt) if m else jnp.zeros((), dt)
+      p_norm = jnp.sqrt(jnp.sum(jnp.square(p32)))
+      g_norm = jnp.sqrt(jnp.sum(jnp.square(g32)))
+      a = trust * p_norm / (g_norm + p_norm * w_leaf + eps)
+      if clip:
+        a = jnp.minimum(a / (group_lr.astype(dt) * mult), 1.0)
+      both = (p_norm != 0) & (g_norm != 0)
+      return jnp.where(both, (g32 + w_leaf * p32) * a, g32).astype(g.dtype)
+
+    return jax.tree_util.tree_map(leaf, updates, params, decayed, mults), LarcState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 class MomentumState(NamedTuple):
@@ -145,7 +204,7 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
 
 def lr_schedule(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int) -> schedules.Schedule:
   """Peak lr from the config's scaling rule: DINO ``linear_256`` (lr * B / 256), DINOv2 ``sqrt_1024``
-  (lr * sqrt(B / 1024)) or ``none``."""
+  (lr * sqrt(B / 1024)) or ``none``; min_lr and warmup_start_lr are taken as given (not rescaled)."""
   rule = optim_cfg.lr_scaling
   if rule == "linear_256":
     peak = optim_cfg.lr * batch_size / 256.0
@@ -155,7 +214,8 @@ def lr_schedule(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int)
     peak = optim_cfg.lr
   else:
     raise ValueError(f"config.optim.lr_scaling must be one of {LR_SCALINGS}, got {rule!r}")
-  init = optim_cfg.min_lr if optim_cfg.get("warmup_from_min_lr", False) else 0.0
+  # The warm-up starts at min_lr (SimDINOv2), at warmup_start_lr (SwAV's --start_warmup, as given) or at 0.
+  init = optim_cfg.min_lr if optim_cfg.get("warmup_from_min_lr", False) else optim_cfg.get("warmup_start_lr", 0.0)
   return schedules.warmup_cosine(
     peak,
     optim_cfg.min_lr,
@@ -180,7 +240,7 @@ def make_optimizer(
   freezes: tuple = (),
   unit_norm: tuple = (),
 ) -> optax.GradientTransformation:
-  """``optim_cfg.name`` (AdamW, SGD or LARS) with clipping, scheduled weight decay on the masked leaves and the
+  """``optim_cfg.name`` (AdamW, SGD, LARS or LARC) with clipping, scheduled weight decay on the masked leaves and the
   scheduled learning rate. Clipping comes first for every optimiser, as DINO clips ``.grad`` before ``step()``.
 
   lr_mults: optional tree of per-leaf lr multipliers (layer-wise decay, patch-embed multiplier).
@@ -220,6 +280,22 @@ def make_optimizer(
       optax.add_decayed_weights(wd, mask=decayed),
       optax.scale_by_learning_rate(lr),
     ]
+  elif name == "larc":
+    # LARC adds the decay itself (only where both norms are non-zero), so no add_decayed_weights before it.
+    parts.append(
+      scale_by_larc(
+        optim_cfg.get("lars_eta", 0.001),
+        wd,
+        decayed,
+        eps=optim_cfg.get("larc_eps", 1e-8),
+        clip=optim_cfg.get("larc_clip", False),
+        lr=lr,
+        lr_mults=lr_mults,
+      )
+    )
+    m = optim_cfg.get("momentum", 0.9)
+    parts.append(momentum_skipping(m, starts) if starts is not None else optax.trace(decay=m, nesterov=False))
+    parts.append(optax.scale_by_learning_rate(lr))
   elif name in ("sgd", "lars"):
     # Coupled decay (added to the gradient before the momentum), as torch.optim.SGD and DINO's LARS. For LARS the
     # decayed set is weight_decay_mask (DINO's regularised group: no bias, no 1-D tensor), which is also the set
