@@ -39,6 +39,9 @@ COMMIT_MARKER = "commit_success.txt"  # orbax writes it into the step directory 
 WHICH = ("teacher", "student")  # the networks of a TrainState that restore_params reads
 # Config fields that shape the TrainState: listed first when a checkpoint does not fit (the others, a seed or a
 # schedule length, cannot make a restore fail). Fields naming where the state comes from are never listed.
+# gram.enabled / distill.enabled decide whether TrainState.gram_teacher / distill_teacher exist (their other fields,
+# a weight or a schedule, do not shape the state; distill.teacher's shapes come, on a resume, from the workdir's
+# distill_teacher.json, not from the path).
 _STATE_FIELDS = (
   "config.method",
   "config.model.",
@@ -49,6 +52,8 @@ _STATE_FIELDS = (
   "config.optim.",
   "config.masking.",
   "config.teacher.",
+  "config.gram.enabled",
+  "config.distill.enabled",
 )
 _SOURCE_FIELDS = ("config.resume", "config.init_from", "config.restart_from_step")
 
