@@ -2,6 +2,7 @@ r"""Parity of MoCo-v2 and SwAV with their official PyTorch training steps: same 
 
   /path/to/torch-venv/bin/python benchmarks/official_parity_classic.py --method moco_v2|swav \
       --official_repo DIR [--steps 20] [--arch vit|resnet18|...] [--threads 2]
+      [--optimizer sgd|larc] [--start_warmup LR]   (swav: main_swav.py's LARC wrapper, its --start_warmup)
   (DIR: a clone of facebookresearch/moco (moco_v2) or facebookresearch/swav (swav), or a folder holding moco/, swav/.)
 
 The sibling of benchmarks/official_parity.py (DINO-family methods), sharing its pieces: OUR side is training's own
@@ -31,16 +32,19 @@ Patches (also in the JSON ``patches``):
     the NEXT forward, ours at the end of the step, so that the two teachers are compared after the same updates.
   swav: a single-process gloo group (``dist.all_reduce`` in ``distributed_sinkhorn`` runs unchanged, world size 1);
     the student wrapped in a module exposing ``.module`` (DDP's attribute); ``torch.optim.SGD`` without apex's
-    ``LARC`` wrapper (ours has no LARC: optim.py), weight decay on every parameter on both sides
-    (``optim.weight_decay_all``); ``args.rank = 1`` (the rank-0 log line reads LARC's ``optimizer.optim``); the
+    ``LARC`` wrapper by default (``--optimizer sgd``, ours ``optim.name="sgd"``), or with ``--optimizer larc`` inside
+    ``ApexLARC``, a transcription of apex's LARC placed here (apex is not installed; ours ``optim.name="larc"``);
+    weight decay on every parameter on both sides (``optim.weight_decay_all``); ``args.rank = 1`` (the rank-0 log
+    line reads LARC's ``optimizer.optim``); the
     queue is off (``--queue_length 0``); the official prototypes are l2-normalised once after the last step (the
     official loop normalises them at the start of every iteration, ours after every update: the same weights enter
     every forward).
 
 Schedules. moco_v2: ``--cos`` is per epoch, so within the first epoch (the run) the official lr is the base lr;
-ours is set constant (min_lr = lr). swav: 2 epochs of ceil(steps / 2) iterations, warm-up 1 epoch from 0, cosine
-to final_lr as main_swav.py builds it (its four lines, quoted in ``swav_lr_schedule``), ours through
-``optim.lr`` / ``optim.min_lr`` / warm-up steps (the DINO cosine, the same formula).
+ours is set constant (min_lr = lr). swav: 2 epochs of ceil(steps / 2) iterations, warm-up 1 epoch from
+``--start_warmup`` (default 0; ours ``optim.warmup_start_lr``), cosine to final_lr as main_swav.py builds it (its
+four lines, quoted in ``swav_lr_schedule``), ours through ``optim.lr`` / ``optim.min_lr`` / warm-up steps (the DINO
+cosine, the same formula).
 
 Measures (as official_parity.py): per-step losses (the same quantity on both sides), ||ours - official|| /
 ||official|| per leaf (max; BN running statistics included and also reported alone), the whole update
@@ -51,7 +55,8 @@ amplified by training from a semantic difference.
 
 Measured (docs/parity.md, docs/parity/*.json; batch 16, 20 steps): moco_v2 on ViT-Ti/4 in float32, losses 1.8e-7,
 student 6.3e-6, update 4.9e-6, teacher 1.7e-5, queue 1.1e-6; swav on resnet18 in float64, losses 2.1e-13, parameters
-8.2e-12, BN statistics 1.6e-12 (in float32 it drifts from the second real update on, as DINO's ResNet does).
+8.2e-12, BN statistics 1.6e-12 (in float32 it drifts from the second real update on, as DINO's ResNet does); swav
+with ``--optimizer larc`` in float64: docs/parity.md.
 """
 
 from __future__ import annotations
@@ -162,6 +167,8 @@ def our_overrides(args) -> dict:
         "optim.min_lr": 0.0048 * scale,
         "optim.weight_decay": 1e-6,
         "optim.weight_decay_end": 1e-6,
+        "optim.name": args.optimizer,  # larc: LARC(SGD, trust_coefficient=0.001, clip=False), optim.lars_eta 0.001
+        "optim.warmup_start_lr": args.start_warmup,
       }
     )
   return o
@@ -415,6 +422,53 @@ def swav_lr_schedule(base_lr, final_lr, epochs, warmup_epochs, niter, start_warm
   return np.concatenate((warmup, cosine))
 
 
+class ApexLARC:
+  """apex/parallel/LARC.py's ``LARC`` (NVIDIA/apex 0bfb830085a31c6ed49502c52403c8d0f1fd3eb9), transcribed for the
+  harness because apex is not installed: the wrapper's interface main_swav.py's ``train`` uses (``param_groups``,
+  ``zero_grad``, ``step``) and ``step`` as apex's lines 79-107, statement for statement."""
+
+  def __init__(self, optimizer, trust_coefficient=0.02, clip=True, eps=1e-8):
+    self.optim = optimizer
+    self.trust_coefficient = trust_coefficient
+    self.eps = eps
+    self.clip = clip
+
+  @property
+  def param_groups(self):
+    return self.optim.param_groups
+
+  def zero_grad(self):
+    self.optim.zero_grad()
+
+  def step(self):
+    import torch  # pylint: disable=g-import-not-at-top
+
+    with torch.no_grad():
+      weight_decays = []
+      for group in self.optim.param_groups:
+        # absorb weight decay control from optimizer
+        weight_decay = group["weight_decay"] if "weight_decay" in group else 0
+        weight_decays.append(weight_decay)
+        group["weight_decay"] = 0
+        for p in group["params"]:
+          if p.grad is None:
+            continue
+          param_norm = torch.norm(p.data)
+          grad_norm = torch.norm(p.grad.data)
+          if param_norm != 0 and grad_norm != 0:
+            # calculate adaptive lr + weight decay
+            adaptive_lr = self.trust_coefficient * (param_norm) / (grad_norm + param_norm * weight_decay + self.eps)
+            # clip learning rate for LARC
+            if self.clip:
+              adaptive_lr = min(adaptive_lr / group["lr"], 1)
+            p.grad.data += weight_decay * p.data
+            p.grad.data *= adaptive_lr
+    self.optim.step()
+    # return weight decay control to optimizer
+    for i, group in enumerate(self.optim.param_groups):
+      group["weight_decay"] = weight_decays[i]
+
+
 def run_official_swav(args, repo, student_sd, batches, ours, float64, config) -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
@@ -467,12 +521,19 @@ def run_official_swav(args, repo, student_sd, batches, ours, float64, config) ->
   patches.append("model wrapped in a module exposing .module (DDP's attribute), no DDP")
   niter = max(1, math.ceil(args.steps / 2))
   scale = args.batch_size / 4096
-  lr_schedule = swav_lr_schedule(4.8 * scale, 0.0048 * scale, 2, 1, niter)
+  lr_schedule = swav_lr_schedule(4.8 * scale, 0.0048 * scale, 2, 1, niter, start_warmup=args.start_warmup)
   optimizer = torch.optim.SGD(model.parameters(), lr=4.8 * scale, momentum=0.9, weight_decay=1e-6)
-  patches.append(
-    "torch.optim.SGD(model.parameters(), momentum=0.9, weight_decay=wd) without apex's LARC wrapper (ours has no "
-    "LARC); args.rank = 1 (the rank-0 log line reads LARC's optimizer.optim)"
-  )
+  if args.optimizer == "larc":  # main_swav.py: LARC(optimizer=optimizer, trust_coefficient=0.001, clip=False)
+    optimizer = ApexLARC(optimizer=optimizer, trust_coefficient=0.001, clip=False)
+    patches.append(
+      "apex's LARC(SGD(model.parameters(), momentum=0.9, weight_decay=wd), trust_coefficient=0.001, clip=False) "
+      "through ApexLARC, a transcription of apex/parallel/LARC.py in this harness (apex is not installed)"
+    )
+  else:
+    patches.append(
+      "torch.optim.SGD(model.parameters(), momentum=0.9, weight_decay=wd) without apex's LARC wrapper (--optimizer sgd)"
+    )
+  patches.append("args.rank = 1 (the rank-0 log line reads LARC's optimizer.optim)")
   s = config.swav
   sargs = types.SimpleNamespace(
     crops_for_assign=list(s.crops_for_assign),
@@ -585,6 +646,13 @@ def main(argv=None):
   parser.add_argument("--hidden_dim", type=int, default=256, help="swav --hidden_mlp")
   parser.add_argument("--num_prototypes", type=int, default=300, help="swav --nmb_prototypes")
   parser.add_argument("--freeze_prototypes_iters", type=int, default=5, help="swav --freeze_prototypes_niters")
+  parser.add_argument(
+    "--optimizer",
+    choices=("sgd", "larc"),
+    default="sgd",
+    help="swav: plain torch.optim.SGD (default) or main_swav.py's apex LARC(clip=False) around it (optim.name=larc)",
+  )
+  parser.add_argument("--start_warmup", type=float, default=0.0, help="swav --start_warmup (optim.warmup_start_lr)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--float64", action="store_true", help="diagnostic: both sides in double precision")
   args = parser.parse_args(argv)
@@ -594,6 +662,10 @@ def main(argv=None):
     error("--arch vit: swav is compared on a ResNet (src/resnet50.py's ResNet)")
   if args.steps < 1:
     error(f"--steps must be >= 1, got {args.steps}")
+  if args.method != "swav" and (args.optimizer != "sgd" or args.start_warmup != 0.0):
+    error("--optimizer / --start_warmup: swav only (main_moco.py's SGD has no LARC wrapper, its warm-up no start)")
+  if args.start_warmup < 0:
+    error(f"--start_warmup must be >= 0, got {args.start_warmup}")
   repo = resolve_repo(args.method, args.official_repo)
   args.official_dino = ""
   if args.method == "moco_v2" and args.arch == "vit":
@@ -686,6 +758,7 @@ def main(argv=None):
       f"{args.hidden_dim}/{args.num_prototypes}/{args.freeze_prototypes_iters}" if args.method == "swav" else None
     ),
     "dtype": "float64 (--float64)" if args.float64 else "float32",
+    "optimizer": f"{args.optimizer} (start_warmup {args.start_warmup})" if args.method == "swav" else "sgd",
   }
   out["seconds"] = round(time.time() - start, 1)
   print(json.dumps(out), flush=True)
