@@ -110,3 +110,16 @@ def test_swav_parity_with_the_official_step_in_float64():
   assert r["max_loss_rel_diff"] <= FLOAT64_TOL and max(r["student_param_rel_diff_per_step"]) <= FLOAT64_TOL, report
   assert r["student_param_rel_diff"] <= FLOAT64_TOL and r["student_update_rel_diff"] <= FLOAT64_TOL, report
   assert r["bn_stats_rel_diff"]["student"]["max"] <= FLOAT64_TOL, report
+
+
+def test_moco_v2_resnet_parity_with_the_official_step_in_float64():
+  """builder.py's encoder_q(im_q) / encoder_k(im_k) on torchvision's resnet18: the query and key batches normalised
+  apart, each encoder's running statistics from its own view (ours: Method.view_calls), both sides in float64:
+  losses, the student, the key encoder, both networks' BN statistics and the queue to 1e-10."""
+  r = _parity_run("moco_v2", "--arch", "resnet18", "--float64", "--queue_size", "32", "--out_dim", "32")
+  report = json.dumps({k: v for k, v in r.items() if k not in ("patches", "official_repo")})
+  assert r["preset"]["dtype"].startswith("float64") and len(r["losses_official"]) == STEPS, report
+  assert r["max_loss_rel_diff"] <= FLOAT64_TOL and max(r["student_param_rel_diff_per_step"]) <= FLOAT64_TOL, report
+  assert r["student_param_rel_diff"] <= FLOAT64_TOL and r["teacher_param_rel_diff"] <= FLOAT64_TOL, report
+  assert max(r["bn_stats_rel_diff"][n]["max"] for n in ("student", "teacher")) <= FLOAT64_TOL, report
+  assert r["queue_rel_diff"] <= FLOAT64_TOL and r["queue_ptr"][0] == r["queue_ptr"][1], report

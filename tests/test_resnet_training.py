@@ -65,7 +65,13 @@ def build_state(config, network):
     rng=jax.random.key_data(jax.random.key(1)),
   )
   step = make_train_step(
-    graphdef, method.make_loss(config, 100), tx, lr_fn=lr, wd_fn=wd, momentum_fn=schedules.constant(MOMENTUM)
+    graphdef,
+    method.make_loss(config, 100),
+    tx,
+    lr_fn=lr,
+    wd_fn=wd,
+    momentum_fn=schedules.constant(MOMENTUM),
+    view_calls=None if method.view_calls is None else method.view_calls(config),
   )
   return state, jax.jit(step), graphdef, tx
 
@@ -170,6 +176,56 @@ def test_resnet_step_updates_student_stats_from_its_crops_and_teacher_stats_from
   assert float(ma["loss"]) == float(mb["loss"])
   for x, y in zip(leaves(a), leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def two_view_config(method):
+  c = resnet_config(method)
+  c.data.num_local = 0
+  c.moco.queue_size = 8
+  return c
+
+
+@pytest.mark.parametrize("method", ["moco_v2", "byol"])
+def test_moco_and_byol_run_each_view_in_a_batchnorm_call_of_its_own_as_their_official_encoders(method):
+  # moco/builder.py: q = encoder_q(im_q), k = encoder_k(im_k): the student's BN batch is view 1 alone, the teacher's
+  # view 2 alone, each encoder's running statistics updated once, from its own view. byol_experiment.py:
+  # apply_once_fn(view1) then apply_once_fn(view2) in both networks: two updates, view 1's first. (One BN call over
+  # both views, as the DINO family's per-resolution call, gives one update from both views: fails every check below.)
+  config = two_view_config(method)
+  network = tiny_resnet_network(config)
+  state, step, graphdef, _ = build_state(config, network)
+  batch = batch_of(config)
+  new, metrics = step(state, batch)
+
+  kernel = np.asarray(state.student["backbone"]["conv1"]["kernel"][...])
+  (m1, v1), (m2, v2) = (np_stem_stats(batch["global"][:, v], kernel) for v in (0, 1))
+  one = lambda m, v: (0.1 * m, 0.9 + 0.1 * v)  # noqa: E731  torch BatchNorm2d, momentum 0.1, from (0, 1)
+  two = lambda m, v, m2, v2: (0.9 * 0.1 * m + 0.1 * m2, 0.9 * (0.9 + 0.1 * v) + 0.1 * v2)  # noqa: E731
+  if method == "moco_v2":
+    want = {"student": one(m1, v1), "teacher": one(m2, v2)}
+  else:
+    want = {name: two(m1, v1, m2, v2) for name in ("student", "teacher")}
+  for name, (mean, var) in want.items():
+    bn = getattr(new, name)["backbone"]["bn1"]
+    np.testing.assert_allclose(bn["mean"][...], mean, rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(bn["var"][...], var, rtol=1e-4, atol=1e-6, err_msg=name)
+    counts = {
+      int(a)
+      for p, a in jax.tree_util.tree_leaves_with_path(split_params(getattr(new, name))[1])
+      if "num_batches_tracked" in str(p)
+    }
+    assert counts == {1 if method == "moco_v2" else 2}, (name, counts)
+
+  if method == "moco_v2":  # the loss is InfoNCE of the query normalised over view 1's batch vs view 2's key
+    from simdino_jax.losses import moco as ml
+
+    def encode(variables, x):
+      net = nnx.merge(graphdef, variables, copy=True)
+      return net.head(net.backbone(jnp.asarray(x))["cls"])
+
+    q, k = encode(state.student, batch["global"][:, 0]), encode(state.teacher, batch["global"][:, 1])
+    want_loss, _ = ml.info_nce_loss(q, k, state.loss_state["queue"], temperature=config.moco.temperature)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5)
 
 
 def optim_leaves_like(state):

@@ -107,6 +107,8 @@ def dequeue_and_enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tu
     raise ValueError(f"dequeue_and_enqueue: keys {keys.shape} do not fit whole into the queue {queue.shape}")
   ptr = jnp.asarray(ptr, jnp.int32)
   new = jax.lax.dynamic_update_slice(
-    jax.lax.stop_gradient(queue.astype(jnp.float32)), jax.lax.stop_gradient(keys.astype(jnp.float32)), (ptr, 0)
+    jax.lax.stop_gradient(queue.astype(jnp.float32)),
+    jax.lax.stop_gradient(keys.astype(jnp.float32)),
+    (ptr, jnp.zeros((), jnp.int32)),
   )
   return new, (ptr + n) % k_size

@@ -68,6 +68,11 @@ class Method:
     official evaluation's choice, the teacher for the DINO family, the query / online network for MoCo-v2 / BYOL.
   progress_keys: the loss's metrics the progress line shows, in order (those absent from a record are skipped);
     ``progress_line_keys`` adds the shared ones.
+  view_calls: None (the DINO family, SwAV: one backbone call per resolution, the head on every crop at once, as
+    DINO's MultiCropWrapper and SwAV's forward) or config -> (student views, teacher views): each global view then
+    runs backbone + head in a call of its own, as MoCo's ``encoder_q(im_q)`` / ``encoder_k(im_k)`` and BYOL's
+    ``apply_once_fn`` per view, so that BatchNorm normalises each view over its own batch; only the calls the
+    official code makes (the views named, in view order) update the running statistics (``train.step.forward``).
   """
 
   name: str
@@ -83,6 +88,7 @@ class Method:
   momentum_teacher: bool = True
   evaluated: str = "teacher"
   progress_keys: tuple[str, ...] = ()
+  view_calls: Callable[[Any], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
 
   def __post_init__(self):
     if self.uses_masks and self.build_patch_head is None:

@@ -78,6 +78,9 @@ BYOL = Method(
   validate=validate,
   evaluated="student",  # eval_experiment.py reads checkpoint_data["experiment_state"].online_params
   progress_keys=("byol", "cosine"),
+  # byol_experiment.py's forward: apply_once_fn(view1), then apply_once_fn(view2), for the online and the target
+  # network alike: per-view BatchNorm batches (backbone, projector, predictor), statistics updated twice.
+  view_calls=lambda config: ((0, 1), (0, 1)),
 )
 
 METHODS = (BYOL,)

@@ -6,17 +6,20 @@ Head: MoCo-v2's ``--mlp`` head, Linear(D, D) ReLU Linear(D, ``head.out_dim``) (`
 backbone width, builder.py's ``dim_mlp``). The loss (``losses/moco.py``) reads two global crops: by default, as
 ``MoCo.forward(im_q, im_k)``, the student's view 1 is the query and the teacher's view 2 its key, and the teacher's
 view-2 keys of the whole global batch enter the queue (``concat_all_gather``); ``moco.symmetric=True`` averages the
-two directions (q1 k2, q2 k1) and enqueues both views' keys (view-2 keys first). The step computes the student on
-both views either way, so the asymmetric default spends one student forward whose output no loss reads.
+two directions (q1 k2, q2 k1) and enqueues both views' keys (view-2 keys first). The step lays out the student's
+outputs of both views either way; in the asymmetric default the loss never reads the student's view 2 (nor the
+teacher's view 1 but for the collapse monitors), so XLA drops that forward.
 
 Teacher: the step's EMA after the student's update; builder.py updates the key encoder at the start of the next
 forward from the same student weights, so every key is computed by the same weights as in the official order. The
 recipe's momentum 0.999 is constant: ``teacher.momentum = teacher.momentum_end = 0.999``.
 
-Shuffle-BN: builder.py computes the keys on a batch shuffled over the GPUs, so that a key's per-GPU BatchNorm
-statistics come from other images than its query's (otherwise the statistics themselves tell the positive pair apart,
-a shortcut). It is not reproduced: BatchNorm here (ResNet backbones) normalises over the whole global batch (SyncBN),
-queries and keys alike, and the key batch holds the same images as the query batch, so that leak is present in kind,
+BatchNorm (ResNet backbones): the student runs on the query view and the teacher on the key view in calls of their
+own (``view_calls``), as builder.py's two encoders, so each view is normalised over its own batch and each encoder's
+running statistics come from its own view only. Shuffle-BN: builder.py computes the keys on a batch shuffled over the
+GPUs, so that a key's per-GPU statistics come from other images than its query's (otherwise the statistics themselves
+tell the positive pair apart, a shortcut). It is not reproduced: each view's BatchNorm here normalises over the whole
+global batch (SyncBN), and the key batch holds the same images as the query batch, so that leak is present in kind,
 diluted over the B images of the global batch instead of one GPU's B / GPUs (SimCLR and MoCo v3 use SyncBN this way,
 without a shuffle). Not measured against shuffle-BN here. The ViT backbones and the MoCo head have no BatchNorm.
 """
@@ -74,6 +77,12 @@ def make_moco_loss(config, steps_per_epoch: int):
   return loss
 
 
+def view_calls(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """builder.py runs ``encoder_q(im_q)`` and ``encoder_k(im_k)``: the student on view 1, the teacher on view 2, each
+  a BatchNorm batch of its own; symmetric (MoCo v3's ``forward(x1, x2)``): both encoders on view 1, then view 2."""
+  return ((0, 1), (0, 1)) if config.moco.symmetric else ((0,), (1,))
+
+
 def validate(config, *, num_devices: int) -> None:
   """Two global crops and no local crops (MoCo-v2 pairs one query with one key), the queue size, the temperature."""
   del num_devices
@@ -101,6 +110,7 @@ MOCO_V2 = Method(
   validate=validate,
   evaluated="student",  # main_lincls.py keeps "module.encoder_q" only: the query encoder
   progress_keys=("info_nce", "top1"),
+  view_calls=view_calls,
 )
 
 METHODS = (MOCO_V2,)

@@ -86,6 +86,7 @@ def make_accumulated_train_step(
   mask_tokens: int | None = None,
   augment: Callable | None = None,
   cast_params: Callable | None = None,
+  view_calls: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> Callable:
   """``step.make_train_step``'s step over ``steps`` (K >= 2) micro-batches in ``mode`` ("micro" / "exact").
 
@@ -98,6 +99,7 @@ def make_accumulated_train_step(
     raise ValueError(f"make_accumulated_train_step: mode must be one of {MODES}, got {mode!r}")
   cast = cast_params if cast_params is not None else (lambda which, params: params)
   groups = mask_groups
+  student_views, teacher_views = (None, None) if view_calls is None else view_calls
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
@@ -116,13 +118,15 @@ def make_accumulated_train_step(
     def teacher_forward(stats, mb):
       _, gather = gather_of(mb)
       net = nnx.merge(graphdef, cast("teacher", nnx.merge_state(teacher_params, stats)), copy=True)
-      out = jax.lax.stop_gradient(forward(net, mb, key=None, student=False, gather=gather))
+      out = jax.lax.stop_gradient(forward(net, mb, key=None, student=False, gather=gather, views=teacher_views))
       return jax.lax.stop_gradient(network_stats(net, stats)), out
 
     def student_forward(params, stats, mb, k):
       masks, gather = gather_of(mb)
       net = nnx.merge(graphdef, cast("student", nnx.merge_state(params, stats)), copy=True)
-      out = forward(net, mb, key=jax.random.fold_in(key, k), student=True, masks=masks, gather=gather)
+      out = forward(
+        net, mb, key=jax.random.fold_in(key, k), student=True, masks=masks, gather=gather, views=student_views
+      )
       if mask_positions:
         out["patch_mask"] = gather.valid
       return out, network_stats(net, stats)

@@ -262,6 +262,7 @@ def make_step(
   masked tokens (benchmarks/masked_gather.py times the two)."""
   config = setup.config
   shardings = state_sharding(setup, mesh) if shardings is None else shardings
+  views = None if setup.method.view_calls is None else setup.method.view_calls(config)  # MoCo-v2, BYOL: per view
   step = make_train_step(
     setup.graphdef,
     setup.loss_fn,
@@ -280,6 +281,7 @@ def make_step(
     gram=None if setup.gram is None else dataclasses.replace(setup.gram, groups=mesh.size),  # per-device Grams
     distill_graphdef=setup.distill_graphdef,
     distill_masks=setup.distill_graphdef is not None and config.distill.mask_student,
+    view_calls=views,
   )
   k = config.get("accumulation_steps", 1)
   if k > 1:  # gradient accumulation (train/accumulation.py); config.py refuses it with distill / gram
@@ -300,6 +302,7 @@ def make_step(
       else None,
       augment=device_augment.make_batch_augment(setup.multicrop) if config.data.augment_mode == "device" else None,
       cast_params=param_cast(setup, mesh, shardings),
+      view_calls=views,
     )
   return jax.jit(
     step,

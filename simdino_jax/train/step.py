@@ -20,7 +20,9 @@ BatchNorm statistics (the contract every network with ``nnx.BatchStat`` variable
     student's new statistics come from its own forward (one update per resolution: the global crops, then the
     local crops, as DINO's MultiCropWrapper runs one backbone call per resolution), the teacher's from ITS forward
     on the global crops; each network keeps its own. A head with BN (BYOL, SwAV) updates the same way, once per
-    head call. With ``momentum_fn`` = 0 (no self-distillation) the teacher's parameters are the student's, its
+    head call. A method with ``view_calls`` (MoCo-v2, BYOL) runs backbone + head once per global view instead, each
+    view a BN batch of its own, and keeps the statistics updates of the official calls only (``forward``'s
+    ``views``). With ``momentum_fn`` = 0 (no self-distillation) the teacher's parameters are the student's, its
     statistics still its own.
   - The non-finite rollback restores the statistics with the rest of the state; checkpoints and resumes carry them
     (they are TrainState leaves); the evaluators run the backbone in evaluation mode (running statistics).
@@ -95,6 +97,7 @@ def forward(
   masks: jax.Array | None = None,
   gather: MaskedGather | None = None,
   keep_patches: bool = False,
+  views: tuple[int, ...] | None = None,
 ) -> dict:
   """Backbone + head on the crops of a batch (views in global-then-local order, batch axis first).
 
@@ -105,7 +108,14 @@ def forward(
   The teacher (student=False) sees only the global crops, unmasked; the student also the local crops, with the
   global crops' masked patches replaced by the mask token. One backbone call per resolution: two static shapes.
   ``keep_patches`` adds "global_patch_tokens" (B*Mg, N, D), the global crops' normed patch tokens (Gram anchoring).
+  ``views`` (a method's ``view_calls``): one backbone + head call per global view, in view order, each normalising
+  its view over the batch alone; the BN statistics updates of the views not named are undone (the official code
+  does not make those calls: their outputs exist for the layout, a loss that does not read them lets XLA drop them).
   """
+  if views is not None:
+    return _forward_per_view(
+      network, batch, key=key, student=student, gather=gather, keep_patches=keep_patches, views=views
+    )
   glob = batch["global"]
   b, mg = glob.shape[:2]
   key_g = key_l = None
@@ -135,6 +145,28 @@ def forward(
       return a.reshape((b, mg, per_crop) + a.shape[2:])
 
     out["patch"] = jax.tree_util.tree_map(per_crop_layout, patch_head(patch))
+  return out
+
+
+def _forward_per_view(network, batch, *, key, student, gather, keep_patches, views) -> dict:
+  glob = batch["global"]
+  b, mg = glob.shape[:2]
+  if gather is not None or (student and batch["local"].shape[1] > 0):
+    raise ValueError("forward(views=...): per-view calls take the global crops only, unmasked")
+  outs = []
+  for v in range(mg):
+    # A snapshot of the statistics' values (nnx.state holds the live Variables, which the BN call rewrites).
+    undo = None if v in views else jax.tree_util.tree_map(lambda x: x, split_params(nnx.state(network))[1])
+    out = network.backbone(glob[:, v], key=None if key is None else jax.random.fold_in(key, v))
+    cls = out["cls"][:, None]  # (B, 1, D): the head sees one view, its BN batch those B rows
+    outs.append(
+      {"cls": network.head(cls), "backbone_cls": cls} | ({"patch": out["patch"][:, None]} if keep_patches else {})
+    )
+    if undo is not None:
+      nnx.update(network, undo)
+  out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
+  if keep_patches:
+    out["global_patch_tokens"] = _fold_views(out.pop("patch"))
   return out
 
 
@@ -237,6 +269,7 @@ def make_train_step(
   distill_graphdef: nnx.GraphDef | None = None,
   distill_masks: bool = False,
   gram=None,
+  view_calls: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> Callable:
   """Build the pure step.
 
@@ -263,7 +296,10 @@ def make_train_step(
       distillation, unmasked crops, the patch loss still on the masked positions).
     gram: a ``train.gram.GramAnchor`` (config.gram): its term on the global crops' patch tokens is added to the loss
       and ``state.gram_teacher`` refreshed on its steps; None (default): neither, the step as without it.
+    view_calls: the method's ``view_calls(config)``, (student views, teacher views): per-view backbone + head calls
+      (``forward``'s ``views``); None: one call per resolution.
   """
+  student_views, teacher_views = (None, None) if view_calls is None else view_calls
   cast = cast_params if cast_params is not None else (lambda which, params: params)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -283,11 +319,15 @@ def make_train_step(
       # copy=True: merge would otherwise put the state's own Variables in the network, and a BN layer's in-place
       # update of its statistics would rewrite ``state`` (which the non-finite rollback below returns).
       teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher), copy=True)
-      teacher_out = jax.lax.stop_gradient(forward(teacher_net, batch, key=None, student=False, gather=gather))
+      teacher_out = jax.lax.stop_gradient(
+        forward(teacher_net, batch, key=None, student=False, gather=gather, views=teacher_views)
+      )
       teacher_stats = jax.lax.stop_gradient(network_stats(teacher_net, teacher_stats))  # from its own forward
     else:  # the frozen teacher's targets; the EMA (a ViT: no statistics) is not run
       frozen = nnx.merge(distill_graphdef, cast("distill_teacher", state.distill_teacher), copy=True)
-      teacher_out = jax.lax.stop_gradient(forward(frozen, batch, key=None, student=False, gather=gather))
+      teacher_out = jax.lax.stop_gradient(
+        forward(frozen, batch, key=None, student=False, gather=gather, views=teacher_views)
+      )
       student_masks = masks if distill_masks else None
     if gram is not None:  # the snapshot this iteration uses (a refresh due after the previous one taken now)
       gram_params = gram.current(state.step, state.teacher, state.gram_teacher)
@@ -298,7 +338,14 @@ def make_train_step(
       # mutate Variables of another trace level; without the copy, merge reuses the statistics' own Variables).
       student_net = nnx.merge(graphdef, cast("student", nnx.merge_state(params, student_stats)), copy=True)
       student_out = forward(
-        student_net, batch, key=key, student=True, masks=student_masks, gather=gather, keep_patches=gram is not None
+        student_net,
+        batch,
+        key=key,
+        student=True,
+        masks=student_masks,
+        gather=gather,
+        keep_patches=gram is not None,
+        views=student_views,
       )
       if mask_positions:
         student_out["patch_mask"] = gather.valid
