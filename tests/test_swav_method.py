@@ -169,11 +169,16 @@ def test_prototypes_follow_the_official_normalise_then_step_loop(optimizer):
 
 
 def test_one_swav_step_keeps_unit_prototypes_freezes_them_and_fills_the_queue_from_its_start_epoch():
-  """setup.build + make_step on a tiny ViT: finite losses, the teacher is the student (no momentum encoder, even with
-  the config's teacher.self_distillation True), unit prototypes after every step, frozen for
+  """setup.build + make_step on a tiny ViT: finite losses, the teacher is the student, BN statistics included (no
+  momentum encoder, even with the config's teacher.self_distillation True), unit prototypes after every step, frozen for
   freeze_prototypes_iters = 2 steps and moving after, the queue untouched before its start step (2), then filled
   (batch rows at the front) and in use once full (step 4)."""
-  c = tiny(**{"swav.freeze_prototypes_iters": 2, "swav.queue_length": 8, "swav.queue_start_epoch": 1.0})
+  # head.use_bn (the recipes'): the teacher's BN statistics are the student's too (the official single model's, from
+  # its forward on the global then the local crops; a teacher forward of its own would update them from the global
+  # crops only), and the step runs no teacher forward.
+  c = tiny(
+    **{"swav.freeze_prototypes_iters": 2, "swav.queue_length": 8, "swav.queue_start_epoch": 1.0, "head.use_bn": True}
+  )
   config_lib.validate(c, num_devices=1)
   s = setup_lib.build(c, num_train=8)  # 2 steps per epoch: the queue starts at step 2
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))

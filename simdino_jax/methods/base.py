@@ -63,7 +63,8 @@ class Method:
   optimizer_unit_norm: (config, abstract params) -> ((mask tree, axis), ...): leaves kept unit-norm along axis after
     every update (SwAV's prototypes), ``optim.make_optimizer``'s ``unit_norm``.
   momentum_teacher: False for a method without a momentum encoder (SwAV): the teacher is the current student at
-    every step whatever ``config.teacher`` says (``train.setup.momentum_schedule``), so the evaluators read it.
+    every step whatever ``config.teacher`` says (``train.setup.momentum_schedule``), BN statistics included, so the
+    evaluators read it; the step runs no teacher forward and the loss gets ``teacher_out=None``.
   evaluated: the network the evaluators read ("teacher" or "student"; ``evaluate.py --which``'s default): the
     official evaluation's choice, the teacher for the DINO family, the query / online network for MoCo-v2 / BYOL.
   progress_keys: the loss's metrics the progress line shows, in order (those absent from a record are skipped);

@@ -23,9 +23,9 @@ What each official piece becomes here:
     the official (same forward, same drop path, same BN batch statistics). ``Method.momentum_teacher`` is False, so
     the state's teacher is the current student at every step (momentum 0, whatever ``config.teacher`` says; the
     recipes set ``teacher.self_distillation=False`` to say so) and the evaluators, which read the teacher, see the
-    trained network. The step still runs its teacher forward on the global crops; this loss does not read it and
-    XLA drops the teacher's head, but the teacher backbone's forward (the collapse monitors read it) remains: one
-    extra forward of the global crops, without backward.
+    trained network. The step runs no teacher forward (``make_train_step``'s ``teacher_is_student``: this loss gets
+    ``teacher=None``), and the teacher's BN running statistics are the student's, updated by its forward on the
+    global then the local crops, as the official single model's (which its evaluation reads).
 """
 
 from __future__ import annotations

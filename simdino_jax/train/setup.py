@@ -282,6 +282,7 @@ def make_step(
     distill_graphdef=setup.distill_graphdef,
     distill_masks=setup.distill_graphdef is not None and config.distill.mask_student,
     view_calls=views,
+    teacher_is_student=not setup.method.momentum_teacher,
   )
   k = config.get("accumulation_steps", 1)
   if k > 1:  # gradient accumulation (train/accumulation.py); config.py refuses it with distill / gram
@@ -302,7 +303,7 @@ def make_step(
       else None,
       augment=device_augment.make_batch_augment(setup.multicrop) if config.data.augment_mode == "device" else None,
       cast_params=param_cast(setup, mesh, shardings),
-      view_calls=views,
+      view_calls=views,  # config.py refuses accumulation for SwAV (teacher_is_student)
     )
   return jax.jit(
     step,

@@ -219,6 +219,7 @@ def apply_update(
   lr_fn: Callable,
   wd_fn: Callable,
   monitored: jax.Array,
+  teacher_is_student: bool = False,
   **fields,
 ) -> tuple[TrainState, dict]:
   """The end of every train step (plain and accumulated): one optimizer update of the student's parameters, the
@@ -238,6 +239,8 @@ def apply_update(
   # so the last checkpointable state is the last good one.
   finite = jnp.isfinite(loss)
   new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  if teacher_is_student:  # the student's very arrays: XLA may round two computations of one value apart
+    new_state = new_state.replace(teacher=new_state.student)
   metrics = dict(
     metrics,
     loss=loss,
@@ -270,6 +273,7 @@ def make_train_step(
   distill_masks: bool = False,
   gram=None,
   view_calls: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+  teacher_is_student: bool = False,
 ) -> Callable:
   """Build the pure step.
 
@@ -298,6 +302,10 @@ def make_train_step(
       and ``state.gram_teacher`` refreshed on its steps; None (default): neither, the step as without it.
     view_calls: the method's ``view_calls(config)``, (student views, teacher views): per-view backbone + head calls
       (``forward``'s ``views``); None: one call per resolution.
+    teacher_is_student: a method without a momentum encoder (``Method.momentum_teacher`` False: SwAV, whose codes
+      come from the student's own scores): no teacher forward (the loss gets ``teacher_out=None``), and the teacher
+      becomes the updated student, BN statistics included, as the official single model (``momentum_fn`` is 0);
+      the collapse monitors read the student's global crops.
   """
   student_views, teacher_views = (None, None) if view_calls is None else view_calls
   cast = cast_params if cast_params is not None else (lambda which, params: params)
@@ -315,7 +323,7 @@ def make_train_step(
     student_params, student_stats = split_params(state.student)
     teacher_params, teacher_stats = split_params(state.teacher)
     student_masks = masks
-    if distill_graphdef is None:
+    if distill_graphdef is None and not teacher_is_student:
       # copy=True: merge would otherwise put the state's own Variables in the network, and a BN layer's in-place
       # update of its statistics would rewrite ``state`` (which the non-finite rollback below returns).
       teacher_net = nnx.merge(graphdef, cast("teacher", state.teacher), copy=True)
@@ -323,6 +331,8 @@ def make_train_step(
         forward(teacher_net, batch, key=None, student=False, gather=gather, views=teacher_views)
       )
       teacher_stats = jax.lax.stop_gradient(network_stats(teacher_net, teacher_stats))  # from its own forward
+    elif distill_graphdef is None:  # teacher_is_student (SwAV): nothing reads a teacher forward
+      teacher_out = None
     else:  # the frozen teacher's targets; the EMA (a ViT: no statistics) is not run
       frozen = nnx.merge(distill_graphdef, cast("distill_teacher", state.distill_teacher), copy=True)
       teacher_out = jax.lax.stop_gradient(
@@ -354,7 +364,8 @@ def make_train_step(
       if gram is not None:  # DINOv3: the weighted Gram loss joins the total, its value is logged
         term, gram_metrics = gram.term(patches, gram_target, masks, state.step)
         loss, metrics = loss + term, dict(metrics, **gram_metrics)
-      monitored = None if distill_graphdef is None else student_out["backbone_cls"]  # distilling: the student's
+      # Distilling or without a teacher forward: the monitors read the student's global crops.
+      monitored = None if distill_graphdef is None and not teacher_is_student else student_out["backbone_cls"]
       return loss, (metrics, loss_state, network_stats(student_net, student_stats), monitored)
 
     (loss, (metrics, loss_state, new_student_stats, monitored)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -369,7 +380,8 @@ def make_train_step(
       student_params=student_params,
       teacher_params=teacher_params,
       student_stats=new_student_stats,
-      teacher_stats=teacher_stats,
+      teacher_stats=new_student_stats if teacher_is_student else teacher_stats,
+      teacher_is_student=teacher_is_student,
       tx=tx,
       momentum_fn=momentum_fn,
       lr_fn=lr_fn,
