@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_optimizers import flatten, nest  # the name-path helpers of the LARS / SGD tests
 
 from simdino_jax import config as config_lib
 from simdino_jax import optim
@@ -92,24 +93,6 @@ def np_larc_sgd(params, grads, *, trust, eps, clip, decayed):
       p[k] = p[k] - LRS[it] * bufs[k]
     history.append({k: v.copy() for k, v in p.items()})
   return history, clipped
-
-
-def nest(flat):
-  out = {}
-  for name, value in flat.items():
-    *parents, last = name.split("/")
-    node = out
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = value
-  return out
-
-
-def flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    out.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: np.asarray(v)})
-  return out
 
 
 def run_ours(params, grads, *, trust, eps, clip, decay_all):
