@@ -247,6 +247,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.gram.first_refresh = 0  # refreshes after step s when s + 1 >= this (it_first_update; ViT-7B 1010000) ...
   c.gram.refresh_every = 10000  # ... and (s + 1) % this == 0 (update_frequency; 0: never refreshed)
   c.gram.max_refreshes = 3  # at most this many (max_updates; 0: unlimited)
+  c.gram.teacher = ""  # gram.ckpt: a workdir / checkpoint dir / weights file whose backbone is the first Gram teacher
 
   # Feature extraction shared by every evaluator: eval batch (global) and image size (0: the global crop size).
   # dtype: the frozen backbone's compute dtype in every evaluation (training's rounds and evaluate.py), whatever
@@ -542,6 +543,8 @@ def _validate_gram(config: ml_collections.ConfigDict) -> None:
     )
   for field in ("start_step", "first_refresh", "refresh_every", "max_refreshes"):
     require(int(g[field]) == g[field] >= 0, f"gram.{field}", f"must be an integer >= 0, got {g[field]}")
+  teacher = g.get("teacher", "")
+  require(isinstance(teacher, str), "gram.teacher", f"must be a path (or empty), got {teacher!r}")
 
 
 ACCUMULATION_MODES = ("micro", "exact")  # config.accumulation_mode (train/accumulation.py)

@@ -1,6 +1,7 @@
 """Exact resume after SIGTERM with issue 32's additions on: gradient accumulation (exact mode), and Gram anchoring
-together with distillation (one config: the setup builds both and both terms act); the accumulation's refusal of
-gram / distill names the fields; a checkpoint of a gram-on (distill-on) run restored with it off names
+together with distillation (one config: the setup builds both and both terms act; the first Gram teacher loaded from
+a file, config.gram.teacher, that is moved away before the resume: restored, never reloaded); the accumulation's
+refusal of gram / distill names the fields; a checkpoint of a gram-on (distill-on) run restored with it off names
 config.gram.enabled (config.distill.enabled) first.
 
 Each interrupted run gets a real SIGTERM, sent to this process during step ``STOP`` while the trainer's handler is
@@ -29,7 +30,7 @@ from test_distill import network, teacher_of
 
 from simdino_jax import config as config_lib
 from simdino_jax.errors import CheckpointMismatchError, ConfigError
-from simdino_jax.io import checkpointing
+from simdino_jax.io import checkpointing, formats
 from simdino_jax.train import trainer
 from simdino_jax.tree import named_leaves
 
@@ -59,6 +60,7 @@ def gram_distill_config(source):
   c = base()
   c.gram.update(GRAM)
   c.distill.update(enabled=True, teacher=str(source))
+  c.gram.teacher = str(source / "gram_backbone.npz")  # (gram_source): moved away with the source before the resume
   return c
 
 
@@ -69,6 +71,13 @@ def teacher_source(path, config):
   with checkpointing.Checkpointer(path / "checkpoints") as ckpt:
     ckpt.save(5, {"step": np.int32(5), "teacher": variables}, checkpointing.config_dict(tcfg))
   return {k: np.asarray(v) for k, v in named_leaves(variables).items()}
+
+
+def gram_source(path, config):
+  """An export of ours (as simdino_jax.export writes it) of a backbone of the student's architecture: the first Gram
+  teacher (config.gram.teacher)."""
+  backbone = {f"backbone/{k}": np.asarray(v) for k, v in named_leaves(network(config, 11)[1]["backbone"]).items()}
+  formats.save_npz(backbone, str(path), {"layout": "flax", "config": json.dumps(checkpointing.config_dict(config))})
 
 
 def run(config, workdir, monkeypatch, stop_at=None):
@@ -143,6 +152,7 @@ def test_sigterm_resume_with_exact_accumulation_is_exact(tmp_path, monkeypatch):
 def test_sigterm_resume_with_gram_and_distillation_is_exact_and_both_act(tmp_path, monkeypatch):
   source = tmp_path / "teacher_run"
   frozen = teacher_source(source, base())
+  gram_source(source / "gram_backbone.npz", base())
   config = gram_distill_config(source)
   # The resumed run reads the frozen teacher from its own checkpoint (and its config from DIR/distill_teacher.json).
   whole, state = stopped_then_resumed_equals_uninterrupted(
@@ -156,9 +166,11 @@ def test_sigterm_resume_with_gram_and_distillation_is_exact_and_both_act(tmp_pat
   gram = [k for k in state if "gram_teacher" in k]
   assert gram and not all(np.array_equal(state[k], 0 * state[k]) for k in gram)
   logged = records(tmp_path / "whole")
-  assert [r["gram_weight"] for r in logged] == [0.0] + [GRAM["weight"]] * (TOTAL - 1)  # the term from iteration 1
-  # Finite; the Gram term nonzero once the snapshot lags the student (before, it is the initial or a 0-lr student).
-  assert all(np.isfinite(r["loss"]) for r in logged) and all(r["gram_loss"] > 0 for r in logged[2:])
+  # The loaded Gram teacher initialises the term from iteration 0 (the EMA teacher's load before iteration 1 and the
+  # refreshes follow), as DINOv3 with gram.ckpt.
+  assert [r["gram_weight"] for r in logged] == [GRAM["weight"]] * TOTAL
+  # Finite; the Gram term nonzero: the loaded teacher, then snapshots lagging the student.
+  assert all(np.isfinite(r["loss"]) for r in logged) and all(r["gram_loss"] > 0 for r in logged[:1] + logged[2:])
   # Resuming the run with gram (or distill) off: refused naming that field first and alone (the state's shape
   # differs), even beside a field sorted before it that does not shape the state.
   for block in ("gram", "distill"):

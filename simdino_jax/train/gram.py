@@ -16,25 +16,56 @@ What DINOv3 does (facebookresearch/dinov3 ``dinov3/train/ssl_meta_arch.py`` ``ge
     value logged as ``gram_loss`` (and the weight as ``gram_weight``); the token selection ``tokens_used`` (all /
     masked / unmasked patches, the latter two at batch level as DINOv3 asserts);
   - Gram teacher: the EMA teacher's backbone copied in at ``start_step`` (DINOv3's ``it_load_ema_teacher``: before
-    that iteration; 0: the initial teacher, which is the initial student) and after the update of every iteration
+    that iteration; 0: the initial teacher, which is the initial student), or, with ``gram.teacher``, loaded weights
+    (below), and after the update of every iteration
     ``losses.gram.refresh_after`` names (``it_first_update``, ``update_frequency``, ``max_updates``), inside the
     jitted step with ``jnp.where`` (applied as the next iteration starts: ``GramAnchor.current``): no host round
     trip, and a resumed run refreshes exactly as an uninterrupted one
     (the snapshot is part of the checkpointed state). Before ``start_step`` the term's weight is 0 (DINOv3 refuses
     to run without an initialised Gram teacher).
+
+A Gram teacher from a checkpoint (``gram.teacher``; DINOv3's ``gram.ckpt``, loaded in ``SSLMetaArch.init_weights``
+by ``init_fsdp_model_from_checkpoint`` into the Gram teacher, the ``dino_head`` / ``ibot_head`` / loss centres
+skipped): ``fill`` puts the backbone of that source (a workdir or checkpoint directory of ours: its EMA teacher; an
+export of ours; official weights: ``restore.load_init_arrays``, what ``config.init_from`` reads, on the same io
+functions as ``train/distill.py``; the heads are never needed) into ``state.gram_teacher`` at a fresh start. The
+source must be the student's architecture (DINOv3 builds its Gram teacher with the student's ``build_model_from_cfg``):
+the same parameter names and shapes, and the same ``config.model`` where the source stores a config. What DINOv3 then
+does, transcribed:
+  - the term is on from iteration 0 (``gram_teacher_initialized`` is set by the load), whatever ``start_step``;
+  - ``it_load_ema_teacher`` still loads the EMA teacher before that iteration when it is >= 0 (``train.py`` does not
+    look at ``gram.ckpt``): here ``start_step`` > 0; ``start_step`` 0 means never (DINOv3's -1: its 0 would replace
+    the checkpoint before the first iteration);
+  - ``rep_update`` refreshes it from the EMA teacher exactly as it refreshes an EMA snapshot (``train.py``'s "[GRAM]
+    Update gram teacher" block reads neither ``gram.ckpt`` nor how the teacher was initialised): the loaded teacher
+    lasts until the first refresh (``first_refresh`` / ``refresh_every``; ``refresh_every`` 0 keeps it to the end,
+    DINOv3's ``rep_update: false``).
+A resumed run restores the Gram teacher with the state (never reloads the source, which may be gone by then).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from etils import epath
 from flax import nnx
 
+from simdino_jax import config as config_lib
 from simdino_jax import schedules
+from simdino_jax.errors import ConfigError, ExportError, InteropError, ResumeError
+from simdino_jax.io import restore, torch_interop
 from simdino_jax.losses import gram as gram_lib
+from simdino_jax.models.network import backbone_kwargs
+from simdino_jax.tree import map_with_name, named_leaves
+
+FIELD = "config.gram.teacher"
+# backbone_kwargs that change neither what a trained backbone computes nor its parameters' names and shapes.
+_NOT_ARCHITECTURE = ("drop_path_rate", "drop_path_uniform", "remat", "dtype", "token_init", "layerscale_init")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +84,7 @@ class GramAnchor:
   negatives: str
   tokens_used: str
   groups: int = 1
+  preloaded: bool = False  # config.gram.teacher: the Gram teacher at step 0 is loaded weights (``fill``)
 
   def init(self, variables: nnx.State) -> nnx.State:
     """The Gram teacher at initialisation: the backbone part of the (teacher) network's state."""
@@ -83,7 +115,8 @@ class GramAnchor:
       groups=self.groups,
       mask=mask,
     )
-    weight = jnp.where(step >= self.start_step, self.weight_fn(step), 0.0).astype(jnp.float32)
+    start = 0 if self.preloaded else self.start_step  # a loaded Gram teacher is initialised from iteration 0
+    weight = jnp.where(step >= start, self.weight_fn(step), 0.0).astype(jnp.float32)
     return weight * loss, {"gram_loss": loss, "gram_weight": weight}
 
   def due(self, step: jax.Array) -> jax.Array:
@@ -103,7 +136,7 @@ class GramAnchor:
     the same snapshot, but a bitwise copy of the stored arrays (at the end, XLA CPU fused a recomputation of the EMA
     into the copy, one ulp off the stored teacher, optimization barriers being removed before fusion)."""
     due = (step >= 1) & self.due(step - 1)
-    if self.start_step == 0:  # the initial teacher: init's copy (bitwise the same arrays at step 0)
+    if self.start_step == 0 and not self.preloaded:  # the initial teacher: init's copy (bitwise the same at step 0)
       due = due | (step == 0)
     return jax.tree_util.tree_map(lambda new, old: jnp.where(due, new, old), teacher["backbone"], gram_teacher)
 
@@ -135,4 +168,88 @@ def make(config, backbone_graphdef: nnx.GraphDef, total_steps: int) -> GramAncho
     img_level=bool(g.img_level),
     negatives=str(g.negatives),
     tokens_used=str(g.tokens_used),
+    preloaded=bool(g.get("teacher", "")),
   )
+
+
+# ---- config.gram.teacher: the first Gram teacher from a checkpoint (DINOv3's gram.ckpt) ---------------------------
+def _stored_model(path: str) -> dict | None:
+  """The ``model`` block stored with the source (a checkpoint's config, an export's metadata), else None (official
+  weights carry none)."""
+  try:
+    if epath.Path(path).is_dir():
+      stored = restore.stored_config(restore.find_checkpoint(path, FIELD))
+    else:
+      metadata = torch_interop.read_state_dict(path)[1]
+      stored = json.loads(metadata["config"]) if metadata.get("config") else None
+  except (ExportError, InteropError, ResumeError, ValueError):
+    return None
+  return None if stored is None else config_lib.from_dict(stored).model
+
+
+def _architecture(model) -> dict:
+  kw = backbone_kwargs(model)
+  return {k: v for k, v in kw.items() if k not in _NOT_ARCHITECTURE}
+
+
+def load_backbone(config, like: dict[str, Any]) -> tuple[dict[str, np.ndarray], str]:
+  """({name: array}, description) of the backbone ``config.gram.teacher`` names, for the names of ``like`` (the
+  Gram teacher's {name: leaf}, names without ``backbone/``); ConfigError in one line naming config.gram.teacher when
+  it cannot be read or is not the student's architecture (another name, shape or stored ``config.model``)."""
+  path = str(config.gram.teacher)
+  try:
+    arrays, where = restore.load_init_arrays(path, which="teacher")
+  except ResumeError as e:
+    raise ConfigError(f"{FIELD}: {str(e).removeprefix('config.init_from: ')}") from None
+  backbone = {k.removeprefix("backbone/"): v for k, v in arrays.items() if k.startswith("backbone/")}
+  missing, extra = sorted(set(like) - set(backbone)), sorted(set(backbone) - set(like))
+  if missing or extra:
+    what = [
+      f"{len(names)} {kind} (e.g. {names[0]})" for kind, names in (("missing", missing), ("extra", extra)) if names
+    ]
+    raise ConfigError(
+      f"{FIELD}: {where} is not the student's backbone (arrays {', '.join(what)}): the Gram teacher has the "
+      "student's architecture (config.model)"
+    )
+  for name, leaf in like.items():
+    if tuple(np.shape(backbone[name])) != tuple(np.shape(leaf)):
+      raise ConfigError(
+        f"{FIELD}: backbone/{name} is {tuple(np.shape(backbone[name]))} in {where}, {tuple(np.shape(leaf))} in the "
+        "student's backbone: the Gram teacher has the student's architecture (config.model)"
+      )
+  stored = _stored_model(path)
+  if stored is not None:
+    mine, theirs = _architecture(config.model), _architecture(stored)
+    for k in mine:
+      if mine[k] != theirs.get(k):
+        raise ConfigError(
+          f"{FIELD}: {where} is a ViT with {k}={theirs.get(k)!r}, the student's config.model gives {mine[k]!r}: the "
+          "Gram teacher has the student's architecture"
+        )
+  return {name: np.asarray(backbone[name]) for name in like}, where
+
+
+def fill(setup, state, shardings, log: Callable[[str], None] = print):
+  """``state`` with config.gram.teacher's backbone in ``gram_teacher``, placed on ``shardings.gram_teacher``;
+  ``state`` as it is without one. Called on a fresh start only (after config.init_from, which it overrides): a
+  resumed run restores the Gram teacher with the rest of the state."""
+  if setup.gram is None or not setup.gram.preloaded:
+    return state
+  arrays, where = load_backbone(setup.config, named_leaves(state.gram_teacher))
+  flat_shardings = named_leaves(shardings.gram_teacher)
+
+  def place(name, leaf):
+    value = arrays[name].astype(leaf.dtype)
+    return jax.make_array_from_callback(value.shape, flat_shardings[name], lambda index: value[index])
+
+  g = setup.gram
+  log(
+    f"Gram teacher at step 0: the backbone of {where} ({FIELD}); "
+    + (f"replaced by the EMA teacher's before step {g.start_step}" if g.start_step else "no EMA load")
+    + (
+      f", refreshed from the EMA teacher after steps s with s + 1 >= {g.first_refresh}, every {g.refresh_every}"
+      if g.refresh_every
+      else ", never refreshed"
+    )
+  )
+  return state.replace(gram_teacher=map_with_name(place, state.gram_teacher))

@@ -61,6 +61,7 @@ from simdino_jax.errors import NonFiniteLossError, ResumeError
 from simdino_jax.evals import runner
 from simdino_jax.io import checkpointing, restore
 from simdino_jax.train import distill, init_from
+from simdino_jax.train import gram as gram_lib
 from simdino_jax.train import setup as setup_lib
 from simdino_jax.train.metrics import MetricsLog
 from simdino_jax.train.state import TrainState
@@ -338,11 +339,12 @@ class Trainer:
     return self.fresh_distill(self.init_state()), 0
 
   def fresh_distill(self, state: TrainState) -> TrainState:
-    """A fresh start's state with config.distill's frozen teacher loaded and its config recorded (train/distill.py);
-    ``state`` itself without distillation."""
+    """A fresh start's state with config.distill's frozen teacher loaded and its config recorded (train/distill.py),
+    and config.gram.teacher's backbone in the Gram teacher (train/gram.py); ``state`` itself without them."""
     if self.is_main:
       distill.record(self.setup, self.workdir)
-    return distill.fill(self.setup, state, self.state_sharding, self.log)
+    state = distill.fill(self.setup, state, self.state_sharding, self.log)
+    return gram_lib.fill(self.setup, state, self.state_sharding, self.log)
 
   def check_restart(self, ckpt: checkpointing.Checkpointer) -> None:
     """Never resume silently into a divergence: after a run stopped on a non-finite loss (DIR/nonfinite.json), a
