@@ -248,6 +248,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.gram.refresh_every = 10000  # ... and (s + 1) % this == 0 (update_frequency; 0: never refreshed)
   c.gram.max_refreshes = 3  # at most this many (max_updates; 0: unlimited)
   c.gram.teacher = ""  # gram.ckpt: a workdir / checkpoint dir / weights file whose backbone is the first Gram teacher
+  c.gram.crop_size = 0  # crops.gram_teacher_crops_size: the global crops' boxes and flips at this size, undistorted
+  c.gram.resize_antialias = False  # global_teacher_resize_antialias of the bicubic resize to the student's patch grid
 
   # Feature extraction shared by every evaluator: eval batch (global) and image size (0: the global crop size).
   # dtype: the frozen backbone's compute dtype in every evaluation (training's rounds and evaluate.py), whatever
@@ -545,6 +547,20 @@ def _validate_gram(config: ml_collections.ConfigDict) -> None:
     require(int(g[field]) == g[field] >= 0, f"gram.{field}", f"must be an integer >= 0, got {g[field]}")
   teacher = g.get("teacher", "")
   require(isinstance(teacher, str), "gram.teacher", f"must be a path (or empty), got {teacher!r}")
+  size = g.get("crop_size", 0)
+  if size:
+    patch = backbone_kwargs(config.model)["patch_size"]
+    require(
+      int(size) == size > 0 and size % patch == 0,
+      "gram.crop_size",
+      f"must be 0 or a positive multiple of the patch size {patch}, got {size}",
+    )
+    require(
+      config.data.augment_mode == "host",
+      "gram.crop_size",
+      "the Gram teacher's crops are built in data.augment_mode='host' only (the device augmentation has no third "
+      "crop stream)",
+    )
 
 
 ACCUMULATION_MODES = ("micro", "exact")  # config.accumulation_mode (train/accumulation.py)

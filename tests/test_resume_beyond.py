@@ -1,8 +1,8 @@
 """Exact resume after SIGTERM with issue 32's additions on: gradient accumulation (exact mode), and Gram anchoring
 together with distillation (one config: the setup builds both and both terms act; the first Gram teacher loaded from
-a file, config.gram.teacher, that is moved away before the resume: restored, never reloaded); the accumulation's
-refusal of gram / distill names the fields; a checkpoint of a gram-on (distill-on) run restored with it off names
-config.gram.enabled (config.distill.enabled) first.
+a file, config.gram.teacher, that is moved away before the resume: restored, never reloaded; fed its own 24 px crops,
+config.gram.crop_size); the accumulation's refusal of gram / distill names the fields; a checkpoint of a gram-on
+(distill-on) run restored with it off names config.gram.enabled (config.distill.enabled) first.
 
 Each interrupted run gets a real SIGTERM, sent to this process during step ``STOP`` while the trainer's handler is
 installed (trainer._StopRequest): the trainer saves a checkpoint at that step boundary and returns, as the CLI then
@@ -61,6 +61,7 @@ def gram_distill_config(source):
   c.gram.update(GRAM)
   c.distill.update(enabled=True, teacher=str(source))
   c.gram.teacher = str(source / "gram_backbone.npz")  # (gram_source): moved away with the source before the resume
+  c.gram.crop_size = 24  # the Gram teacher's own larger crops from the data pipeline (16 px global crops)
   return c
 
 

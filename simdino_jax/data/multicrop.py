@@ -52,6 +52,9 @@ class MultiCropConfig:
   # "device": crops only (uint8 out); flip, photometric ops and normalisation
   # run in the train step (data/device_augment.py).
   augment_mode: str = "host"
+  # > 0: also "gram_global", each global crop's box and flip resized to this size, no photometric op (DINOv3's
+  # gram_teacher_crops_size with gram_teacher_no_distortions=True): the Gram teacher's input (train/gram.py).
+  gram_size: int = 0
 
   def __post_init__(self):
     if self.num_global not in (1, 2):
@@ -62,6 +65,8 @@ class MultiCropConfig:
       raise ValueError(f"blur_p must be (global1, global2, local), got {self.blur_p}.")
     if self.augment_mode not in AUGMENT_MODES:
       raise ValueError(f"augment_mode must be one of {AUGMENT_MODES}, got {self.augment_mode!r}.")
+    if self.gram_size < 0 or (self.gram_size and self.augment_mode == "device"):
+      raise ValueError(f"gram_size must be >= 0 and needs augment_mode='host', got {self.gram_size}.")
     if self.resize not in augment.RESIZE_BACKENDS:
       raise ValueError(f"resize must be one of {augment.RESIZE_BACKENDS}, got {self.resize!r}.")
 
@@ -89,6 +94,9 @@ class MultiCrop(grain.transforms.RandomMap):
   normalised with ImageNet mean/std. ``"local"`` has shape ``(0, Ls, Ls, 3)``
   when ``num_local == 0``. With ``augment_mode="device"`` the crops are the
   resized uint8 crops (same boxes as host mode for the same rng), unflipped.
+  With ``gram_size`` also ``"gram_global": (num_global, S, S, 3) float32``, the
+  Gram teacher's crops (``MultiCropConfig.gram_size``); no extra random draw,
+  so every other output is the same as without them.
   """
 
   def __init__(self, cfg: MultiCropConfig):
@@ -149,9 +157,18 @@ class MultiCrop(grain.transforms.RandomMap):
     if not crops_only:
       glob, loc = augment.normalize(glob), augment.normalize(loc)
     # "skipped": undecodable images the source passed over for this example.
-    return {
+    out = {
       "global": glob,
       "local": loc,
       "label": np.asarray(element["label"], np.int32),
       "skipped": np.int32(element.get("skipped", 0)),
     }
+    if c.gram_size:
+      # DINOv3 crops once (RandomResizedCrop + flip) and resizes that crop to each size; here the same box is
+      # resized from the source to each size directly (one resampling instead of two, the same content).
+      gram = np.empty((c.num_global, c.gram_size, c.gram_size, 3), np.uint8)
+      for p in params[: c.num_global]:
+        x = augment.apply_resized_crop(src, p.box, c.gram_size, c.resize)
+        gram[p.index] = augment.hflip(x) if p.flip else x
+      out["gram_global"] = augment.normalize(gram)
+    return out

@@ -228,9 +228,11 @@ def train_iterator(
   float32, "label": (b,) int32, "skipped": (b,) int32}`` with ``b =
   batch_size`` (per process), plus ``"mask": (b, Mg, N) bool`` when
   ``mask_patch_size > 0``, ``N = (Hg // mask_patch_size) * (Wg //
-  mask_patch_size)``. ``"skipped"`` counts the undecodable images the source
-  replaced for each example; with ``cfg.augment_mode == "device"`` the crops
-  are uint8 (augmented in the train step, data/device_augment.py).
+  mask_patch_size)``, and ``"gram_global": (b, Mg, S, S, 3) float32`` when
+  ``cfg.gram_size = S > 0`` (the Gram teacher's crops, data/multicrop.py).
+  ``"skipped"`` counts the undecodable images the source replaced for each
+  example; with ``cfg.augment_mode == "device"`` the crops are uint8
+  (augmented in the train step, data/device_augment.py).
 
   Args:
     source: a random-access source (e.g. ``ArraySource``).

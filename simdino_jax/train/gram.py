@@ -10,8 +10,8 @@ What DINOv3 does (facebookresearch/dinov3 ``dinov3/train/ssl_meta_arch.py`` ``ge
     (the student backbone is called with ``masks``); here the same array, ``forward``'s global-crop "patch" output;
   - Gram teacher side: a separate frozen backbone (``gram_teacher.backbone(images, is_training=True)``, its
     ``x_norm_patchtokens``) on the global crops, unmasked, without drop path; here the backbone parameters in
-    ``state.gram_teacher`` on the same global crops as the student (DINOv3's optional larger ``gram_teacher_crops``
-    resized to the student's grid are left out: the crops would have to come from the data pipeline);
+    ``state.gram_teacher`` on the same global crops as the student, or, with ``gram.crop_size``, on the Gram
+    teacher's own crops (below);
   - loss: ``gram_loss_weight(iteration) * GramLoss(student, teacher)`` added to the total (``losses/gram.py``), its
     value logged as ``gram_loss`` (and the weight as ``gram_weight``); the token selection ``tokens_used`` (all /
     masked / unmasked patches, the latter two at batch level as DINOv3 asserts);
@@ -41,12 +41,23 @@ does, transcribed:
     lasts until the first refresh (``first_refresh`` / ``refresh_every``; ``refresh_every`` 0 keeps it to the end,
     DINOv3's ``rep_update: false``).
 A resumed run restores the Gram teacher with the state (never reloads the source, which may be gone by then).
+
+The high-resolution Gram teacher (``gram.crop_size``; DINOv3's ``crops.gram_teacher_crops_size``, 512 for its
+ViT-7B's 256 px global crops): the data pipeline adds ``"gram_global"``, each global crop's box and flip at that size
+without photometric distortion (``data/multicrop.py``; DINOv3's ``gram_teacher_no_distortions: true``, the ViT-7B
+setting; its shared-distortion variant is not built), the Gram teacher runs on them, and its patch features
+(B*Mg, n*n, D) are resized to the student's n_s x n_s grid as ``get_gram_teacher_output`` does,
+``F.interpolate(size=(n_s, n_s), mode="bicubic", align_corners=False, antialias=gram.resize_antialias)`` on the
+(D, n, n) maps (``resize_patches``: torch's bicubic kernels as (n_s, n) matrices, ``models.vit``'s
+``pos_embed_interpolation_matrix``, applied separably in float32 HIGHEST; bicubic is DINOv3's default and its
+ViT-7B's ``global_teacher_resize_method``, the only mode built).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Callable
 
 import jax
@@ -61,6 +72,7 @@ from simdino_jax.errors import ConfigError, ExportError, InteropError, ResumeErr
 from simdino_jax.io import restore, torch_interop
 from simdino_jax.losses import gram as gram_lib
 from simdino_jax.models.network import backbone_kwargs
+from simdino_jax.models.vit import pos_embed_interpolation_matrix
 from simdino_jax.tree import map_with_name, named_leaves
 
 FIELD = "config.gram.teacher"
@@ -85,17 +97,24 @@ class GramAnchor:
   tokens_used: str
   groups: int = 1
   preloaded: bool = False  # config.gram.teacher: the Gram teacher at step 0 is loaded weights (``fill``)
+  crop_size: int = 0  # config.gram.crop_size: the Gram teacher reads the batch's "gram_global" crops; 0: "global"
+  grid: int = 0  # with crop_size: the student's patch grid side its features are resized to
+  resize_antialias: bool = False  # config.gram.resize_antialias (global_teacher_resize_antialias)
 
   def init(self, variables: nnx.State) -> nnx.State:
     """The Gram teacher at initialisation: the backbone part of the (teacher) network's state."""
     return jax.tree_util.tree_map(jnp.copy, variables["backbone"])
 
   def teacher_patches(self, params: nnx.State, glob: jax.Array) -> jax.Array:
-    """The Gram teacher's normed patch tokens (B*Mg, N, D) of the global crops (B, Mg, H, W, 3), unmasked, no drop
-    path; no gradient."""
+    """The Gram teacher's normed patch tokens (B*Mg, N, D) of the global crops (B, Mg, H, W, 3) (or of its own
+    larger crops, then resized to the student's grid: ``resize_patches``), unmasked, no drop path; no gradient."""
     net = nnx.merge(self.backbone_graphdef, params, copy=True)
     flat = glob.reshape((glob.shape[0] * glob.shape[1],) + glob.shape[2:])  # image-major, batch axis outermost
-    return jax.lax.stop_gradient(net(flat, key=None)["patch"])
+    patches = net(flat, key=None)["patch"]
+    side = math.isqrt(patches.shape[1])
+    if self.grid and side != self.grid:
+      patches = resize_patches(patches, self.grid, antialias=self.resize_antialias)
+    return jax.lax.stop_gradient(patches)
 
   def term(
     self, student: jax.Array, teacher: jax.Array, masks: jax.Array | None, step: jax.Array
@@ -141,6 +160,28 @@ class GramAnchor:
     return jax.tree_util.tree_map(lambda new, old: jnp.where(due, new, old), teacher["backbone"], gram_teacher)
 
 
+def resize_patches(patches: jax.Array, size: int, *, antialias: bool = False) -> jax.Array:
+  """(B, n*n, D) patch features of an n x n grid -> (B, size*size, D): torch's
+  ``F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=antialias)`` on the (B, D, n,
+  n) maps DINOv3 makes of them, as one (size, n) matrix per axis (the same on both: a square grid). Float32, HIGHEST:
+  each output is a weighted sum over one row / column of the grid."""
+  b, tokens, d = patches.shape
+  n = math.isqrt(tokens)
+  if n * n != tokens:
+    raise ValueError(f"resize_patches: {tokens} tokens are not a square grid")
+  m = jnp.asarray(pos_embed_interpolation_matrix(n, size, 0.0, bool(antialias)))  # F.interpolate(size=...)
+  grid = patches.astype(jnp.float32).reshape(b, n, n, d)
+  grid = jnp.einsum("ia,zabd->zibd", m, grid, precision=jax.lax.Precision.HIGHEST)
+  grid = jnp.einsum("jb,zibd->zijd", m, grid, precision=jax.lax.Precision.HIGHEST)
+  return grid.reshape(b, size * size, d)
+
+
+def crop_size(config) -> int:
+  """The Gram teacher's crop size (``gram.crop_size``) when Gram anchoring is on, else 0 (no extra crops)."""
+  g = config.get("gram")
+  return int(g.get("crop_size", 0)) if g is not None and g.enabled else 0
+
+
 def weight_schedule(config, total_steps: int) -> schedules.Schedule:
   """``gram.weight`` throughout, or DINOv3's ``loss_weight_schedule`` (linear_warmup_cosine_decay) from the 5-tuple
   ``gram.weight_schedule`` = (start, peak, end, warmup steps, cosine steps), ``end`` after it."""
@@ -169,6 +210,9 @@ def make(config, backbone_graphdef: nnx.GraphDef, total_steps: int) -> GramAncho
     negatives=str(g.negatives),
     tokens_used=str(g.tokens_used),
     preloaded=bool(g.get("teacher", "")),
+    crop_size=crop_size(config),
+    grid=config.data.global_size // backbone_kwargs(config.model)["patch_size"] if crop_size(config) else 0,
+    resize_antialias=bool(g.get("resize_antialias", False)),
   )
 
 

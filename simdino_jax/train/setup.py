@@ -122,6 +122,7 @@ def multicrop_config(config) -> MultiCropConfig:
     global_scale=tuple(d.global_scale),
     local_scale=tuple(d.local_scale),
     augment_mode=d.augment_mode,
+    gram_size=gram_lib.crop_size(config),  # config.gram.crop_size: the Gram teacher's crops (train/gram.py)
     **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.augment.items()},
   )
 

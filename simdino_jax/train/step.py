@@ -341,7 +341,8 @@ def make_train_step(
       student_masks = masks if distill_masks else None
     if gram is not None:  # the snapshot this iteration uses (a refresh due after the previous one taken now)
       gram_params = gram.current(state.step, state.teacher, state.gram_teacher)
-      gram_target = gram.teacher_patches(cast("gram_teacher", gram_params), batch["global"])
+      gram_crops = batch["gram_global"] if gram.crop_size else batch["global"]  # config.gram.crop_size: its own
+      gram_target = gram.teacher_patches(cast("gram_teacher", gram_params), gram_crops)
 
     def objective(params):
       # copy=True: fresh Variables of this (grad) trace, which a BN layer may update in place (nnx refuses to

@@ -481,6 +481,7 @@ class Trainer:
       mask_min_patches=config.masking.min_num_patches,
     )
     keys = ("global", "local", "mask") if masked else ("global", "local")
+    keys += ("gram_global",) if s.multicrop.gram_size else ()  # config.gram.crop_size (train/gram.py)
     try:
       for batch in it:
         # Undecodable images the source replaced in this batch: counted here, as the batch is used, so the count
