@@ -288,10 +288,11 @@ def fill(setup, state, shardings, log: Callable[[str], None] = print):
 
   g = setup.gram
   log(
-    f"Gram teacher at step 0: the backbone of {where} ({FIELD}); "
+    f"Gram teacher at step 0: the backbone from {where} ({FIELD}); "
     + (f"replaced by the EMA teacher's before step {g.start_step}" if g.start_step else "no EMA load")
     + (
       f", refreshed from the EMA teacher after steps s with s + 1 >= {g.first_refresh}, every {g.refresh_every}"
+      + (f", at most {g.max_refreshes} times" if g.max_refreshes else "")
       if g.refresh_every
       else ", never refreshed"
     )
