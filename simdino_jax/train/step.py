@@ -114,7 +114,7 @@ def forward(
   """
   if views is not None:
     return _forward_per_view(
-      network, batch, key=key, student=student, gather=gather, keep_patches=keep_patches, views=views
+      network, batch, key=key, student=student, dense=gather is not None or keep_patches, views=views
     )
   glob = batch["global"]
   b, mg = glob.shape[:2]
@@ -148,26 +148,20 @@ def forward(
   return out
 
 
-def _forward_per_view(network, batch, *, key, student, gather, keep_patches, views) -> dict:
+def _forward_per_view(network, batch, *, key, student, dense, views) -> dict:
   glob = batch["global"]
-  b, mg = glob.shape[:2]
-  if gather is not None or (student and batch["local"].shape[1] > 0):
-    raise ValueError("forward(views=...): per-view calls take the global crops only, unmasked")
+  if dense or (student and batch["local"].shape[1] > 0):  # MoCo-v2 / BYOL: neither masks, patches nor local crops
+    raise ValueError("forward(views=...): per-view calls take the global crops only, unmasked, without patches")
   outs = []
-  for v in range(mg):
+  for v in range(glob.shape[1]):
     # A snapshot of the statistics' values (nnx.state holds the live Variables, which the BN call rewrites).
     undo = None if v in views else jax.tree_util.tree_map(lambda x: x, split_params(nnx.state(network))[1])
     out = network.backbone(glob[:, v], key=None if key is None else jax.random.fold_in(key, v))
     cls = out["cls"][:, None]  # (B, 1, D): the head sees one view, its BN batch those B rows
-    outs.append(
-      {"cls": network.head(cls), "backbone_cls": cls} | ({"patch": out["patch"][:, None]} if keep_patches else {})
-    )
+    outs.append({"cls": network.head(cls), "backbone_cls": cls})
     if undo is not None:
       nnx.update(network, undo)
-  out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
-  if keep_patches:
-    out["global_patch_tokens"] = _fold_views(out.pop("patch"))
-  return out
+  return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
 
 
 def collapse_monitors(features: jax.Array) -> dict:
@@ -381,7 +375,7 @@ def make_train_step(
       student_params=student_params,
       teacher_params=teacher_params,
       student_stats=new_student_stats,
-      teacher_stats=new_student_stats if teacher_is_student else teacher_stats,
+      teacher_stats=teacher_stats,
       teacher_is_student=teacher_is_student,
       tx=tx,
       momentum_fn=momentum_fn,
