@@ -37,7 +37,7 @@ at most 20 minutes per method on 2 quiet cores, compilation and both k-NN passes
   * SimDINO losses: the official objective (same-view pairs excluded, coding rate of (student + teacher)/2, gamma =
     1/p + 1/B) with one global covariance over the batch and the paper-convention eps = sqrt(0.05);
   * DINO family: teacher temperature 0.04 for the first epoch, then 0.07 (DINO's per-epoch warm-up over 1 epoch
-    instead of 30 of 100: 0.04 for 781 steps, 0.07 for the last 219),
+    instead of 30 of 100: 0.04 for 781 steps, 0.07 for the last 219; cifar10_dino.py: 0.04 throughout, its search),
     student 0.1, centre momentum 0.9, prototype layer frozen for the first 0.1 epoch (78 steps; DINO freezes 1 of
     100 epochs).
 Runtime / expected k-NN of each method: its file's docstring and docs/results.md.
