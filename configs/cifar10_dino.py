@@ -6,11 +6,11 @@ Command (from the repository root; data.source is relative to it):
 
 Runtime: 22.3 min wall on 2 cores shared with a test run (56-62 images/s; an upper bound: a quiet machine runs
 the SimDINO recipe in 12 min 50 s), compilation and both k-NN passes included.
-Expected result (seed 0, measured) at the shared budget (1000 steps, lr 2e-3 at batch 64) before the recipe search
-(teacher temperature 0.07 for the last 219 steps): teacher k-NN top-1 31.99% (top-5 80.5%) vs 29.85% at init
-(+2.1); 49 of 4096 prototypes in use and effective rank 4.0 at the end (SimDINO: 44.54%, +14.7, effective rank
-23.3) -- DINO learns slowly in a run this short. With the searched temperature (0.04 throughout): docs/results.md
-"DINO's recipe search". At the former budget (600 steps at lr 1e-3): 30.59% vs 29.87% (+0.7), 32 prototypes.
+Expected result (seed 0, measured) at the shared budget (1000 steps, lr 2e-3 at batch 64): teacher k-NN top-1
+31.99% vs 29.85% at init (+2.1); 51 of 4096 prototypes in use and effective rank 4.0 at the end (11-18 min; the
+recipe before its search, 0.07 for the last 219 steps: the same 31.99%, 49 prototypes; SimDINO: 44.54%, +14.7,
+effective rank 23.3) -- DINO learns slowly in a run this short. At the former budget (600 steps at lr 1e-3):
+30.59% vs 29.87% (+0.7), 32 prototypes.
 
 DINO as in configs/dino_vitb16_in1k.py, scaled down: head 1024 -> 128 bottleneck -> K = 4096 weight-normalised
 prototypes with g frozen at 1 (norm_last_layer True), centring (momentum 0.9), student temperature 0.1, teacher
