@@ -299,7 +299,10 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=300, help="training steps of batch 64 per run (the fixed budget)")
   p.add_argument("--seeds", type=int, default=2, help="seeds for the cells of close claims (all cells run seed 0)")
   p.add_argument("--close", type=float, default=1.5, help="k-NN points from a verdict threshold that count as close")
-  p.add_argument("--only", default="", help="comma-separated claim id prefixes, e.g. t6,t9 (default: all)")
+  p.add_argument(
+    "--only", default="", help="comma-separated claim id prefixes, e.g. t6,t9; a full id selects that claim alone "
+    "(t15_no_momentum, not t15_no_momentum_softmax_batch) (default: all)"
+  )
   p.add_argument(
     "--cells",
     default="",
@@ -444,6 +447,13 @@ def describe(name, c):
   return f"{name}: k-NN {c['knn']:.2f} ({runs}; init {c['init']:.2f}), eff. rank {rank}"
 
 
+def _selects(item: str, claim_id: str) -> bool:
+  """--only's item selects claim_id: a full id selects itself alone, anything else is a prefix."""
+  if item in (c[0] for c in CLAIMS):
+    return item == claim_id
+  return claim_id.startswith(item)
+
+
 def main(argv=None):
   args = parse_args(argv)
   if argv is None:  # run as a script: sys.argv is what the re-executed process gets
@@ -452,7 +462,7 @@ def main(argv=None):
     sys.exit(f"claims.py: CIFAR-10 not found at {args.data} (pass --data)")
   miniature.mark_flags_parsed()
   cells = Cells(args)
-  claims = [c for c in CLAIMS if not args.only or any(c[0].startswith(p) for p in args.only.split(","))]
+  claims = [c for c in CLAIMS if not args.only or any(_selects(p, c[0]) for p in args.only.split(","))]
   start = time.time()
   selected = [n.strip() for n in args.cells.split(",") if n.strip()]
   unknown = [n for n in selected if n not in CELLS]

@@ -67,6 +67,11 @@ def run(config, *, knn_at_init: bool = True) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     try:
       result = trainer.train(config, workdir)
+      if "stopped" in result:  # the workdir is temporary: nothing to resume, so say so instead of a KeyError
+        raise SystemExit(
+          f"miniature run stopped by {result['stopped']} at step {result['step']}/{config.total_steps}; it trains in "
+          "a temporary workdir, so running the command again starts this run afresh (stored results are kept)"
+        )
       out["knn_top1"] = round(result["accuracy"], 2)
       if "accuracy_at_init" in result:
         out["knn_top1_at_init"] = round(result["accuracy_at_init"], 2)

@@ -8,6 +8,8 @@ import os
 import runpy
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import claims  # noqa: E402
@@ -100,3 +102,28 @@ def test_cells_option_scores_only_stored_claims(tmp_path, capsys):
   c = claims.Cells(claims.parse_args(["--out", str(out)]))
   assert c.init_path(0, "") == str(out / "cells" / "init-seed0.json")
   assert c.init_path(0, "resnet18_cifar_w16") == str(out / "cells" / "init-resnet18_cifar_w16-seed0.json")
+
+
+def test_only_with_a_full_claim_id_selects_that_claim_alone(tmp_path, capsys):
+  # t15_no_momentum is also the prefix of t15_no_momentum_softmax_batch, whose cell is not stored: a full id must not
+  # start training it (the data file is empty, so any training would fail).
+  data = tmp_path / "cifar.tar"
+  data.write_bytes(b"")
+  out = tmp_path / "out"
+  _store(out, "dino", 33.0, 29.85)
+  _store(out, "dino_no_self_distillation", 25.7, 29.85)
+  claims.main(["--data", str(data), "--out", str(out), "--seeds", "1", "--only", "t15_no_momentum"])
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert [r["claim"] for r in result["rows"]] == ["t15_no_momentum"]
+  assert claims._selects("t15", "t15_no_momentum_softmax_batch") and claims._selects("t6_dino", "t6_dino_momentum")
+
+
+def test_a_miniature_run_stopped_by_a_signal_says_so(monkeypatch):
+  # A SIGTERM-stopped run returns {"stopped": ...} without an accuracy; its workdir is temporary, so the message
+  # must say that running again starts afresh (not the trainer's "re-run to resume").
+  from simdino_jax.train import trainer
+
+  config = miniature.recipe_config("dino", DATA, steps=10)
+  monkeypatch.setattr(trainer, "train", lambda c, w: {"stopped": "SIGTERM", "step": 3, "checkpoint": w})
+  with pytest.raises(SystemExit, match=r"stopped by SIGTERM at step 3/10; .* starts this run afresh"):
+    miniature.run(config)
