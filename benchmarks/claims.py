@@ -300,8 +300,10 @@ def parse_args(argv=None):
   p.add_argument("--seeds", type=int, default=2, help="seeds for the cells of close claims (all cells run seed 0)")
   p.add_argument("--close", type=float, default=1.5, help="k-NN points from a verdict threshold that count as close")
   p.add_argument(
-    "--only", default="", help="comma-separated claim id prefixes, e.g. t6,t9; a full id selects that claim alone "
-    "(t15_no_momentum, not t15_no_momentum_softmax_batch) (default: all)"
+    "--only",
+    default="",
+    help="comma-separated claim id prefixes, e.g. t6,t9; a full id selects that claim alone "
+    "(t15_no_momentum, not t15_no_momentum_softmax_batch) (default: all)",
   )
   p.add_argument(
     "--cells",
