@@ -18,8 +18,8 @@ and iBOT masked-patch cross-entropies through one shared head (1024 -> 128 -> K 
 norms, norm_last_layer False), centring (momentum 0.9), KoLeo 0.1, LayerScale 1e-5, teacher temperature 0.04
 during the first epoch then 0.07, prototype layer frozen for the first 0.1 epoch. The teacher momentum is SimDINOv2's
 0.9 -> 1 (DINOv2's is 0.992 -> 1): the recipe search on the 64 px Imagenette copy kept it (26.0 / 26.8 k-NN top-1 vs
-22.0 / 25.0 with 0.992, seeds 0 / 1; docs/results.md "DINOv2's recipe search"), of three changes measured the one ahead on both
-seeds. The CIFAR-10 figures above were measured with 0.992.
+22.0 / 25.0 with 0.992, seeds 0 / 1; docs/results.md "DINOv2's recipe search"), of three changes measured the one
+ahead on both seeds. The CIFAR-10 figures above were measured with 0.992.
 """
 
 import os
