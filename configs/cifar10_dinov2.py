@@ -19,7 +19,8 @@ norms, norm_last_layer False), centring (momentum 0.9), KoLeo 0.1, LayerScale 1e
 during the first epoch then 0.07, prototype layer frozen for the first 0.1 epoch. The teacher momentum is SimDINOv2's
 0.9 -> 1 (DINOv2's is 0.992 -> 1): the recipe search on the 64 px Imagenette copy kept it (26.0 / 26.8 k-NN top-1 vs
 22.0 / 25.0 with 0.992, seeds 0 / 1; docs/results.md "DINOv2's recipe search"), of three changes measured the one
-ahead on both seeds. The CIFAR-10 figures above were measured with 0.992.
+ahead on both seeds. The CIFAR-10 figures above were measured with 0.992; with 0.9 (this file, seed 0, 18.5 min on
+2 cores) teacher k-NN top-1 32.62% (top-5 81.0%) vs 9.90% at init, 51 prototypes, effective rank 15.8.
 """
 
 import os
